@@ -1,0 +1,443 @@
+//! The ABI shared by leaktrace's BPF programs and its userspace loader.
+//!
+//! Everything the kernel side and userspace exchange — map keys and values, ring-buffer records,
+//! the attach cookie that tells a generic probe which allocator function it sits on, and the
+//! indices of the drop counters — is defined here once, `#[repr(C)]`, so both sides agree by
+//! construction. The crate is `no_std` so the BPF programs (`src/main.rs`) can use it; with the
+//! `user` feature it also implements `aya::Pod` for the host.
+#![no_std]
+
+/// Maximum number of native return addresses a site carries (only the first is used today).
+pub const MAX_NATIVE_FRAMES: usize = 1;
+
+/// The allocator entry points leaktrace probes. The discriminant is the uprobe's attach cookie.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AllocFn {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    Reallocarray = 3,
+    PosixMemalign = 4,
+    AlignedAlloc = 5,
+    Memalign = 6,
+    Valloc = 7,
+    Pvalloc = 8,
+    Free = 9,
+    /// `_PyObject_Malloc(ctx, size)`: pymalloc's implementation, reached through the allocator table.
+    PyObjectMallocImpl = 10,
+    PyObjectCallocImpl = 11,
+    PyObjectReallocImpl = 12,
+    PyObjectFreeImpl = 13,
+    /// Exported API, used when the pymalloc functions are not in a symbol table.
+    PyObjectMalloc = 14,
+    PyObjectCalloc = 15,
+    PyObjectRealloc = 16,
+    PyObjectFree = 17,
+    PyMemMalloc = 18,
+    PyMemCalloc = 19,
+    PyMemRealloc = 20,
+    PyMemFree = 21,
+}
+
+/// How a function takes and returns its memory; decides which registers a probe reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// `p = f(size)`
+    Malloc,
+    /// `p = f(nmemb, size)`
+    Calloc,
+    /// `p = f(old, size)`
+    Realloc,
+    /// `p = f(old, nmemb, size)`
+    ReallocArray,
+    /// `p = f(align, size)`
+    Memalign,
+    /// `rc = f(&p, align, size)`
+    PosixMemalign,
+    /// `f(p)`
+    Free,
+}
+
+/// Which allocator a function belongs to, as shown in reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    Libc,
+    Python,
+}
+
+impl AllocFn {
+    /// Every function, in discriminant order.
+    pub const ALL: [AllocFn; 22] = [
+        AllocFn::Malloc,
+        AllocFn::Calloc,
+        AllocFn::Realloc,
+        AllocFn::Reallocarray,
+        AllocFn::PosixMemalign,
+        AllocFn::AlignedAlloc,
+        AllocFn::Memalign,
+        AllocFn::Valloc,
+        AllocFn::Pvalloc,
+        AllocFn::Free,
+        AllocFn::PyObjectMallocImpl,
+        AllocFn::PyObjectCallocImpl,
+        AllocFn::PyObjectReallocImpl,
+        AllocFn::PyObjectFreeImpl,
+        AllocFn::PyObjectMalloc,
+        AllocFn::PyObjectCalloc,
+        AllocFn::PyObjectRealloc,
+        AllocFn::PyObjectFree,
+        AllocFn::PyMemMalloc,
+        AllocFn::PyMemCalloc,
+        AllocFn::PyMemRealloc,
+        AllocFn::PyMemFree,
+    ];
+
+    /// Decodes an attach cookie or a stored discriminant.
+    #[inline(always)]
+    pub fn from_u8(v: u8) -> Option<AllocFn> {
+        if (v as usize) < Self::ALL.len() {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The symbol this function is found under.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            AllocFn::Malloc => "malloc",
+            AllocFn::Calloc => "calloc",
+            AllocFn::Realloc => "realloc",
+            AllocFn::Reallocarray => "reallocarray",
+            AllocFn::PosixMemalign => "posix_memalign",
+            AllocFn::AlignedAlloc => "aligned_alloc",
+            AllocFn::Memalign => "memalign",
+            AllocFn::Valloc => "valloc",
+            AllocFn::Pvalloc => "pvalloc",
+            AllocFn::Free => "free",
+            AllocFn::PyObjectMallocImpl => "_PyObject_Malloc",
+            AllocFn::PyObjectCallocImpl => "_PyObject_Calloc",
+            AllocFn::PyObjectReallocImpl => "_PyObject_Realloc",
+            AllocFn::PyObjectFreeImpl => "_PyObject_Free",
+            AllocFn::PyObjectMalloc => "PyObject_Malloc",
+            AllocFn::PyObjectCalloc => "PyObject_Calloc",
+            AllocFn::PyObjectRealloc => "PyObject_Realloc",
+            AllocFn::PyObjectFree => "PyObject_Free",
+            AllocFn::PyMemMalloc => "PyMem_Malloc",
+            AllocFn::PyMemCalloc => "PyMem_Calloc",
+            AllocFn::PyMemRealloc => "PyMem_Realloc",
+            AllocFn::PyMemFree => "PyMem_Free",
+        }
+    }
+
+    /// The argument/return convention of the function.
+    #[inline(always)]
+    pub fn shape(self) -> Shape {
+        match self {
+            AllocFn::Malloc
+            | AllocFn::Valloc
+            | AllocFn::Pvalloc
+            | AllocFn::PyObjectMallocImpl
+            | AllocFn::PyObjectMalloc
+            | AllocFn::PyMemMalloc => Shape::Malloc,
+            AllocFn::Calloc
+            | AllocFn::PyObjectCallocImpl
+            | AllocFn::PyObjectCalloc
+            | AllocFn::PyMemCalloc => Shape::Calloc,
+            AllocFn::Realloc
+            | AllocFn::PyObjectReallocImpl
+            | AllocFn::PyObjectRealloc
+            | AllocFn::PyMemRealloc => Shape::Realloc,
+            AllocFn::Reallocarray => Shape::ReallocArray,
+            AllocFn::AlignedAlloc | AllocFn::Memalign => Shape::Memalign,
+            AllocFn::PosixMemalign => Shape::PosixMemalign,
+            AllocFn::Free | AllocFn::PyObjectFreeImpl | AllocFn::PyObjectFree | AllocFn::PyMemFree => {
+                Shape::Free
+            }
+        }
+    }
+
+    /// The index of the first real argument: pymalloc's implementation functions take the
+    /// allocator context first (`_PyObject_Malloc(void *ctx, size_t size)`).
+    #[inline(always)]
+    pub fn first_arg(self) -> usize {
+        match self {
+            AllocFn::PyObjectMallocImpl
+            | AllocFn::PyObjectCallocImpl
+            | AllocFn::PyObjectReallocImpl
+            | AllocFn::PyObjectFreeImpl => 1,
+            _ => 0,
+        }
+    }
+
+    /// Which allocator the function belongs to.
+    pub fn family(self) -> Family {
+        if (self as u8) >= AllocFn::PyObjectMallocImpl as u8 {
+            Family::Python
+        } else {
+            Family::Libc
+        }
+    }
+
+    /// Whether calls of this function with a NULL pointer do nothing, so a probe may sit after the
+    /// function's own NULL check.
+    pub fn null_is_noop(self) -> bool {
+        self.shape() == Shape::Free
+    }
+
+    /// The argument index holding the pointer that a free releases or a realloc moves.
+    #[inline(always)]
+    pub fn ptr_arg(self) -> usize {
+        self.first_arg()
+    }
+}
+
+/// Indices into the `COUNTERS` per-CPU array. Drops are never silent: each has a counter.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Allocations recorded in `LIVE`.
+    Allocs = 0,
+    /// Frees that matched a live allocation.
+    Frees = 1,
+    /// Frees of addresses leaktrace never saw allocated (allocated before attach, or untraced).
+    FreesUnknown = 2,
+    /// Drop: the `LIVE` map was full; the allocation is not tracked.
+    LiveFull = 3,
+    /// Drop: the `SITES` map was full; the allocation is not tracked.
+    SitesFull = 4,
+    /// Drop: the ring buffer was full; a new site's capture was lost (its counters are kept).
+    RingbufFull = 5,
+    /// Drop: the per-thread pending map was full; the allocation is not tracked.
+    PendingFull = 6,
+    /// A return probe never fired (longjmp, thread killed); the stale entry was reset.
+    MissedReturn = 7,
+    /// A return probe fired without a matching entry (attached mid-call).
+    ReturnWithoutEntry = 8,
+    /// An allocation landed on an address still marked live (its free was not seen).
+    StaleReplaced = 9,
+    /// Allocations skipped because they were smaller than `--min-size`.
+    BelowMinSize = 10,
+    /// Allocator calls that returned no memory.
+    FailedAllocs = 11,
+}
+
+/// Number of counters in `COUNTERS`.
+pub const NUM_COUNTERS: u32 = 12;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; NUM_COUNTERS as usize] = [
+        Counter::Allocs,
+        Counter::Frees,
+        Counter::FreesUnknown,
+        Counter::LiveFull,
+        Counter::SitesFull,
+        Counter::RingbufFull,
+        Counter::PendingFull,
+        Counter::MissedReturn,
+        Counter::ReturnWithoutEntry,
+        Counter::StaleReplaced,
+        Counter::BelowMinSize,
+        Counter::FailedAllocs,
+    ];
+
+    /// Whether the counter records lost data (as opposed to information).
+    pub fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::LiveFull
+                | Counter::SitesFull
+                | Counter::RingbufFull
+                | Counter::PendingFull
+                | Counter::MissedReturn
+        )
+    }
+
+    /// A short stable name, used in reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Allocs => "allocs",
+            Counter::Frees => "frees",
+            Counter::FreesUnknown => "frees_unknown",
+            Counter::LiveFull => "live_map_full",
+            Counter::SitesFull => "sites_map_full",
+            Counter::RingbufFull => "ringbuf_full",
+            Counter::PendingFull => "pending_map_full",
+            Counter::MissedReturn => "missed_return",
+            Counter::ReturnWithoutEntry => "return_without_entry",
+            Counter::StaleReplaced => "stale_replaced",
+            Counter::BelowMinSize => "below_min_size",
+            Counter::FailedAllocs => "failed_allocs",
+        }
+    }
+}
+
+/// Per-thread state between an allocator's entry and its return (`PENDING`, keyed by tid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pending {
+    /// Stack pointer at the outermost entry; a deeper call has a lower one.
+    pub sp: u64,
+    /// Requested size in bytes (nmemb * size for calloc).
+    pub size: u64,
+    /// The block a realloc moves, or 0.
+    pub old_ptr: u64,
+    /// Where posix_memalign stores the new pointer.
+    pub out_ptr: u64,
+    /// Return address of the outermost allocator call: the allocation site.
+    pub caller: u64,
+    /// Nesting depth of allocator calls on this thread.
+    pub depth: u32,
+    /// `AllocFn` of the outermost call.
+    pub func: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of `LIVE`: one allocated block of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// Value of `LIVE`: what is known about a block that has not been freed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LiveAlloc {
+    pub size: u64,
+    /// `bpf_ktime_get_ns()` at allocation.
+    pub ts_ns: u64,
+    pub site_id: u64,
+    pub func: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Value of `SITES`, keyed by site id: the site's identity and its counters, updated atomically
+/// by the kernel and read by userspace every interval.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SiteStats {
+    pub live_bytes: u64,
+    pub live_count: u64,
+    pub allocs: u64,
+    pub alloc_bytes: u64,
+    pub frees: u64,
+    /// Identity (kept here too so a site whose ring-buffer record was lost is still reportable).
+    pub tgid: u32,
+    pub func: u8,
+    pub _pad: [u8; 3],
+    pub native: [u64; MAX_NATIVE_FRAMES],
+}
+
+/// Ring-buffer record kinds (the first `u32` of every record).
+pub const EVENT_NEW_SITE: u32 = 1;
+/// The interpreter of a traced process began shutting down (`Py_FinalizeEx`).
+pub const EVENT_FINALIZE: u32 = 2;
+
+/// Ring-buffer record sent when a traced interpreter starts finalizing: from then on its
+/// allocations and frees are no longer counted, so the report shows what the program still held
+/// when it finished, before the interpreter's teardown freed module globals.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FinalizeEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ts_ns: u64,
+}
+
+/// Ring-buffer record sent once per new site, so userspace symbolizes it while the process lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NewSiteEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub site_id: u64,
+    pub ts_ns: u64,
+    pub func: u8,
+    pub _pad: [u8; 7],
+    pub native: [u64; MAX_NATIVE_FRAMES],
+}
+
+/// Value of `TARGETS` (keyed by tgid): per-process tracing flags.
+pub const TARGET_TRACED: u32 = 1;
+/// Set by the kernel when the process's interpreter began finalizing: accounting stops.
+pub const TARGET_FROZEN: u32 = 2;
+
+/// The site id: a 64-bit mix of the process, the allocator function and the call path.
+#[inline(always)]
+pub fn site_id(tgid: u32, func: u8, native: &[u64; MAX_NATIVE_FRAMES]) -> u64 {
+    let mut h = mix64(((tgid as u64) << 8) | func as u64);
+    let mut i = 0;
+    while i < MAX_NATIVE_FRAMES {
+        h = mix64(h ^ native[i]);
+        i += 1;
+    }
+    // 0 is reserved for "no site".
+    if h == 0 {
+        1
+    } else {
+        h
+    }
+}
+
+/// splitmix64's finalizer: cheap in BPF, good avalanche.
+#[inline(always)]
+pub fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for Pending {}
+    unsafe impl aya::Pod for LiveKey {}
+    unsafe impl aya::Pod for LiveAlloc {}
+    unsafe impl aya::Pod for SiteStats {}
+    unsafe impl aya::Pod for NewSiteEvent {}
+    unsafe impl aya::Pod for FinalizeEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn alloc_fn_roundtrips_through_cookie() {
+        for f in AllocFn::ALL {
+            assert_eq!(AllocFn::from_u8(f as u8), Some(f));
+        }
+        assert_eq!(AllocFn::from_u8(AllocFn::ALL.len() as u8), None);
+    }
+
+    #[test]
+    fn counters_are_in_index_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+
+    #[test]
+    fn site_ids_separate_processes_functions_and_callers() {
+        let a = site_id(1, 0, &[0x1000]);
+        assert_ne!(a, site_id(2, 0, &[0x1000]));
+        assert_ne!(a, site_id(1, 1, &[0x1000]));
+        assert_ne!(a, site_id(1, 0, &[0x1001]));
+        assert_eq!(a, site_id(1, 0, &[0x1000]));
+    }
+
+    #[test]
+    fn pymalloc_impl_functions_take_ctx_first() {
+        assert_eq!(AllocFn::PyObjectMallocImpl.first_arg(), 1);
+        assert_eq!(AllocFn::PyObjectMalloc.first_arg(), 0);
+        assert_eq!(AllocFn::PyObjectFreeImpl.family(), Family::Python);
+        assert_eq!(AllocFn::Free.family(), Family::Libc);
+    }
+}

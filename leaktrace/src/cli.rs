@@ -1,0 +1,162 @@
+//! Command-line interface (clap derive).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::probes::loader::LoadOptions;
+use crate::probes::plan::Families;
+use crate::report::ReportOptions;
+use crate::session::TraceOptions;
+
+/// Find memory leaks in running Python processes — C extensions included — with eBPF.
+#[derive(Debug, Parser)]
+#[command(name = "leaktrace", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a command under tracing; report what it left unfreed when it exits (or at Ctrl-C).
+    Run {
+        #[command(flatten)]
+        opts: CommonOpts,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Trace a running process for a window, report what was allocated and not freed, detach.
+    Attach {
+        /// The process to trace.
+        #[arg(short, long)]
+        pid: u32,
+        /// Seconds to trace (default: until Ctrl-C or the target exits).
+        #[arg(short, long, value_name = "SECONDS")]
+        duration: Option<f64>,
+        #[command(flatten)]
+        opts: CommonOpts,
+    },
+}
+
+/// Options shared by `run` and `attach`.
+#[derive(Debug, Args)]
+pub struct CommonOpts {
+    /// Show the N sites with the most unfreed bytes.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub top: usize,
+    /// Ignore allocations smaller than this (bytes; k/M/G and KiB/MiB/GiB suffixes accepted).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    pub min_size: u64,
+    /// Print a progress line on stderr every S seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub interval: Option<f64>,
+    /// Trace only libc's allocator.
+    #[arg(long, conflicts_with = "python_only")]
+    pub libc_only: bool,
+    /// Trace only the Python allocator (fails on non-Python targets).
+    #[arg(long)]
+    pub python_only: bool,
+    /// Also write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Show probe placements and more detail.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Capacity of the kernel's live-allocation table; allocations beyond it are counted as dropped.
+    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    pub max_live: u32,
+    /// Benchmark only: attach the same probes with programs that return at once.
+    #[arg(long, hide = true)]
+    pub probe_floor: bool,
+}
+
+impl CommonOpts {
+    /// Converts the flags into session options.
+    pub fn trace_options(&self, duration: Option<f64>) -> Result<TraceOptions, String> {
+        let secs = |v: f64, what: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(format!("{what} must be a positive number of seconds"))
+            }
+        };
+        Ok(TraceOptions {
+            families: if self.libc_only {
+                Families::LibcOnly
+            } else if self.python_only {
+                Families::PythonOnly
+            } else {
+                Families::All
+            },
+            load: LoadOptions {
+                min_size: self.min_size,
+                floor: self.probe_floor,
+                max_live: self.max_live,
+                ..LoadOptions::default()
+            },
+            duration: duration.map(|d| secs(d, "--duration")).transpose()?,
+            interval: self.interval.map(|d| secs(d, "--interval")).transpose()?,
+            verbose: self.verbose,
+            report: ReportOptions {
+                top: self.top,
+                min_size: self.min_size,
+            },
+            json: self.json.clone(),
+        })
+    }
+}
+
+/// Parses `4096`, `4k`, `4KB`, `4KiB`, `1.5M`, `2GiB` into bytes (k/M/G are decimal, KiB/MiB/GiB binary).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
+    };
+    Ok((v * mult).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4000));
+        assert_eq!(parse_size("512KiB"), Ok(524_288));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("1.5GiB"), Ok(1_610_612_736));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn cli_parses_run_and_attach() {
+        let c = Cli::try_parse_from(["leaktrace", "run", "--top", "5", "--", "python3", "-c", "pass"]).unwrap();
+        match c.command {
+            Command::Run { opts, command } => {
+                assert_eq!(opts.top, 5);
+                assert_eq!(command, ["python3", "-c", "pass"]);
+            }
+            _ => panic!(),
+        }
+        assert!(Cli::try_parse_from(["leaktrace", "attach"]).is_err());
+        assert!(Cli::try_parse_from(["leaktrace", "attach", "-p", "1", "--libc-only", "--python-only"]).is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! Reading the kernel's ring buffer of new-site records.
+
+use aya::maps::{MapData, RingBuf};
+use leaktrace_ebpf::{FinalizeEvent, NewSiteEvent, EVENT_FINALIZE, EVENT_NEW_SITE};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::error::{Error, Result};
+
+/// A record from the kernel.
+#[derive(Clone, Copy, Debug)]
+pub enum Event {
+    NewSite(NewSiteEvent),
+    Finalize(FinalizeEvent),
+}
+
+/// Async reader of `EVENTS`.
+pub struct EventReader {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl EventReader {
+    /// Wraps the ring buffer for readiness notifications.
+    pub fn new(rb: RingBuf<MapData>) -> Result<Self> {
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+        let fd = unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }
+            .map_err(|e| Error::Bpf(format!("polling the ring buffer: {}", std::io::Error::from(e))))?;
+        Ok(Self { fd })
+    }
+
+    /// Waits until records are available, then returns all of them.
+    pub async fn next_batch(&mut self) -> Vec<Event> {
+        loop {
+            let Ok(mut guard) = self.fd.readable_mut().await else {
+                return Vec::new();
+            };
+            let batch = drain(guard.get_inner_mut());
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return batch;
+            }
+        }
+    }
+
+    /// Returns whatever is available now, without waiting.
+    pub fn drain_now(&mut self) -> Vec<Event> {
+        drain(self.fd.get_mut())
+    }
+}
+
+fn drain(rb: &mut RingBuf<MapData>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(item) = rb.next() {
+        if let Some(ev) = parse(&item) {
+            out.push(ev);
+        }
+    }
+    out
+}
+
+/// Decodes one record; records of unknown kinds or short ones are ignored.
+pub fn parse(bytes: &[u8]) -> Option<Event> {
+    let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    match kind {
+        EVENT_NEW_SITE => read_pod::<NewSiteEvent>(bytes).map(Event::NewSite),
+        EVENT_FINALIZE => read_pod::<FinalizeEvent>(bytes).map(Event::Finalize),
+        _ => None,
+    }
+}
+
+fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; T is plain old data.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_only_whole_new_site_records() {
+        let ev = NewSiteEvent {
+            kind: EVENT_NEW_SITE,
+            tgid: 9,
+            site_id: 77,
+            ..Default::default()
+        };
+        // SAFETY: viewing a POD value as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&ev as *const NewSiteEvent).cast::<u8>(), std::mem::size_of::<NewSiteEvent>())
+        };
+        let Some(Event::NewSite(back)) = parse(bytes) else {
+            panic!("not parsed")
+        };
+        assert_eq!((back.tgid, back.site_id), (9, 77));
+        assert!(parse(&bytes[..8]).is_none());
+        let mut other = bytes.to_vec();
+        other[0] = 99;
+        assert!(parse(&other).is_none());
+    }
+}

@@ -1,0 +1,119 @@
+//! The live-heap model in userspace: per-site counters read from the kernel each interval, the
+//! site identities announced on the ring buffer, and the process-wide time series.
+
+use std::collections::HashMap;
+
+use leaktrace_ebpf::{AllocFn, SiteStats};
+use serde::Serialize;
+
+use crate::probes::loader::Counters;
+use crate::stacks::symbolize::{Frame, Symbolizer};
+
+/// One allocation site: allocator function + caller (full stacks slot in here later).
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub id: u64,
+    pub pid: u32,
+    pub func: AllocFn,
+    pub caller: u64,
+    pub frame: Option<Frame>,
+    pub stats: SiteStats,
+}
+
+/// A point of the process-wide time series.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Sample {
+    /// Seconds since tracing began.
+    pub t: f64,
+    pub live_bytes: u64,
+    pub live_count: u64,
+    pub allocs: u64,
+    pub frees: u64,
+    pub drops: u64,
+    pub rss_bytes: Option<u64>,
+}
+
+/// Every site seen, and the series.
+#[derive(Default)]
+pub struct Heap {
+    sites: HashMap<u64, Site>,
+    series: Vec<Sample>,
+}
+
+impl Heap {
+    /// Registers a site announced by the kernel and symbolizes its caller now, while the process
+    /// is alive.
+    pub fn announce(&mut self, sym: &mut Symbolizer, id: u64, pid: u32, func: AllocFn, caller: u64) {
+        let site = self.sites.entry(id).or_insert_with(|| Site {
+            id,
+            pid,
+            func,
+            caller,
+            frame: None,
+            stats: SiteStats::default(),
+        });
+        if site.frame.is_none() {
+            site.frame = Some(sym.return_address(pid, caller));
+        }
+    }
+
+    /// Replaces the counters with a fresh read of the kernel's site map. Sites whose
+    /// announcement was lost (ring buffer full) are registered from the map's own identity.
+    pub fn update(&mut self, sym: &mut Symbolizer, stats: Vec<(u64, SiteStats)>) {
+        for (id, s) in stats {
+            if s.tgid == 0 {
+                continue;
+            }
+            if !self.sites.contains_key(&id) {
+                let func = AllocFn::from_u8(s.func).unwrap_or(AllocFn::Malloc);
+                self.announce(sym, id, s.tgid, func, s.native[0]);
+            }
+            if let Some(site) = self.sites.get_mut(&id) {
+                site.stats = s;
+            }
+        }
+    }
+
+    /// Symbolizes every site not yet symbolized (call while the process still has its maps).
+    pub fn symbolize_pending(&mut self, sym: &mut Symbolizer) {
+        for site in self.sites.values_mut() {
+            let stale = site.frame.as_ref().is_none_or(|f| f.module.is_none());
+            if stale {
+                site.frame = Some(sym.return_address(site.pid, site.caller));
+            }
+        }
+    }
+
+    /// Appends a point to the time series from the current counters.
+    pub fn sample(&mut self, t: f64, counters: &Counters, rss_bytes: Option<u64>) -> Sample {
+        let (live_bytes, live_count) = self.sites.values().fold((0u64, 0u64), |(b, c), s| {
+            (b.wrapping_add(s.stats.live_bytes), c.wrapping_add(s.stats.live_count))
+        });
+        let s = Sample {
+            t,
+            live_bytes,
+            live_count,
+            allocs: counters.get(leaktrace_ebpf::Counter::Allocs),
+            frees: counters.get(leaktrace_ebpf::Counter::Frees),
+            drops: counters.drops(),
+            rss_bytes,
+        };
+        self.series.push(s);
+        s
+    }
+
+    /// Drops every site of process `pid` (it exec'd into another program).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.sites.retain(|_, s| s.pid != pid);
+    }
+
+    /// All sites.
+    pub fn sites(&self) -> impl Iterator<Item = &Site> {
+        self.sites.values()
+    }
+
+    /// The time series so far.
+    pub fn series(&self) -> &[Sample] {
+        &self.series
+    }
+}

@@ -1,0 +1,18 @@
+//! leaktrace: find memory leaks in Python processes — C extensions included — from outside the
+//! process, with eBPF uprobes on the allocators.
+//!
+//! The pipeline follows the folders: `probes` (what to probe, where, and loading it into the
+//! kernel) → `events` (the kernel's announcements) → `heap` (live allocations per site) →
+//! `stacks` (symbolization) → `report`. `target` knows the traced process; `session` runs it all.
+
+pub mod cli;
+pub mod error;
+pub mod events;
+pub mod heap;
+pub mod probes;
+pub mod report;
+pub mod session;
+pub mod stacks;
+pub mod target;
+
+pub use error::{Error, Result};

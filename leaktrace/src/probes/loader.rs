@@ -1,0 +1,334 @@
+//! Loading the BPF object and attaching its programs to a probe plan, with aya.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::os::unix::fs::MetadataExt;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
+use aya::programs::UProbe;
+use aya::{Ebpf, EbpfLoader};
+use leaktrace_ebpf::{Counter, LiveAlloc, LiveKey, Shape, SiteStats, NUM_COUNTERS, TARGET_TRACED};
+
+use super::plan::ProbePlan;
+use crate::error::{Error, Result};
+
+/// The BPF object built from `leaktrace-ebpf` (see build.rs).
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
+
+/// Knobs fixed at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Allocations below this size are not tracked.
+    pub min_size: u64,
+    /// Empty programs: measures the cost of the probes alone.
+    pub floor: bool,
+    /// Capacity of the live-allocation map.
+    pub max_live: u32,
+    /// Capacity of the per-site map.
+    pub max_sites: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            min_size: 0,
+            floor: false,
+            max_live: 1 << 20,
+            max_sites: 1 << 16,
+        }
+    }
+}
+
+/// Counter values summed over CPUs, indexed by `Counter`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; NUM_COUNTERS as usize]);
+
+impl Counters {
+    /// One counter's value.
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+
+    /// Total of all drop counters.
+    pub fn drops(&self) -> u64 {
+        Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| self.get(*c)).sum()
+    }
+}
+
+/// The loaded programs and maps. Dropping it detaches every probe.
+pub struct Tracer {
+    ebpf: Ebpf,
+    attached: usize,
+    /// (device, inode, file offset) of every probe attached: uprobes live on files, so a program
+    /// that execs into another one mapping the same libc keeps them, and they are not added twice.
+    points: HashSet<(u64, u64, u64)>,
+}
+
+fn bpf_err(what: &str, e: impl std::fmt::Display) -> Error {
+    let text = e.to_string();
+    if text.contains("Operation not permitted") || text.contains("EPERM") || text.contains("permission") {
+        Error::NoPrivileges(format!("{what}: {text}"))
+    } else {
+        Error::Bpf(format!("{what}: {text}"))
+    }
+}
+
+/// Checks for the capabilities leaktrace needs before touching BPF, for a clear message.
+pub fn check_privileges() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_PTRACE: u32 = 19;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let has = |c: u32| cap_eff & (1 << c) != 0;
+    let bpf_ok = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
+    if bpf_ok && has(CAP_SYS_PTRACE) {
+        Ok(())
+    } else {
+        Err(Error::NoPrivileges(format!(
+            "running as uid {} with effective capabilities {cap_eff:#x}",
+            // SAFETY: as above.
+            unsafe { libc::geteuid() }
+        )))
+    }
+}
+
+impl Tracer {
+    /// Loads the BPF object and its programs (nothing is attached yet).
+    pub fn load(opts: LoadOptions) -> Result<Self> {
+        let floor = u8::from(opts.floor);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("MIN_SIZE", &opts.min_size, true)
+            .override_global("FLOOR_MODE", &floor, true)
+            .map_max_entries("LIVE", opts.max_live.max(1))
+            .map_max_entries("SITES", opts.max_sites.max(1))
+            .load(BPF_OBJECT)
+            .map_err(|e| bpf_err("loading the BPF object", e))?;
+        for name in ["alloc_enter", "alloc_exit", "free_enter", "finalize_enter"] {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e| bpf_err(name, e))?;
+            prog.load().map_err(|e| bpf_err(&format!("loading {name}"), e))?;
+        }
+        Ok(Self {
+            ebpf,
+            attached: 0,
+            points: HashSet::new(),
+        })
+    }
+
+    /// Marks a process as traced (the programs ignore every other process).
+    pub fn add_target(&mut self, tgid: u32) -> Result<()> {
+        let mut targets: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.map_mut("TARGETS")?).map_err(|e| bpf_err("TARGETS", e))?;
+        targets
+            .insert(tgid, TARGET_TRACED, 0)
+            .map_err(|e| bpf_err("adding the target", e))
+    }
+
+    /// Attaches every point of the plan not attached yet, scoped to process `pid`.
+    pub fn attach(&mut self, plan: &ProbePlan, pid: u32) -> Result<()> {
+        let scope = UProbeScope::OneProcess(
+            NonZeroU32::new(pid).ok_or(Error::NoSuchProcess(pid))?,
+        );
+        for p in &plan.points {
+            let meta = std::fs::metadata(&p.host_path).map_err(|source| Error::Read {
+                path: p.host_path.clone(),
+                source,
+            })?;
+            if !self.points.insert((meta.dev(), meta.ino(), p.file_offset)) {
+                continue;
+            }
+            let progs: &[&str] = if p.func.shape() == Shape::Free {
+                &["free_enter"]
+            } else {
+                &["alloc_enter", "alloc_exit"]
+            };
+            for name in progs {
+                let prog: &mut UProbe = self
+                    .ebpf
+                    .program_mut(name)
+                    .expect("loaded in Tracer::load")
+                    .try_into()
+                    .map_err(|e| bpf_err(name, e))?;
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
+                    cookie: Some(p.func as u64),
+                };
+                prog.attach(point, &p.host_path, scope).map_err(|e| {
+                    let alive = crate::target::Process { pid }.alive();
+                    if !alive {
+                        Error::TargetExited {
+                            pid,
+                            detail: "before its probes were attached".into(),
+                        }
+                    } else {
+                        bpf_err(
+                            &format!(
+                                "attaching {name} to {}+{} in {}",
+                                p.func.symbol(),
+                                p.placement.offset,
+                                p.module
+                            ),
+                            e,
+                        )
+                    }
+                })?;
+                self.attached += 1;
+            }
+        }
+        if let Some(f) = &plan.finalize {
+            let meta = std::fs::metadata(&f.host_path).map_err(|source| Error::Read {
+                path: f.host_path.clone(),
+                source,
+            })?;
+            if self.points.insert((meta.dev(), meta.ino(), f.file_offset)) {
+                let prog: &mut UProbe = self
+                    .ebpf
+                    .program_mut("finalize_enter")
+                    .expect("loaded in Tracer::load")
+                    .try_into()
+                    .map_err(|e| bpf_err("finalize_enter", e))?;
+                prog.attach(UProbeAttachLocation::AbsoluteOffset(f.file_offset), &f.host_path, scope)
+                    .map_err(|e| bpf_err(&format!("attaching to Py_FinalizeEx in {}", f.module), e))?;
+                self.attached += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets everything recorded for process `tgid` (it exec'd: its old address space is gone).
+    pub fn forget_process(&mut self, tgid: u32) -> Result<()> {
+        {
+            let mut live: BpfHashMap<&mut MapData, LiveKey, LiveAlloc> =
+                BpfHashMap::try_from(self.map_mut("LIVE")?).map_err(|e| bpf_err("LIVE", e))?;
+            let keys: Vec<LiveKey> = live.keys().filter_map(|k| k.ok()).filter(|k| k.tgid == tgid).collect();
+            for k in keys {
+                let _ = live.remove(&k);
+            }
+        }
+        let mut sites: PerCpuHashMap<&mut MapData, u64, SiteStats> =
+            PerCpuHashMap::try_from(self.map_mut("SITES")?).map_err(|e| bpf_err("SITES", e))?;
+        let doomed: Vec<u64> = sites
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| sum_site(v.iter()).tgid == tgid)
+            .map(|(k, _)| k)
+            .collect();
+        for k in doomed {
+            let _ = sites.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Number of uprobe links attached.
+    pub fn attached(&self) -> usize {
+        self.attached
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| Error::Bpf(format!("map {name} missing from the object")))
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| Error::Bpf(format!("map {name} missing from the object")))
+    }
+
+    /// Takes the ring buffer of new-site records (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| Error::Bpf("ring buffer EVENTS already taken".into()))?;
+        RingBuf::try_from(map).map_err(|e| bpf_err("EVENTS", e))
+    }
+
+    /// Event and drop counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map("COUNTERS")?).map_err(|e| bpf_err("COUNTERS", e))?;
+        let mut out = Counters::default();
+        for c in Counter::ALL {
+            let vals = arr.get(&(c as u32), 0).map_err(|e| bpf_err("reading COUNTERS", e))?;
+            out.0[c as usize] = vals.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        }
+        Ok(out)
+    }
+
+    /// Every site with its counters summed over CPUs.
+    pub fn sites(&self) -> Result<Vec<(u64, SiteStats)>> {
+        let map: PerCpuHashMap<&MapData, u64, SiteStats> =
+            PerCpuHashMap::try_from(self.map("SITES")?).map_err(|e| bpf_err("SITES", e))?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            // A site removed between the key walk and the lookup is simply skipped.
+            let Ok((id, per_cpu)) = item else { continue };
+            out.push((id, sum_site(per_cpu.iter())));
+        }
+        Ok(out)
+    }
+}
+
+/// Sums one site's per-CPU copies: counters with wrapping arithmetic (a block freed on another
+/// CPU leaves one copy "negative"), identity from the copy that created the site.
+pub fn sum_site<'a>(copies: impl Iterator<Item = &'a SiteStats>) -> SiteStats {
+    let mut s = SiteStats::default();
+    for c in copies {
+        s.live_bytes = s.live_bytes.wrapping_add(c.live_bytes);
+        s.live_count = s.live_count.wrapping_add(c.live_count);
+        s.allocs = s.allocs.wrapping_add(c.allocs);
+        s.alloc_bytes = s.alloc_bytes.wrapping_add(c.alloc_bytes);
+        s.frees = s.frees.wrapping_add(c.frees);
+        if s.tgid == 0 && c.tgid != 0 {
+            s.tgid = c.tgid;
+            s.func = c.func;
+            s.native = c.native;
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_copies_sum_with_wrapping() {
+        let a = SiteStats {
+            live_bytes: 100,
+            live_count: 1,
+            allocs: 1,
+            alloc_bytes: 100,
+            tgid: 7,
+            func: 0,
+            native: [0x1234],
+            ..Default::default()
+        };
+        // The same block freed on another CPU.
+        let b = SiteStats {
+            live_bytes: 0u64.wrapping_sub(100),
+            live_count: 0u64.wrapping_sub(1),
+            frees: 1,
+            ..Default::default()
+        };
+        let s = sum_site([b, a].iter());
+        assert_eq!((s.live_bytes, s.live_count, s.allocs, s.frees), (0, 0, 1, 1));
+        assert_eq!((s.tgid, s.native), (7, [0x1234]));
+    }
+}

@@ -1,0 +1,6 @@
+//! The uprobes: which allocator functions to probe (`plan`), at which instruction
+//! (`placement`), and loading and attaching the BPF programs (`loader`).
+
+pub mod loader;
+pub mod placement;
+pub mod plan;

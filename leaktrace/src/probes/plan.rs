@@ -1,0 +1,294 @@
+//! Which functions of which files to probe in a process, and at what file offsets.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use leaktrace_ebpf::{AllocFn, Family};
+use serde::Serialize;
+
+use super::placement::{choose, Placement};
+use crate::error::{Error, Result};
+use crate::target::elf::{ElfFile, SymbolTable};
+use crate::target::maps::{host_path, ModuleMap};
+use crate::target::python::{self, PythonInfo};
+
+/// Which allocator families to trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Families {
+    #[default]
+    All,
+    LibcOnly,
+    PythonOnly,
+}
+
+/// One function to probe.
+#[derive(Clone, Debug)]
+pub struct ProbePoint {
+    pub func: AllocFn,
+    /// The file as the process sees it.
+    pub module: String,
+    pub host_path: PathBuf,
+    pub symbol_vaddr: u64,
+    pub table: SymbolTable,
+    pub placement: Placement,
+    /// File offset of the probe (symbol + placement), what the kernel attaches to.
+    pub file_offset: u64,
+}
+
+/// How Python allocations are observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PythonCoverage {
+    /// pymalloc's implementation functions, from `.symtab`: every PyObject_/PyMem_ call reaches them.
+    PymallocImpl,
+    /// Only the exported API (stripped interpreter): calls inlined by LTO are not seen.
+    ExportedApiOnly,
+    /// No Python allocator probed.
+    None,
+}
+
+/// The interpreter's shutdown entry (`Py_FinalizeEx`), where accounting freezes.
+#[derive(Clone, Debug)]
+pub struct FinalizePoint {
+    pub module: String,
+    pub host_path: PathBuf,
+    pub file_offset: u64,
+}
+
+/// Everything to probe in one process, and what could not be.
+#[derive(Clone, Debug)]
+pub struct ProbePlan {
+    pub points: Vec<ProbePoint>,
+    pub python: Option<PythonInfo>,
+    pub python_coverage: PythonCoverage,
+    /// Where the interpreter starts shutting down, if found.
+    pub finalize: Option<FinalizePoint>,
+    /// The libc (or static executable) whose allocator is probed.
+    pub libc: Option<String>,
+    /// Functions that share an address with one already probed: (alias, probed as).
+    pub aliases: Vec<(AllocFn, AllocFn)>,
+    /// Functions not found (e.g. `pvalloc` in newer glibc).
+    pub missing: Vec<AllocFn>,
+    /// Things the user should know about coverage.
+    pub notes: Vec<String>,
+}
+
+const LIBC_FNS: &[AllocFn] = &[
+    AllocFn::Malloc,
+    AllocFn::Calloc,
+    AllocFn::Realloc,
+    AllocFn::Reallocarray,
+    AllocFn::PosixMemalign,
+    AllocFn::Memalign,
+    AllocFn::AlignedAlloc,
+    AllocFn::Valloc,
+    AllocFn::Pvalloc,
+    AllocFn::Free,
+];
+
+const PY_IMPL_FNS: &[AllocFn] = &[
+    AllocFn::PyObjectMallocImpl,
+    AllocFn::PyObjectCallocImpl,
+    AllocFn::PyObjectReallocImpl,
+    AllocFn::PyObjectFreeImpl,
+];
+
+const PY_EXPORTED_FNS: &[AllocFn] = &[
+    AllocFn::PyObjectMalloc,
+    AllocFn::PyObjectCalloc,
+    AllocFn::PyObjectRealloc,
+    AllocFn::PyObjectFree,
+    AllocFn::PyMemMalloc,
+    AllocFn::PyMemCalloc,
+    AllocFn::PyMemRealloc,
+    AllocFn::PyMemFree,
+];
+
+/// Whether a mapped file is the C library.
+fn is_libc(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.starts_with("libc.so") || (base.starts_with("libc-") && base.contains(".so")) || base.starts_with("ld-musl")
+}
+
+/// Builds the probe plan for process `pid` from its current mappings.
+pub fn plan(pid: u32, modules: &ModuleMap, exe: Option<&str>, families: Families) -> Result<ProbePlan> {
+    let python = python::detect(pid, modules, exe);
+    let mut plan = ProbePlan {
+        python: python.clone(),
+        ..ProbePlan::empty()
+    };
+    if families == Families::PythonOnly && python.is_none() {
+        return Err(Error::NotPython(pid));
+    }
+
+    if families != Families::PythonOnly {
+        // A static executable carries its own malloc: fall back to the executable.
+        let libc = modules
+            .files()
+            .into_iter()
+            .find(|f| is_libc(f))
+            .map(str::to_string)
+            .or_else(|| exe.map(str::to_string));
+        if let Some(libc) = libc {
+            let elf = ElfFile::open(&host_path(pid, &libc))?;
+            let before = plan.points.len();
+            add_points(&mut plan, &elf, &libc, LIBC_FNS)?;
+            if plan.points.len() > before {
+                plan.libc = Some(libc);
+            }
+        }
+    }
+
+    if let Some(py) = &python {
+        let elf = ElfFile::open(&py.host_path)?;
+        if let Some(f) = elf.functions(&["Py_FinalizeEx"])?.get("Py_FinalizeEx") {
+            plan.finalize = elf.file_offset(f.vaddr).map(|file_offset| FinalizePoint {
+                module: py.module.clone(),
+                host_path: py.host_path.clone(),
+                file_offset,
+            });
+        }
+    }
+    if families != Families::LibcOnly {
+        if let Some(py) = &python {
+            let elf = ElfFile::open(&py.host_path)?;
+            let impls = elf.functions(&PY_IMPL_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
+            if impls.len() == PY_IMPL_FNS.len() {
+                add_points(&mut plan, &elf, &py.module, PY_IMPL_FNS)?;
+                plan.python_coverage = PythonCoverage::PymallocImpl;
+            } else {
+                add_points(&mut plan, &elf, &py.module, PY_EXPORTED_FNS)?;
+                plan.python_coverage = PythonCoverage::ExportedApiOnly;
+                plan.notes.push(format!(
+                    "{} has no symbol table (stripped): probing the exported PyObject_*/PyMem_* API; \
+                     allocations that LTO inlined into the interpreter are not seen, so Python-allocator \
+                     figures are partial",
+                    py.module
+                ));
+            }
+        } else if families == Families::All {
+            plan.notes.push(
+                "not a Python process (no libpython, no interpreter symbols): tracing libc allocations only"
+                    .into(),
+            );
+        }
+    }
+
+    if !plan.points.iter().any(|p| p.func.shape() != leaktrace_ebpf::Shape::Free) {
+        let detail = match (&plan.libc, families) {
+            (_, Families::PythonOnly) => "the Python allocator functions were not found".to_string(),
+            (None, _) => format!(
+                "no C library is mapped and {} has no malloc symbol (statically linked and stripped?)",
+                exe.unwrap_or("the executable")
+            ),
+            (Some(l), _) => format!("{l} exports no malloc"),
+        };
+        return Err(Error::NoAllocatorSymbols { pid, detail });
+    }
+    Ok(plan)
+}
+
+fn add_points(plan: &mut ProbePlan, elf: &ElfFile, module: &str, funcs: &[AllocFn]) -> Result<()> {
+    let names: Vec<&str> = funcs.iter().map(|f| f.symbol()).collect();
+    let syms = elf.functions(&names)?;
+    let mut by_addr: HashMap<u64, AllocFn> = HashMap::new();
+    for &func in funcs {
+        let Some(sym) = syms.get(func.symbol()) else {
+            plan.missing.push(func);
+            continue;
+        };
+        if let Some(&first) = by_addr.get(&sym.vaddr) {
+            plan.aliases.push((func, first));
+            continue;
+        }
+        by_addr.insert(sym.vaddr, func);
+        let len = if sym.size > 0 { sym.size } else { 64 };
+        let code = elf.bytes_at(sym.vaddr, len).unwrap_or_default();
+        let placement = choose(&code, sym.vaddr, func);
+        let file_offset = elf
+            .file_offset(sym.vaddr + placement.offset)
+            .ok_or_else(|| Error::Elf {
+                path: elf.path().to_path_buf(),
+                detail: format!("{} at {:#x} is in no loadable segment", func.symbol(), sym.vaddr),
+            })?;
+        plan.points.push(ProbePoint {
+            func,
+            module: module.to_string(),
+            host_path: elf.path().to_path_buf(),
+            symbol_vaddr: sym.vaddr,
+            table: sym.table,
+            placement,
+            file_offset,
+        });
+    }
+    Ok(())
+}
+
+impl ProbePlan {
+    /// A plan with nothing in it (before the target is known).
+    pub fn empty() -> Self {
+        Self {
+            points: Vec::new(),
+            python: None,
+            python_coverage: PythonCoverage::None,
+            finalize: None,
+            libc: None,
+            aliases: Vec::new(),
+            missing: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// One line per family saying what is probed, for the report header.
+    pub fn summary(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for fam in [Family::Libc, Family::Python] {
+            let pts: Vec<&ProbePoint> = self.points.iter().filter(|p| p.func.family() == fam).collect();
+            let Some(first) = pts.first() else { continue };
+            let names: Vec<String> = pts
+                .iter()
+                .map(|p| format!("{}+{}", p.func.symbol(), p.placement.offset))
+                .collect();
+            let label = match fam {
+                Family::Libc => "libc",
+                Family::Python => "python",
+            };
+            out.push(format!("{label}: {} ({})", names.join(" "), first.module));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::Process;
+
+    #[test]
+    fn libc_names() {
+        assert!(is_libc("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert!(is_libc("/lib/libc-2.31.so"));
+        assert!(is_libc("/lib/ld-musl-x86_64.so.1"));
+        assert!(!is_libc("/usr/lib/libcrypto.so.3"));
+        assert!(!is_libc("/usr/lib/libcap.so.2"));
+    }
+
+    /// This test binary is not Python: libc is planned, memalign/aligned_alloc collapse into one
+    /// probe, and --python-only is refused.
+    #[test]
+    fn plans_libc_for_a_non_python_process() {
+        let me = Process::open(std::process::id()).unwrap();
+        let mm = me.module_map().unwrap();
+        let plan = plan(me.pid, &mm, me.exe().as_deref(), Families::All).unwrap();
+        assert!(plan.python.is_none());
+        assert!(plan.points.iter().any(|p| p.func == AllocFn::Malloc));
+        assert!(plan.points.iter().any(|p| p.func == AllocFn::Free));
+        assert!(plan.notes.iter().any(|n| n.contains("not a Python process")));
+        let addrs: std::collections::HashSet<u64> = plan.points.iter().map(|p| p.file_offset).collect();
+        assert_eq!(addrs.len(), plan.points.len(), "no address is probed twice");
+        assert!(matches!(
+            super::plan(me.pid, &mm, me.exe().as_deref(), Families::PythonOnly),
+            Err(Error::NotPython(_))
+        ));
+    }
+}

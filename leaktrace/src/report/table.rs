@@ -1,0 +1,128 @@
+//! The default terminal report: a header saying what was traced and how completely, then sites
+//! ranked by unfreed bytes.
+
+use std::fmt::Write;
+
+use super::{human_bytes, Report};
+use crate::probes::plan::PythonCoverage;
+
+/// Renders the report as text.
+pub fn render(r: &Report, verbose: bool) -> String {
+    let mut o = String::new();
+    let t = &r.target;
+    let _ = writeln!(o, "leaktrace report — pid {} ({})", t.pid, t.command);
+    let _ = writeln!(
+        o,
+        "  traced {:.1} s in {} mode; target {}",
+        r.duration_s, r.mode, t.end
+    );
+    match (&t.python, &t.python_module) {
+        (Some(v), Some(m)) => {
+            let cov = match r.python_coverage {
+                PythonCoverage::PymallocImpl => "complete (pymalloc implementation probed)",
+                PythonCoverage::ExportedApiOnly => "PARTIAL (exported API only; LTO-inlined calls unseen)",
+                PythonCoverage::None => "none (--libc-only)",
+            };
+            let _ = writeln!(o, "  python {v} in {m}; python allocator coverage: {cov}");
+        }
+        _ => {
+            let _ = writeln!(o, "  not a Python process: libc allocations only");
+        }
+    }
+    if let Some(l) = &t.libc {
+        let _ = writeln!(o, "  libc: {l}");
+    }
+    if verbose {
+        let _ = writeln!(o, "  probes:");
+        for p in &r.probes {
+            let _ = writeln!(
+                o,
+                "    {:<16} +{:<3} {:<10} [{}] {}",
+                p.function,
+                p.offset,
+                if p.emulated { "emulated" } else { "stepped" },
+                p.symbol_table,
+                p.module
+            );
+        }
+    }
+    for n in &r.notes {
+        let _ = writeln!(o, "  note: {n}");
+    }
+    let _ = writeln!(
+        o,
+        "  {} allocations and {} frees traced; {} unfreed in {} blocks",
+        r.totals.allocs,
+        r.totals.frees,
+        human_bytes(r.totals.unfreed_bytes),
+        r.totals.unfreed_count
+    );
+    if r.dropped == 0 {
+        let _ = writeln!(o, "  drops: none");
+    } else {
+        let list: Vec<String> = r
+            .counters
+            .iter()
+            .filter(|(k, v)| **v > 0 && is_drop_name(k))
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(o, "  DROPS: {} ({})", r.dropped, list.join(", "));
+    }
+    let _ = writeln!(o);
+    if r.sites.is_empty() {
+        let _ = writeln!(o, "No unfreed allocations.");
+        return o;
+    }
+    let _ = writeln!(
+        o,
+        "{:>14} {:>9} {:>9} {:>9}  {:<16} SITE (caller of the allocator)",
+        "UNFREED", "BLOCKS", "ALLOCS", "FREES", "ALLOCATOR"
+    );
+    for s in &r.sites {
+        let _ = writeln!(
+            o,
+            "{:>14} {:>9} {:>9} {:>9}  {:<16} {}",
+            format!("{} B", group(s.unfreed_bytes)),
+            group(s.unfreed_count),
+            group(s.allocs),
+            group(s.frees),
+            s.allocator,
+            s.caller.display()
+        );
+    }
+    if r.sites_omitted > 0 {
+        let _ = writeln!(o, "… and {} more sites (raise --top)", r.sites_omitted);
+    }
+    o
+}
+
+fn is_drop_name(name: &str) -> bool {
+    leaktrace_ebpf::Counter::ALL
+        .iter()
+        .any(|c| c.is_drop() && c.name() == name)
+}
+
+/// `4096000` → `4,096,000`.
+pub fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(4_096_000), "4,096,000");
+    }
+}

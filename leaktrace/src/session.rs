@@ -1,0 +1,355 @@
+//! One tracing session: find the target, plan and attach the probes, follow the kernel's counters
+//! and announcements until the window ends, and build the report.
+
+use std::collections::HashSet;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use leaktrace_ebpf::AllocFn;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
+use crate::events::{Event, EventReader};
+use crate::heap::{Heap, Sample};
+use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
+use crate::probes::plan::{plan, Families, ProbePlan};
+use crate::report::{human_bytes, Report, ReportOptions, TargetInfo};
+use crate::stacks::symbolize::Symbolizer;
+use crate::target::spawn::{spawn, Control, SpawnEvent};
+use crate::target::Process;
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub enum TargetSpec {
+    /// A running process.
+    Pid(u32),
+    /// A command to start under tracing.
+    Command(Vec<String>),
+}
+
+/// How to trace.
+#[derive(Clone, Debug)]
+pub struct TraceOptions {
+    pub families: Families,
+    pub load: LoadOptions,
+    /// `attach`: how long to trace before detaching.
+    pub duration: Option<Duration>,
+    /// Print a progress line on stderr this often.
+    pub interval: Option<Duration>,
+    pub verbose: bool,
+    pub report: ReportOptions,
+    pub json: Option<PathBuf>,
+}
+
+/// The result of a session.
+pub struct Outcome {
+    pub report: Report,
+    /// Exit status leaktrace should end with.
+    pub exit_code: i32,
+}
+
+/// How long `run` waits for the child to exit after Ctrl-C before reporting anyway.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+
+/// The spawner thread's control channel and its events.
+type Child = Option<(Sender<Control>, UnboundedReceiver<SpawnEvent>)>;
+
+/// The state a session accumulates while it runs.
+struct Session<'a> {
+    opts: &'a TraceOptions,
+    tracer: Tracer,
+    reader: EventReader,
+    proc: Process,
+    plan: ProbePlan,
+    heap: Heap,
+    sym: Symbolizer,
+    start: Instant,
+    /// Seconds into the trace when the interpreter began shutting down.
+    finalized_at: Option<f64>,
+    notes_shown: HashSet<String>,
+}
+
+/// Traces `spec` until it exits, the window ends, or the user interrupts.
+pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
+    if let TargetSpec::Pid(pid) = spec {
+        Process::open(pid)?;
+    }
+    check_privileges()?;
+    let mut tracer = Tracer::load(opts.load)?;
+    let reader = EventReader::new(tracer.take_events()?)?;
+
+    let (pid, mut child): (u32, Child) = match &spec {
+        TargetSpec::Pid(pid) => (*pid, None),
+        TargetSpec::Command(argv) => {
+            let (tx, mut rx) = unbounded_channel();
+            let ctl = spawn(argv.clone(), tx);
+            match rx.recv().await {
+                Some(SpawnEvent::Ready(pid)) => (pid, Some((ctl, rx))),
+                Some(SpawnEvent::Failed(e)) => return Err(e),
+                other => return Err(Error::Usage(format!("starting {argv:?}: {other:?}"))),
+            }
+        }
+    };
+    let proc = Process { pid };
+    let mut s = Session {
+        opts,
+        tracer,
+        reader,
+        proc,
+        plan: ProbePlan::empty(),
+        heap: Heap::default(),
+        sym: Symbolizer::new(),
+        start: Instant::now(),
+        finalized_at: None,
+        notes_shown: HashSet::new(),
+    };
+    let setup = s.tracer.add_target(pid).and_then(|_| s.setup_probes());
+    if let Err(e) = setup {
+        if let Some((ctl, _)) = &child {
+            let _ = ctl.send(Control::Abort);
+        }
+        return Err(e);
+    }
+    let mut command = s.proc.cmdline();
+    s.sym.refresh(pid);
+    let pidfd = match child {
+        None => open_pidfd(pid),
+        Some(_) => None,
+    };
+    if let Some((ctl, _)) = &child {
+        let _ = ctl.send(Control::Go);
+    }
+    s.start = Instant::now();
+
+    let mut tick = tokio::time::interval(opts.interval.unwrap_or(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut exit_code = 0;
+    let mut interrupted = false;
+    let end: String = loop {
+        tokio::select! {
+            batch = s.reader.next_batch() => s.absorb(batch),
+            _ = tick.tick() => {
+                let sample = s.refresh()?;
+                if opts.interval.is_some() {
+                    eprintln!("{}", progress_line(&sample));
+                }
+                if pidfd.is_none() && child.is_none() && !s.proc.alive() {
+                    exit_code = EXIT_TARGET_EXITED_DURING_TRACE;
+                    break "exited during tracing".to_string();
+                }
+            }
+            _ = sleep_until(deadline) => {
+                break if interrupted {
+                    "interrupted; still running when leaktrace stopped".to_string()
+                } else {
+                    "still running; detached at the end of the window".to_string()
+                };
+            }
+            _ = sigint.recv() => {
+                if child.is_some() && !interrupted {
+                    // The child got the terminal's Ctrl-C too: give it a moment to exit.
+                    interrupted = true;
+                    deadline = Some(tokio::time::Instant::now() + INTERRUPT_GRACE);
+                } else {
+                    break "still running; detached on Ctrl-C".to_string();
+                }
+            }
+            _ = sigterm.recv() => break "still running; detached on SIGTERM".to_string(),
+            _ = pid_exit(&pidfd) => {
+                exit_code = EXIT_TARGET_EXITED_DURING_TRACE;
+                break "exited during tracing".to_string();
+            }
+            ev = child_event(&mut child) => match ev {
+                Some(SpawnEvent::Exiting) => {
+                    // Its maps are still there: read everything it announced and symbolize it.
+                    s.catch_up()?;
+                    reply(&child, Control::Release);
+                }
+                Some(SpawnEvent::Exec) => {
+                    // A wrapper exec'd the real program: the old address space and everything
+                    // recorded in it are gone; probe the new program's libraries.
+                    s.catch_up()?;
+                    s.tracer.forget_process(pid)?;
+                    s.heap.forget_process(pid);
+                    s.sym.refresh(pid);
+                    command = s.proc.cmdline();
+                    let replanned = s.setup_probes();
+                    reply(&child, Control::Go);
+                    replanned?;
+                }
+                Some(SpawnEvent::Exited(kind)) => break kind.to_string(),
+                Some(SpawnEvent::Failed(e)) => return Err(e),
+                Some(SpawnEvent::Ready(_)) | None => break "lost track of the child".to_string(),
+            },
+        }
+    };
+    let duration = s.start.elapsed().as_secs_f64();
+    s.catch_up()?;
+    s.refresh()?;
+    let counters = s.tracer.counters()?;
+    let end = match s.finalized_at {
+        Some(t) => format!(
+            "{end}; figures are as of interpreter shutdown (Py_FinalizeEx at {t:.1} s), before \
+             teardown freed module globals"
+        ),
+        None => end,
+    };
+    let target = TargetInfo {
+        pid,
+        command,
+        python: s.plan.python.as_ref().map(|p| p.version_string()),
+        python_module: s.plan.python.as_ref().map(|p| p.module.clone()),
+        libc: s.plan.libc.clone(),
+        end,
+    };
+    let report = Report::build(&s.heap, &s.plan, &counters, target, duration, opts.report);
+    // Detach every probe before returning (the target keeps running unharmed).
+    drop(s);
+    if let Some(path) = &opts.json {
+        std::fs::write(path, report.to_json()).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(Outcome { report, exit_code })
+}
+
+impl Session<'_> {
+    /// Plans the probes for the process's current mappings and attaches the new ones.
+    fn setup_probes(&mut self) -> Result<()> {
+        let pid = self.proc.pid;
+        let modules = self.proc.module_map()?;
+        let plan = plan(pid, &modules, self.proc.exe().as_deref(), self.opts.families)?;
+        self.tracer.attach(&plan, pid)?;
+        if self.opts.verbose {
+            eprintln!("leaktrace: pid {pid}: {} uprobes attached", self.tracer.attached());
+            for p in &plan.points {
+                eprintln!(
+                    "leaktrace:   {:<18} +{:<3} {:<9} {:<28} [{:?}] {}",
+                    p.func.symbol(),
+                    p.placement.offset,
+                    if p.placement.emulated { "emulated" } else { "stepped" },
+                    p.placement.instruction,
+                    p.table,
+                    p.module
+                );
+            }
+            for (alias, probed) in &plan.aliases {
+                eprintln!(
+                    "leaktrace:   {} is {} (same address, probed once)",
+                    alias.symbol(),
+                    probed.symbol()
+                );
+            }
+        }
+        for n in &plan.notes {
+            if self.notes_shown.insert(n.clone()) {
+                eprintln!("leaktrace: {n}");
+            }
+        }
+        self.plan = plan;
+        Ok(())
+    }
+
+    /// Takes in records from the kernel.
+    fn absorb(&mut self, batch: Vec<Event>) {
+        for ev in batch {
+            match ev {
+                Event::NewSite(ev) => {
+                    let func = AllocFn::from_u8(ev.func).unwrap_or(AllocFn::Malloc);
+                    self.heap.announce(&mut self.sym, ev.site_id, ev.tgid, func, ev.native[0]);
+                }
+                Event::Finalize(_) => {
+                    if self.finalized_at.is_none() {
+                        self.finalized_at = Some(self.start.elapsed().as_secs_f64());
+                        if self.opts.verbose {
+                            eprintln!("leaktrace: interpreter shutdown began; accounting frozen");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads all pending records and counters, and symbolizes what is new (the target's maps
+    /// must still exist for sites in modules mapped since the last refresh).
+    fn catch_up(&mut self) -> Result<()> {
+        let batch = self.reader.drain_now();
+        self.absorb(batch);
+        self.sym.refresh(self.proc.pid);
+        self.heap.update(&mut self.sym, self.tracer.sites()?);
+        self.heap.symbolize_pending(&mut self.sym);
+        Ok(())
+    }
+
+    /// Reads the kernel's counters into the heap model and appends a time-series point.
+    fn refresh(&mut self) -> Result<Sample> {
+        self.heap.update(&mut self.sym, self.tracer.sites()?);
+        let counters = self.tracer.counters()?;
+        let t = self.start.elapsed().as_secs_f64();
+        Ok(self.heap.sample(t, &counters, self.proc.rss_bytes()))
+    }
+}
+
+fn reply(child: &Child, c: Control) {
+    if let Some((ctl, _)) = child {
+        let _ = ctl.send(c);
+    }
+}
+
+/// The `--interval` progress line.
+pub fn progress_line(s: &Sample) -> String {
+    format!(
+        "[{:>7.1}s] live {} in {} blocks | {} allocs, {} frees | rss {} | drops {}",
+        s.t,
+        human_bytes(s.live_bytes),
+        s.live_count,
+        s.allocs,
+        s.frees,
+        s.rss_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+        s.drops
+    )
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn open_pidfd(pid: u32) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the fd was just returned to us and is owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the fd.
+    unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }.ok()
+}
+
+/// Resolves when the pidfd says the process exited; never without a pidfd.
+async fn pid_exit(pidfd: &Option<AsyncFd<OwnedFd>>) {
+    match pidfd {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn child_event(child: &mut Child) -> Option<SpawnEvent> {
+    match child {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,3 @@
+//! Stacks of allocation sites: today the caller's native frame, symbolized.
+
+pub mod symbolize;

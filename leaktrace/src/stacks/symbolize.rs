@@ -1,0 +1,172 @@
+//! Native addresses → module, function, file:line, with blazesym.
+//!
+//! Addresses are first normalized to (file, file offset) through a snapshot of the process's
+//! mappings, taken while it lives, so a report written after the target died still names
+//! functions: the files outlive the process.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use blazesym::symbolize::source::{Elf, Source};
+use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
+use serde::Serialize;
+
+use crate::target::maps::{host_path, ModuleMap};
+use crate::target::Process;
+
+/// A symbolized native frame.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// The runtime address (a return address for callers).
+    pub address: u64,
+    /// The mapped file, as the process sees it.
+    pub module: Option<String>,
+    pub file_offset: Option<u64>,
+    pub function: Option<String>,
+    /// Offset of `address` from the start of `function`.
+    pub function_offset: u64,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Functions inlined at this address, outermost first.
+    pub inlined: Vec<String>,
+}
+
+impl Frame {
+    /// `leak_malloc+0x1f (leaky.c:12) in leaky.so`, or `0x7f…` when nothing is known.
+    pub fn display(&self) -> String {
+        let mut s = match &self.function {
+            Some(f) => format!("{f}+{:#x}", self.function_offset),
+            None => match self.file_offset {
+                Some(off) => format!("{:#x}", off),
+                None => format!("{:#x}", self.address),
+            },
+        };
+        if let Some(inl) = self.inlined.last() {
+            s = format!("{inl} (inlined in {s})");
+        }
+        if let (Some(file), Some(line)) = (&self.file, self.line) {
+            let short = file.rsplit('/').next().unwrap_or(file);
+            s.push_str(&format!(" ({short}:{line})"));
+        }
+        match &self.module {
+            Some(m) => format!("{s} in {}", m.rsplit('/').next().unwrap_or(m)),
+            None => format!("{s} in [unknown module]"),
+        }
+    }
+}
+
+/// Symbolizes addresses of traced processes, caching mappings and results.
+pub struct Symbolizer {
+    blazesym: Blazesym,
+    modules: HashMap<u32, ModuleMap>,
+    cache: HashMap<(u32, u64), Frame>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    /// A symbolizer with empty caches.
+    pub fn new() -> Self {
+        Self {
+            blazesym: Blazesym::new(),
+            modules: HashMap::new(),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Re-reads the mappings of `pid` if it still runs; keeps the last snapshot otherwise.
+    pub fn refresh(&mut self, pid: u32) {
+        let p = Process { pid };
+        if let Ok(mm) = p.module_map() {
+            if !mm.mappings().is_empty() {
+                self.modules.insert(pid, mm);
+            }
+        }
+    }
+
+    /// Symbolizes a return address of process `pid` (the call instruction before it is looked
+    /// up, so the line is the call's).
+    pub fn return_address(&mut self, pid: u32, addr: u64) -> Frame {
+        if let Some(f) = self.cache.get(&(pid, addr)) {
+            return f.clone();
+        }
+        let found = self.modules.get(&pid).and_then(|m| m.find(addr)).is_some();
+        if !found {
+            self.refresh(pid);
+        }
+        let mapping = self.modules.get(&pid).and_then(|m| m.find(addr)).cloned();
+        let mut frame = Frame {
+            address: addr,
+            ..Frame::default()
+        };
+        if let Some(m) = mapping {
+            let off = m.file_offset(addr);
+            frame.module = Some(m.path.clone());
+            frame.file_offset = Some(off);
+            self.symbolize_into(&mut frame, pid, &m.path, off.saturating_sub(1));
+        }
+        // Only cache what is final: an address whose module was not mapped yet may be later.
+        if frame.module.is_some() {
+            self.cache.insert((pid, addr), frame.clone());
+        }
+        frame
+    }
+
+    fn symbolize_into(&self, frame: &mut Frame, pid: u32, path: &str, lookup: u64) {
+        let via_root = host_path(pid, path);
+        let file = if via_root.exists() {
+            via_root
+        } else {
+            Path::new(path).to_path_buf()
+        };
+        let src = Source::Elf(Elf::new(file));
+        let Ok(syms) = self.blazesym.symbolize(&src, Input::FileOffset(&[lookup])) else {
+            return;
+        };
+        let Some(Symbolized::Sym(sym)) = syms.first() else {
+            return;
+        };
+        frame.function = Some(sym.name.to_string());
+        frame.function_offset = sym.offset as u64 + 1;
+        if let Some(ci) = &sym.code_info {
+            let file = match &ci.dir {
+                Some(d) => d.join(&*ci.file).to_string_lossy().into_owned(),
+                None => ci.file.to_string_lossy().into_owned(),
+            };
+            frame.file = Some(file);
+            frame.line = ci.line;
+        }
+        frame.inlined = sym.inlined.iter().map(|i| i.name.to_string()).collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function() -> u64 {
+        marker_function as usize as u64
+    }
+
+    #[test]
+    fn symbolizes_own_function_and_survives_unknown_addresses() {
+        let mut s = Symbolizer::new();
+        let pid = std::process::id();
+        // Pretend the return address is a few bytes into the function.
+        let f = s.return_address(pid, marker_function() + 4);
+        assert!(f.module.is_some());
+        assert!(
+            f.function.as_deref().unwrap_or("").contains("marker_function"),
+            "{f:?}"
+        );
+        assert!(f.display().contains("marker_function"));
+        let unknown = s.return_address(pid, 0x10);
+        assert!(unknown.module.is_none());
+        assert!(unknown.display().contains("unknown module"));
+    }
+}
