@@ -232,13 +232,14 @@ impl Session<'_> {
             eprintln!("leaktrace: pid {pid}: {} uprobes attached", self.tracer.attached());
             for p in &plan.points {
                 eprintln!(
-                    "leaktrace:   {:<18} +{:<3} {:<9} {:<28} [{:?}] {}",
+                    "leaktrace:   {:<18} +{:<3} {:<9} {:<28} [{:?}] {} @{:#x}",
                     p.func.symbol(),
                     p.placement.offset,
                     if p.placement.emulated { "emulated" } else { "stepped" },
                     p.placement.instruction,
                     p.table,
-                    p.module
+                    p.module,
+                    p.file_offset
                 );
             }
             for (alias, probed) in &plan.aliases {

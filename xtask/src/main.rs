@@ -1,1 +1,101 @@
-fn main(){}
+//! `cargo xtask setup | build | demo | test | bench`: the project's own setup and checks.
+//!
+//! `setup` installs what building and testing need on a fresh Debian 12 machine, idempotently
+//! and in well under a second when everything is present (TOOLCHAIN.md has the recipe).
+
+mod bench;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain and test dependencies that are missing.
+    Setup {
+        /// Also install what the benchmarks compare against.
+        #[arg(long)]
+        bench: bool,
+    },
+    /// Build the BPF object and the leaktrace binary (release).
+    Build,
+    /// Trace the bundled leaking example and print the report.
+    Demo,
+    /// Run every test: unit tests and the integration tests against the real kernel.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure the cost of tracing against the untraced run and the probe floor.
+    Bench {
+        /// A short run (fewer iterations and repetitions).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let desc = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {desc}"))?;
+    if !status.success() {
+        bail!("{desc} failed with {status}");
+    }
+    Ok(())
+}
+
+/// The cargo that runs xtask.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Builds the release binary and returns its path.
+pub fn build() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "leaktrace", "--bin", "leaktrace"]))?;
+    Ok(root().join("target/release/leaktrace"))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup { bench } => setup::setup(bench),
+        Cmd::Build => build().map(|p| println!("built {}", p.display())),
+        Cmd::Demo => {
+            setup::setup(false)?;
+            let bin = build()?;
+            let python = setup::pyenv_python()?;
+            let script = root().join("examples/leaky_service.py");
+            println!("$ sudo leaktrace run -- {} {}\n", python.display(), script.display());
+            run(Command::new(bin).args(["run", "--top", "10", "--"]).arg(python).arg(script))
+        }
+        Cmd::Test { args } => {
+            setup::setup(false)?;
+            build()?;
+            let mut c = cargo();
+            c.args(["test", "--workspace"]).args(&args);
+            run(&mut c)
+        }
+        Cmd::Bench { quick } => {
+            setup::setup(false)?;
+            let bin = build()?;
+            bench::bench(&bin, quick)
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Helpers shared by the integration tests: real interpreters, the leaky test extension built for
+//! each, running the real `leaktrace` binary, and reading a process's code to see whether a
+//! uprobe's breakpoint is still there.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The leaktrace binary under test.
+pub fn leaktrace_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_leaktrace"))
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// pyenv's CPython 3.11.7 (shared libpython, full symbol table): the real binary, not the shim.
+pub fn pyenv_python() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = Path::new(&home).join(".pyenv/versions/3.11.7/bin/python3.11");
+    assert!(p.exists(), "{} missing: run `cargo xtask setup`", p.display());
+    p
+}
+
+/// Debian's python3.11: a static, LTO-built, stripped executable.
+pub fn debian_python() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/python3.11");
+    assert!(p.exists(), "{} missing: run `cargo xtask setup`", p.display());
+    p
+}
+
+/// Builds tests/fixtures/leakyext.c for `python` (once per test binary) and returns the
+/// directory to put on `sys.path`.
+pub fn ext_dir(python: &Path) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<PathBuf, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(d) = built.get(python) {
+        return d.clone();
+    }
+    let q = |code: &str| -> String {
+        let out = Command::new(python).args(["-c", code]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let include = q("import sysconfig; print(sysconfig.get_paths()['include'])");
+    let suffix = q("import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))");
+    let exe = std::env::current_exe().unwrap();
+    let tag = format!(
+        "{}-{}",
+        exe.file_name().unwrap().to_string_lossy(),
+        python.to_string_lossy().replace('/', "_")
+    );
+    let dir = workspace().join("target/test-ext").join(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O2", "-g", "-fomit-frame-pointer"])
+        .arg(format!("-I{include}"))
+        .arg(workspace().join("tests/fixtures/leakyext.c"))
+        .arg("-o")
+        .arg(dir.join(format!("leakyext{suffix}")))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gcc: {}", String::from_utf8_lossy(&out.stderr));
+    built.insert(python.to_path_buf(), dir.clone());
+    dir
+}
+
+/// Writes a script to a temporary file that lives as long as the returned guard.
+pub fn script(body: &str) -> tempfile::TempPath {
+    let f = tempfile::Builder::new().suffix(".py").tempfile().unwrap();
+    std::fs::write(f.path(), body).unwrap();
+    f.into_temp_path()
+}
+
+/// A finished leaktrace run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub json: Option<Value>,
+}
+
+impl Run {
+    /// Sites whose caller is `function` (exactly, or as an inlined function at the call).
+    pub fn sites(&self, function: &str) -> Vec<&Value> {
+        self.json
+            .as_ref()
+            .expect("report JSON")["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["caller"]["function"] == function
+                    || s["caller"]["inlined"]
+                        .as_array()
+                        .is_some_and(|v| v.iter().any(|i| i == function))
+            })
+            .collect()
+    }
+
+    /// The one site whose caller is `function` and allocator is `allocator`.
+    pub fn site(&self, function: &str, allocator: &str) -> &Value {
+        let all: Vec<&Value> = self
+            .sites(function)
+            .into_iter()
+            .filter(|s| s["allocator"] == allocator)
+            .collect();
+        assert_eq!(all.len(), 1, "sites for {allocator} in {function}: {all:#?}\n{}", self.stdout);
+        all[0]
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.json.as_ref().unwrap()["counters"][name].as_u64().unwrap()
+    }
+}
+
+/// Runs leaktrace with `args`, asking for a JSON report.
+pub fn leaktrace(args: &[&str]) -> Run {
+    let json = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let (head, tail) = match args.iter().position(|a| *a == "--") {
+        Some(i) => (&args[..i], &args[i..]),
+        None => (args, &[][..]),
+    };
+    let out = Command::new(leaktrace_bin())
+        .args(head)
+        .arg("--json")
+        .arg(&*json)
+        .args(tail)
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&json).unwrap_or_default();
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        json: serde_json::from_str(&text).ok(),
+    };
+    eprintln!("--- leaktrace {args:?} → {}\n{}\n{}", run.code, run.stdout, run.stderr);
+    run
+}
+
+/// Starts `python script args…` and waits until it prints a line containing `READY`.
+pub fn start_ready(python: &Path, script: &Path, args: &[&str]) -> Child {
+    let mut child = Command::new(python)
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "target never became ready");
+        match lines.next() {
+            Some(Ok(l)) if l.contains("READY") => break,
+            Some(_) => continue,
+            None => panic!("target exited before READY"),
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+/// Whether a process is still running (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s.rsplit_once(')').unwrap().1.split_whitespace().next().unwrap().to_string();
+            state != "Z" && state != "X"
+        })
+        .unwrap_or(false)
+}
+
+/// The first byte of `symbol` in `module` as mapped in process `pid`, next to the byte in the
+/// file. A uprobe shows as 0xCC in memory; detaching must restore the original byte. `offset` is
+/// added to the symbol (probes may sit past the first instruction).
+pub fn code_byte(pid: u32, module_suffix: &str, file_offset: u64) -> (u8, u8) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || !f[5].ends_with(module_suffix) || !f[1].contains('x') {
+            continue;
+        }
+        let (s, e) = f[0].split_once('-').unwrap();
+        let start = u64::from_str_radix(s, 16).unwrap();
+        let end = u64::from_str_radix(e, 16).unwrap();
+        let off = u64::from_str_radix(f[2], 16).unwrap();
+        if file_offset < off || file_offset >= off + (end - start) {
+            continue;
+        }
+        let addr = start + (file_offset - off);
+        let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut b, addr).unwrap();
+        let file = std::fs::read(f[5]).unwrap();
+        return (b[0], file[file_offset as usize]);
+    }
+    panic!("{module_suffix} offset {file_offset:#x} not mapped in {pid}");
+}
+
+/// The probe points leaktrace reported with `--verbose`: (function, module, file offset).
+pub fn probe_points(stderr: &str) -> Vec<(String, String, u64)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let l = l.strip_prefix("leaktrace:   ")?;
+            let (head, off) = l.rsplit_once(" @0x")?;
+            let func = head.split_whitespace().next()?.to_string();
+            let module = head.rsplit_once(' ')?.1.to_string();
+            Some((func, module, u64::from_str_radix(off, 16).ok()?))
+        })
+        .collect()
+}
+
+/// Sends a signal to a process.
+pub fn kill(pid: u32, sig: i32) {
+    // SAFETY: plain syscall.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Waits until `cond` holds or `secs` pass.
+pub fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+/// The byte at each probe point in the target's memory, with the file's byte: equal pairs mean
+/// no breakpoint is left there.
+pub fn probe_bytes(pid: u32, points: &[(String, String, u64)]) -> Vec<(String, u8, u8)> {
+    points
+        .iter()
+        .map(|(f, module, off)| {
+            let (mem, file) = code_byte(pid, module, *off);
+            (f.clone(), mem, file)
+        })
+        .collect()
+}

@@ -1,0 +1,195 @@
+//! `leaktrace run` on real interpreters with a real leaky C extension: every allocator, every
+//! site, exact counts.
+
+mod common;
+
+use common::*;
+
+const EXT_WORKLOAD: &str = r#"
+import sys
+sys.path.insert(0, sys.argv[1])
+import leakyext
+for i in range(1000): leakyext.leak_malloc(4096)
+for i in range(1000): leakyext.ok(7777)
+for i in range(500): leakyext.leak_pyobj()
+for i in range(10): leakyext.leak_pymem_large(100000)
+for i in range(3): leakyext.leak_realloc(300000)
+leakyext.leak_each(12345)
+for i in range(7): leakyext.leak_chain(5000)
+"#;
+
+fn bytes(s: &serde_json::Value) -> u64 {
+    s["unfreed_bytes"].as_u64().unwrap()
+}
+fn count(s: &serde_json::Value) -> u64 {
+    s["unfreed_count"].as_u64().unwrap()
+}
+
+#[test]
+fn extension_leaks_are_found_exactly_on_pyenv_python() {
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    let s = script(EXT_WORKLOAD);
+    let r = leaktrace(&["run", "--top", "1000", "--", py.to_str().unwrap(), s.to_str().unwrap(), ext.to_str().unwrap()]);
+    assert_eq!(r.code, 0);
+    let j = r.json.as_ref().unwrap();
+    assert_eq!(j["python_coverage"], "pymalloc_impl");
+    assert_eq!(j["dropped"], 0);
+
+    // 1,000 × malloc(4096), never freed: one site, in leak_malloc, with its source line.
+    let m = r.site("leak_malloc", "malloc");
+    assert_eq!((bytes(m), count(m)), (4_096_000, 1000));
+    assert_eq!(m["family"], "libc");
+    assert!(m["caller"]["module"].as_str().unwrap().contains("leakyext"));
+    assert!(m["caller"]["file"].as_str().unwrap().ends_with("leakyext.c"));
+    assert!(m["caller"]["line"].as_u64().unwrap() > 0);
+    assert!(r.stdout.contains("leak_malloc"), "the table names the site");
+
+    // ok() frees what it allocates: no unfreed site, though its 1,000 frees were seen.
+    assert!(r.sites("ok").is_empty(), "{:#?}", r.sites("ok"));
+    assert!(r.counter("frees") >= 1000);
+
+    // Objects from the Python allocator kept alive by a leaked reference.
+    let o = r.site("leak_pyobj", "_PyObject_Malloc");
+    assert_eq!(count(o), 500);
+    assert_eq!(o["family"], "python");
+
+    // Nesting: PyObject_Malloc(100000) is served by malloc inside pymalloc; counted once, by the
+    // outermost allocator, and no libpython malloc site holds those bytes.
+    let big = r.site("leak_pymem_large", "_PyObject_Malloc");
+    assert_eq!((bytes(big), count(big)), (1_000_000, 10));
+    let inner: Vec<_> = r.sites("_PyObject_Malloc").into_iter().filter(|s| s["allocator"] == "malloc").collect();
+    assert!(inner.is_empty(), "pymalloc's inner malloc calls were counted too: {inner:#?}");
+
+    // realloc moves blocks: the final size is charged to the realloc site, nothing to malloc(100).
+    let re = r.site("leak_realloc", "realloc");
+    assert_eq!((bytes(re), count(re)), (900_000, 3));
+    assert!(r.sites("leak_realloc").iter().all(|s| s["allocator"] == "realloc"));
+
+    // Every other allocator, once each. reallocarray tail-calls realloc: counted once.
+    for alloc in ["calloc", "reallocarray", "posix_memalign", "valloc"] {
+        let s = r.site("leak_each", alloc);
+        assert_eq!((bytes(s), count(s)), (12_345, 1), "{alloc}");
+    }
+    // aligned_alloc and memalign are one function in glibc: two call sites, one probe.
+    let aligned: Vec<_> = r.sites("leak_each").into_iter().filter(|s| s["allocator"] == "memalign").collect();
+    assert_eq!(aligned.len(), 2);
+    assert!(r.sites("leak_each").iter().all(|s| s["allocator"] != "realloc"));
+
+    // Three levels deep: the site is the innermost caller (full stacks are their own issue).
+    let c = r.site("chain_level3", "malloc");
+    assert_eq!((bytes(c), count(c)), (7 * 5002, 7));
+}
+
+#[test]
+fn pure_python_leak_is_reported_as_of_interpreter_shutdown() {
+    let py = pyenv_python();
+    let s = script(
+        r#"
+keep = []
+def handler():
+    for i in range(2000):
+        keep.append(bytearray(5000))
+def churn():
+    for i in range(20000):
+        x = bytearray(3000)
+handler()
+churn()
+"#,
+    );
+    let r = leaktrace(&["run", "--", py.to_str().unwrap(), s.to_str().unwrap()]);
+    assert_eq!(r.code, 0);
+    let j = r.json.as_ref().unwrap();
+    assert!(j["target"]["end"].as_str().unwrap().contains("Py_FinalizeEx"));
+    // The global list's 2,000 buffers are the top site; churn's buffers are all freed.
+    let top = &j["sites"][0];
+    assert!(bytes(top) >= 10_000_000 && bytes(top) < 10_100_000, "{top:#}");
+    assert!(count(top) >= 2000 && count(top) < 2010, "{top:#}");
+    assert_eq!(top["family"], "python");
+}
+
+#[test]
+fn libc_only_and_python_only_select_families() {
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    let s = script(EXT_WORKLOAD);
+    let args = |flag: &'static str| {
+        vec!["run", flag, "--top", "1000", "--"]
+            .into_iter()
+            .map(String::from)
+            .chain([py.to_string_lossy().into(), s.to_string_lossy().into(), ext.to_string_lossy().into()])
+            .collect::<Vec<String>>()
+    };
+    let libc = args("--libc-only");
+    let r = leaktrace(&libc.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r.code, 0);
+    let sites = r.json.as_ref().unwrap()["sites"].as_array().unwrap().clone();
+    assert!(sites.iter().all(|s| s["family"] == "libc"));
+    assert_eq!(bytes(r.site("leak_malloc", "malloc")), 4_096_000);
+    // Without the pymalloc probes, the large PyObject_Malloc blocks (and every other large
+    // Python request) show up as malloc called from inside pymalloc.
+    let inner: u64 = r.sites("_PyObject_Malloc").iter().filter(|s| s["allocator"] == "malloc").map(|s| bytes(s)).sum();
+    assert!(inner >= 1_000_000, "{inner}");
+
+    let pyonly = args("--python-only");
+    let r = leaktrace(&pyonly.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r.code, 0);
+    let sites = r.json.as_ref().unwrap()["sites"].as_array().unwrap().clone();
+    assert!(sites.iter().all(|s| s["family"] == "python"));
+    assert_eq!(count(r.site("leak_pyobj", "_PyObject_Malloc")), 500);
+    assert!(r.sites("leak_malloc").is_empty());
+}
+
+/// Debian's python3.11 is static, LTO-built and stripped: no `_PyObject_Malloc` symbol. The
+/// exported API is probed instead and the report says coverage is partial.
+#[test]
+fn stripped_debian_python_falls_back_to_exported_api() {
+    let py = debian_python();
+    let ext = ext_dir(&py);
+    let s = script(EXT_WORKLOAD);
+    let r = leaktrace(&["run", "--top", "1000", "--", py.to_str().unwrap(), s.to_str().unwrap(), ext.to_str().unwrap()]);
+    assert_eq!(r.code, 0);
+    let j = r.json.as_ref().unwrap();
+    assert_eq!(j["python_coverage"], "exported_api_only");
+    assert!(j["notes"][0].as_str().unwrap().contains("stripped"));
+    assert!(r.stdout.contains("PARTIAL"));
+    let probes: Vec<&str> = j["probes"].as_array().unwrap().iter().map(|p| p["function"].as_str().unwrap()).collect();
+    assert!(probes.contains(&"PyObject_Malloc") && probes.contains(&"PyMem_Malloc"), "{probes:?}");
+    assert_eq!(j["target"]["python_module"], "/usr/bin/python3.11");
+    assert_eq!(bytes(r.site("leak_malloc", "malloc")), 4_096_000);
+    // The extension calls the exported PyObject_Malloc, which the fallback probes.
+    assert_eq!(count(r.site("leak_pyobj", "PyObject_Malloc")), 500);
+}
+
+/// A program that is not Python: libc tracing works and the report says so.
+#[test]
+fn non_python_program_is_traced_through_libc() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("leaky.c");
+    std::fs::write(
+        &src,
+        r#"
+#include <stdlib.h>
+#include <string.h>
+void *volatile sink;
+__attribute__((noinline)) void leak_in_c(int n) { char *p = malloc(n); memset(p, 1, n); sink = p; }
+int main(void) {
+    for (int i = 0; i < 300; i++) leak_in_c(1000);
+    for (int i = 0; i < 300; i++) { char *p = malloc(2000); sink = p; free(p); }
+    return 3;
+}
+"#,
+    )
+    .unwrap();
+    let bin = dir.path().join("leaky");
+    let st = std::process::Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&bin).arg(&src).status().unwrap();
+    assert!(st.success());
+    let r = leaktrace(&["run", "--", bin.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "run reports; the child's own exit code is in the report");
+    let j = r.json.as_ref().unwrap();
+    assert!(j["target"]["end"].as_str().unwrap().contains("exited with code 3"));
+    assert!(j["target"]["python"].is_null());
+    assert!(r.stderr.contains("not a Python process"));
+    let s = r.site("leak_in_c", "malloc");
+    assert_eq!((bytes(s), count(s)), (300_000, 300));
+}

@@ -1,0 +1,110 @@
+//! Idempotent installation of everything leaktrace needs to build and test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::run;
+
+/// Debian packages and the file that shows each is installed.
+const APT: &[(&str, &str)] = &[
+    // Debian's rustc ships a prebuilt core for bpfel-unknown-none (TOOLCHAIN.md).
+    ("rustc-web", "/usr/bin/rustc"),
+    ("libstd-rust-web-dev-bpf", "/usr/lib/rustlib/bpfel-unknown-none"),
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    // Tests: list BPF programs and links after a killed tracer.
+    ("bpftool", "/usr/sbin/bpftool"),
+    // Tests: Debian's static, LTO-built, stripped python3.11, and its headers for the extension.
+    ("python3.11", "/usr/bin/python3.11"),
+    ("python3.11-dev", "/usr/include/python3.11/Python.h"),
+    // Tests: a statically linked test program without symbols.
+    ("libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"),
+    ("gcc", "/usr/bin/gcc"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// The pyenv CPython the project is developed against.
+pub const PYENV_PYTHON: &str = "3.11.7";
+
+pub fn setup(_bench: bool) -> Result<()> {
+    let missing: Vec<&str> = APT
+        .iter()
+        .filter(|(_, marker)| !Path::new(marker).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    ensure_bpf_linker()?;
+    mount_tracefs();
+    pyenv_python()?;
+    Ok(())
+}
+
+fn cargo_bin() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    Path::new(&home).join(".cargo/bin")
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let bin = cargo_bin().join("bpf-linker");
+    if let Ok(out) = Command::new(&bin).arg("--version").output() {
+        if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22");
+    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("PATH", path)
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+}
+
+/// Tracepoints need tracefs; a fresh machine does not mount it. Failure is not fatal: the
+/// allocator probes do not need it.
+fn mount_tracefs() {
+    let dir = Path::new("/sys/kernel/tracing");
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/kernel/tracing")))
+        .unwrap_or(false);
+    if !mounted && dir.exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
+    }
+}
+
+/// The pyenv interpreter's real binary (not the shim).
+pub fn pyenv_python() -> Result<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = Path::new(&home).join(format!(".pyenv/versions/{PYENV_PYTHON}/bin/python3.11"));
+    if p.exists() {
+        return Ok(p);
+    }
+    let pyenv = Path::new(&home).join(".pyenv/bin/pyenv");
+    if !pyenv.exists() {
+        bail!("no pyenv at {}: the machine image provides CPython {PYENV_PYTHON} there", pyenv.display());
+    }
+    eprintln!("xtask setup: building CPython {PYENV_PYTHON} with pyenv");
+    run(Command::new(&pyenv)
+        .args(["install", "-s", PYENV_PYTHON])
+        .env("PYTHON_CONFIGURE_OPTS", "--enable-shared"))
+    .context("pyenv install")?;
+    Ok(p)
+}
