@@ -48,7 +48,10 @@ fn attach_for_a_window_then_detach_leaves_target_running() {
     assert!((50..=500).contains(&n), "{n} leaks seen in 2 s");
     assert_eq!(bytes(site), n * 1000);
     assert!(r.sites("ok").is_empty());
-    assert!(r.json.as_ref().unwrap()["target"]["end"].as_str().unwrap().contains("detached"));
+    assert!(r.json.as_ref().unwrap()["target"]["end"]
+        .as_str()
+        .unwrap()
+        .contains("detached"));
 
     // Detached: the target runs on, and its code holds no breakpoint.
     std::thread::sleep(Duration::from_millis(300));
@@ -72,14 +75,23 @@ fn target_exiting_mid_trace_still_gets_a_report() {
     let pid = target.id().to_string();
     let started = std::time::Instant::now();
     let r = leaktrace(&["attach", "-p", &pid, "--duration", "60"]);
-    assert!(started.elapsed() < Duration::from_secs(20), "leaktrace noticed the exit late");
-    assert_eq!(r.code, 5, "the target's exit during the window has its own exit code");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "leaktrace noticed the exit late"
+    );
+    assert_eq!(
+        r.code, 5,
+        "the target's exit during the window has its own exit code"
+    );
     let j = r.json.as_ref().unwrap();
     assert!(j["target"]["end"].as_str().unwrap().contains("exited"));
     let site = r.site("leak_malloc", "malloc");
     assert!(site["unfreed_count"].as_u64().unwrap() >= 20);
     // Symbolized while the process lived, though it is gone now.
-    assert!(site["caller"]["module"].as_str().unwrap().contains("leakyext"));
+    assert!(site["caller"]["module"]
+        .as_str()
+        .unwrap()
+        .contains("leakyext"));
     target.wait().unwrap();
 }
 
@@ -111,8 +123,13 @@ fn attach_in_background(pid: u32) -> (std::process::Child, Vec<(String, String, 
 }
 
 fn bpf_programs_named(name: &str) -> usize {
-    let out = Command::new("bpftool").args(["prog", "show"]).output().expect("bpftool");
-    String::from_utf8_lossy(&out.stdout).matches(&format!(" name {name} ")).count()
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .matches(&format!(" name {name} "))
+        .count()
 }
 
 #[test]
@@ -150,15 +167,24 @@ fn sigkill_of_leaktrace_leaves_no_probe_behind() {
     let s = script(SLOW_LEAKER);
     let mut target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
     let (mut lt, points) = attach_in_background(target.id());
-    assert!(probe_bytes(target.id(), &points).iter().all(|(_, m, _)| *m == 0xcc));
+    assert!(probe_bytes(target.id(), &points)
+        .iter()
+        .all(|(_, m, _)| *m == 0xcc));
     assert!(bpf_programs_named("alloc_enter") >= 1);
     kill(lt.id(), libc::SIGKILL);
     lt.wait().unwrap();
     // The kernel releases links, programs and breakpoints with the last file descriptor.
     let clean = wait_for(5, || {
-        probe_bytes(target.id(), &points).iter().all(|(_, m, f)| m == f) && bpf_programs_named("alloc_enter") == 0
+        probe_bytes(target.id(), &points)
+            .iter()
+            .all(|(_, m, f)| m == f)
+            && bpf_programs_named("alloc_enter") == 0
     });
-    assert!(clean, "probes remain after SIGKILL: {:?}", probe_bytes(target.id(), &points));
+    assert!(
+        clean,
+        "probes remain after SIGKILL: {:?}",
+        probe_bytes(target.id(), &points)
+    );
     if let Ok(ev) = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events") {
         assert!(ev.trim().is_empty(), "uprobe_events: {ev}");
     }

@@ -15,13 +15,23 @@ fn missing_pid() {
     let r = leaktrace(&["attach", "-p", "4194300", "--duration", "1"]);
     no_panic(&r);
     assert_eq!(r.code, 4);
-    assert!(r.stderr.contains("no process with PID 4194300"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no process with PID 4194300"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn missing_privileges() {
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(leaktrace_bin())
         .args(["attach", "-p", "1", "--duration", "1"])
         .output()
@@ -37,7 +47,11 @@ fn command_that_does_not_exist() {
     let r = leaktrace(&["run", "--", "/nonexistent/leaky-program"]);
     no_panic(&r);
     assert_eq!(r.code, 9);
-    assert!(r.stderr.contains("cannot start /nonexistent/leaky-program"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot start /nonexistent/leaky-program"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -53,14 +67,27 @@ fn python_only_on_a_non_python_process() {
 fn stripped_static_program_has_no_allocator_symbols() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("s.c");
-    std::fs::write(&src, "#include <stdlib.h>\nint main(void){ return malloc(10) == 0; }\n").unwrap();
+    std::fs::write(
+        &src,
+        "#include <stdlib.h>\nint main(void){ return malloc(10) == 0; }\n",
+    )
+    .unwrap();
     let bin = dir.path().join("s");
-    let st = Command::new("gcc").args(["-static", "-s", "-O2", "-o"]).arg(&bin).arg(&src).status().unwrap();
+    let st = Command::new("gcc")
+        .args(["-static", "-s", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap();
     assert!(st.success());
     let r = leaktrace(&["run", "--", bin.to_str().unwrap()]);
     no_panic(&r);
     assert_eq!(r.code, 7, "{}", r.stderr);
-    assert!(r.stderr.contains("found no allocator to probe"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("found no allocator to probe"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// A full live-allocation table drops allocations, and says so.
@@ -69,7 +96,15 @@ fn full_live_map_is_counted_and_shown() {
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script("import sys\nsys.path.insert(0, sys.argv[1])\nimport leakyext\nfor i in range(3000): leakyext.leak_malloc(64)\n");
-    let r = leaktrace(&["run", "--max-live", "500", "--", py.to_str().unwrap(), s.to_str().unwrap(), ext.to_str().unwrap()]);
+    let r = leaktrace(&[
+        "run",
+        "--max-live",
+        "500",
+        "--",
+        py.to_str().unwrap(),
+        s.to_str().unwrap(),
+        ext.to_str().unwrap(),
+    ]);
     no_panic(&r);
     assert_eq!(r.code, 0);
     assert!(r.counter("live_map_full") > 0);
@@ -80,10 +115,19 @@ fn full_live_map_is_counted_and_shown() {
 
 #[test]
 fn bad_arguments_are_usage_errors() {
-    let out = Command::new(leaktrace_bin()).args(["attach", "-p", "1", "--interval", "-3"]).output().unwrap();
+    let out = Command::new(leaktrace_bin())
+        .args(["attach", "-p", "1", "--interval", "-3"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = Command::new(leaktrace_bin()).args(["run", "--min-size", "3 parsecs", "--", "true"]).output().unwrap();
+    let out = Command::new(leaktrace_bin())
+        .args(["run", "--min-size", "3 parsecs", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = Command::new(leaktrace_bin()).args(["attach"]).output().unwrap();
+    let out = Command::new(leaktrace_bin())
+        .args(["attach"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

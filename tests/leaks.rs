@@ -30,7 +30,15 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script(EXT_WORKLOAD);
-    let r = leaktrace(&["run", "--top", "1000", "--", py.to_str().unwrap(), s.to_str().unwrap(), ext.to_str().unwrap()]);
+    let r = leaktrace(&[
+        "run",
+        "--top",
+        "1000",
+        "--",
+        py.to_str().unwrap(),
+        s.to_str().unwrap(),
+        ext.to_str().unwrap(),
+    ]);
     assert_eq!(r.code, 0);
     let j = r.json.as_ref().unwrap();
     assert_eq!(j["python_coverage"], "pymalloc_impl");
@@ -41,7 +49,10 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
     assert_eq!((bytes(m), count(m)), (4_096_000, 1000));
     assert_eq!(m["family"], "libc");
     assert!(m["caller"]["module"].as_str().unwrap().contains("leakyext"));
-    assert!(m["caller"]["file"].as_str().unwrap().ends_with("leakyext.c"));
+    assert!(m["caller"]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("leakyext.c"));
     assert!(m["caller"]["line"].as_u64().unwrap() > 0);
     assert!(r.stdout.contains("leak_malloc"), "the table names the site");
 
@@ -58,13 +69,23 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
     // outermost allocator, and no libpython malloc site holds those bytes.
     let big = r.site("leak_pymem_large", "_PyObject_Malloc");
     assert_eq!((bytes(big), count(big)), (1_000_000, 10));
-    let inner: Vec<_> = r.sites("_PyObject_Malloc").into_iter().filter(|s| s["allocator"] == "malloc").collect();
-    assert!(inner.is_empty(), "pymalloc's inner malloc calls were counted too: {inner:#?}");
+    let inner: Vec<_> = r
+        .sites("_PyObject_Malloc")
+        .into_iter()
+        .filter(|s| s["allocator"] == "malloc")
+        .collect();
+    assert!(
+        inner.is_empty(),
+        "pymalloc's inner malloc calls were counted too: {inner:#?}"
+    );
 
     // realloc moves blocks: the final size is charged to the realloc site, nothing to malloc(100).
     let re = r.site("leak_realloc", "realloc");
     assert_eq!((bytes(re), count(re)), (900_000, 3));
-    assert!(r.sites("leak_realloc").iter().all(|s| s["allocator"] == "realloc"));
+    assert!(r
+        .sites("leak_realloc")
+        .iter()
+        .all(|s| s["allocator"] == "realloc"));
 
     // Every other allocator, once each. reallocarray tail-calls realloc: counted once.
     for alloc in ["calloc", "reallocarray", "posix_memalign", "valloc"] {
@@ -72,9 +93,16 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
         assert_eq!((bytes(s), count(s)), (12_345, 1), "{alloc}");
     }
     // aligned_alloc and memalign are one function in glibc: two call sites, one probe.
-    let aligned: Vec<_> = r.sites("leak_each").into_iter().filter(|s| s["allocator"] == "memalign").collect();
+    let aligned: Vec<_> = r
+        .sites("leak_each")
+        .into_iter()
+        .filter(|s| s["allocator"] == "memalign")
+        .collect();
     assert_eq!(aligned.len(), 2);
-    assert!(r.sites("leak_each").iter().all(|s| s["allocator"] != "realloc"));
+    assert!(r
+        .sites("leak_each")
+        .iter()
+        .all(|s| s["allocator"] != "realloc"));
 
     // Three levels deep: the site is the innermost caller (full stacks are their own issue).
     let c = r.site("chain_level3", "malloc");
@@ -100,10 +128,16 @@ churn()
     let r = leaktrace(&["run", "--", py.to_str().unwrap(), s.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     let j = r.json.as_ref().unwrap();
-    assert!(j["target"]["end"].as_str().unwrap().contains("Py_FinalizeEx"));
+    assert!(j["target"]["end"]
+        .as_str()
+        .unwrap()
+        .contains("Py_FinalizeEx"));
     // The global list's 2,000 buffers are the top site; churn's buffers are all freed.
     let top = &j["sites"][0];
-    assert!(bytes(top) >= 10_000_000 && bytes(top) < 10_100_000, "{top:#}");
+    assert!(
+        bytes(top) >= 10_000_000 && bytes(top) < 10_100_000,
+        "{top:#}"
+    );
     assert!(count(top) >= 2000 && count(top) < 2010, "{top:#}");
     assert_eq!(top["family"], "python");
 }
@@ -117,24 +151,39 @@ fn libc_only_and_python_only_select_families() {
         vec!["run", flag, "--top", "1000", "--"]
             .into_iter()
             .map(String::from)
-            .chain([py.to_string_lossy().into(), s.to_string_lossy().into(), ext.to_string_lossy().into()])
+            .chain([
+                py.to_string_lossy().into(),
+                s.to_string_lossy().into(),
+                ext.to_string_lossy().into(),
+            ])
             .collect::<Vec<String>>()
     };
     let libc = args("--libc-only");
     let r = leaktrace(&libc.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(r.code, 0);
-    let sites = r.json.as_ref().unwrap()["sites"].as_array().unwrap().clone();
+    let sites = r.json.as_ref().unwrap()["sites"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert!(sites.iter().all(|s| s["family"] == "libc"));
     assert_eq!(bytes(r.site("leak_malloc", "malloc")), 4_096_000);
     // Without the pymalloc probes, the large PyObject_Malloc blocks (and every other large
     // Python request) show up as malloc called from inside pymalloc.
-    let inner: u64 = r.sites("_PyObject_Malloc").iter().filter(|s| s["allocator"] == "malloc").map(|s| bytes(s)).sum();
+    let inner: u64 = r
+        .sites("_PyObject_Malloc")
+        .iter()
+        .filter(|s| s["allocator"] == "malloc")
+        .map(|s| bytes(s))
+        .sum();
     assert!(inner >= 1_000_000, "{inner}");
 
     let pyonly = args("--python-only");
     let r = leaktrace(&pyonly.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(r.code, 0);
-    let sites = r.json.as_ref().unwrap()["sites"].as_array().unwrap().clone();
+    let sites = r.json.as_ref().unwrap()["sites"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert!(sites.iter().all(|s| s["family"] == "python"));
     assert_eq!(count(r.site("leak_pyobj", "_PyObject_Malloc")), 500);
     assert!(r.sites("leak_malloc").is_empty());
@@ -147,14 +196,30 @@ fn stripped_debian_python_falls_back_to_exported_api() {
     let py = debian_python();
     let ext = ext_dir(&py);
     let s = script(EXT_WORKLOAD);
-    let r = leaktrace(&["run", "--top", "1000", "--", py.to_str().unwrap(), s.to_str().unwrap(), ext.to_str().unwrap()]);
+    let r = leaktrace(&[
+        "run",
+        "--top",
+        "1000",
+        "--",
+        py.to_str().unwrap(),
+        s.to_str().unwrap(),
+        ext.to_str().unwrap(),
+    ]);
     assert_eq!(r.code, 0);
     let j = r.json.as_ref().unwrap();
     assert_eq!(j["python_coverage"], "exported_api_only");
     assert!(j["notes"][0].as_str().unwrap().contains("stripped"));
     assert!(r.stdout.contains("PARTIAL"));
-    let probes: Vec<&str> = j["probes"].as_array().unwrap().iter().map(|p| p["function"].as_str().unwrap()).collect();
-    assert!(probes.contains(&"PyObject_Malloc") && probes.contains(&"PyMem_Malloc"), "{probes:?}");
+    let probes: Vec<&str> = j["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["function"].as_str().unwrap())
+        .collect();
+    assert!(
+        probes.contains(&"PyObject_Malloc") && probes.contains(&"PyMem_Malloc"),
+        "{probes:?}"
+    );
     assert_eq!(j["target"]["python_module"], "/usr/bin/python3.11");
     assert_eq!(bytes(r.site("leak_malloc", "malloc")), 4_096_000);
     // The extension calls the exported PyObject_Malloc, which the fallback probes.
@@ -182,12 +247,23 @@ int main(void) {
     )
     .unwrap();
     let bin = dir.path().join("leaky");
-    let st = std::process::Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&bin).arg(&src).status().unwrap();
+    let st = std::process::Command::new("gcc")
+        .args(["-O2", "-g", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap();
     assert!(st.success());
     let r = leaktrace(&["run", "--", bin.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "run reports; the child's own exit code is in the report");
+    assert_eq!(
+        r.code, 0,
+        "run reports; the child's own exit code is in the report"
+    );
     let j = r.json.as_ref().unwrap();
-    assert!(j["target"]["end"].as_str().unwrap().contains("exited with code 3"));
+    assert!(j["target"]["end"]
+        .as_str()
+        .unwrap()
+        .contains("exited with code 3"));
     assert!(j["target"]["python"].is_null());
     assert!(r.stderr.contains("not a Python process"));
     let s = r.site("leak_in_c", "malloc");

@@ -152,9 +152,10 @@ impl AllocFn {
             AllocFn::Reallocarray => Shape::ReallocArray,
             AllocFn::AlignedAlloc | AllocFn::Memalign => Shape::Memalign,
             AllocFn::PosixMemalign => Shape::PosixMemalign,
-            AllocFn::Free | AllocFn::PyObjectFreeImpl | AllocFn::PyObjectFree | AllocFn::PyMemFree => {
-                Shape::Free
-            }
+            AllocFn::Free
+            | AllocFn::PyObjectFreeImpl
+            | AllocFn::PyObjectFree
+            | AllocFn::PyMemFree => Shape::Free,
         }
     }
 

@@ -26,7 +26,12 @@ pub enum Command {
         #[command(flatten)]
         opts: CommonOpts,
         /// The command and its arguments (after `--`).
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
         command: Vec<String>,
     },
     /// Trace a running process for a window, report what was allocated and not freed, detach.
@@ -148,7 +153,17 @@ mod tests {
 
     #[test]
     fn cli_parses_run_and_attach() {
-        let c = Cli::try_parse_from(["leaktrace", "run", "--top", "5", "--", "python3", "-c", "pass"]).unwrap();
+        let c = Cli::try_parse_from([
+            "leaktrace",
+            "run",
+            "--top",
+            "5",
+            "--",
+            "python3",
+            "-c",
+            "pass",
+        ])
+        .unwrap();
         match c.command {
             Command::Run { opts, command } => {
                 assert_eq!(opts.top, 5);
@@ -157,6 +172,14 @@ mod tests {
             _ => panic!(),
         }
         assert!(Cli::try_parse_from(["leaktrace", "attach"]).is_err());
-        assert!(Cli::try_parse_from(["leaktrace", "attach", "-p", "1", "--libc-only", "--python-only"]).is_err());
+        assert!(Cli::try_parse_from([
+            "leaktrace",
+            "attach",
+            "-p",
+            "1",
+            "--libc-only",
+            "--python-only"
+        ])
+        .is_err());
     }
 }

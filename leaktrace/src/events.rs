@@ -23,8 +23,13 @@ impl EventReader {
     /// Wraps the ring buffer for readiness notifications.
     pub fn new(rb: RingBuf<MapData>) -> Result<Self> {
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
-        let fd = unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }
-            .map_err(|e| Error::Bpf(format!("polling the ring buffer: {}", std::io::Error::from(e))))?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }.map_err(|e| {
+                Error::Bpf(format!(
+                    "polling the ring buffer: {}",
+                    std::io::Error::from(e)
+                ))
+            })?;
         Ok(Self { fd })
     }
 
@@ -90,7 +95,10 @@ mod tests {
         };
         // SAFETY: viewing a POD value as bytes.
         let bytes = unsafe {
-            std::slice::from_raw_parts((&ev as *const NewSiteEvent).cast::<u8>(), std::mem::size_of::<NewSiteEvent>())
+            std::slice::from_raw_parts(
+                (&ev as *const NewSiteEvent).cast::<u8>(),
+                std::mem::size_of::<NewSiteEvent>(),
+            )
         };
         let Some(Event::NewSite(back)) = parse(bytes) else {
             panic!("not parsed")

@@ -43,7 +43,14 @@ pub struct Heap {
 impl Heap {
     /// Registers a site announced by the kernel and symbolizes its caller now, while the process
     /// is alive.
-    pub fn announce(&mut self, sym: &mut Symbolizer, id: u64, pid: u32, func: AllocFn, caller: u64) {
+    pub fn announce(
+        &mut self,
+        sym: &mut Symbolizer,
+        id: u64,
+        pid: u32,
+        func: AllocFn,
+        caller: u64,
+    ) {
         let site = self.sites.entry(id).or_insert_with(|| Site {
             id,
             pid,
@@ -87,7 +94,10 @@ impl Heap {
     /// Appends a point to the time series from the current counters.
     pub fn sample(&mut self, t: f64, counters: &Counters, rss_bytes: Option<u64>) -> Sample {
         let (live_bytes, live_count) = self.sites.values().fold((0u64, 0u64), |(b, c), s| {
-            (b.wrapping_add(s.stats.live_bytes), c.wrapping_add(s.stats.live_count))
+            (
+                b.wrapping_add(s.stats.live_bytes),
+                c.wrapping_add(s.stats.live_count),
+            )
         });
         let s = Sample {
             t,

@@ -9,8 +9,15 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let (spec, opts) = match &cli.command {
-        Command::Run { opts, command } => (TargetSpec::Command(command.clone()), opts.trace_options(None)),
-        Command::Attach { pid, duration, opts } => (TargetSpec::Pid(*pid), opts.trace_options(*duration)),
+        Command::Run { opts, command } => (
+            TargetSpec::Command(command.clone()),
+            opts.trace_options(None),
+        ),
+        Command::Attach {
+            pid,
+            duration,
+            opts,
+        } => (TargetSpec::Pid(*pid), opts.trace_options(*duration)),
     };
     let verbose = match &cli.command {
         Command::Run { opts, .. } | Command::Attach { opts, .. } => opts.verbose,

@@ -226,16 +226,28 @@ impl Session<'_> {
     fn setup_probes(&mut self) -> Result<()> {
         let pid = self.proc.pid;
         let modules = self.proc.module_map()?;
-        let plan = plan(pid, &modules, self.proc.exe().as_deref(), self.opts.families)?;
+        let plan = plan(
+            pid,
+            &modules,
+            self.proc.exe().as_deref(),
+            self.opts.families,
+        )?;
         self.tracer.attach(&plan, pid)?;
         if self.opts.verbose {
-            eprintln!("leaktrace: pid {pid}: {} uprobes attached", self.tracer.attached());
+            eprintln!(
+                "leaktrace: pid {pid}: {} uprobes attached",
+                self.tracer.attached()
+            );
             for p in &plan.points {
                 eprintln!(
                     "leaktrace:   {:<18} +{:<3} {:<9} {:<28} [{:?}] {} @{:#x}",
                     p.func.symbol(),
                     p.placement.offset,
-                    if p.placement.emulated { "emulated" } else { "stepped" },
+                    if p.placement.emulated {
+                        "emulated"
+                    } else {
+                        "stepped"
+                    },
                     p.placement.instruction,
                     p.table,
                     p.module,
@@ -265,7 +277,8 @@ impl Session<'_> {
             match ev {
                 Event::NewSite(ev) => {
                     let func = AllocFn::from_u8(ev.func).unwrap_or(AllocFn::Malloc);
-                    self.heap.announce(&mut self.sym, ev.site_id, ev.tgid, func, ev.native[0]);
+                    self.heap
+                        .announce(&mut self.sym, ev.site_id, ev.tgid, func, ev.native[0]);
                 }
                 Event::Finalize(_) => {
                     if self.finalized_at.is_none() {

@@ -18,21 +18,32 @@ pub fn leaktrace_bin() -> PathBuf {
 }
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// pyenv's CPython 3.11.7 (shared libpython, full symbol table): the real binary, not the shim.
 pub fn pyenv_python() -> PathBuf {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let p = Path::new(&home).join(".pyenv/versions/3.11.7/bin/python3.11");
-    assert!(p.exists(), "{} missing: run `cargo xtask setup`", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask setup`",
+        p.display()
+    );
     p
 }
 
 /// Debian's python3.11: a static, LTO-built, stripped executable.
 pub fn debian_python() -> PathBuf {
     let p = PathBuf::from("/usr/bin/python3.11");
-    assert!(p.exists(), "{} missing: run `cargo xtask setup`", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask setup`",
+        p.display()
+    );
     p
 }
 
@@ -46,7 +57,11 @@ pub fn ext_dir(python: &Path) -> PathBuf {
     }
     let q = |code: &str| -> String {
         let out = Command::new(python).args(["-c", code]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
     let include = q("import sysconfig; print(sysconfig.get_paths()['include'])");
@@ -67,7 +82,11 @@ pub fn ext_dir(python: &Path) -> PathBuf {
         .arg(dir.join(format!("leakyext{suffix}")))
         .output()
         .unwrap();
-    assert!(out.status.success(), "gcc: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "gcc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     built.insert(python.to_path_buf(), dir.clone());
     dir
 }
@@ -91,9 +110,7 @@ pub struct Run {
 impl Run {
     /// Sites whose caller is `function` (exactly, or as an inlined function at the call).
     pub fn sites(&self, function: &str) -> Vec<&Value> {
-        self.json
-            .as_ref()
-            .expect("report JSON")["sites"]
+        self.json.as_ref().expect("report JSON")["sites"]
             .as_array()
             .unwrap()
             .iter()
@@ -113,12 +130,19 @@ impl Run {
             .into_iter()
             .filter(|s| s["allocator"] == allocator)
             .collect();
-        assert_eq!(all.len(), 1, "sites for {allocator} in {function}: {all:#?}\n{}", self.stdout);
+        assert_eq!(
+            all.len(),
+            1,
+            "sites for {allocator} in {function}: {all:#?}\n{}",
+            self.stdout
+        );
         all[0]
     }
 
     pub fn counter(&self, name: &str) -> u64 {
-        self.json.as_ref().unwrap()["counters"][name].as_u64().unwrap()
+        self.json.as_ref().unwrap()["counters"][name]
+            .as_u64()
+            .unwrap()
     }
 }
 
@@ -143,7 +167,10 @@ pub fn leaktrace(args: &[&str]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         json: serde_json::from_str(&text).ok(),
     };
-    eprintln!("--- leaktrace {args:?} → {}\n{}\n{}", run.code, run.stdout, run.stderr);
+    eprintln!(
+        "--- leaktrace {args:?} → {}\n{}\n{}",
+        run.code, run.stdout, run.stderr
+    );
     run
 }
 
@@ -175,7 +202,14 @@ pub fn start_ready(python: &Path, script: &Path, args: &[&str]) -> Child {
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
-            let state = s.rsplit_once(')').unwrap().1.split_whitespace().next().unwrap().to_string();
+            let state = s
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
             state != "Z" && state != "X"
         })
         .unwrap_or(false)

@@ -4,11 +4,12 @@
 //! Each workload's loop times itself (`LOOP_SECONDS=`), so the tracer's start-up and report are
 //! not counted. Configurations alternate within each repetition; medians are reported.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
+use crate::ext::build_extension;
 use crate::{root, setup};
 
 struct Workload {
@@ -36,29 +37,6 @@ const CONFIGS: &[(&str, &[&str])] = &[
     ("exact", &[]),
 ];
 
-/// Builds the test extension for `python` into target/ and returns its directory.
-pub fn build_extension(python: &Path) -> Result<PathBuf> {
-    let q = |code: &str| -> Result<String> {
-        let out = Command::new(python).args(["-c", code]).output()?;
-        Ok(String::from_utf8(out.stdout)?.trim().to_string())
-    };
-    let include = q("import sysconfig; print(sysconfig.get_paths()['include'])")?;
-    let suffix = q("import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")?;
-    let dir = root().join("target/bench-ext");
-    std::fs::create_dir_all(&dir)?;
-    let status = Command::new("gcc")
-        .args(["-shared", "-fPIC", "-O2", "-g", "-fomit-frame-pointer"])
-        .arg(format!("-I{include}"))
-        .arg(root().join("tests/fixtures/leakyext.c"))
-        .arg("-o")
-        .arg(dir.join(format!("leakyext{suffix}")))
-        .status()?;
-    if !status.success() {
-        bail!("compiling the test extension failed");
-    }
-    Ok(dir)
-}
-
 fn loop_seconds(out: &[u8]) -> Option<f64> {
     String::from_utf8_lossy(out)
         .lines()
@@ -84,7 +62,11 @@ pub fn bench(leaktrace: &Path, quick: bool) -> Result<()> {
         kernel()
     );
     for w in WORKLOADS {
-        let n = if quick { w.iterations / 4 } else { w.iterations };
+        let n = if quick {
+            w.iterations / 4
+        } else {
+            w.iterations
+        };
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
         for _ in 0..reps {
             for (i, (name, flags)) in CONFIGS.iter().enumerate() {
@@ -95,13 +77,21 @@ pub fn bench(leaktrace: &Path, quick: bool) -> Result<()> {
                     c
                 } else {
                     let mut c = Command::new(leaktrace);
-                    c.arg("run").args(*flags).arg("--").arg(&python).arg(&script);
+                    c.arg("run")
+                        .args(*flags)
+                        .arg("--")
+                        .arg(&python)
+                        .arg(&script);
                     c
                 };
                 cmd.arg(&ext).arg(n.to_string());
                 let out = cmd.output().with_context(|| format!("running {name}"))?;
-                let secs = loop_seconds(&out.stdout)
-                    .with_context(|| format!("{name}: no LOOP_SECONDS in output: {}", String::from_utf8_lossy(&out.stderr)))?;
+                let secs = loop_seconds(&out.stdout).with_context(|| {
+                    format!(
+                        "{name}: no LOOP_SECONDS in output: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                })?;
                 times[i].push(secs);
             }
         }
@@ -122,7 +112,10 @@ pub fn bench(leaktrace: &Path, quick: bool) -> Result<()> {
         let floor_added = per(med[1]) - per(med[0]);
         let exact_added = per(med[2]) - per(med[0]);
         if floor_added > 0.0 {
-            println!("\nexact / floor added cost: {:.2}×", exact_added / floor_added);
+            println!(
+                "\nexact / floor added cost: {:.2}×",
+                exact_added / floor_added
+            );
         }
     }
     Ok(())

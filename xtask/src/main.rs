@@ -4,6 +4,7 @@
 //! and in well under a second when everything is present (TOOLCHAIN.md has the recipe).
 
 mod bench;
+mod ext;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -47,7 +48,10 @@ enum Cmd {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs a command, failing with its name if it fails.
@@ -69,7 +73,14 @@ pub fn cargo() -> Command {
 
 /// Builds the release binary and returns its path.
 pub fn build() -> Result<PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "leaktrace", "--bin", "leaktrace"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "leaktrace",
+        "--bin",
+        "leaktrace",
+    ]))?;
     Ok(root().join("target/release/leaktrace"))
 }
 
@@ -81,9 +92,19 @@ fn main() -> Result<()> {
             setup::setup(false)?;
             let bin = build()?;
             let python = setup::pyenv_python()?;
+            let ext = ext::build_extension(&python)?;
             let script = root().join("examples/leaky_service.py");
-            println!("$ sudo leaktrace run -- {} {}\n", python.display(), script.display());
-            run(Command::new(bin).args(["run", "--top", "10", "--"]).arg(python).arg(script))
+            println!(
+                "$ sudo leaktrace run --top 10 -- {} {} {}\n",
+                python.display(),
+                script.display(),
+                ext.display()
+            );
+            run(Command::new(bin)
+                .args(["run", "--top", "10", "--"])
+                .arg(python)
+                .arg(script)
+                .arg(ext))
         }
         Cmd::Test { args } => {
             setup::setup(false)?;

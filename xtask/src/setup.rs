@@ -11,7 +11,10 @@ use crate::run;
 const APT: &[(&str, &str)] = &[
     // Debian's rustc ships a prebuilt core for bpfel-unknown-none (TOOLCHAIN.md).
     ("rustc-web", "/usr/bin/rustc"),
-    ("libstd-rust-web-dev-bpf", "/usr/lib/rustlib/bpfel-unknown-none"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "/usr/lib/rustlib/bpfel-unknown-none",
+    ),
     ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
     // Tests: list BPF programs and links after a killed tracer.
     ("bpftool", "/usr/sbin/bpftool"),
@@ -61,7 +64,10 @@ fn ensure_bpf_linker() -> Result<()> {
         }
     }
     eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22");
-    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
     run(Command::new("cargo")
         .args([
             "install",
@@ -81,7 +87,10 @@ fn ensure_bpf_linker() -> Result<()> {
 fn mount_tracefs() {
     let dir = Path::new("/sys/kernel/tracing");
     let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/kernel/tracing")))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("/sys/kernel/tracing"))
+        })
         .unwrap_or(false);
     if !mounted && dir.exists() {
         let _ = Command::new("mount")
@@ -99,7 +108,10 @@ pub fn pyenv_python() -> Result<PathBuf> {
     }
     let pyenv = Path::new(&home).join(".pyenv/bin/pyenv");
     if !pyenv.exists() {
-        bail!("no pyenv at {}: the machine image provides CPython {PYENV_PYTHON} there", pyenv.display());
+        bail!(
+            "no pyenv at {}: the machine image provides CPython {PYENV_PYTHON} there",
+            pyenv.display()
+        );
     }
     eprintln!("xtask setup: building CPython {PYENV_PYTHON} with pyenv");
     run(Command::new(&pyenv)

@@ -14,7 +14,8 @@ use super::plan::ProbePlan;
 use crate::error::{Error, Result};
 
 /// The BPF object built from `leaktrace-ebpf` (see build.rs).
-static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
 
 /// Knobs fixed at load time.
 #[derive(Clone, Copy, Debug)]
@@ -52,7 +53,11 @@ impl Counters {
 
     /// Total of all drop counters.
     pub fn drops(&self) -> u64 {
-        Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| self.get(*c)).sum()
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_drop())
+            .map(|c| self.get(*c))
+            .sum()
     }
 }
 
@@ -67,7 +72,10 @@ pub struct Tracer {
 
 fn bpf_err(what: &str, e: impl std::fmt::Display) -> Error {
     let text = e.to_string();
-    if text.contains("Operation not permitted") || text.contains("EPERM") || text.contains("permission") {
+    if text.contains("Operation not permitted")
+        || text.contains("EPERM")
+        || text.contains("permission")
+    {
         Error::NoPrivileges(format!("{what}: {text}"))
     } else {
         Error::Bpf(format!("{what}: {text}"))
@@ -120,7 +128,8 @@ impl Tracer {
                 .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
                 .try_into()
                 .map_err(|e| bpf_err(name, e))?;
-            prog.load().map_err(|e| bpf_err(&format!("loading {name}"), e))?;
+            prog.load()
+                .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
         }
         Ok(Self {
             ebpf,
@@ -140,9 +149,7 @@ impl Tracer {
 
     /// Attaches every point of the plan not attached yet, scoped to process `pid`.
     pub fn attach(&mut self, plan: &ProbePlan, pid: u32) -> Result<()> {
-        let scope = UProbeScope::OneProcess(
-            NonZeroU32::new(pid).ok_or(Error::NoSuchProcess(pid))?,
-        );
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess(pid))?);
         for p in &plan.points {
             let meta = std::fs::metadata(&p.host_path).map_err(|source| Error::Read {
                 path: p.host_path.clone(),
@@ -201,8 +208,12 @@ impl Tracer {
                     .expect("loaded in Tracer::load")
                     .try_into()
                     .map_err(|e| bpf_err("finalize_enter", e))?;
-                prog.attach(UProbeAttachLocation::AbsoluteOffset(f.file_offset), &f.host_path, scope)
-                    .map_err(|e| bpf_err(&format!("attaching to Py_FinalizeEx in {}", f.module), e))?;
+                prog.attach(
+                    UProbeAttachLocation::AbsoluteOffset(f.file_offset),
+                    &f.host_path,
+                    scope,
+                )
+                .map_err(|e| bpf_err(&format!("attaching to Py_FinalizeEx in {}", f.module), e))?;
                 self.attached += 1;
             }
         }
@@ -214,7 +225,11 @@ impl Tracer {
         {
             let mut live: BpfHashMap<&mut MapData, LiveKey, LiveAlloc> =
                 BpfHashMap::try_from(self.map_mut("LIVE")?).map_err(|e| bpf_err("LIVE", e))?;
-            let keys: Vec<LiveKey> = live.keys().filter_map(|k| k.ok()).filter(|k| k.tgid == tgid).collect();
+            let keys: Vec<LiveKey> = live
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.tgid == tgid)
+                .collect();
             for k in keys {
                 let _ = live.remove(&k);
             }
@@ -265,7 +280,9 @@ impl Tracer {
             PerCpuArray::try_from(self.map("COUNTERS")?).map_err(|e| bpf_err("COUNTERS", e))?;
         let mut out = Counters::default();
         for c in Counter::ALL {
-            let vals = arr.get(&(c as u32), 0).map_err(|e| bpf_err("reading COUNTERS", e))?;
+            let vals = arr
+                .get(&(c as u32), 0)
+                .map_err(|e| bpf_err("reading COUNTERS", e))?;
             out.0[c as usize] = vals.iter().fold(0u64, |a, v| a.wrapping_add(*v));
         }
         Ok(out)
@@ -328,7 +345,10 @@ mod tests {
             ..Default::default()
         };
         let s = sum_site([b, a].iter());
-        assert_eq!((s.live_bytes, s.live_count, s.allocs, s.frees), (0, 0, 1, 1));
+        assert_eq!(
+            (s.live_bytes, s.live_count, s.allocs, s.frees),
+            (0, 0, 1, 1)
+        );
         assert_eq!((s.tgid, s.native), (7, [0x1234]));
     }
 }

@@ -117,7 +117,10 @@ fn scan(code: &[u8], ip: u64, func: AllocFn) -> Option<u64> {
         }
         let used = info.info(&instr);
         for r in used.used_registers() {
-            let writes = !matches!(r.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None);
+            let writes = !matches!(
+                r.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None
+            );
             let full = r.register().full_register();
             if writes && (full == Register::RSP || needed.contains(&full)) {
                 return None;
@@ -126,7 +129,10 @@ fn scan(code: &[u8], ip: u64, func: AllocFn) -> Option<u64> {
         for m in used.used_memory() {
             let writes = matches!(
                 m.access(),
-                OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+                OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite
             );
             if writes && m.base().full_register() == Register::RSP {
                 return None;
@@ -189,7 +195,11 @@ mod tests {
     #[test]
     fn push_at_entry_is_kept() {
         // push %r12; push %rbp; mov %rdi,%rbx
-        let p = choose(&[0x41, 0x54, 0x55, 0x48, 0x89, 0xfb], 0x1000, AllocFn::Malloc);
+        let p = choose(
+            &[0x41, 0x54, 0x55, 0x48, 0x89, 0xfb],
+            0x1000,
+            AllocFn::Malloc,
+        );
         assert_eq!((p.offset, p.emulated), (0, true));
     }
 
@@ -238,11 +248,14 @@ mod tests {
     }
 
     fn system_libc() -> Option<ElfFile> {
-        ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6"]
-            .iter()
-            .map(Path::new)
-            .find(|p| p.exists())
-            .map(|p| ElfFile::open(p).unwrap())
+        [
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/x86_64-linux-gnu/libc.so.6",
+        ]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .map(|p| ElfFile::open(p).unwrap())
     }
 
     /// On the real libc every probe lands on an emulated instruction or on +0, and never on a
@@ -250,13 +263,19 @@ mod tests {
     #[test]
     fn real_libc_placements() {
         let elf = system_libc().expect("libc");
-        for f in AllocFn::ALL.iter().filter(|f| f.family() == leaktrace_ebpf::Family::Libc) {
+        for f in AllocFn::ALL
+            .iter()
+            .filter(|f| f.family() == leaktrace_ebpf::Family::Libc)
+        {
             let Some(p) = place(&elf, *f) else { continue };
             assert!(p.offset == 0 || p.emulated, "{f:?}: {p:?}");
             assert!(p.offset < SCAN_BYTES as u64);
         }
         let free = place(&elf, AllocFn::Free).unwrap();
-        assert!(free.emulated, "free should be probed past its NULL check: {free:?}");
+        assert!(
+            free.emulated,
+            "free should be probed past its NULL check: {free:?}"
+        );
         assert!(free.offset > 0);
         let malloc = place(&elf, AllocFn::Malloc).unwrap();
         assert!(malloc.emulated, "{malloc:?}");

@@ -107,11 +107,18 @@ const PY_EXPORTED_FNS: &[AllocFn] = &[
 /// Whether a mapped file is the C library.
 fn is_libc(path: &str) -> bool {
     let base = path.rsplit('/').next().unwrap_or(path);
-    base.starts_with("libc.so") || (base.starts_with("libc-") && base.contains(".so")) || base.starts_with("ld-musl")
+    base.starts_with("libc.so")
+        || (base.starts_with("libc-") && base.contains(".so"))
+        || base.starts_with("ld-musl")
 }
 
 /// Builds the probe plan for process `pid` from its current mappings.
-pub fn plan(pid: u32, modules: &ModuleMap, exe: Option<&str>, families: Families) -> Result<ProbePlan> {
+pub fn plan(
+    pid: u32,
+    modules: &ModuleMap,
+    exe: Option<&str>,
+    families: Families,
+) -> Result<ProbePlan> {
     let python = python::detect(pid, modules, exe);
     let mut plan = ProbePlan {
         python: python.clone(),
@@ -152,7 +159,8 @@ pub fn plan(pid: u32, modules: &ModuleMap, exe: Option<&str>, families: Families
     if families != Families::LibcOnly {
         if let Some(py) = &python {
             let elf = ElfFile::open(&py.host_path)?;
-            let impls = elf.functions(&PY_IMPL_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
+            let impls =
+                elf.functions(&PY_IMPL_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
             if impls.len() == PY_IMPL_FNS.len() {
                 add_points(&mut plan, &elf, &py.module, PY_IMPL_FNS)?;
                 plan.python_coverage = PythonCoverage::PymallocImpl;
@@ -174,7 +182,11 @@ pub fn plan(pid: u32, modules: &ModuleMap, exe: Option<&str>, families: Families
         }
     }
 
-    if !plan.points.iter().any(|p| p.func.shape() != leaktrace_ebpf::Shape::Free) {
+    if !plan
+        .points
+        .iter()
+        .any(|p| p.func.shape() != leaktrace_ebpf::Shape::Free)
+    {
         let detail = match (&plan.libc, families) {
             (_, Families::PythonOnly) => "the Python allocator functions were not found".to_string(),
             (None, _) => format!(
@@ -209,7 +221,11 @@ fn add_points(plan: &mut ProbePlan, elf: &ElfFile, module: &str, funcs: &[AllocF
             .file_offset(sym.vaddr + placement.offset)
             .ok_or_else(|| Error::Elf {
                 path: elf.path().to_path_buf(),
-                detail: format!("{} at {:#x} is in no loadable segment", func.symbol(), sym.vaddr),
+                detail: format!(
+                    "{} at {:#x} is in no loadable segment",
+                    func.symbol(),
+                    sym.vaddr
+                ),
             })?;
         plan.points.push(ProbePoint {
             func,
@@ -243,7 +259,11 @@ impl ProbePlan {
     pub fn summary(&self) -> Vec<String> {
         let mut out = Vec::new();
         for fam in [Family::Libc, Family::Python] {
-            let pts: Vec<&ProbePoint> = self.points.iter().filter(|p| p.func.family() == fam).collect();
+            let pts: Vec<&ProbePoint> = self
+                .points
+                .iter()
+                .filter(|p| p.func.family() == fam)
+                .collect();
             let Some(first) = pts.first() else { continue };
             let names: Vec<String> = pts
                 .iter()
@@ -283,8 +303,12 @@ mod tests {
         assert!(plan.python.is_none());
         assert!(plan.points.iter().any(|p| p.func == AllocFn::Malloc));
         assert!(plan.points.iter().any(|p| p.func == AllocFn::Free));
-        assert!(plan.notes.iter().any(|n| n.contains("not a Python process")));
-        let addrs: std::collections::HashSet<u64> = plan.points.iter().map(|p| p.file_offset).collect();
+        assert!(plan
+            .notes
+            .iter()
+            .any(|n| n.contains("not a Python process")));
+        let addrs: std::collections::HashSet<u64> =
+            plan.points.iter().map(|p| p.file_offset).collect();
         assert_eq!(addrs.len(), plan.points.len(), "no address is probed twice");
         assert!(matches!(
             super::plan(me.pid, &mm, me.exe().as_deref(), Families::PythonOnly),

@@ -20,7 +20,9 @@ pub fn render(r: &Report, verbose: bool) -> String {
         (Some(v), Some(m)) => {
             let cov = match r.python_coverage {
                 PythonCoverage::PymallocImpl => "complete (pymalloc implementation probed)",
-                PythonCoverage::ExportedApiOnly => "PARTIAL (exported API only; LTO-inlined calls unseen)",
+                PythonCoverage::ExportedApiOnly => {
+                    "PARTIAL (exported API only; LTO-inlined calls unseen)"
+                }
                 PythonCoverage::None => "none (--libc-only)",
             };
             let _ = writeln!(o, "  python {v} in {m}; python allocator coverage: {cov}");
@@ -107,7 +109,7 @@ pub fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

@@ -150,7 +150,7 @@ mod tests {
 
     #[inline(never)]
     fn marker_function() -> u64 {
-        marker_function as usize as u64
+        marker_function as *const () as usize as u64
     }
 
     #[test]
@@ -161,7 +161,10 @@ mod tests {
         let f = s.return_address(pid, marker_function() + 4);
         assert!(f.module.is_some());
         assert!(
-            f.function.as_deref().unwrap_or("").contains("marker_function"),
+            f.function
+                .as_deref()
+                .unwrap_or("")
+                .contains("marker_function"),
             "{f:?}"
         );
         assert!(f.display().contains("marker_function"));
