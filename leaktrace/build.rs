@@ -70,6 +70,11 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
+    // BTF with func_info: the kernel requires it for bpf_loop's callback.
+    cmd.env(
+        "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+        "-C link-arg=--btf",
+    );
     if let Ok(path) = env::var("PATH") {
         let home = env::var("HOME").unwrap_or_default();
         cmd.env("PATH", format!("{home}/.cargo/bin:{path}"));

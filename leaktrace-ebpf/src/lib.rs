@@ -10,6 +10,13 @@
 /// Maximum number of native return addresses a site carries (only the first is used today).
 pub const MAX_NATIVE_FRAMES: usize = 1;
 
+/// Most Python frames a site records (`--python-depth` may ask for fewer).
+pub const MAX_PY_FRAMES: usize = 128;
+
+/// Bytes of a `_PyInterpreterFrame` read in one go: every field the walk needs lies within them
+/// on 3.11–3.14 (x86_64).
+pub const PY_FRAME_READ: usize = 80;
+
 /// The allocator entry points leaktrace probes. The discriminant is the uprobe's attach cookie.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -334,7 +341,61 @@ pub struct SiteStats {
     pub native: [u64; MAX_NATIVE_FRAMES],
 }
 
-/// Ring-buffer record kinds (the first `u32` of every record).
+/// How a site's Python stack was obtained (`NewSiteEvent::py_status`).
+pub mod py_status {
+    /// The process is not Python, or its interpreter is not set up for walking (yet).
+    pub const NOT_PYTHON: u8 = 0;
+    /// Frames were walked (possibly zero: native code outside any Python call).
+    pub const OK: u8 = 1;
+    /// No thread state for this thread: it runs no Python code, or released the GIL while
+    /// another thread holds it and leaktrace has not mapped it yet.
+    pub const NO_THREAD_STATE: u8 = 2;
+    /// Reading the interpreter's memory failed mid-walk.
+    pub const READ_ERROR: u8 = 3;
+}
+
+/// One Python frame as the kernel records it; userspace decodes the code object and line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyFrameRec {
+    /// Address of the code object (`f_code` / `f_executable`, tag bits masked).
+    pub code: u64,
+    /// `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13+): the instruction being executed.
+    pub instr: u64,
+}
+
+/// Where to find the interpreter's state in one process, for the BPF frame walk (`PYPROCS`,
+/// keyed by tgid). Userspace fills it from built-in tables (3.11, 3.12) or from the target's
+/// `_Py_DebugOffsets` (3.13+); `u16::MAX` marks a field a version does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyOffsets {
+    /// Absolute address of a pointer to the thread state that holds the GIL
+    /// (3.11: `_PyRuntime.gilstate.tstate_current`; 3.12+: the main interpreter's
+    /// `_gil.last_holder`). 0 when unknown.
+    pub holder_addr: u64,
+    /// Tag bits to clear from the frame's code pointer (3.14's `_PyStackRef`).
+    pub code_mask: u64,
+    /// `PyThreadState.native_thread_id`.
+    pub ts_native_thread_id: u16,
+    /// `PyThreadState.cframe` (3.11, 3.12), or `u16::MAX`.
+    pub ts_cframe: u16,
+    /// `_PyCFrame.current_frame` (with `ts_cframe`), or `PyThreadState.current_frame` (3.13+).
+    pub frame_ptr: u16,
+    /// `_PyInterpreterFrame.f_code` / `f_executable`.
+    pub fr_code: u16,
+    /// `_PyInterpreterFrame.previous`.
+    pub fr_previous: u16,
+    /// `_PyInterpreterFrame.prev_instr` / `instr_ptr`.
+    pub fr_instr: u16,
+    /// `_PyInterpreterFrame.owner`.
+    pub fr_owner: u16,
+    /// Frames whose owner is at least this are interpreter-internal (C-stack shim or entry
+    /// frames on 3.12+) and skipped; 255 on 3.11, which has no such frames.
+    pub owner_skip_min: u8,
+    pub _pad: [u8; 5],
+}
+
 pub const EVENT_NEW_SITE: u32 = 1;
 /// The interpreter of a traced process began shutting down (`Py_FinalizeEx`).
 pub const EVENT_FINALIZE: u32 = 2;
@@ -350,17 +411,48 @@ pub struct FinalizeEvent {
     pub ts_ns: u64,
 }
 
-/// Ring-buffer record sent once per new site, so userspace symbolizes it while the process lives.
+/// Ring-buffer record sent once per new site, so userspace decodes and symbolizes it while the
+/// process lives.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct NewSiteEvent {
     pub kind: u32,
     pub tgid: u32,
     pub site_id: u64,
     pub ts_ns: u64,
     pub func: u8,
-    pub _pad: [u8; 7],
+    /// One of `py_status`.
+    pub py_status: u8,
+    /// The walk stopped at the depth limit: outer frames are missing.
+    pub py_truncated: u8,
+    pub _pad: u8,
+    /// Thread that first allocated from this site.
+    pub tid: u32,
     pub native: [u64; MAX_NATIVE_FRAMES],
+    /// Number of valid entries in `py_frames`, innermost first.
+    pub py_depth: u32,
+    pub _pad2: u32,
+    pub py_frames: [PyFrameRec; MAX_PY_FRAMES],
+}
+
+impl Default for NewSiteEvent {
+    fn default() -> Self {
+        Self {
+            kind: 0,
+            tgid: 0,
+            site_id: 0,
+            ts_ns: 0,
+            func: 0,
+            py_status: 0,
+            py_truncated: 0,
+            _pad: 0,
+            tid: 0,
+            native: [0; MAX_NATIVE_FRAMES],
+            py_depth: 0,
+            _pad2: 0,
+            py_frames: [PyFrameRec::default(); MAX_PY_FRAMES],
+        }
+    }
 }
 
 /// Value of `TARGETS` (keyed by tgid): per-process tracing flags.
@@ -368,7 +460,8 @@ pub const TARGET_TRACED: u32 = 1;
 /// Set by the kernel when the process's interpreter began finalizing: accounting stops.
 pub const TARGET_FROZEN: u32 = 2;
 
-/// The site id: a 64-bit mix of the process, the allocator function and the call path.
+/// The start of a site id: a 64-bit mix of the process, the allocator function and the native
+/// call path. Python frames are folded in with `site_id_add_frame`.
 #[inline(always)]
 pub fn site_id(tgid: u32, func: u8, native: &[u64; MAX_NATIVE_FRAMES]) -> u64 {
     let mut h = mix64(((tgid as u64) << 8) | func as u64);
@@ -377,7 +470,19 @@ pub fn site_id(tgid: u32, func: u8, native: &[u64; MAX_NATIVE_FRAMES]) -> u64 {
         h = mix64(h ^ native[i]);
         i += 1;
     }
-    // 0 is reserved for "no site".
+    h
+}
+
+/// Folds one Python frame into a site id: the same call path gives the same id, any other
+/// code object or instruction gives another.
+#[inline(always)]
+pub fn site_id_add_frame(h: u64, f: &PyFrameRec) -> u64 {
+    mix64(mix64(h ^ f.code) ^ f.instr)
+}
+
+/// Site ids are never 0 (0 means "no site").
+#[inline(always)]
+pub fn site_id_finish(h: u64) -> u64 {
     if h == 0 {
         1
     } else {
@@ -403,6 +508,8 @@ mod pod {
     unsafe impl aya::Pod for SiteStats {}
     unsafe impl aya::Pod for NewSiteEvent {}
     unsafe impl aya::Pod for FinalizeEvent {}
+    unsafe impl aya::Pod for PyOffsets {}
+    unsafe impl aya::Pod for PyFrameRec {}
 }
 
 #[cfg(test)]
@@ -423,6 +530,25 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
+    }
+
+    #[test]
+    fn python_frames_change_the_site_id() {
+        let base = site_id(1, 0, &[0x1000]);
+        let a = PyFrameRec {
+            code: 0x10,
+            instr: 0x20,
+        };
+        let b = PyFrameRec {
+            code: 0x10,
+            instr: 0x22,
+        };
+        assert_ne!(site_id_add_frame(base, &a), site_id_add_frame(base, &b));
+        assert_ne!(site_id_add_frame(base, &a), base);
+        let ab = site_id_add_frame(site_id_add_frame(base, &a), &b);
+        let ba = site_id_add_frame(site_id_add_frame(base, &b), &a);
+        assert_ne!(ab, ba, "frame order matters");
+        assert_eq!(site_id_finish(0), 1);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::bpf_get_attach_cookie,
+        generated::{bpf_get_attach_cookie, bpf_loop},
     },
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -18,8 +18,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 use leaktrace_ebpf::{
-    site_id, AllocFn, Counter, FinalizeEvent, LiveAlloc, LiveKey, NewSiteEvent, Pending, Shape,
-    SiteStats, EVENT_FINALIZE, EVENT_NEW_SITE, MAX_NATIVE_FRAMES, NUM_COUNTERS, TARGET_FROZEN,
+    py_status, site_id, site_id_add_frame, site_id_finish, AllocFn, Counter, FinalizeEvent,
+    LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec, PyOffsets, Shape, SiteStats,
+    EVENT_FINALIZE, EVENT_NEW_SITE, MAX_NATIVE_FRAMES, MAX_PY_FRAMES, NUM_COUNTERS, PY_FRAME_READ,
+    TARGET_FROZEN,
 };
 
 /// Allocations smaller than this are not tracked (`--min-size`).
@@ -28,6 +30,9 @@ static MIN_SIZE: u64 = 0;
 /// When non-zero every program returns at once: the cost floor of the probes themselves.
 #[no_mangle]
 static FLOOR_MODE: u8 = 0;
+/// Python frames recorded per site, at most `MAX_PY_FRAMES` (`--python-depth`).
+#[no_mangle]
+static PY_MAX_DEPTH: u32 = 64;
 
 /// Processes being traced (tgid → flags). The probes are scoped to the target's pid as well; this
 /// map lets one loaded object serve several processes (forked workers).
@@ -50,9 +55,29 @@ static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(1 << 20, BP
 static SITES: PerCpuHashMap<u64, SiteStats> =
     PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
 
-/// New-site announcements.
+/// New-site announcements, each with its Python stack (56 bytes + 16 per frame). Sized for the
+/// burst of new sites while a program imports its modules.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+/// How to walk each Python process's frames (tgid → offsets), set by userspace.
+#[map]
+static PYPROCS: HashMap<u32, PyOffsets> = HashMap::with_max_entries(1024, 0);
+
+/// Thread states of Python threads (tid → `PyThreadState*`), refreshed by userspace from the
+/// interpreter's thread list: how a thread that allocates without holding the GIL is found.
+#[map]
+static THREADS: HashMap<u32, u64> = HashMap::with_max_entries(1 << 16, 0);
+
+/// Per-CPU room for building a new-site record and reading one frame: too big for the stack.
+#[repr(C)]
+pub struct Scratch {
+    ev: NewSiteEvent,
+    frame: [u8; PY_FRAME_READ],
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Event and drop counters, per CPU (summed by userspace).
 #[map]
@@ -220,7 +245,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         }
         return 0;
     }
-    record_alloc(tgid, ptr, p.size, func, p.caller);
+    record_alloc(tgid, tid, ptr, p.size, func, p.caller);
     0
 }
 
@@ -263,13 +288,19 @@ pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
 }
 
 #[inline(always)]
-fn record_alloc(tgid: u32, ptr: u64, size: u64, func: AllocFn, caller: u64) {
+fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller: u64) {
     if size < read_global(&MIN_SIZE) {
         bump(Counter::BelowMinSize);
         return;
     }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
+    let scratch = unsafe { &mut *scratch };
     let native = [caller; MAX_NATIVE_FRAMES];
-    let id = site_id(tgid, func as u8, &native);
+    let h = python_stack(tgid, tid, scratch, site_id(tgid, func as u8, &native));
+    let id = site_id_finish(h);
     let stats = match SITES.get_ptr_mut(&id) {
         Some(s) => s,
         None => {
@@ -280,7 +311,26 @@ fn record_alloc(tgid: u32, ptr: u64, size: u64, func: AllocFn, caller: u64) {
                 ..SiteStats::default()
             };
             if SITES.insert(&id, &fresh, BPF_NOEXIST).is_ok() {
-                announce_site(tgid, id, func, &native);
+                let ev = &mut scratch.ev;
+                ev.kind = EVENT_NEW_SITE;
+                ev.tgid = tgid;
+                ev.tid = tid;
+                ev.site_id = id;
+                ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+                ev.func = func as u8;
+                ev.native = native;
+                // Only the frames walked are sent: most stacks are far shallower than the limit.
+                let header = core::mem::offset_of!(NewSiteEvent, py_frames);
+                let frames = core::cmp::min(ev.py_depth as usize, MAX_PY_FRAMES);
+                let len = header + frames * core::mem::size_of::<PyFrameRec>();
+                let len = core::cmp::min(len, core::mem::size_of::<NewSiteEvent>());
+                // SAFETY: `len` is within the event.
+                let bytes = unsafe {
+                    core::slice::from_raw_parts(ev as *const NewSiteEvent as *const u8, len)
+                };
+                if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+                    bump(Counter::RingbufFull);
+                }
             }
             match SITES.get_ptr_mut(&id) {
                 Some(s) => s,
@@ -316,25 +366,6 @@ fn record_alloc(tgid: u32, ptr: u64, size: u64, func: AllocFn, caller: u64) {
     s.alloc_bytes = s.alloc_bytes.wrapping_add(size);
     s.live_count = s.live_count.wrapping_add(1);
     s.live_bytes = s.live_bytes.wrapping_add(size);
-}
-
-#[inline(always)]
-fn announce_site(tgid: u32, id: u64, func: AllocFn, native: &[u64; MAX_NATIVE_FRAMES]) {
-    match EVENTS.reserve::<NewSiteEvent>(0) {
-        Some(mut entry) => {
-            entry.write(NewSiteEvent {
-                kind: EVENT_NEW_SITE,
-                tgid,
-                site_id: id,
-                ts_ns: unsafe { bpf_ktime_get_ns() },
-                func: func as u8,
-                _pad: [0; 7],
-                native: *native,
-            });
-            entry.submit(0);
-        }
-        None => bump(Counter::RingbufFull),
-    }
 }
 
 #[inline(always)]
@@ -377,6 +408,150 @@ fn retire(rec: &LiveAlloc, freed: bool) {
             s.frees += 1;
         }
     }
+}
+
+#[inline(always)]
+fn read_user_u64(addr: u64) -> Option<u64> {
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// The thread state of thread `tid`: the GIL holder if that is this thread, else the one
+/// userspace mapped from the interpreter's thread list. Both are checked against the tid, so a
+/// stale pointer is never walked as this thread's.
+#[inline(always)]
+fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
+    let matches = |t: u64| {
+        t != 0 && read_user_u64(t + off.ts_native_thread_id as u64).map(|v| v as u32) == Some(tid)
+    };
+    if off.holder_addr != 0 {
+        if let Some(t) = read_user_u64(off.holder_addr) {
+            if matches(t) {
+                return Some(t);
+            }
+        }
+    }
+    let t = *unsafe { THREADS.get(&tid) }?;
+    matches(t).then_some(t)
+}
+
+/// A u64 at a run-time offset in the frame buffer (0 when out of range).
+#[inline(always)]
+fn frame_u64(buf: &[u8; PY_FRAME_READ], off: u16) -> u64 {
+    let o = (off as usize) & 0x7f;
+    if o > PY_FRAME_READ - 8 {
+        return 0;
+    }
+    // SAFETY: bounds checked above.
+    unsafe { core::ptr::read_unaligned(buf.as_ptr().add(o) as *const u64) }
+}
+
+/// State of one frame walk, shared with the `bpf_loop` callback (which keeps the verifier's
+/// work independent of the depth: a plain loop of 2 × 128 iterations is too much for it).
+#[repr(C)]
+struct WalkCtx {
+    off: PyOffsets,
+    frame: u64,
+    h: u64,
+    n: u32,
+    max: u32,
+    status: u8,
+    truncated: u8,
+}
+
+/// One step of the walk: record the current frame unless it is an interpreter-internal one,
+/// and move to the previous. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the WalkCtx pointer python_stack passed in.
+    let c = unsafe { &mut *(ctx as *mut WalkCtx) };
+    if c.frame == 0 {
+        return 1;
+    }
+    if c.n >= c.max {
+        c.truncated = 1;
+        return 1;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let scratch = unsafe { &mut *scratch };
+    if unsafe {
+        aya_ebpf::helpers::bpf_probe_read_user_buf(c.frame as *const u8, &mut scratch.frame)
+    }
+    .is_err()
+    {
+        c.status = py_status::READ_ERROR;
+        return 1;
+    }
+    let buf = &scratch.frame;
+    let code = frame_u64(buf, c.off.fr_code) & c.off.code_mask;
+    let oi = (c.off.fr_owner as usize) & 0x7f;
+    let owner = if oi < PY_FRAME_READ { buf[oi] } else { 0 };
+    let previous = frame_u64(buf, c.off.fr_previous);
+    if code != 0 && owner < c.off.owner_skip_min {
+        let rec = PyFrameRec {
+            code,
+            instr: frame_u64(buf, c.off.fr_instr),
+        };
+        c.h = site_id_add_frame(c.h, &rec);
+        scratch.ev.py_frames[(c.n as usize) & (MAX_PY_FRAMES - 1)] = rec;
+        c.n += 1;
+    }
+    c.frame = previous;
+    0
+}
+
+/// Walks this thread's Python frames into `scratch.ev`, folding each into the site hash `h`.
+#[inline(always)]
+fn python_stack(tgid: u32, tid: u32, scratch: &mut Scratch, h: u64) -> u64 {
+    let ev = &mut scratch.ev;
+    ev.py_depth = 0;
+    ev.py_truncated = 0;
+    let Some(off) = (unsafe { PYPROCS.get(&tgid) }) else {
+        ev.py_status = py_status::NOT_PYTHON;
+        return h;
+    };
+    let Some(tstate) = find_tstate(off, tid) else {
+        ev.py_status = py_status::NO_THREAD_STATE;
+        return h;
+    };
+    let first = if off.ts_cframe != u16::MAX {
+        read_user_u64(tstate + off.ts_cframe as u64)
+            .and_then(|cf| read_user_u64(cf + off.frame_ptr as u64))
+    } else {
+        read_user_u64(tstate + off.frame_ptr as u64)
+    };
+    let Some(frame) = first else {
+        ev.py_status = py_status::READ_ERROR;
+        return h;
+    };
+    let mut c = WalkCtx {
+        off: *off,
+        frame,
+        h,
+        n: 0,
+        max: core::cmp::min(read_global(&PY_MAX_DEPTH), MAX_PY_FRAMES as u32),
+        status: py_status::OK,
+        truncated: 0,
+    };
+    // Shim and entry frames are skipped but still take a step: allow twice the frames kept.
+    unsafe {
+        bpf_loop(
+            2 * MAX_PY_FRAMES as u32,
+            walk_step as *mut core::ffi::c_void,
+            &mut c as *mut WalkCtx as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    if c.frame != 0 && c.status == py_status::OK {
+        c.truncated = 1;
+    }
+    let ev = &mut scratch.ev;
+    ev.py_status = c.status;
+    ev.py_truncated = c.truncated;
+    ev.py_depth = c.n;
+    c.h
 }
 
 #[cfg(not(test))]

@@ -74,6 +74,9 @@ pub struct CommonOpts {
     /// Capacity of the kernel's live-allocation table; allocations beyond it are counted as dropped.
     #[arg(long, default_value_t = 1 << 20, value_name = "N")]
     pub max_live: u32,
+    /// Python frames to record per site (1–128); deeper stacks are cut and marked.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub python_depth: u32,
     /// Benchmark only: attach the same probes with programs that return at once.
     #[arg(long, hide = true)]
     pub probe_floor: bool,
@@ -101,6 +104,7 @@ impl CommonOpts {
                 min_size: self.min_size,
                 floor: self.probe_floor,
                 max_live: self.max_live,
+                python_depth: self.python_depth,
                 ..LoadOptions::default()
             },
             duration: duration.map(|d| secs(d, "--duration")).transpose()?,

@@ -67,10 +67,31 @@ fn drain(rb: &mut RingBuf<MapData>) -> Vec<Event> {
 pub fn parse(bytes: &[u8]) -> Option<Event> {
     let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match kind {
-        EVENT_NEW_SITE => read_pod::<NewSiteEvent>(bytes).map(Event::NewSite),
+        EVENT_NEW_SITE => read_new_site(bytes).map(Event::NewSite),
         EVENT_FINALIZE => read_pod::<FinalizeEvent>(bytes).map(Event::Finalize),
         _ => None,
     }
+}
+
+/// A new-site record carries only the Python frames walked: the rest of the struct is zero.
+fn read_new_site(bytes: &[u8]) -> Option<NewSiteEvent> {
+    let header = std::mem::offset_of!(NewSiteEvent, py_frames);
+    if bytes.len() < header {
+        return None;
+    }
+    let mut ev = NewSiteEvent::default();
+    let n = bytes.len().min(std::mem::size_of::<NewSiteEvent>());
+    // SAFETY: NewSiteEvent is plain old data and `n` bytes fit in it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (&mut ev as *mut NewSiteEvent).cast::<u8>(),
+            n,
+        )
+    };
+    let frames = (n - header) / std::mem::size_of::<leaktrace_ebpf::PyFrameRec>();
+    ev.py_depth = ev.py_depth.min(frames as u32);
+    Some(ev)
 }
 
 fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Option<T> {

@@ -7,6 +7,7 @@ use leaktrace_ebpf::{AllocFn, SiteStats};
 use serde::Serialize;
 
 use crate::probes::loader::Counters;
+use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::{Frame, Symbolizer};
 
 /// One allocation site: allocator function + caller (full stacks slot in here later).
@@ -17,7 +18,21 @@ pub struct Site {
     pub func: AllocFn,
     pub caller: u64,
     pub frame: Option<Frame>,
+    /// The Python stack, innermost first (empty when there was none).
+    pub python: Vec<PyFrame>,
+    /// How the Python stack was obtained (`leaktrace_ebpf::py_status`); `None` if the site's
+    /// announcement was lost.
+    pub python_status: Option<u8>,
+    pub python_truncated: bool,
     pub stats: SiteStats,
+}
+
+/// What the kernel said about a new site's Python stack, decoded.
+#[derive(Clone, Debug, Default)]
+pub struct PythonStack {
+    pub frames: Vec<PyFrame>,
+    pub status: u8,
+    pub truncated: bool,
 }
 
 /// A point of the process-wide time series.
@@ -50,6 +65,7 @@ impl Heap {
         pid: u32,
         func: AllocFn,
         caller: u64,
+        python: Option<PythonStack>,
     ) {
         let site = self.sites.entry(id).or_insert_with(|| Site {
             id,
@@ -57,10 +73,18 @@ impl Heap {
             func,
             caller,
             frame: None,
+            python: Vec::new(),
+            python_status: None,
+            python_truncated: false,
             stats: SiteStats::default(),
         });
         if site.frame.is_none() {
             site.frame = Some(sym.return_address(pid, caller));
+        }
+        if let Some(py) = python {
+            site.python = py.frames;
+            site.python_status = Some(py.status);
+            site.python_truncated = py.truncated;
         }
     }
 
@@ -73,7 +97,7 @@ impl Heap {
             }
             if !self.sites.contains_key(&id) {
                 let func = AllocFn::from_u8(s.func).unwrap_or(AllocFn::Malloc);
-                self.announce(sym, id, s.tgid, func, s.native[0]);
+                self.announce(sym, id, s.tgid, func, s.native[0], None);
             }
             if let Some(site) = self.sites.get_mut(&id) {
                 site.stats = s;

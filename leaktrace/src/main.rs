@@ -36,6 +36,10 @@ fn main() {
     match rt.block_on(trace(spec, &opts)) {
         Ok(outcome) => {
             print!("{}", table::render(&outcome.report, verbose));
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            // Detach before exiting: the target keeps running, unharmed.
+            drop(outcome.probes);
             std::process::exit(outcome.exit_code);
         }
         Err(e) => {

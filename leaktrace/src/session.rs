@@ -7,17 +7,18 @@ use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use leaktrace_ebpf::AllocFn;
+use leaktrace_ebpf::{py_status, AllocFn};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{Event, EventReader};
-use crate::heap::{Heap, Sample};
+use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
 use crate::probes::plan::{plan, Families, ProbePlan};
 use crate::report::{human_bytes, Report, ReportOptions, TargetInfo};
+use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
 use crate::target::spawn::{spawn, Control, SpawnEvent};
 use crate::target::Process;
@@ -50,6 +51,10 @@ pub struct Outcome {
     pub report: Report,
     /// Exit status leaktrace should end with.
     pub exit_code: i32,
+    /// The probes, still attached but no longer counting anything that is reported: dropping
+    /// them detaches (≈2 s for a full set, as the kernel removes uprobes one grace period at a
+    /// time), so show the report first.
+    pub probes: Tracer,
 }
 
 /// How long `run` waits for the child to exit after Ctrl-C before reporting anyway.
@@ -71,6 +76,12 @@ struct Session<'a> {
     /// Seconds into the trace when the interpreter began shutting down.
     finalized_at: Option<f64>,
     notes_shown: HashSet<String>,
+    /// The target's interpreter, when it is Python and its version is supported.
+    py: Option<PythonProcess>,
+    /// Whether the kernel has been given the walk parameters.
+    py_ready: bool,
+    /// When the kernel's thread → thread-state map was last refreshed.
+    threads_refreshed: Option<Instant>,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts.
@@ -80,6 +91,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     }
     check_privileges()?;
     let mut tracer = Tracer::load(opts.load)?;
+    log::debug!("BPF object loaded");
     let reader = EventReader::new(tracer.take_events()?)?;
 
     let (pid, mut child): (u32, Child) = match &spec {
@@ -94,6 +106,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
             }
         }
     };
+    log::debug!("target {pid} ready");
     let proc = Process { pid };
     let mut s = Session {
         opts,
@@ -106,6 +119,9 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         start: Instant::now(),
         finalized_at: None,
         notes_shown: HashSet::new(),
+        py: None,
+        py_ready: false,
+        threads_refreshed: None,
     };
     let setup = s.tracer.add_target(pid).and_then(|_| s.setup_probes());
     if let Err(e) = setup {
@@ -114,6 +130,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         }
         return Err(e);
     }
+    log::debug!("probes attached");
     let mut command = s.proc.cmdline();
     s.sym.refresh(pid);
     let pidfd = match child {
@@ -169,7 +186,9 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
             ev = child_event(&mut child) => match ev {
                 Some(SpawnEvent::Exiting) => {
                     // Its maps are still there: read everything it announced and symbolize it.
+                    log::debug!("target exiting; catching up");
                     s.catch_up()?;
+                    log::debug!("caught up");
                     reply(&child, Control::Release);
                 }
                 Some(SpawnEvent::Exec) => {
@@ -191,6 +210,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         }
     };
     let duration = s.start.elapsed().as_secs_f64();
+    log::debug!("tracing ended: {end}");
     s.catch_up()?;
     s.refresh()?;
     let counters = s.tracer.counters()?;
@@ -210,15 +230,18 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         end,
     };
     let report = Report::build(&s.heap, &s.plan, &counters, target, duration, opts.report);
-    // Detach every probe before returning (the target keeps running unharmed).
-    drop(s);
+    log::debug!("report built");
     if let Some(path) = &opts.json {
         std::fs::write(path, report.to_json()).map_err(|source| Error::Read {
             path: path.clone(),
             source,
         })?;
     }
-    Ok(Outcome { report, exit_code })
+    Ok(Outcome {
+        report,
+        exit_code,
+        probes: s.tracer,
+    })
 }
 
 impl Session<'_> {
@@ -267,8 +290,55 @@ impl Session<'_> {
                 eprintln!("leaktrace: {n}");
             }
         }
+        self.py = None;
+        self.py_ready = false;
+        if let Some(info) = &plan.python {
+            match PythonProcess::new(pid, info, &modules) {
+                Ok(py) => self.py = Some(py),
+                Err(e) => {
+                    let note = e.to_string();
+                    if self.notes_shown.insert(note.clone()) {
+                        eprintln!("leaktrace: {note}");
+                    }
+                    self.plan.notes.push(note);
+                }
+            }
+        }
+        let notes = std::mem::take(&mut self.plan.notes);
         self.plan = plan;
+        self.plan.notes.extend(notes);
+        self.enable_python();
         Ok(())
+    }
+
+    /// Gives the kernel the Python walk parameters once the interpreter exists, and refreshes
+    /// its map of which thread state belongs to which thread.
+    fn enable_python(&mut self) {
+        let pid = self.proc.pid;
+        let Some(py) = &self.py else { return };
+        if !self.py_ready {
+            let Some(off) = py.bpf_offsets() else { return };
+            match self.tracer.set_python(pid, &off) {
+                Ok(()) => {
+                    self.py_ready = true;
+                    if self.opts.verbose {
+                        eprintln!(
+                            "leaktrace: walking Python {}.{} frames (holder at {:#x})",
+                            py.layout.version.0, py.layout.version.1, off.holder_addr
+                        );
+                    }
+                }
+                Err(e) => {
+                    eprintln!("leaktrace: Python stacks unavailable: {e}");
+                    self.py = None;
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.tracer.set_threads(pid, &py.thread_states()) {
+            log::warn!("refreshing Python threads: {e}");
+        }
+        self.threads_refreshed = Some(Instant::now());
     }
 
     /// Takes in records from the kernel.
@@ -277,8 +347,28 @@ impl Session<'_> {
             match ev {
                 Event::NewSite(ev) => {
                     let func = AllocFn::from_u8(ev.func).unwrap_or(AllocFn::Malloc);
-                    self.heap
-                        .announce(&mut self.sym, ev.site_id, ev.tgid, func, ev.native[0]);
+                    let depth = (ev.py_depth as usize).min(ev.py_frames.len());
+                    let python = self.py.as_mut().map(|py| PythonStack {
+                        frames: py.decode(&ev.py_frames[..depth]),
+                        status: ev.py_status,
+                        truncated: ev.py_truncated != 0,
+                    });
+                    self.heap.announce(
+                        &mut self.sym,
+                        ev.site_id,
+                        ev.tgid,
+                        func,
+                        ev.native[0],
+                        python,
+                    );
+                    // A thread the kernel could not place, or an interpreter that just came up:
+                    // refresh soon rather than at the next tick.
+                    let stale = self
+                        .threads_refreshed
+                        .is_none_or(|t| t.elapsed() > Duration::from_millis(50));
+                    if stale && (!self.py_ready || ev.py_status == py_status::NO_THREAD_STATE) {
+                        self.enable_python();
+                    }
                 }
                 Event::Finalize(_) => {
                     if self.finalized_at.is_none() {
@@ -305,6 +395,7 @@ impl Session<'_> {
 
     /// Reads the kernel's counters into the heap model and appends a time-series point.
     fn refresh(&mut self) -> Result<Sample> {
+        self.enable_python();
         self.heap.update(&mut self.sym, self.tracer.sites()?);
         let counters = self.tracer.counters()?;
         let t = self.start.elapsed().as_secs_f64();

@@ -5,10 +5,13 @@ use std::num::NonZeroU32;
 use std::os::unix::fs::MetadataExt;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::uprobe::UProbeLinkId;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
 use aya::programs::UProbe;
 use aya::{Ebpf, EbpfLoader};
-use leaktrace_ebpf::{Counter, LiveAlloc, LiveKey, Shape, SiteStats, NUM_COUNTERS, TARGET_TRACED};
+use leaktrace_ebpf::{
+    Counter, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, NUM_COUNTERS, TARGET_TRACED,
+};
 
 use super::plan::ProbePlan;
 use crate::error::{Error, Result};
@@ -28,6 +31,8 @@ pub struct LoadOptions {
     pub max_live: u32,
     /// Capacity of the per-site map.
     pub max_sites: u32,
+    /// Python frames recorded per site.
+    pub python_depth: u32,
 }
 
 impl Default for LoadOptions {
@@ -37,6 +42,7 @@ impl Default for LoadOptions {
             floor: false,
             max_live: 1 << 20,
             max_sites: 1 << 16,
+            python_depth: 64,
         }
     }
 }
@@ -68,6 +74,10 @@ pub struct Tracer {
     /// (device, inode, file offset) of every probe attached: uprobes live on files, so a program
     /// that execs into another one mapping the same libc keeps them, and they are not added twice.
     points: HashSet<(u64, u64, u64)>,
+    /// Thread ids put in `THREADS`, per process, to retire the ones that went away.
+    threads: std::collections::HashMap<u32, HashSet<u32>>,
+    /// Every link attached, by program, so they can be detached together (see `detach`).
+    links: Vec<(&'static str, UProbeLinkId)>,
 }
 
 fn bpf_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -118,6 +128,7 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global("MIN_SIZE", &opts.min_size, true)
             .override_global("FLOOR_MODE", &floor, true)
+            .override_global("PY_MAX_DEPTH", &opts.python_depth, true)
             .map_max_entries("LIVE", opts.max_live.max(1))
             .map_max_entries("SITES", opts.max_sites.max(1))
             .load(BPF_OBJECT)
@@ -135,6 +146,8 @@ impl Tracer {
             ebpf,
             attached: 0,
             points: HashSet::new(),
+            threads: Default::default(),
+            links: Vec::new(),
         })
     }
 
@@ -174,7 +187,7 @@ impl Tracer {
                     location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
                     cookie: Some(p.func as u64),
                 };
-                prog.attach(point, &p.host_path, scope).map_err(|e| {
+                let id = prog.attach(point, &p.host_path, scope).map_err(|e| {
                     let alive = crate::target::Process { pid }.alive();
                     if !alive {
                         Error::TargetExited {
@@ -193,6 +206,7 @@ impl Tracer {
                         )
                     }
                 })?;
+                self.links.push((name, id));
                 self.attached += 1;
             }
         }
@@ -217,6 +231,31 @@ impl Tracer {
                 self.attached += 1;
             }
         }
+        Ok(())
+    }
+
+    /// Tells the kernel how to walk process `tgid`'s Python frames.
+    pub fn set_python(&mut self, tgid: u32, offsets: &PyOffsets) -> Result<()> {
+        let mut m: BpfHashMap<&mut MapData, u32, PyOffsets> =
+            BpfHashMap::try_from(self.map_mut("PYPROCS")?).map_err(|e| bpf_err("PYPROCS", e))?;
+        m.insert(tgid, *offsets, 0)
+            .map_err(|e| bpf_err("setting Python offsets", e))
+    }
+
+    /// Replaces process `tgid`'s thread → thread-state entries.
+    pub fn set_threads(&mut self, tgid: u32, threads: &[(u32, u64)]) -> Result<()> {
+        let known = self.threads.entry(tgid).or_default().clone();
+        let now: HashSet<u32> = threads.iter().map(|(t, _)| *t).collect();
+        let mut m: BpfHashMap<&mut MapData, u32, u64> =
+            BpfHashMap::try_from(self.map_mut("THREADS")?).map_err(|e| bpf_err("THREADS", e))?;
+        for gone in known.difference(&now) {
+            let _ = m.remove(gone);
+        }
+        for (tid, tstate) in threads {
+            // A full map only costs stacks for threads that allocate without the GIL.
+            let _ = m.insert(*tid, *tstate, 0);
+        }
+        self.threads.insert(tgid, now);
         Ok(())
     }
 
@@ -245,7 +284,24 @@ impl Tracer {
         for k in doomed {
             let _ = sites.remove(&k);
         }
-        Ok(())
+        let mut py: BpfHashMap<&mut MapData, u32, PyOffsets> =
+            BpfHashMap::try_from(self.map_mut("PYPROCS")?).map_err(|e| bpf_err("PYPROCS", e))?;
+        let _ = py.remove(&tgid);
+        self.set_threads(tgid, &[])
+    }
+
+    /// Detaches every probe. Removing a uprobe waits for the kernel (≈60 ms each here, and the
+    /// kernel serializes them: dropping links from parallel threads measured no faster).
+    pub fn detach(&mut self) {
+        let mut owned = Vec::new();
+        for (name, id) in self.links.drain(..) {
+            let prog: Option<&mut UProbe> =
+                self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+            if let Some(link) = prog.and_then(|p| p.take_link(id).ok()) {
+                owned.push(link);
+            }
+        }
+        drop(owned);
     }
 
     /// Number of uprobe links attached.
@@ -299,6 +355,13 @@ impl Tracer {
             out.push((id, sum_site(per_cpu.iter())));
         }
         Ok(out)
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.detach();
+        log::debug!("links detached");
     }
 }
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::heap::{Heap, Sample};
 use crate::probes::loader::Counters;
 use crate::probes::plan::{ProbePlan, PythonCoverage};
+use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::Frame;
 
 /// Version of the JSON schema (docs/json-schema.md).
@@ -85,6 +86,12 @@ pub struct SiteReport {
     pub frees: u64,
     /// The caller of the allocator: where the allocation was made.
     pub caller: Frame,
+    /// The Python stack, outermost first and innermost last (empty when there was none).
+    pub python_stack: Vec<PyFrame>,
+    /// "ok", "not_python", "no_thread_state", "read_error", or "unknown" (announcement lost).
+    pub python_status: String,
+    /// The Python stack was cut at `--python-depth`: outer frames are missing.
+    pub python_truncated: bool,
 }
 
 /// Report options.
@@ -92,6 +99,17 @@ pub struct SiteReport {
 pub struct ReportOptions {
     pub top: usize,
     pub min_size: u64,
+}
+
+fn python_status_name(s: Option<u8>) -> &'static str {
+    use leaktrace_ebpf::py_status::*;
+    match s {
+        Some(OK) => "ok",
+        Some(NOT_PYTHON) => "not_python",
+        Some(NO_THREAD_STATE) => "no_thread_state",
+        Some(READ_ERROR) => "read_error",
+        _ => "unknown",
+    }
 }
 
 fn family_name(f: Family) -> &'static str {
@@ -129,6 +147,9 @@ impl Report {
                     address: s.caller,
                     ..Frame::default()
                 }),
+                python_stack: s.python.iter().rev().cloned().collect(),
+                python_status: python_status_name(s.python_status).into(),
+                python_truncated: s.python_truncated,
             })
             .collect();
         sites.sort_by(|a, b| b.unfreed_bytes.cmp(&a.unfreed_bytes).then(a.id.cmp(&b.id)));

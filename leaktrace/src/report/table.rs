@@ -6,6 +6,9 @@ use std::fmt::Write;
 use super::{human_bytes, Report};
 use crate::probes::plan::PythonCoverage;
 
+/// Python frames shown per site without `--verbose` (the innermost ones).
+const MAX_FRAMES_SHOWN: usize = 8;
+
 /// Renders the report as text.
 pub fn render(r: &Report, verbose: bool) -> String {
     let mut o = String::new();
@@ -91,6 +94,25 @@ pub fn render(r: &Report, verbose: bool) -> String {
             s.allocator,
             s.caller.display()
         );
+        let frames = &s.python_stack;
+        let shown = if verbose {
+            frames.len()
+        } else {
+            frames.len().min(MAX_FRAMES_SHOWN)
+        };
+        if s.python_truncated || frames.len() > shown {
+            let _ = writeln!(o, "{:>60}", "… outer Python frames omitted");
+        }
+        for f in &frames[frames.len() - shown..] {
+            let _ = writeln!(o, "{:>58}  {}", "", f.display());
+        }
+        if frames.is_empty() && s.python_status == "no_thread_state" {
+            let _ = writeln!(
+                o,
+                "{:>58}  (no Python stack: the thread held no Python thread state)",
+                ""
+            );
+        }
     }
     if r.sites_omitted > 0 {
         let _ = writeln!(o, "… and {} more sites (raise --top)", r.sites_omitted);

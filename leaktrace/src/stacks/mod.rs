@@ -1,3 +1,5 @@
-//! Stacks of allocation sites: today the caller's native frame, symbolized.
+//! Stacks of allocation sites: the caller's native frame, symbolized, and the Python stack the
+//! kernel walked.
 
+pub mod python;
 pub mod symbolize;

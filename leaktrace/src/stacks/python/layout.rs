@@ -1,0 +1,550 @@
+//! Where CPython keeps what a frame walk needs, per version (x86_64, default GIL builds).
+//!
+//! 3.11 and 3.12 come from built-in tables, taken from the CPython headers of those versions and
+//! checked against pyenv's debug builds with `gdb ptype/o`:
+//! - `Include/internal/pycore_runtime.h` (`_PyRuntimeState`: `interpreters`, `gilstate`,
+//!   `_main_interpreter` on 3.12),
+//! - `Include/internal/pycore_interp.h` (`PyInterpreterState`: `threads.head`, `_gil`),
+//! - `Include/internal/pycore_gil.h` (`struct _gil_runtime_state`: `last_holder`),
+//! - `Include/cpython/pystate.h` (`PyThreadState`: `cframe`, `native_thread_id`; `_PyCFrame`),
+//! - `Include/internal/pycore_frame.h` (`_PyInterpreterFrame`),
+//! - `Include/cpython/code.h` (`PyCodeObject`), `Include/cpython/unicodeobject.h`,
+//!   `Include/cpython/bytesobject.h`.
+//!
+//! 3.13 and later publish their own offsets in `_Py_DebugOffsets` at the start of `_PyRuntime`
+//! (`Include/internal/pycore_debug_offsets.h` on 3.14, `pycore_runtime.h` on 3.13): leaktrace
+//! reads that table out of the target, checks its cookie and version, and uses it, so a new
+//! patch release with moved fields needs no new table.
+
+use crate::error::{Error, Result};
+
+/// What leaktrace needs to know about one CPython version's memory layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PyLayout {
+    /// (major, minor).
+    pub version: (u8, u8),
+    /// `_PyRuntimeState.interpreters.head`.
+    pub rt_interpreters_head: u64,
+    /// `_PyRuntimeState.gilstate.tstate_current` (3.11 only).
+    pub rt_tstate_current: Option<u64>,
+    /// `_PyRuntimeState._main_interpreter`: the main interpreter lives inside `_PyRuntime` (3.12+,
+    /// when known statically; otherwise read `interpreters.head` once it is set).
+    pub rt_main_interpreter: Option<u64>,
+    /// `PyInterpreterState.threads.head`.
+    pub is_threads_head: u64,
+    /// `PyInterpreterState.next`.
+    pub is_next: u64,
+    /// `PyInterpreterState._gil.last_holder` (3.12+).
+    pub is_gil_holder: Option<u64>,
+    /// `PyThreadState.next`.
+    pub ts_next: u64,
+    /// `PyThreadState.native_thread_id`.
+    pub ts_native_thread_id: u64,
+    /// `PyThreadState.cframe` (3.11, 3.12).
+    pub ts_cframe: Option<u64>,
+    /// `_PyCFrame.current_frame` when `ts_cframe` is set, else `PyThreadState.current_frame`.
+    pub frame_ptr: u64,
+    /// `_PyInterpreterFrame` fields.
+    pub fr_code: u64,
+    pub fr_previous: u64,
+    pub fr_instr: u64,
+    pub fr_owner: u64,
+    /// Frames with an owner at least this are interpreter-internal (3.12+).
+    pub owner_skip_min: u8,
+    /// Tag bits to clear from the frame's code pointer.
+    pub code_mask: u64,
+    /// `PyCodeObject` fields.
+    pub co_filename: u64,
+    pub co_name: u64,
+    pub co_qualname: u64,
+    pub co_linetable: u64,
+    pub co_firstlineno: u64,
+    pub co_code_adaptive: u64,
+    /// `sizeof(PyASCIIObject)`, `sizeof(PyCompactUnicodeObject)`, and `state`'s offset.
+    pub unicode_ascii_size: u64,
+    pub unicode_compact_size: u64,
+    pub unicode_state: u64,
+    pub unicode_length: u64,
+    /// `PyBytesObject.ob_size` and `ob_sval`.
+    pub bytes_size: u64,
+    pub bytes_sval: u64,
+}
+
+/// `FRAME_OWNED_BY_CSTACK` on 3.12 and 3.13; on 3.14 `FRAME_OWNED_BY_INTERPRETER` is 3 and
+/// CSTACK 4: skipping owners ≥ 3 is right for all three.
+const OWNER_INTERNAL_MIN: u8 = 3;
+
+/// The built-in table for 3.11 or 3.12.
+pub fn builtin(major: u8, minor: u8) -> Option<PyLayout> {
+    let common = PyLayout {
+        version: (major, minor),
+        rt_interpreters_head: 0x28,
+        rt_tstate_current: None,
+        rt_main_interpreter: None,
+        is_threads_head: 0,
+        is_next: 0x0,
+        is_gil_holder: None,
+        ts_next: 0x8,
+        ts_native_thread_id: 0,
+        ts_cframe: Some(0x38),
+        frame_ptr: 0,
+        fr_code: 0,
+        fr_previous: 0,
+        fr_instr: 0x38,
+        fr_owner: 0,
+        owner_skip_min: u8::MAX,
+        code_mask: !0,
+        co_filename: 0x70,
+        co_name: 0x78,
+        co_qualname: 0x80,
+        co_linetable: 0x88,
+        co_firstlineno: 0,
+        co_code_adaptive: 0,
+        unicode_ascii_size: 40,
+        unicode_compact_size: 56,
+        unicode_state: 0x20,
+        unicode_length: 0x10,
+        bytes_size: 0x10,
+        bytes_sval: 0x20,
+    };
+    match (major, minor) {
+        (3, 11) => Some(PyLayout {
+            rt_tstate_current: Some(0x240),
+            is_threads_head: 0x10,
+            ts_native_thread_id: 0xa0,
+            frame_ptr: 0x8,
+            fr_code: 0x20,
+            fr_previous: 0x30,
+            // 3.11 has no shim frames; entry frames are marked by `is_entry` (0x44) instead.
+            fr_owner: 0x45,
+            owner_skip_min: u8::MAX,
+            co_firstlineno: 0x48,
+            co_code_adaptive: 0xb8,
+            // 3.11's PyASCIIObject still has `wstr`.
+            unicode_ascii_size: 48,
+            unicode_compact_size: 72,
+            ..common
+        }),
+        (3, 12) => Some(PyLayout {
+            rt_main_interpreter: Some(0x12a68),
+            is_threads_head: 0x48,
+            is_gil_holder: Some(0x418),
+            ts_native_thread_id: 0x90,
+            frame_ptr: 0x0,
+            fr_code: 0x0,
+            fr_previous: 0x8,
+            fr_owner: 0x46,
+            owner_skip_min: OWNER_INTERNAL_MIN,
+            co_firstlineno: 0x44,
+            co_code_adaptive: 0xc0,
+            ..common
+        }),
+        _ => None,
+    }
+}
+
+/// The cookie `_Py_DebugOffsets` starts with.
+pub const DEBUG_COOKIE: &[u8; 8] = b"xdebugpy";
+
+/// Bytes of `_Py_DebugOffsets` to read: enough for every section leaktrace uses, on 3.13 (584
+/// bytes in all) and 3.14.
+pub const DEBUG_OFFSETS_READ: usize = 1024;
+
+/// Indices (in u64 words from the start of `_Py_DebugOffsets`) of the fields leaktrace uses.
+/// Every field is a u64; each section starts with its own `size`.
+struct DebugFieldMap {
+    interpreters_head: usize,
+    is_next: usize,
+    is_threads_head: usize,
+    is_gil_holder: usize,
+    ts_next: usize,
+    ts_current_frame: usize,
+    ts_native_thread_id: usize,
+    fr_previous: usize,
+    fr_executable: usize,
+    fr_instr_ptr: usize,
+    fr_owner: usize,
+    co_filename: usize,
+    co_name: usize,
+    co_qualname: usize,
+    co_linetable: usize,
+    co_firstlineno: usize,
+    co_code_adaptive: usize,
+    bytes_ob_size: usize,
+    bytes_ob_sval: usize,
+    unicode_state: usize,
+    unicode_length: usize,
+    unicode_asciiobject_size: usize,
+}
+
+/// Field positions of `_Py_DebugOffsets` in 3.13 (from `pycore_runtime.h` at v3.13.0; checked
+/// with gdb on pyenv's 3.13.0): cookie, version, free_threaded, then the sections
+/// runtime_state{size, finalizing, interpreters_head}, interpreter_state{size, id, next,
+/// threads_head, gc, imports_modules, sysdict, builtins, ceval_gil, gil_runtime_state,
+/// gil_runtime_state_enabled, gil_runtime_state_locked, gil_runtime_state_holder},
+/// thread_state{size, prev, next, interp, current_frame, thread_id, native_thread_id,
+/// datastack_chunk, status}, interpreter_frame{size, previous, executable, instr_ptr,
+/// localsplus, owner}, code_object{size, filename, name, qualname, linetable, firstlineno,
+/// argcount, localsplusnames, localspluskinds, co_code_adaptive}, pyobject{2}, type_object{4},
+/// tuple_object{3}, list_object{3}, dict_object{3}, float_object{2}, long_object{3},
+/// bytes_object{size, ob_size, ob_sval}, unicode_object{size, state, length, asciiobject_size}.
+const FIELDS_313: DebugFieldMap = DebugFieldMap {
+    interpreters_head: 5,
+    is_next: 8,
+    is_threads_head: 9,
+    is_gil_holder: 18,
+    ts_next: 21,
+    ts_current_frame: 23,
+    ts_native_thread_id: 25,
+    fr_previous: 29,
+    fr_executable: 30,
+    fr_instr_ptr: 31,
+    fr_owner: 33,
+    co_filename: 35,
+    co_name: 36,
+    co_qualname: 37,
+    co_linetable: 38,
+    co_firstlineno: 39,
+    co_code_adaptive: 43,
+    bytes_ob_size: 65,
+    bytes_ob_sval: 66,
+    unicode_state: 68,
+    unicode_length: 69,
+    unicode_asciiobject_size: 70,
+};
+
+/// Field positions in 3.14 (`Include/internal/pycore_debug_offsets.h` at 3.14.x): 3.14 adds
+/// `threads_main` after `threads_head`, `code_object_generation` and `tlbc_generation` at the end
+/// of interpreter_state, `stackpointer` and `tlbc_index` to interpreter_frame, `co_tlbc` to
+/// code_object, and a set_object section before dict_object; everything after moves.
+const FIELDS_314: DebugFieldMap = DebugFieldMap {
+    interpreters_head: 5,
+    is_next: 8,
+    is_threads_head: 9,
+    is_gil_holder: 19,
+    ts_next: 24,
+    ts_current_frame: 26,
+    ts_native_thread_id: 28,
+    fr_previous: 32,
+    fr_executable: 33,
+    fr_instr_ptr: 34,
+    fr_owner: 36,
+    co_filename: 40,
+    co_name: 41,
+    co_qualname: 42,
+    co_linetable: 43,
+    co_firstlineno: 44,
+    co_code_adaptive: 48,
+    bytes_ob_size: 75,
+    bytes_ob_sval: 76,
+    unicode_state: 78,
+    unicode_length: 79,
+    unicode_asciiobject_size: 80,
+};
+
+/// 3.14's frames hold `f_executable` as a `_PyStackRef`: the low bits are tags
+/// (`Py_TAG_BITS` = 3 on default builds).
+const STACKREF_TAG_BITS: u64 = 3;
+
+/// Parses `_Py_DebugOffsets` read from the start of a 3.13+ `_PyRuntime`.
+pub fn from_debug_offsets(raw: &[u8]) -> Result<PyLayout> {
+    let bad = |d: String| Error::Usage(format!("unusable _Py_DebugOffsets: {d}"));
+    if raw.len() < 24 || &raw[..8] != DEBUG_COOKIE {
+        return Err(bad("no xdebugpy cookie at the start of _PyRuntime".into()));
+    }
+    let word = |i: usize| -> Result<u64> {
+        raw.get(i * 8..i * 8 + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            .ok_or_else(|| bad(format!("table shorter than field {i}")))
+    };
+    let version = word(1)?;
+    let (major, minor) = ((version >> 24) as u8, (version >> 16) as u8);
+    if word(2)? != 0 {
+        return Err(bad(format!(
+            "free-threaded build of {major}.{minor} (no GIL, mimalloc allocator) is not supported"
+        )));
+    }
+    let (f, code_mask) = match (major, minor) {
+        (3, 13) => (FIELDS_313, !0),
+        (3, 14) => (FIELDS_314, !STACKREF_TAG_BITS),
+        _ => {
+            return Err(bad(format!(
+                "Python {major}.{minor}: leaktrace knows _Py_DebugOffsets of 3.13 and 3.14"
+            )))
+        }
+    };
+    let w = |i| word(i);
+    let layout = PyLayout {
+        version: (major, minor),
+        rt_interpreters_head: w(f.interpreters_head)?,
+        rt_tstate_current: None,
+        rt_main_interpreter: None,
+        is_threads_head: w(f.is_threads_head)?,
+        is_next: w(f.is_next)?,
+        is_gil_holder: Some(w(f.is_gil_holder)?),
+        ts_next: w(f.ts_next)?,
+        ts_native_thread_id: w(f.ts_native_thread_id)?,
+        ts_cframe: None,
+        frame_ptr: w(f.ts_current_frame)?,
+        fr_code: w(f.fr_executable)?,
+        fr_previous: w(f.fr_previous)?,
+        fr_instr: w(f.fr_instr_ptr)?,
+        fr_owner: w(f.fr_owner)?,
+        owner_skip_min: OWNER_INTERNAL_MIN,
+        code_mask,
+        co_filename: w(f.co_filename)?,
+        co_name: w(f.co_name)?,
+        co_qualname: w(f.co_qualname)?,
+        co_linetable: w(f.co_linetable)?,
+        co_firstlineno: w(f.co_firstlineno)?,
+        co_code_adaptive: w(f.co_code_adaptive)?,
+        unicode_ascii_size: w(f.unicode_asciiobject_size)?,
+        unicode_compact_size: w(f.unicode_asciiobject_size)? + 16,
+        unicode_state: w(f.unicode_state)?,
+        unicode_length: w(f.unicode_length)?,
+        bytes_size: w(f.bytes_ob_size)?,
+        bytes_sval: w(f.bytes_ob_sval)?,
+    };
+    layout.check()?;
+    Ok(layout)
+}
+
+impl PyLayout {
+    /// Rejects a table whose frame fields would fall outside the bytes the BPF walk reads per
+    /// frame, or that is implausible.
+    pub fn check(&self) -> Result<()> {
+        let frame_max = leaktrace_ebpf::PY_FRAME_READ as u64;
+        let ok = self.fr_code + 8 <= frame_max
+            && self.fr_previous + 8 <= frame_max
+            && self.fr_instr + 8 <= frame_max
+            && self.fr_owner < frame_max
+            && self.ts_native_thread_id < 0x1000
+            && self.frame_ptr < 0x1000
+            && self.co_code_adaptive < 0x400;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Usage(format!(
+                "implausible Python {}.{} layout: {self:?}",
+                self.version.0, self.version.1
+            )))
+        }
+    }
+
+    /// Whether code pointers in frames are tagged (3.14's `_PyStackRef`).
+    pub fn tagged_code(&self) -> bool {
+        self.code_mask != !0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_tables_cover_311_and_312_only() {
+        assert!(builtin(3, 11).is_some());
+        assert!(builtin(3, 12).is_some());
+        assert!(builtin(3, 13).is_none());
+        assert!(builtin(3, 10).is_none());
+        for v in [11, 12] {
+            builtin(3, v).unwrap().check().unwrap();
+        }
+    }
+
+    /// The words of pyenv 3.13.0's `_Py_DebugOffsets` as gdb shows them for its offsets table.
+    fn debug_offsets_313() -> Vec<u8> {
+        let mut w = vec![0u64; 73];
+        w[1] = 0x030d00f0;
+        let set = |w: &mut Vec<u64>, i: usize, v: u64| w[i] = v;
+        for (i, v) in [
+            (3, 24),
+            (4, 0x2b8),
+            (5, 0x278), // runtime_state
+            (6, 0x2810),
+            (7, 0x1c98),
+            (8, 7264),
+            (9, 0x1cb0),
+            (18, 0x1e50), // interpreter_state
+            (19, 0x130),
+            (20, 0x0),
+            (21, 0x8),
+            (22, 0x10),
+            (23, 0x48),
+            (25, 0xa0), // thread_state
+            (28, 80),
+            (29, 0x8),
+            (30, 0x0),
+            (31, 0x38),
+            (32, 0x48),
+            (33, 0x46), // interpreter_frame
+            (34, 0xd0),
+            (35, 0x70),
+            (36, 0x78),
+            (37, 0x80),
+            (38, 0x88),
+            (39, 0x44),
+            (43, 0xc8), // code
+            (64, 40),
+            (65, 0x10),
+            (66, 0x20), // bytes
+            (67, 56),
+            (68, 0x20),
+            (69, 0x10),
+            (70, 40), // unicode
+        ] {
+            set(&mut w, i, v);
+        }
+        let mut raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        raw[..8].copy_from_slice(DEBUG_COOKIE);
+        raw
+    }
+
+    #[test]
+    fn parses_313_debug_offsets() {
+        let l = from_debug_offsets(&debug_offsets_313()).unwrap();
+        assert_eq!(l.version, (3, 13));
+        assert_eq!(l.frame_ptr, 0x48);
+        assert_eq!(l.ts_cframe, None);
+        assert_eq!(
+            (l.fr_code, l.fr_previous, l.fr_instr, l.fr_owner),
+            (0, 8, 0x38, 0x46)
+        );
+        assert_eq!(l.co_code_adaptive, 0xc8);
+        assert_eq!(l.is_gil_holder, Some(0x1e50));
+        assert_eq!(l.unicode_ascii_size, 40);
+        assert_eq!(l.owner_skip_min, 3);
+    }
+
+    /// The table as compiled into pyenv's 3.13.0: `_PyRuntime` is initialized data, so the file
+    /// image holds the same bytes the running process starts with.
+    #[test]
+    fn parses_the_real_313_table() {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let lib =
+            std::path::Path::new(&home).join(".pyenv/versions/3.13.0/lib/libpython3.13.so.1.0");
+        if !lib.exists() {
+            eprintln!("skipping: {} not present", lib.display());
+            return;
+        }
+        let elf = crate::target::elf::ElfFile::open(&lib).unwrap();
+        let raw = elf
+            .object_bytes("_PyRuntime", DEBUG_OFFSETS_READ as u64)
+            .unwrap();
+        let real = from_debug_offsets(&raw).unwrap();
+        let synthetic = from_debug_offsets(&debug_offsets_313()).unwrap();
+        assert_eq!(real, synthetic);
+    }
+
+    /// 3.14's table, with the values of Debian's 3.14.10 build (x86_64, default build) read from
+    /// its headers and `.PyRuntime` section.
+    #[test]
+    fn parses_314_debug_offsets() {
+        let mut w = vec![0u64; 95];
+        w[1] = 0x030e00f0;
+        for (i, v) in [
+            (3, 316616),
+            (4, 784),
+            (5, 808),
+            (6, 225864),
+            (7, 7280),
+            (8, 7272),
+            (9, 7344),
+            (10, 7360),
+            (15, 16),
+            (16, 7784),
+            (18, 7800),
+            (19, 7792),
+            (20, 7992),
+            (22, 832),
+            (23, 0),
+            (24, 8),
+            (25, 16),
+            (26, 72),
+            (27, 152),
+            (28, 160),
+            (29, 232),
+            (30, 32),
+            (31, 88),
+            (32, 8),
+            (33, 0),
+            (34, 56),
+            (35, 80),
+            (36, 74),
+            (37, 64),
+            (39, 216),
+            (40, 112),
+            (41, 120),
+            (42, 128),
+            (43, 136),
+            (44, 68),
+            (45, 52),
+            (48, 208),
+            (74, 40),
+            (75, 16),
+            (76, 32),
+            (77, 64),
+            (78, 32),
+            (79, 16),
+            (80, 40),
+        ] {
+            w[i] = v;
+        }
+        let mut raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        raw[..8].copy_from_slice(DEBUG_COOKIE);
+        let l = from_debug_offsets(&raw).unwrap();
+        assert_eq!(l.version, (3, 14));
+        assert_eq!(l.rt_interpreters_head, 808);
+        assert_eq!(
+            (l.is_threads_head, l.is_next, l.is_gil_holder),
+            (7344, 7272, Some(7792))
+        );
+        assert_eq!(
+            (l.ts_next, l.frame_ptr, l.ts_native_thread_id),
+            (8, 72, 160)
+        );
+        assert_eq!(
+            (l.fr_code, l.fr_previous, l.fr_instr, l.fr_owner),
+            (0, 8, 56, 74)
+        );
+        assert_eq!(l.code_mask, !3, "f_executable is a tagged _PyStackRef");
+        assert_eq!(
+            (l.co_filename, l.co_qualname, l.co_linetable),
+            (112, 128, 136)
+        );
+        assert_eq!((l.co_firstlineno, l.co_code_adaptive), (68, 208));
+        assert_eq!((l.bytes_size, l.bytes_sval), (16, 32));
+        assert_eq!(
+            (l.unicode_state, l.unicode_length, l.unicode_ascii_size),
+            (32, 16, 40)
+        );
+        // FRAME_OWNED_BY_INTERPRETER (3) and FRAME_OWNED_BY_CSTACK (4) are both skipped.
+        assert_eq!(l.owner_skip_min, 3);
+    }
+
+    #[test]
+    fn rejects_bad_tables() {
+        let mut raw = debug_offsets_313();
+        raw[0] = b'X';
+        assert!(from_debug_offsets(&raw).is_err(), "cookie");
+        let mut raw = debug_offsets_313();
+        raw[16] = 1;
+        assert!(from_debug_offsets(&raw)
+            .unwrap_err()
+            .to_string()
+            .contains("free-threaded"));
+        let mut raw = debug_offsets_313();
+        raw[8..16].copy_from_slice(&0x030a00f0u64.to_le_bytes());
+        assert!(
+            from_debug_offsets(&raw).is_err(),
+            "3.10 has no debug offsets"
+        );
+        let mut raw = debug_offsets_313();
+        raw[33 * 8..34 * 8].copy_from_slice(&500u64.to_le_bytes());
+        assert!(
+            from_debug_offsets(&raw).is_err(),
+            "owner beyond the frame read"
+        );
+        assert!(from_debug_offsets(&raw[..20]).is_err());
+    }
+}

@@ -1,0 +1,201 @@
+//! Python stacks: telling the kernel how to walk a CPython process's frames, keeping it told
+//! which thread state belongs to which thread, and decoding the frames it records.
+
+pub mod code;
+pub mod layout;
+pub mod remote;
+
+use leaktrace_ebpf::{PyFrameRec, PyOffsets};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::target::elf::ElfFile;
+use crate::target::maps::ModuleMap;
+use crate::target::python::PythonInfo;
+use code::CodeCache;
+use layout::{PyLayout, DEBUG_OFFSETS_READ};
+use remote::Remote;
+
+/// One decoded Python frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PyFrame {
+    pub filename: String,
+    /// The qualified name (`Class.method`), `<module>` for module code.
+    pub function: String,
+    /// The line being executed; `None` when the instruction has no line (or before the first).
+    pub line: Option<u32>,
+}
+
+impl PyFrame {
+    fn unknown() -> Self {
+        Self {
+            filename: "<unknown>".into(),
+            function: "<unknown>".into(),
+            line: None,
+        }
+    }
+
+    /// `app.py:12 in handle`.
+    pub fn display(&self) -> String {
+        match self.line {
+            Some(l) => format!("{}:{} in {}", self.filename, l, self.function),
+            None => format!("{} in {}", self.filename, self.function),
+        }
+    }
+}
+
+/// Most threads and interpreters walked in a thread-list refresh (guards against a corrupt list).
+const MAX_THREADS: usize = 4096;
+const MAX_INTERPRETERS: usize = 64;
+
+/// One traced CPython process.
+pub struct PythonProcess {
+    pub pid: u32,
+    pub layout: PyLayout,
+    /// Absolute address of `_PyRuntime` in the process.
+    runtime: u64,
+    mem: Remote,
+    codes: CodeCache,
+}
+
+impl PythonProcess {
+    /// Finds `_PyRuntime` and the version's layout (built-in for 3.11/3.12, the target's own
+    /// `_Py_DebugOffsets` for 3.13+).
+    pub fn new(pid: u32, info: &PythonInfo, modules: &ModuleMap) -> Result<Self> {
+        let unsupported = |why: String| Error::Usage(format!("Python stacks unavailable: {why}"));
+        let elf = ElfFile::open(&info.host_path)?;
+        let (major, minor) = match info.version {
+            Some((a, b, _)) => (a, b),
+            None => return Err(unsupported("unknown Python version".into())),
+        };
+        let sym = elf
+            .data_symbol("_PyRuntime")
+            .ok_or_else(|| unsupported(format!("{} has no _PyRuntime symbol", info.module)))?;
+        let bias = load_bias(&elf, modules, &info.module)
+            .ok_or_else(|| unsupported(format!("{} is not mapped", info.module)))?;
+        let runtime = sym.wrapping_add(bias);
+        let mem = Remote { pid };
+        let layout = match layout::builtin(major, minor) {
+            Some(l) => l,
+            None if (major, minor) >= (3, 13) => {
+                let raw = mem
+                    .read(runtime, DEBUG_OFFSETS_READ)
+                    .ok_or_else(|| unsupported("cannot read _PyRuntime".into()))?;
+                layout::from_debug_offsets(&raw)?
+            }
+            None => {
+                return Err(unsupported(format!(
+                    "Python {major}.{minor} is not supported (3.11 and later are)"
+                )))
+            }
+        };
+        Ok(Self {
+            pid,
+            layout,
+            runtime,
+            mem,
+            codes: CodeCache::default(),
+        })
+    }
+
+    /// The main interpreter, once the runtime has one.
+    fn main_interpreter(&self) -> Option<u64> {
+        match self.layout.rt_main_interpreter {
+            Some(off) => Some(self.runtime + off),
+            None => self
+                .mem
+                .u64(self.runtime + self.layout.rt_interpreters_head)
+                .filter(|p| *p != 0),
+        }
+    }
+
+    /// The walk parameters for the kernel; `None` until the interpreter exists (a process
+    /// traced from its first instruction has not run `Py_Initialize` yet).
+    pub fn bpf_offsets(&self) -> Option<PyOffsets> {
+        let l = &self.layout;
+        let holder_addr = match (l.rt_tstate_current, l.is_gil_holder) {
+            (Some(off), _) => self.runtime + off,
+            (None, Some(off)) => self.main_interpreter()? + off,
+            (None, None) => 0,
+        };
+        let narrow = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+        Some(PyOffsets {
+            holder_addr,
+            code_mask: l.code_mask,
+            ts_native_thread_id: narrow(l.ts_native_thread_id),
+            ts_cframe: l.ts_cframe.map(narrow).unwrap_or(u16::MAX),
+            frame_ptr: narrow(l.frame_ptr),
+            fr_code: narrow(l.fr_code),
+            fr_previous: narrow(l.fr_previous),
+            fr_instr: narrow(l.fr_instr),
+            fr_owner: narrow(l.fr_owner),
+            owner_skip_min: l.owner_skip_min,
+            _pad: [0; 5],
+        })
+    }
+
+    /// Every Python thread of every interpreter: (native thread id, `PyThreadState*`).
+    pub fn thread_states(&self) -> Vec<(u32, u64)> {
+        let l = &self.layout;
+        let mut out = Vec::new();
+        let mut interp = self
+            .mem
+            .u64(self.runtime + l.rt_interpreters_head)
+            .unwrap_or(0);
+        for _ in 0..MAX_INTERPRETERS {
+            if interp == 0 {
+                break;
+            }
+            let mut t = self.mem.u64(interp + l.is_threads_head).unwrap_or(0);
+            while t != 0 && out.len() < MAX_THREADS {
+                let Some(tid) = self.mem.u64(t + l.ts_native_thread_id) else {
+                    break;
+                };
+                if tid != 0 {
+                    out.push((tid as u32, t));
+                }
+                t = self.mem.u64(t + l.ts_next).unwrap_or(0);
+            }
+            interp = self.mem.u64(interp + l.is_next).unwrap_or(0);
+        }
+        out
+    }
+
+    /// Decodes frames recorded by the kernel (innermost first) while the process lives.
+    pub fn decode(&mut self, frames: &[PyFrameRec]) -> Vec<PyFrame> {
+        let layout = self.layout.clone();
+        frames
+            .iter()
+            .map(|f| match self.codes.get(&self.mem, &layout, f.code) {
+                Some(info) => {
+                    let start = f.code + layout.co_code_adaptive;
+                    let line = f
+                        .instr
+                        .checked_sub(start)
+                        .map(|b| b / 2)
+                        .and_then(|lasti| info.line(lasti))
+                        .or(Some(info.firstlineno));
+                    PyFrame {
+                        filename: info.filename.clone(),
+                        function: info.qualname.clone(),
+                        line,
+                    }
+                }
+                None => PyFrame::unknown(),
+            })
+            .collect()
+    }
+}
+
+/// How far a module is mapped from its link-time addresses.
+fn load_bias(elf: &ElfFile, modules: &ModuleMap, module: &str) -> Option<u64> {
+    let first = modules
+        .mappings()
+        .iter()
+        .filter(|m| m.path == module)
+        .min_by_key(|m| m.offset)?;
+    if first.offset != 0 {
+        return None;
+    }
+    Some(first.start.wrapping_sub(elf.first_load_vaddr()? & !0xfff))
+}

@@ -1,0 +1,70 @@
+//! Reading another process's memory (`process_vm_readv`).
+
+use std::io::IoSliceMut;
+
+use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+use nix::unistd::Pid;
+
+/// A process's memory, read without stopping it.
+#[derive(Clone, Copy, Debug)]
+pub struct Remote {
+    pub pid: u32,
+}
+
+impl Remote {
+    /// Reads exactly `len` bytes at `addr`.
+    pub fn read(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        if addr == 0 || len == 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; len];
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
+        let n = process_vm_readv(
+            Pid::from_raw(self.pid as i32),
+            &mut [IoSliceMut::new(&mut buf)],
+            &remote,
+        )
+        .ok()?;
+        (n == len).then_some(buf)
+    }
+
+    /// Reads a little-endian u64.
+    pub fn u64(&self, addr: u64) -> Option<u64> {
+        self.read(addr, 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    }
+
+    /// Reads a little-endian u32.
+    pub fn u32(&self, addr: u64) -> Option<u32> {
+        self.read(addr, 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    }
+}
+
+/// A u64 from a byte buffer at `off`.
+pub fn word(buf: &[u8], off: u64) -> Option<u64> {
+    let o = off as usize;
+    buf.get(o..o + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_memory_and_refuses_null() {
+        let value: u64 = 0x1122_3344_5566_7788;
+        let me = Remote {
+            pid: std::process::id(),
+        };
+        assert_eq!(me.u64(&value as *const u64 as u64), Some(value));
+        assert_eq!(me.u32(&value as *const u64 as u64), Some(0x5566_7788));
+        assert_eq!(me.read(0, 8), None);
+        assert_eq!(word(&value.to_le_bytes(), 0), Some(value));
+        assert_eq!(word(&[0u8; 4], 0), None);
+    }
+}

@@ -1,0 +1,200 @@
+//! ELF files: function symbols, their code bytes, and virtual address → file offset.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::error::{Error, Result};
+
+/// Which table a symbol came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SymbolTable {
+    /// `.symtab`: the full table, local (static) functions included; stripped builds lack it.
+    Symtab,
+    /// `.dynsym`: exported symbols only.
+    Dynsym,
+}
+
+/// A function symbol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FnSymbol {
+    pub name: String,
+    pub vaddr: u64,
+    pub size: u64,
+    pub table: SymbolTable,
+}
+
+/// An ELF file read into memory.
+pub struct ElfFile {
+    path: PathBuf,
+    data: Vec<u8>,
+}
+
+impl ElfFile {
+    /// Reads and validates an ELF file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let f = Self {
+            path: path.to_path_buf(),
+            data,
+        };
+        f.parse()?;
+        Ok(f)
+    }
+
+    /// The path it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn parse(&self) -> Result<object::File<'_>> {
+        object::File::parse(&*self.data).map_err(|e| Error::Elf {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Whether the file still has its full symbol table.
+    pub fn has_symtab(&self) -> bool {
+        self.parse()
+            .map(|o| o.section_by_name(".symtab").is_some())
+            .unwrap_or(false)
+    }
+
+    /// Looks up defined function symbols by name, preferring `.symtab` over `.dynsym`
+    /// (versioned dynamic names such as `malloc@@GLIBC_2.2.5` match `malloc`).
+    pub fn functions(&self, names: &[&str]) -> Result<HashMap<String, FnSymbol>> {
+        let obj = self.parse()?;
+        let mut found: HashMap<String, FnSymbol> = HashMap::new();
+        for (table, syms) in [
+            (SymbolTable::Symtab, obj.symbols()),
+            (SymbolTable::Dynsym, obj.dynamic_symbols()),
+        ] {
+            for sym in syms {
+                if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
+                    continue;
+                }
+                let Ok(raw) = sym.name() else { continue };
+                let name = raw.split('@').next().unwrap_or(raw);
+                if !names.contains(&name) || found.contains_key(name) {
+                    continue;
+                }
+                found.insert(
+                    name.to_string(),
+                    FnSymbol {
+                        name: name.to_string(),
+                        vaddr: sym.address(),
+                        size: sym.size(),
+                        table,
+                    },
+                );
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether any symbol (of any kind, either table) has one of these names.
+    pub fn has_any_symbol(&self, names: &[&str]) -> bool {
+        let Ok(obj) = self.parse() else { return false };
+        obj.symbols()
+            .chain(obj.dynamic_symbols())
+            .any(|s| s.name().map(|n| names.contains(&n)).unwrap_or(false))
+    }
+
+    /// The link-time address of a data symbol (e.g. `_PyRuntime`), from either table.
+    pub fn data_symbol(&self, name: &str) -> Option<u64> {
+        let obj = self.parse().ok()?;
+        obj.symbols()
+            .chain(obj.dynamic_symbols())
+            .find(|s| s.name() == Ok(name) && !s.is_undefined() && s.address() != 0)
+            .map(|s| s.address())
+    }
+
+    /// The lowest virtual address of a loadable segment (0 for shared objects and PIE).
+    pub fn first_load_vaddr(&self) -> Option<u64> {
+        let obj = self.parse().ok()?;
+        obj.segments().map(|s| s.address()).min()
+    }
+
+    /// The bytes of a data object named `name` (e.g. `_Py_Version`), from the file image.
+    pub fn object_bytes(&self, name: &str, len: u64) -> Option<Vec<u8>> {
+        let obj = self.parse().ok()?;
+        let sym = obj
+            .symbols()
+            .chain(obj.dynamic_symbols())
+            .find(|s| s.name() == Ok(name) && !s.is_undefined())?;
+        self.bytes_at(sym.address(), len)
+    }
+
+    /// `len` bytes at virtual address `vaddr`, if a section with file data holds them.
+    pub fn bytes_at(&self, vaddr: u64, len: u64) -> Option<Vec<u8>> {
+        let obj = self.parse().ok()?;
+        obj.sections()
+            .find_map(|s| s.data_range(vaddr, len).ok().flatten())
+            .map(<[u8]>::to_vec)
+    }
+
+    /// Converts a virtual address to the file offset the kernel's uprobe API wants.
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        let obj = self.parse().ok()?;
+        obj.segments().find_map(|seg| {
+            let (off, filesz) = seg.file_range();
+            let start = seg.address();
+            (start <= vaddr && vaddr < start + filesz).then(|| off + (vaddr - start))
+        })
+    }
+
+    /// The GNU build id, hex encoded.
+    pub fn build_id(&self) -> Option<String> {
+        let obj = self.parse().ok()?;
+        let id = obj.build_id().ok()??;
+        Some(id.iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn libc() -> PathBuf {
+        for p in [
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/x86_64-linux-gnu/libc.so.6",
+        ] {
+            if Path::new(p).exists() {
+                return PathBuf::from(p);
+            }
+        }
+        panic!("no libc.so.6 on this machine");
+    }
+
+    #[test]
+    fn finds_libc_allocators_in_dynsym() {
+        let elf = ElfFile::open(&libc()).unwrap();
+        let f = elf.functions(&["malloc", "free", "no_such_fn"]).unwrap();
+        assert_eq!(f.len(), 2);
+        let m = &f["malloc"];
+        assert!(m.size > 0);
+        // Function bytes are readable and map to a file offset in the executable segment.
+        assert!(elf.bytes_at(m.vaddr, 16).is_some());
+        assert!(elf.file_offset(m.vaddr).is_some());
+        assert!(elf.build_id().is_some());
+    }
+
+    #[test]
+    fn rejects_non_elf() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        std::fs::write(&p, b"not an elf").unwrap();
+        assert!(matches!(ElfFile::open(&p), Err(Error::Elf { .. })));
+        assert!(matches!(
+            ElfFile::open(&dir.path().join("missing")),
+            Err(Error::Read { .. })
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! `/proc/PID/maps`: which files a process has mapped where.
+
+use std::path::{Path, PathBuf};
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    /// File offset of `start`.
+    pub offset: u64,
+    pub inode: u64,
+    /// The path as the process sees it (empty for anonymous memory, `[heap]`-style for specials).
+    pub path: String,
+}
+
+impl Mapping {
+    /// Whether this maps a regular file (not anonymous memory or a `[special]` region).
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+
+    /// Whether the mapping is executable.
+    pub fn is_exec(&self) -> bool {
+        self.perms.as_bytes().get(2) == Some(&b'x')
+    }
+
+    /// The file name without directories.
+    pub fn basename(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
+    }
+
+    /// Whether `addr` falls inside the mapping.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+
+    /// The file offset that `addr` corresponds to.
+    pub fn file_offset(&self, addr: u64) -> u64 {
+        addr - self.start + self.offset
+    }
+}
+
+/// Parses the text of a maps file. Lines that do not parse are skipped (the kernel's format is
+/// stable; a `(deleted)` suffix is kept as part of the path).
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<Mapping> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?.to_string();
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+    let _dev = it.next()?;
+    let inode = it.next()?.parse().ok()?;
+    let path = it.next().unwrap_or("").trim_start().to_string();
+    let (s, e) = range.split_once('-')?;
+    Some(Mapping {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        perms,
+        offset,
+        inode,
+        path,
+    })
+}
+
+/// A snapshot of a process's file mappings, for turning addresses into (file, offset).
+#[derive(Clone, Debug, Default)]
+pub struct ModuleMap {
+    mappings: Vec<Mapping>,
+}
+
+impl ModuleMap {
+    /// Wraps parsed mappings (sorted by address).
+    pub fn new(mut mappings: Vec<Mapping>) -> Self {
+        mappings.retain(Mapping::is_file);
+        mappings.sort_by_key(|m| m.start);
+        Self { mappings }
+    }
+
+    /// The file mapping containing `addr`.
+    pub fn find(&self, addr: u64) -> Option<&Mapping> {
+        let i = self.mappings.partition_point(|m| m.start <= addr);
+        let m = self.mappings.get(i.checked_sub(1)?)?;
+        m.contains(addr).then_some(m)
+    }
+
+    /// All file mappings.
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
+    }
+
+    /// Distinct mapped file paths, in address order.
+    pub fn files(&self) -> Vec<&str> {
+        let mut seen = Vec::<&str>::new();
+        for m in &self.mappings {
+            if !seen.contains(&m.path.as_str()) {
+                seen.push(&m.path);
+            }
+        }
+        seen
+    }
+}
+
+/// The host path of a file as the process sees it (through `/proc/PID/root`, so files inside a
+/// container's mount namespace resolve).
+pub fn host_path(pid: u32, path: &str) -> PathBuf {
+    let via_root = Path::new("/proc").join(pid.to_string()).join("root");
+    via_root.join(path.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1311 /usr/bin/python3.11
+55d0c0a01000-55d0c0c00000 r-xp 00001000 fe:01 1311 /usr/bin/python3.11
+55d0c1b8a000-55d0c1bab000 rw-p 00000000 00:00 0                          [heap]
+7f1e2c000000-7f1e2c021000 rw-p 00000000 00:00 0 
+7f1e2d228000-7f1e2d24e000 r--p 00000000 fe:01 2049 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f1e2d24e000-7f1e2d3a3000 r-xp 00026000 fe:01 2049 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f1e2d400000-7f1e2d401000 r-xp 00000000 fe:01 4000 /tmp/my lib (deleted)
+7ffd5c9d1000-7ffd5c9f2000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    #[test]
+    fn parses_files_specials_and_spaces() {
+        let maps = parse_maps(SAMPLE);
+        assert_eq!(maps.len(), 8);
+        assert_eq!(maps[1].offset, 0x1000);
+        assert!(maps[1].is_exec());
+        assert_eq!(maps[2].path, "[heap]");
+        assert!(!maps[2].is_file());
+        assert_eq!(maps[3].path, "");
+        assert_eq!(maps[6].path, "/tmp/my lib (deleted)");
+        assert_eq!(maps[4].basename(), "libc.so.6");
+    }
+
+    #[test]
+    fn finds_addresses_and_file_offsets() {
+        let mm = ModuleMap::new(parse_maps(SAMPLE));
+        let m = mm.find(0x7f1e2d24e010).unwrap();
+        assert_eq!(m.basename(), "libc.so.6");
+        assert_eq!(m.file_offset(0x7f1e2d24e010), 0x26010);
+        assert!(mm.find(0x55d0c1b8a100).is_none(), "heap is not a file");
+        assert!(mm.find(0x1000).is_none());
+        assert!(mm.find(0x7f1e2d3a3000).is_none(), "end is exclusive");
+        assert_eq!(mm.files().len(), 3);
+    }
+
+    #[test]
+    fn host_paths_go_through_proc_root() {
+        assert_eq!(
+            host_path(42, "/usr/lib/libc.so.6"),
+            PathBuf::from("/proc/42/root/usr/lib/libc.so.6")
+        );
+    }
+}

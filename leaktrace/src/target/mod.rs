@@ -1,0 +1,134 @@
+//! The traced process: its existence, its mappings, and which of its files hold the allocators.
+
+pub mod elf;
+pub mod maps;
+pub mod python;
+pub mod spawn;
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use maps::{parse_maps, ModuleMap};
+
+/// A process leaktrace traces, addressed by PID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+}
+
+impl Process {
+    /// Checks that the process exists.
+    pub fn open(pid: u32) -> Result<Self> {
+        let p = Self { pid };
+        if pid == 0 || !p.proc_dir().exists() {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        Ok(p)
+    }
+
+    fn proc_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}", self.pid))
+    }
+
+    /// Whether the process still runs (a zombie has exited and lost its memory).
+    pub fn alive(&self) -> bool {
+        match std::fs::read_to_string(self.proc_dir().join("stat")) {
+            // The state follows the parenthesised command, which may itself contain ')'.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X"),
+            Err(_) => false,
+        }
+    }
+
+    /// The process's current mappings.
+    pub fn maps(&self) -> Result<Vec<maps::Mapping>> {
+        let path = self.proc_dir().join("maps");
+        let text = std::fs::read_to_string(&path).map_err(|source| {
+            if self.alive() {
+                Error::Read { path, source }
+            } else {
+                Error::TargetExited {
+                    pid: self.pid,
+                    detail: "its memory maps are gone".into(),
+                }
+            }
+        })?;
+        let maps = parse_maps(&text);
+        if maps.is_empty() && !self.alive() {
+            return Err(Error::TargetExited {
+                pid: self.pid,
+                detail: "its memory maps are gone".into(),
+            });
+        }
+        Ok(maps)
+    }
+
+    /// A snapshot of the file mappings, for address → (file, offset) lookups.
+    pub fn module_map(&self) -> Result<ModuleMap> {
+        Ok(ModuleMap::new(self.maps()?))
+    }
+
+    /// The executable's path as the process sees it.
+    pub fn exe(&self) -> Option<String> {
+        std::fs::read_link(self.proc_dir().join("exe"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    /// The command line, space-joined.
+    pub fn cmdline(&self) -> String {
+        std::fs::read(self.proc_dir().join("cmdline"))
+            .map(|b| {
+                b.split(|c| *c == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    }
+
+    /// Resident set size in bytes, from `/proc/PID/statm`.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let statm = std::fs::read_to_string(self.proc_dir().join("statm")).ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * page_size())
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as u64
+    } else {
+        4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_with_libc_mapped() {
+        let me = Process::open(std::process::id()).unwrap();
+        assert!(me.alive());
+        let mm = me.module_map().unwrap();
+        assert!(mm.files().iter().any(|f| f.contains("libc")));
+        assert!(me.rss_bytes().unwrap() > 0);
+        assert!(!me.cmdline().is_empty());
+    }
+
+    #[test]
+    fn missing_pid_is_a_clear_error() {
+        // PID max is at most 2^22 on Linux; this one cannot exist.
+        assert!(matches!(
+            Process::open(0x7fff_fff0),
+            Err(Error::NoSuchProcess(_))
+        ));
+        assert!(matches!(Process::open(0), Err(Error::NoSuchProcess(0))));
+    }
+}
