@@ -38,11 +38,11 @@ fn attach_for_a_window_then_detach_leaves_target_running() {
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script(SLOW_LEAKER);
-    let mut target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
+    let target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
     let pid = target.id().to_string();
     let r = leaktrace(&["attach", "-p", &pid, "--duration", "2", "--verbose"]);
     assert_eq!(r.code, 0, "a window that ends normally exits 0");
-    let site = r.site("leak_malloc", "malloc");
+    let site = &r.site("leak_malloc", "malloc");
     let n = site["unfreed_count"].as_u64().unwrap();
     // ~2 s at up to 200 leaks a second; Python and the machine may be slower.
     assert!((50..=500).contains(&n), "{n} leaks seen in 2 s");
@@ -61,8 +61,6 @@ fn attach_for_a_window_then_detach_leaves_target_running() {
     for (f, mem, file) in probe_bytes(target.id(), &points) {
         assert_eq!(mem, file, "{f}: a probe byte was left in the target");
     }
-    target.kill().unwrap();
-    target.wait().unwrap();
 }
 
 #[test]
@@ -71,7 +69,7 @@ fn target_exiting_mid_trace_still_gets_a_report() {
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script(SLOW_LEAKER);
-    let mut target = start_ready(&py, &s, &[ext.to_str().unwrap(), "1.5"]);
+    let target = start_ready(&py, &s, &[ext.to_str().unwrap(), "1.5"]);
     let pid = target.id().to_string();
     let started = std::time::Instant::now();
     let r = leaktrace(&["attach", "-p", &pid, "--duration", "60"]);
@@ -85,14 +83,14 @@ fn target_exiting_mid_trace_still_gets_a_report() {
     );
     let j = r.json.as_ref().unwrap();
     assert!(j["target"]["end"].as_str().unwrap().contains("exited"));
-    let site = r.site("leak_malloc", "malloc");
+    let site = &r.site("leak_malloc", "malloc");
     assert!(site["unfreed_count"].as_u64().unwrap() >= 20);
     // Symbolized while the process lived, though it is gone now.
     assert!(site["caller"]["module"]
         .as_str()
         .unwrap()
         .contains("leakyext"));
-    target.wait().unwrap();
+    let _ = target;
 }
 
 /// Runs `leaktrace attach --verbose` in the background and returns it once its probes are
@@ -138,7 +136,7 @@ fn sigint_detaches_cleanly_and_reports() {
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script(SLOW_LEAKER);
-    let mut target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
+    let target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
     let (lt, points) = attach_in_background(target.id());
     // While attached, the probes are in the target's code: this check can fail.
     let during = probe_bytes(target.id(), &points);
@@ -155,8 +153,6 @@ fn sigint_detaches_cleanly_and_reports() {
         assert_eq!(mem, file, "{f}: probe left behind after SIGINT");
     }
     assert_eq!(bpf_programs_named("alloc_enter"), 0);
-    target.kill().unwrap();
-    target.wait().unwrap();
 }
 
 #[test]
@@ -165,7 +161,7 @@ fn sigkill_of_leaktrace_leaves_no_probe_behind() {
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script(SLOW_LEAKER);
-    let mut target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
+    let target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
     let (mut lt, points) = attach_in_background(target.id());
     assert!(probe_bytes(target.id(), &points)
         .iter()
@@ -189,6 +185,4 @@ fn sigkill_of_leaktrace_leaves_no_probe_behind() {
         assert!(ev.trim().is_empty(), "uprobe_events: {ev}");
     }
     assert!(alive(target.id()), "the target survives its tracer's death");
-    target.kill().unwrap();
-    target.wait().unwrap();
 }

@@ -45,7 +45,7 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
     assert_eq!(j["dropped"], 0);
 
     // 1,000 × malloc(4096), never freed: one site, in leak_malloc, with its source line.
-    let m = r.site("leak_malloc", "malloc");
+    let m = &r.site("leak_malloc", "malloc");
     assert_eq!((bytes(m), count(m)), (4_096_000, 1000));
     assert_eq!(m["family"], "libc");
     assert!(m["caller"]["module"].as_str().unwrap().contains("leakyext"));
@@ -61,13 +61,13 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
     assert!(r.counter("frees") >= 1000);
 
     // Objects from the Python allocator kept alive by a leaked reference.
-    let o = r.site("leak_pyobj", "_PyObject_Malloc");
+    let o = &r.site("leak_pyobj", "_PyObject_Malloc");
     assert_eq!(count(o), 500);
     assert_eq!(o["family"], "python");
 
     // Nesting: PyObject_Malloc(100000) is served by malloc inside pymalloc; counted once, by the
     // outermost allocator, and no libpython malloc site holds those bytes.
-    let big = r.site("leak_pymem_large", "_PyObject_Malloc");
+    let big = &r.site("leak_pymem_large", "_PyObject_Malloc");
     assert_eq!((bytes(big), count(big)), (1_000_000, 10));
     let inner: Vec<_> = r
         .sites("_PyObject_Malloc")
@@ -80,7 +80,7 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
     );
 
     // realloc moves blocks: the final size is charged to the realloc site, nothing to malloc(100).
-    let re = r.site("leak_realloc", "realloc");
+    let re = &r.site("leak_realloc", "realloc");
     assert_eq!((bytes(re), count(re)), (900_000, 3));
     assert!(r
         .sites("leak_realloc")
@@ -89,7 +89,7 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
 
     // Every other allocator, once each. reallocarray tail-calls realloc: counted once.
     for alloc in ["calloc", "reallocarray", "posix_memalign", "valloc"] {
-        let s = r.site("leak_each", alloc);
+        let s = &r.site("leak_each", alloc);
         assert_eq!((bytes(s), count(s)), (12_345, 1), "{alloc}");
     }
     // aligned_alloc and memalign are one function in glibc: two call sites, one probe.
@@ -105,7 +105,7 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
         .all(|s| s["allocator"] != "realloc"));
 
     // Three levels deep: the site is the innermost caller (full stacks are their own issue).
-    let c = r.site("chain_level3", "malloc");
+    let c = &r.site("chain_level3", "malloc");
     assert_eq!((bytes(c), count(c)), (7 * 5002, 7));
 }
 
@@ -166,7 +166,7 @@ fn libc_only_and_python_only_select_families() {
         .unwrap()
         .clone();
     assert!(sites.iter().all(|s| s["family"] == "libc"));
-    assert_eq!(bytes(r.site("leak_malloc", "malloc")), 4_096_000);
+    assert_eq!(bytes(&r.site("leak_malloc", "malloc")), 4_096_000);
     // Without the pymalloc probes, the large PyObject_Malloc blocks (and every other large
     // Python request) show up as malloc called from inside pymalloc.
     let inner: u64 = r
@@ -185,7 +185,7 @@ fn libc_only_and_python_only_select_families() {
         .unwrap()
         .clone();
     assert!(sites.iter().all(|s| s["family"] == "python"));
-    assert_eq!(count(r.site("leak_pyobj", "_PyObject_Malloc")), 500);
+    assert_eq!(count(&r.site("leak_pyobj", "_PyObject_Malloc")), 500);
     assert!(r.sites("leak_malloc").is_empty());
 }
 
@@ -221,9 +221,9 @@ fn stripped_debian_python_falls_back_to_exported_api() {
         "{probes:?}"
     );
     assert_eq!(j["target"]["python_module"], "/usr/bin/python3.11");
-    assert_eq!(bytes(r.site("leak_malloc", "malloc")), 4_096_000);
+    assert_eq!(bytes(&r.site("leak_malloc", "malloc")), 4_096_000);
     // The extension calls the exported PyObject_Malloc, which the fallback probes.
-    assert_eq!(count(r.site("leak_pyobj", "PyObject_Malloc")), 500);
+    assert_eq!(count(&r.site("leak_pyobj", "PyObject_Malloc")), 500);
 }
 
 /// A program that is not Python: libc tracing works and the report says so.
@@ -266,6 +266,6 @@ int main(void) {
         .contains("exited with code 3"));
     assert!(j["target"]["python"].is_null());
     assert!(r.stderr.contains("not a Python process"));
-    let s = r.site("leak_in_c", "malloc");
+    let s = &r.site("leak_in_c", "malloc");
     assert_eq!((bytes(s), count(s)), (300_000, 300));
 }

@@ -393,7 +393,14 @@ pub struct PyOffsets {
     /// Frames whose owner is at least this are interpreter-internal (C-stack shim or entry
     /// frames on 3.12+) and skipped; 255 on 3.11, which has no such frames.
     pub owner_skip_min: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// `PyInterpreterState.threads.head`.
+    pub is_threads_head: u16,
+    /// `PyThreadState.next`.
+    pub ts_next: u16,
+    /// Absolute address of `_PyRuntime.interpreters.head`: where the kernel starts its own
+    /// search of the thread list for a thread it has not seen.
+    pub interp_head_addr: u64,
 }
 
 pub const EVENT_NEW_SITE: u32 = 1;
@@ -459,6 +466,10 @@ impl Default for NewSiteEvent {
 pub const TARGET_TRACED: u32 = 1;
 /// Set by the kernel when the process's interpreter began finalizing: accounting stops.
 pub const TARGET_FROZEN: u32 = 2;
+/// Stop the process (SIGSTOP) when its interpreter begins finalizing, so userspace can decode
+/// every Python stack while the code objects still exist (`run`, where leaktrace is the tracer
+/// and swallows that stop).
+pub const TARGET_STOP_AT_FINALIZE: u32 = 4;
 
 /// The start of a site id: a 64-bit mix of the process, the allocator function and the native
 /// call path. Python frames are folded in with `site_id_add_frame`.

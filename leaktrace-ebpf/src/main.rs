@@ -10,10 +10,10 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_get_attach_cookie, bpf_loop},
+        generated::{bpf_get_attach_cookie, bpf_loop, bpf_send_signal},
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
@@ -21,7 +21,7 @@ use leaktrace_ebpf::{
     py_status, site_id, site_id_add_frame, site_id_finish, AllocFn, Counter, FinalizeEvent,
     LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec, PyOffsets, Shape, SiteStats,
     EVENT_FINALIZE, EVENT_NEW_SITE, MAX_NATIVE_FRAMES, MAX_PY_FRAMES, NUM_COUNTERS, PY_FRAME_READ,
-    TARGET_FROZEN,
+    TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
 };
 
 /// Allocations smaller than this are not tracked (`--min-size`).
@@ -64,10 +64,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 #[map]
 static PYPROCS: HashMap<u32, PyOffsets> = HashMap::with_max_entries(1024, 0);
 
-/// Thread states of Python threads (tid → `PyThreadState*`), refreshed by userspace from the
-/// interpreter's thread list: how a thread that allocates without holding the GIL is found.
+/// Thread states of Python threads (tid → `PyThreadState*`): how a thread that allocates
+/// without holding the GIL is found. Filled by the kernel's own search of the interpreter's
+/// thread list (and refreshed by userspace); least recently used entries make room.
 #[map]
-static THREADS: HashMap<u32, u64> = HashMap::with_max_entries(1 << 16, 0);
+static THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 16, 0);
 
 /// Per-CPU room for building a new-site record and reading one frame: too big for the stack.
 #[repr(C)]
@@ -275,7 +276,10 @@ pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
         return 0;
     };
     // SAFETY: a live map value.
-    unsafe { *flags |= TARGET_FROZEN };
+    let stop = unsafe {
+        *flags |= TARGET_FROZEN;
+        *flags & TARGET_STOP_AT_FINALIZE != 0
+    };
     let ev = FinalizeEvent {
         kind: EVENT_FINALIZE,
         tgid,
@@ -284,8 +288,14 @@ pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
     if EVENTS.output::<FinalizeEvent>(&ev, 0).is_err() {
         bump(Counter::RingbufFull);
     }
+    if stop {
+        // Delivered on the way back to user space, before finalization frees anything.
+        unsafe { bpf_send_signal(SIGSTOP) };
+    }
     0
 }
+
+const SIGSTOP: u32 = 19;
 
 #[inline(always)]
 fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller: u64) {
@@ -430,8 +440,66 @@ fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
             }
         }
     }
-    let t = *unsafe { THREADS.get(&tid) }?;
-    matches(t).then_some(t)
+    if let Some(t) = unsafe { THREADS.get(&tid) } {
+        let t = *t;
+        if matches(t) {
+            return Some(t);
+        }
+    }
+    // Not known yet (a thread started since userspace last looked): search the main
+    // interpreter's thread list, and remember the answer.
+    let head = read_user_u64(off.interp_head_addr)?;
+    let first = read_user_u64(head + off.is_threads_head as u64)?;
+    let mut search = ThreadSearch {
+        tstate: first,
+        tid,
+        native_off: off.ts_native_thread_id,
+        next_off: off.ts_next,
+        found: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_THREAD_SEARCH,
+            thread_search_step as *mut core::ffi::c_void,
+            &mut search as *mut ThreadSearch as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    if search.found == 0 {
+        return None;
+    }
+    let _ = THREADS.insert(&tid, &search.found, 0);
+    Some(search.found)
+}
+
+/// Threads searched at most per lookup.
+const MAX_THREAD_SEARCH: u32 = 1024;
+
+#[repr(C)]
+struct ThreadSearch {
+    tstate: u64,
+    tid: u32,
+    native_off: u16,
+    next_off: u16,
+    found: u64,
+}
+
+#[inline(never)]
+extern "C" fn thread_search_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the ThreadSearch find_tstate passed in.
+    let c = unsafe { &mut *(ctx as *mut ThreadSearch) };
+    if c.tstate == 0 {
+        return 1;
+    }
+    if read_user_u64(c.tstate + c.native_off as u64).map(|v| v as u32) == Some(c.tid) {
+        c.found = c.tstate;
+        return 1;
+    }
+    match read_user_u64(c.tstate + c.next_off as u64) {
+        Some(next) => c.tstate = next,
+        None => return 1,
+    }
+    0
 }
 
 /// A u64 at a run-time offset in the frame buffer (0 when out of range).

@@ -56,8 +56,8 @@ pub struct Heap {
 }
 
 impl Heap {
-    /// Registers a site announced by the kernel and symbolizes its caller now, while the process
-    /// is alive.
+    /// Registers a site announced by the kernel and places its caller in a mapped file now,
+    /// while the process is alive (naming it waits for `symbolize_pending`).
     pub fn announce(
         &mut self,
         sym: &mut Symbolizer,
@@ -105,12 +105,24 @@ impl Heap {
         }
     }
 
-    /// Symbolizes every site not yet symbolized (call while the process still has its maps).
-    pub fn symbolize_pending(&mut self, sym: &mut Symbolizer) {
+    /// Places callers whose module was not mapped when first seen (call while the process
+    /// still has its maps).
+    pub fn place_pending(&mut self, sym: &mut Symbolizer) {
         for site in self.sites.values_mut() {
-            let stale = site.frame.as_ref().is_none_or(|f| f.module.is_none());
-            if stale {
+            if site.frame.as_ref().is_none_or(|f| f.module.is_none()) {
                 site.frame = Some(sym.return_address(site.pid, site.caller));
+            }
+        }
+    }
+
+    /// Names every site's caller (from the files: this works after the process is gone).
+    pub fn symbolize(&mut self, sym: &mut Symbolizer) {
+        self.place_pending(sym);
+        for site in self.sites.values_mut() {
+            if let Some(f) = site.frame.as_mut() {
+                if f.function.is_none() {
+                    sym.resolve(site.pid, f);
+                }
             }
         }
     }

@@ -123,7 +123,13 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         py_ready: false,
         threads_refreshed: None,
     };
-    let setup = s.tracer.add_target(pid).and_then(|_| s.setup_probes());
+    // In `run`, leaktrace is the child's tracer: it can pause the interpreter at shutdown and
+    // swallow that stop, so every Python stack is decoded before finalization frees code.
+    let stop_at_finalize = child.is_some();
+    let setup = s
+        .tracer
+        .add_target(pid, stop_at_finalize)
+        .and_then(|_| s.setup_probes());
     if let Err(e) = setup {
         if let Some((ctl, _)) = &child {
             let _ = ctl.send(Control::Abort);
@@ -191,6 +197,14 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                     log::debug!("caught up");
                     reply(&child, Control::Release);
                 }
+                Some(SpawnEvent::Stopped) => {
+                    // Ours if the interpreter just began shutting down (its announcement is in
+                    // the ring buffer ahead of the stop); anyone else's is passed on.
+                    let before = s.finalized_at.is_some();
+                    s.catch_up()?;
+                    let ours = !before && s.finalized_at.is_some();
+                    reply(&child, if ours { Control::Release } else { Control::Deliver });
+                }
                 Some(SpawnEvent::Exec) => {
                     // A wrapper exec'd the real program: the old address space and everything
                     // recorded in it are gone; probe the new program's libraries.
@@ -213,6 +227,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     log::debug!("tracing ended: {end}");
     s.catch_up()?;
     s.refresh()?;
+    s.heap.symbolize(&mut s.sym);
     let counters = s.tracer.counters()?;
     let end = match s.finalized_at {
         Some(t) => format!(
@@ -348,11 +363,21 @@ impl Session<'_> {
                 Event::NewSite(ev) => {
                     let func = AllocFn::from_u8(ev.func).unwrap_or(AllocFn::Malloc);
                     let depth = (ev.py_depth as usize).min(ev.py_frames.len());
+                    log::trace!(
+                        "new site {:#x}: py status {} depth {} frames {:x?}",
+                        ev.site_id,
+                        ev.py_status,
+                        depth,
+                        &ev.py_frames[..depth]
+                    );
                     let python = self.py.as_mut().map(|py| PythonStack {
                         frames: py.decode(&ev.py_frames[..depth]),
                         status: ev.py_status,
                         truncated: ev.py_truncated != 0,
                     });
+                    if let Some(p) = &python {
+                        log::trace!("site {:#x} decoded: {:?}", ev.site_id, p.frames);
+                    }
                     self.heap.announce(
                         &mut self.sym,
                         ev.site_id,
@@ -389,7 +414,7 @@ impl Session<'_> {
         self.absorb(batch);
         self.sym.refresh(self.proc.pid);
         self.heap.update(&mut self.sym, self.tracer.sites()?);
-        self.heap.symbolize_pending(&mut self.sym);
+        self.heap.place_pending(&mut self.sym);
         Ok(())
     }
 

@@ -123,20 +123,31 @@ impl Run {
             .collect()
     }
 
-    /// The one site whose caller is `function` and allocator is `allocator`.
-    pub fn site(&self, function: &str, allocator: &str) -> &Value {
+    /// The sites whose caller is `function` and allocator is `allocator`, merged into one: the
+    /// same native call site reached from different Python stacks is several sites.
+    pub fn site(&self, function: &str, allocator: &str) -> Value {
         let all: Vec<&Value> = self
             .sites(function)
             .into_iter()
             .filter(|s| s["allocator"] == allocator)
             .collect();
-        assert_eq!(
-            all.len(),
-            1,
-            "sites for {allocator} in {function}: {all:#?}\n{}",
+        assert!(
+            !all.is_empty(),
+            "no {allocator} site in {function}:\n{}",
             self.stdout
         );
-        all[0]
+        let mut merged = all[0].clone();
+        for key in [
+            "unfreed_bytes",
+            "unfreed_count",
+            "allocs",
+            "alloc_bytes",
+            "frees",
+        ] {
+            let sum: u64 = all.iter().map(|s| s[key].as_u64().unwrap()).sum();
+            merged[key] = sum.into();
+        }
+        merged
     }
 
     pub fn counter(&self, name: &str) -> u64 {
@@ -174,8 +185,24 @@ pub fn leaktrace(args: &[&str]) -> Run {
     run
 }
 
+/// A child process killed when the test ends, pass or fail.
+pub struct Target(pub Child);
+
+impl Target {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `python script args…` and waits until it prints a line containing `READY`.
-pub fn start_ready(python: &Path, script: &Path, args: &[&str]) -> Child {
+pub fn start_ready(python: &Path, script: &Path, args: &[&str]) -> Target {
     let mut child = Command::new(python)
         .arg(script)
         .args(args)
@@ -195,7 +222,7 @@ pub fn start_ready(python: &Path, script: &Path, args: &[&str]) -> Child {
     }
     // Keep draining so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    child
+    Target(child)
 }
 
 /// Whether a process is still running (not a zombie).

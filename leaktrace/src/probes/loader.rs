@@ -10,7 +10,8 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope
 use aya::programs::UProbe;
 use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
-    Counter, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, NUM_COUNTERS, TARGET_TRACED,
+    Counter, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, NUM_COUNTERS,
+    TARGET_STOP_AT_FINALIZE, TARGET_TRACED,
 };
 
 use super::plan::ProbePlan;
@@ -152,11 +153,20 @@ impl Tracer {
     }
 
     /// Marks a process as traced (the programs ignore every other process).
-    pub fn add_target(&mut self, tgid: u32) -> Result<()> {
+    pub fn add_target(&mut self, tgid: u32, stop_at_finalize: bool) -> Result<()> {
         let mut targets: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.map_mut("TARGETS")?).map_err(|e| bpf_err("TARGETS", e))?;
         targets
-            .insert(tgid, TARGET_TRACED, 0)
+            .insert(
+                tgid,
+                TARGET_TRACED
+                    | if stop_at_finalize {
+                        TARGET_STOP_AT_FINALIZE
+                    } else {
+                        0
+                    },
+                0,
+            )
             .map_err(|e| bpf_err("adding the target", e))
     }
 
@@ -246,6 +256,7 @@ impl Tracer {
     pub fn set_threads(&mut self, tgid: u32, threads: &[(u32, u64)]) -> Result<()> {
         let known = self.threads.entry(tgid).or_default().clone();
         let now: HashSet<u32> = threads.iter().map(|(t, _)| *t).collect();
+        // aya's HashMap serves LRU hash maps too.
         let mut m: BpfHashMap<&mut MapData, u32, u64> =
             BpfHashMap::try_from(self.map_mut("THREADS")?).map_err(|e| bpf_err("THREADS", e))?;
         for gone in known.difference(&now) {

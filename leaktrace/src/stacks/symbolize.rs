@@ -59,7 +59,10 @@ impl Frame {
 pub struct Symbolizer {
     blazesym: Blazesym,
     modules: HashMap<u32, ModuleMap>,
+    /// (pid, address) → placed frame.
     cache: HashMap<(u32, u64), Frame>,
+    /// (module, file offset) → symbolized frame.
+    resolved: HashMap<(String, u64), Frame>,
 }
 
 impl Default for Symbolizer {
@@ -75,6 +78,7 @@ impl Symbolizer {
             blazesym: Blazesym::new(),
             modules: HashMap::new(),
             cache: HashMap::new(),
+            resolved: HashMap::new(),
         }
     }
 
@@ -88,8 +92,8 @@ impl Symbolizer {
         }
     }
 
-    /// Symbolizes a return address of process `pid` (the call instruction before it is looked
-    /// up, so the line is the call's).
+    /// Places a return address of process `pid` in its mapped file (cheap: no symbolization).
+    /// Call while the process lives; `resolve` names it later, from the file alone.
     pub fn return_address(&mut self, pid: u32, addr: u64) -> Frame {
         if let Some(f) = self.cache.get(&(pid, addr)) {
             return f.clone();
@@ -104,16 +108,31 @@ impl Symbolizer {
             ..Frame::default()
         };
         if let Some(m) = mapping {
-            let off = m.file_offset(addr);
             frame.module = Some(m.path.clone());
-            frame.file_offset = Some(off);
-            self.symbolize_into(&mut frame, pid, &m.path, off.saturating_sub(1));
-        }
-        // Only cache what is final: an address whose module was not mapped yet may be later.
-        if frame.module.is_some() {
+            frame.file_offset = Some(m.file_offset(addr));
+            // Only cache what is final: an address whose module was not mapped yet may be later.
             self.cache.insert((pid, addr), frame.clone());
         }
         frame
+    }
+
+    /// Fills in function, file and line of a frame placed by `return_address` (the call
+    /// instruction before the return address is looked up, so the line is the call's).
+    pub fn resolve(&mut self, pid: u32, frame: &mut Frame) {
+        let (Some(module), Some(off)) = (frame.module.clone(), frame.file_offset) else {
+            return;
+        };
+        let key = (module.clone(), off);
+        if let Some(done) = self.resolved.get(&key) {
+            frame.function.clone_from(&done.function);
+            frame.function_offset = done.function_offset;
+            frame.file.clone_from(&done.file);
+            frame.line = done.line;
+            frame.inlined.clone_from(&done.inlined);
+            return;
+        }
+        self.symbolize_into(frame, pid, &module, off.saturating_sub(1));
+        self.resolved.insert(key, frame.clone());
     }
 
     fn symbolize_into(&self, frame: &mut Frame, pid: u32, path: &str, lookup: u64) {
@@ -158,7 +177,9 @@ mod tests {
         let mut s = Symbolizer::new();
         let pid = std::process::id();
         // Pretend the return address is a few bytes into the function.
-        let f = s.return_address(pid, marker_function() + 4);
+        let mut f = s.return_address(pid, marker_function() + 4);
+        assert!(f.function.is_none(), "placing does not symbolize");
+        s.resolve(pid, &mut f);
         assert!(f.module.is_some());
         assert!(
             f.function
@@ -168,7 +189,8 @@ mod tests {
             "{f:?}"
         );
         assert!(f.display().contains("marker_function"));
-        let unknown = s.return_address(pid, 0x10);
+        let mut unknown = s.return_address(pid, 0x10);
+        s.resolve(pid, &mut unknown);
         assert!(unknown.module.is_none());
         assert!(unknown.display().contains("unknown module"));
     }

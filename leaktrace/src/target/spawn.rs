@@ -29,6 +29,10 @@ pub enum SpawnEvent {
     Ready(u32),
     /// The child exec'd a new program and is stopped at its entry point. Reply `Control::Go`.
     Exec,
+    /// The child stopped with SIGSTOP: leaktrace's own pause at interpreter shutdown, or a real
+    /// job-control stop. Reply `Control::Release` (the pause is swallowed) or
+    /// `Control::Deliver` (a real stop: pass it on).
+    Stopped,
     /// The child is about to exit; its maps are still readable. Reply `Control::Release`.
     Exiting,
     /// The child is gone.
@@ -61,8 +65,10 @@ impl std::fmt::Display for ExitKind {
 pub enum Control {
     /// Probes are attached: let the child run.
     Go,
-    /// Final events are read: let the child finish exiting.
+    /// Final events are read: let the child go on.
     Release,
+    /// The stop was not leaktrace's: deliver the signal.
+    Deliver,
     /// Setup failed: kill the child.
     Abort,
 }
@@ -164,6 +170,11 @@ fn run(
                     let _ = rx.recv();
                 }
                 let _ = ptrace::cont(pid, None);
+            }
+            Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {
+                let _ = events.send(SpawnEvent::Stopped);
+                let deliver = matches!(rx.recv(), Ok(Control::Deliver));
+                let _ = ptrace::cont(pid, deliver.then_some(Signal::SIGSTOP));
             }
             Ok(WaitStatus::Stopped(_, sig)) => {
                 // A signal for the child: deliver it.

@@ -88,7 +88,10 @@ impl CodeCache {
     pub fn get(&mut self, mem: &Remote, layout: &PyLayout, addr: u64) -> Option<&CodeInfo> {
         let lo = layout.co_firstlineno.min(layout.co_filename);
         let hi = layout.co_linetable.max(layout.co_qualname) + 8;
-        let head = mem.read(addr + lo, (hi - lo) as usize)?;
+        let Some(head) = mem.read(addr + lo, (hi - lo) as usize) else {
+            log::trace!("code {addr:#x}: unreadable");
+            return None;
+        };
         let field = |off: u64| word(&head, off - lo);
         let fingerprint = [
             field(layout.co_filename)?,
@@ -107,12 +110,19 @@ impl CodeCache {
                     .try_into()
                     .ok()?,
             );
+            let filename = read_str(mem, layout, fingerprint[0]);
+            let qualname = read_str(mem, layout, fingerprint[1])
+                .or_else(|| read_str(mem, layout, fingerprint[3]));
+            let linetable = read_bytes(mem, layout, fingerprint[2]);
+            log::trace!(
+                "code {addr:#x}: {fingerprint:x?} → {filename:?} {qualname:?} {:?}",
+                linetable.as_ref().map(|l| l.len())
+            );
             let info = CodeInfo {
-                filename: read_str(mem, layout, fingerprint[0])?,
-                qualname: read_str(mem, layout, fingerprint[1])
-                    .or_else(|| read_str(mem, layout, fingerprint[3]))?,
+                filename: filename?,
+                qualname: qualname?,
                 firstlineno,
-                linetable: read_bytes(mem, layout, fingerprint[2])?,
+                linetable: linetable?,
                 fingerprint,
             };
             self.cache.insert(addr, info);

@@ -130,7 +130,10 @@ impl PythonProcess {
             fr_instr: narrow(l.fr_instr),
             fr_owner: narrow(l.fr_owner),
             owner_skip_min: l.owner_skip_min,
-            _pad: [0; 5],
+            _pad: 0,
+            is_threads_head: narrow(l.is_threads_head),
+            ts_next: narrow(l.ts_next),
+            interp_head_addr: self.runtime + l.rt_interpreters_head,
         })
     }
 
