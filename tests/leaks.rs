@@ -198,6 +198,8 @@ fn stripped_debian_python_falls_back_to_exported_api() {
     let s = script(EXT_WORKLOAD);
     let r = leaktrace(&[
         "run",
+        "--pymalloc",
+        "keep",
         "--top",
         "1000",
         "--",

@@ -151,19 +151,20 @@ fn names_file_function_and_line_on_every_interpreter() {
     }
 }
 
-/// The per-line bytes tracemalloc (inside the target) reports still allocated at the end,
-/// against leaktrace's Python-allocator bytes for the same innermost lines.
-#[test]
-fn python_allocator_bytes_per_line_match_tracemalloc() {
-    let out = tempfile::NamedTempFile::new().unwrap().into_temp_path();
-    let body = format!(
-        r#"
-import json, sys, tracemalloc
-tracemalloc.start(1)
-keep = []
-def records():
+/// A workload with big allocations on known lines; with `tracemalloc` it measures them from
+/// inside and writes {line: bytes} for lines holding ≥ 100 KB to the file named by argv[1].
+fn tracemalloc_workload(tracemalloc: bool) -> String {
+    let start = if tracemalloc {
+        "tracemalloc.start(1)"
+    } else {
+        "pass"
+    };
+    format!("\nimport json, sys, tracemalloc\n{start}\nkeep = []\n") + WORKLOAD_TAIL
+}
+
+const WORKLOAD_TAIL: &str = r#"def records():
     for i in range(4000):
-        keep.append({{"id": i, "name": "user%d" % i}})        # line 7
+        keep.append({"id": i, "name": "user%d" % i})        # line 7
 def blobs():
     for i in range(150):
         keep.append(bytes(2000 + i))                          # line 10
@@ -172,41 +173,39 @@ def text():
 def matrix():
     keep.append([[0.5 * j for j in range(50)] for i in range(400)])  # line 14
 records(); blobs(); text(); matrix()
-snap = tracemalloc.take_snapshot()
-me = __file__
-lines = {{}}
-for st in snap.statistics("lineno"):
-    fr = st.traceback[0]
-    if fr.filename == me and st.size >= 100_000:
-        lines[fr.lineno] = st.size
-json.dump(lines, open({out:?}, "w"))
-"#,
-        out = out.to_str().unwrap()
-    );
-    let s = script(&body);
-    let path = s.to_str().unwrap().to_string();
-    let py = pyenv_python();
-    let r = leaktrace(&["run", "--top", "1000000", "--", py.to_str().unwrap(), &path]);
-    assert_eq!(r.code, 0);
-    let truth: HashMap<String, u64> =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    assert!(
-        truth.len() >= 3,
-        "tracemalloc found too few big lines: {truth:?}"
-    );
+lines = {}
+if tracemalloc.is_tracing():
+    for st in tracemalloc.take_snapshot().statistics("lineno"):
+        fr = st.traceback[0]
+        if fr.filename == __file__ and st.size >= 100_000:
+            lines[fr.lineno] = st.size
+json.dump(lines, open(sys.argv[1], "w"))
+"#;
+
+/// Unfreed bytes per innermost line of `path`, from sites of the given families.
+fn bytes_per_line(r: &Run, path: &str, families: &[&str]) -> HashMap<u64, u64> {
     let mut ours: HashMap<u64, u64> = HashMap::new();
     for site in r.json.as_ref().unwrap()["sites"].as_array().unwrap() {
-        if site["family"] != "python" {
+        if !families.iter().any(|f| site["family"] == *f) {
             continue;
         }
         if let Some((file, _, line)) = frames(site).last() {
-            if *file == path {
+            if file == path {
                 *ours.entry(*line).or_default() += site["unfreed_bytes"].as_u64().unwrap();
             }
         }
     }
+    ours
+}
+
+/// Within 5% on every line tracemalloc saw holding ≥ 100 KB; prints both.
+fn assert_matches(truth: &HashMap<String, u64>, ours: &HashMap<u64, u64>) {
+    assert!(
+        truth.len() >= 3,
+        "tracemalloc found too few big lines: {truth:?}"
+    );
     eprintln!("line  tracemalloc  leaktrace  diff");
-    for (line, tm) in &truth {
+    for (line, tm) in truth {
         let lt = ours
             .get(&line.parse::<u64>().unwrap())
             .copied()
@@ -218,6 +217,95 @@ json.dump(lines, open({out:?}, "w"))
             "line {line}: tracemalloc {tm}, leaktrace {lt}"
         );
     }
+}
+
+/// tracemalloc's figures from inside pyenv's 3.11 for the workload.
+fn tracemalloc_truth() -> HashMap<String, u64> {
+    let out = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let s = script(&tracemalloc_workload(true));
+    let st = std::process::Command::new(pyenv_python())
+        .arg(&*s)
+        .arg(&*out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
+/// The per-line bytes tracemalloc (inside the target) reports still allocated at the end,
+/// against leaktrace's Python-allocator bytes for the same innermost lines, in the same run.
+#[test]
+fn python_allocator_bytes_per_line_match_tracemalloc() {
+    let out = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let s = script(&tracemalloc_workload(true));
+    let path = s.to_str().unwrap().to_string();
+    let py = pyenv_python();
+    let r = leaktrace(&[
+        "run",
+        "--top",
+        "1000000",
+        "--",
+        py.to_str().unwrap(),
+        &path,
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0);
+    let truth: HashMap<String, u64> =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // tracemalloc's own bookkeeping goes through libc: compare Python's allocator only.
+    assert_matches(&truth, &bytes_per_line(&r, &path, &["python"]));
+}
+
+/// Debian's stripped, LTO-built python3.11 inlines pymalloc into its callers: the exported API
+/// sees a fraction. `run` starts it with PYTHONMALLOC=malloc (`--pymalloc auto`), and every
+/// allocation is seen through libc: the figures tracemalloc measures on pyenv's 3.11.
+#[test]
+fn stripped_interpreter_is_complete_under_pymalloc_auto() {
+    let truth = tracemalloc_truth();
+    let out = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let s = script(&tracemalloc_workload(false));
+    let path = s.to_str().unwrap().to_string();
+    let py = debian_python();
+    let r = leaktrace(&[
+        "run",
+        "--top",
+        "1000000",
+        "--",
+        py.to_str().unwrap(),
+        &path,
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0);
+    assert_eq!(r.json.as_ref().unwrap()["python_coverage"], "raw_malloc");
+    assert!(r.stderr.contains("PYTHONMALLOC=malloc"));
+    assert!(r.stdout.contains("complete (PYTHONMALLOC=malloc"));
+    assert_matches(&truth, &bytes_per_line(&r, &path, &["python", "libc"]));
+
+    // Left alone, the exported API misses most of it.
+    let r = leaktrace(&[
+        "run",
+        "--pymalloc",
+        "keep",
+        "--top",
+        "1000000",
+        "--",
+        py.to_str().unwrap(),
+        &path,
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        r.json.as_ref().unwrap()["python_coverage"],
+        "exported_api_only"
+    );
+    let seen: u64 = bytes_per_line(&r, &path, &["python", "libc"])
+        .values()
+        .sum();
+    let all: u64 = truth.values().sum();
+    eprintln!("--pymalloc keep: {seen} of {all} bytes seen");
+    assert!(
+        seen < all * 9 / 10,
+        "expected partial coverage: {seen} of {all}"
+    );
 }
 
 #[test]

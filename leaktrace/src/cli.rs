@@ -25,6 +25,12 @@ pub enum Command {
     Run {
         #[command(flatten)]
         opts: CommonOpts,
+        /// Python allocator for the command: `auto` starts a Python whose pymalloc functions
+        /// are not in a symbol table (stripped, LTO builds such as Debian's) with
+        /// PYTHONMALLOC=malloc, so every allocation is seen; `keep` never changes it; `malloc`
+        /// always sets it.
+        #[arg(long, value_enum, default_value_t = PyMallocMode::Auto)]
+        pymalloc: PyMallocMode,
         /// The command and its arguments (after `--`).
         #[arg(
             required = true,
@@ -45,6 +51,14 @@ pub enum Command {
         #[command(flatten)]
         opts: CommonOpts,
     },
+}
+
+/// What `run` does about Python's allocator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PyMallocMode {
+    Auto,
+    Keep,
+    Malloc,
 }
 
 /// Options shared by `run` and `attach`.
@@ -169,7 +183,12 @@ mod tests {
         ])
         .unwrap();
         match c.command {
-            Command::Run { opts, command } => {
+            Command::Run {
+                opts,
+                command,
+                pymalloc,
+            } => {
+                assert_eq!(pymalloc, PyMallocMode::Auto);
                 assert_eq!(opts.top, 5);
                 assert_eq!(command, ["python3", "-c", "pass"]);
             }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// A record from the kernel.
 #[derive(Clone, Copy, Debug)]
 pub enum Event {
-    NewSite(NewSiteEvent),
+    NewSite(Box<NewSiteEvent>),
     Finalize(FinalizeEvent),
 }
 
@@ -67,7 +67,7 @@ fn drain(rb: &mut RingBuf<MapData>) -> Vec<Event> {
 pub fn parse(bytes: &[u8]) -> Option<Event> {
     let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match kind {
-        EVENT_NEW_SITE => read_new_site(bytes).map(Event::NewSite),
+        EVENT_NEW_SITE => read_new_site(bytes).map(|e| Event::NewSite(Box::new(e))),
         EVENT_FINALIZE => read_pod::<FinalizeEvent>(bytes).map(Event::Finalize),
         _ => None,
     }

@@ -9,8 +9,15 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let (spec, opts) = match &cli.command {
-        Command::Run { opts, command } => (
-            TargetSpec::Command(command.clone()),
+        Command::Run {
+            opts,
+            command,
+            pymalloc,
+        } => (
+            TargetSpec::Command {
+                argv: command.clone(),
+                pymalloc: *pymalloc,
+            },
             opts.trace_options(None),
         ),
         Command::Attach {

@@ -12,11 +12,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::cli::PyMallocMode;
 use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
-use crate::probes::plan::{plan, Families, ProbePlan};
+use crate::probes::plan::{needs_raw_malloc, plan, Families, ProbePlan};
 use crate::report::{human_bytes, Report, ReportOptions, TargetInfo};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
@@ -29,7 +30,10 @@ pub enum TargetSpec {
     /// A running process.
     Pid(u32),
     /// A command to start under tracing.
-    Command(Vec<String>),
+    Command {
+        argv: Vec<String>,
+        pymalloc: PyMallocMode,
+    },
 }
 
 /// How to trace.
@@ -96,9 +100,17 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
 
     let (pid, mut child): (u32, Child) = match &spec {
         TargetSpec::Pid(pid) => (*pid, None),
-        TargetSpec::Command(argv) => {
+        TargetSpec::Command { argv, pymalloc } => {
+            let env = python_malloc_env(argv, *pymalloc);
+            if let Some((k, v)) = &env {
+                eprintln!(
+                    "leaktrace: {} has no pymalloc symbols; starting it with {k}={v} so every Python \
+                     allocation is seen (--pymalloc keep to leave it)",
+                    argv[0]
+                );
+            }
             let (tx, mut rx) = unbounded_channel();
-            let ctl = spawn(argv.clone(), tx);
+            let ctl = spawn(argv.clone(), env, tx);
             match rx.recv().await {
                 Some(SpawnEvent::Ready(pid)) => (pid, Some((ctl, rx))),
                 Some(SpawnEvent::Failed(e)) => return Err(e),
@@ -432,6 +444,32 @@ fn reply(child: &Child, c: Control) {
     if let Some((ctl, _)) = child {
         let _ = ctl.send(c);
     }
+}
+
+/// The environment `run` adds for Python's allocator, if any.
+fn python_malloc_env(argv: &[String], mode: PyMallocMode) -> Option<(String, String)> {
+    if std::env::var_os("PYTHONMALLOC").is_some() {
+        return None; // the user's own choice stands
+    }
+    let set = match mode {
+        PyMallocMode::Keep => false,
+        PyMallocMode::Malloc => true,
+        PyMallocMode::Auto => resolve_command(&argv[0]).is_some_and(|p| needs_raw_malloc(&p)),
+    };
+    set.then(|| ("PYTHONMALLOC".to_string(), "malloc".to_string()))
+}
+
+/// The file `execvp` would run for `cmd`.
+fn resolve_command(cmd: &str) -> Option<PathBuf> {
+    if cmd.contains('/') {
+        return std::fs::canonicalize(cmd).ok();
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(cmd))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
 }
 
 /// The `--interval` progress line.

@@ -43,6 +43,9 @@ pub enum PythonCoverage {
     PymallocImpl,
     /// Only the exported API (stripped interpreter): calls inlined by LTO are not seen.
     ExportedApiOnly,
+    /// The process runs with `PYTHONMALLOC=malloc`: every Python allocation reaches libc's
+    /// malloc, which is probed.
+    RawMalloc,
     /// No Python allocator probed.
     None,
 }
@@ -112,6 +115,41 @@ fn is_libc(path: &str) -> bool {
         || base.starts_with("ld-musl")
 }
 
+/// Whether the process runs with `PYTHONMALLOC=malloc` (or `malloc_debug`): Python's object
+/// and memory domains then call libc's malloc directly.
+fn python_malloc_is_raw(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| {
+            env.split(|b| *b == 0)
+                .any(|kv| kv == b"PYTHONMALLOC=malloc" || kv == b"PYTHONMALLOC=malloc_debug")
+        })
+        .unwrap_or(false)
+}
+
+/// Whether a Python interpreter binary would leave leaktrace with partial coverage: it holds
+/// the interpreter (or links a libpython) whose pymalloc functions are not in a symbol table.
+/// `run --pymalloc auto` then starts it with `PYTHONMALLOC=malloc`.
+pub fn needs_raw_malloc(exe: &std::path::Path) -> bool {
+    let Ok(elf) = ElfFile::open(exe) else {
+        return false;
+    };
+    let impl_names: Vec<&str> = PY_IMPL_FNS.iter().map(|f| f.symbol()).collect();
+    let has_impls = |e: &ElfFile| {
+        e.functions(&impl_names)
+            .map(|f| f.len() == impl_names.len())
+            .unwrap_or(false)
+    };
+    if elf.has_any_symbol(&["_PyRuntime", "Py_Initialize"])
+        && elf.data_symbol("_PyRuntime").is_some()
+    {
+        return !has_impls(&elf);
+    }
+    match elf.needed_libpython() {
+        Some(lib) => ElfFile::open(&lib).map(|l| !has_impls(&l)).unwrap_or(false),
+        None => false,
+    }
+}
+
 /// Builds the probe plan for process `pid` from its current mappings.
 pub fn plan(
     pid: u32,
@@ -156,6 +194,7 @@ pub fn plan(
             });
         }
     }
+    let raw_malloc = python.is_some() && python_malloc_is_raw(pid);
     if families != Families::LibcOnly {
         if let Some(py) = &python {
             let elf = ElfFile::open(&py.host_path)?;
@@ -164,6 +203,10 @@ pub fn plan(
             if impls.len() == PY_IMPL_FNS.len() {
                 add_points(&mut plan, &elf, &py.module, PY_IMPL_FNS)?;
                 plan.python_coverage = PythonCoverage::PymallocImpl;
+            } else if raw_malloc && families == Families::All {
+                // Exported entry points still name Python allocations where they are called.
+                add_points(&mut plan, &elf, &py.module, PY_EXPORTED_FNS)?;
+                plan.python_coverage = PythonCoverage::RawMalloc;
             } else {
                 add_points(&mut plan, &elf, &py.module, PY_EXPORTED_FNS)?;
                 plan.python_coverage = PythonCoverage::ExportedApiOnly;

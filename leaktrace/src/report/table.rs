@@ -26,6 +26,9 @@ pub fn render(r: &Report, verbose: bool) -> String {
                 PythonCoverage::ExportedApiOnly => {
                     "PARTIAL (exported API only; LTO-inlined calls unseen)"
                 }
+                PythonCoverage::RawMalloc => {
+                    "complete (PYTHONMALLOC=malloc: every Python allocation goes through libc)"
+                }
                 PythonCoverage::None => "none (--libc-only)",
             };
             let _ = writeln!(o, "  python {v} in {m}; python allocator coverage: {cov}");

@@ -149,6 +149,58 @@ impl ElfFile {
         })
     }
 
+    /// The libpython this executable links, found the way the dynamic loader would look for it
+    /// in the common cases (its RUNPATH/RPATH with `$ORIGIN`, then the system directories).
+    pub fn needed_libpython(&self) -> Option<PathBuf> {
+        use object::read::elf::Dyn as _;
+        let obj = object::read::elf::ElfFile64::<object::Endianness>::parse(&*self.data).ok()?;
+        let endian = obj.endian();
+        let mut needed = None;
+        let mut paths = Vec::new();
+        let dynamic = obj
+            .elf_section_table()
+            .dynamic(endian, &*self.data)
+            .ok()??;
+        let (entries, strtab_index) = dynamic;
+        let strings = obj
+            .elf_section_table()
+            .strings(endian, &*self.data, strtab_index)
+            .ok()?;
+        for d in entries {
+            let tag = d.d_tag(endian) as u32;
+            let val = d.d_val(endian) as u32;
+            let Ok(name) = strings.get(val) else { continue };
+            let name = String::from_utf8_lossy(name).into_owned();
+            match tag {
+                object::elf::DT_NEEDED if name.starts_with("libpython3") => needed = Some(name),
+                object::elf::DT_RUNPATH | object::elf::DT_RPATH => {
+                    paths.extend(name.split(':').map(str::to_string))
+                }
+                _ => {}
+            }
+        }
+        let needed = needed?;
+        let origin = self
+            .path
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        paths.extend(
+            [
+                "/usr/local/lib",
+                "/usr/lib/x86_64-linux-gnu",
+                "/lib/x86_64-linux-gnu",
+                "/usr/lib",
+                "/lib",
+            ]
+            .map(String::from),
+        );
+        paths
+            .iter()
+            .map(|d| Path::new(&d.replace("$ORIGIN", &origin)).join(&needed))
+            .find(|p| p.exists())
+    }
+
     /// The GNU build id, hex encoded.
     pub fn build_id(&self) -> Option<String> {
         let obj = self.parse().ok()?;

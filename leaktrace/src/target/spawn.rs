@@ -73,13 +73,18 @@ pub enum Control {
     Abort,
 }
 
-/// Spawns `argv` on a new thread; events arrive on `events`.
-pub fn spawn(argv: Vec<String>, events: UnboundedSender<SpawnEvent>) -> mpsc::Sender<Control> {
+/// Spawns `argv` (with `env` added to leaktrace's environment) on a new thread; events arrive
+/// on `events`.
+pub fn spawn(
+    argv: Vec<String>,
+    env: Option<(String, String)>,
+    events: UnboundedSender<SpawnEvent>,
+) -> mpsc::Sender<Control> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("leaktrace-spawn".into())
         .spawn(move || {
-            if let Err(e) = run(&argv, &events, &rx) {
+            if let Err(e) = run(&argv, env, &events, &rx) {
                 let _ = events.send(SpawnEvent::Failed(e));
             }
         })
@@ -96,11 +101,15 @@ fn spawn_error(argv: &[String], detail: impl std::fmt::Display) -> Error {
 
 fn run(
     argv: &[String],
+    env: Option<(String, String)>,
     events: &UnboundedSender<SpawnEvent>,
     rx: &mpsc::Receiver<Control>,
 ) -> Result<(), Error> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
     // SAFETY: the closure only makes one async-signal-safe system call.
     unsafe {
         cmd.pre_exec(|| ptrace::traceme().map_err(std::io::Error::from));

@@ -42,9 +42,9 @@ pub fn read_str(mem: &Remote, layout: &PyLayout, addr: u64) -> Option<String> {
         return None;
     }
     let data = if ascii {
-        addr + layout.unicode_ascii_size
+        addr.wrapping_add(layout.unicode_ascii_size)
     } else {
-        addr + layout.unicode_compact_size
+        addr.wrapping_add(layout.unicode_compact_size)
     };
     let raw = mem.read(data, len * kind.max(1) as usize)?;
     match kind {
@@ -67,14 +67,14 @@ pub fn read_str(mem: &Remote, layout: &PyLayout, addr: u64) -> Option<String> {
 
 /// Reads a `bytes` object's contents.
 pub fn read_bytes(mem: &Remote, layout: &PyLayout, addr: u64) -> Option<Vec<u8>> {
-    let len = mem.u64(addr + layout.bytes_size)? as usize;
+    let len = mem.u64(addr.wrapping_add(layout.bytes_size))? as usize;
     if len > 1 << 24 {
         return None;
     }
     if len == 0 {
         return Some(Vec::new());
     }
-    mem.read(addr + layout.bytes_sval, len)
+    mem.read(addr.wrapping_add(layout.bytes_sval), len)
 }
 
 /// Code objects of one process, decoded once and re-validated on use.
@@ -88,7 +88,7 @@ impl CodeCache {
     pub fn get(&mut self, mem: &Remote, layout: &PyLayout, addr: u64) -> Option<&CodeInfo> {
         let lo = layout.co_firstlineno.min(layout.co_filename);
         let hi = layout.co_linetable.max(layout.co_qualname) + 8;
-        let Some(head) = mem.read(addr + lo, (hi - lo) as usize) else {
+        let Some(head) = mem.read(addr.wrapping_add(lo), (hi - lo) as usize) else {
             log::trace!("code {addr:#x}: unreadable");
             return None;
         };
@@ -138,6 +138,9 @@ fn varint(it: &mut impl Iterator<Item = u8>) -> Option<u64> {
     while b & 64 != 0 {
         b = it.next()?;
         shift += 6;
+        if shift > 60 {
+            return None; // corrupt: no line delta is that large
+        }
         v |= ((b & 63) as u64) << shift;
     }
     Some(v)
@@ -166,18 +169,18 @@ pub fn line_for(table: &[u8], firstlineno: u32, lasti: u64) -> Option<u32> {
         let this_line = match code {
             15 => None,
             14 => {
-                line += svarint(&mut it)?;
+                line = line.checked_add(svarint(&mut it)?)?;
                 varint(&mut it)?; // end line delta
                 varint(&mut it)?; // column + 1
                 varint(&mut it)?; // end column + 1
                 Some(line)
             }
             13 => {
-                line += svarint(&mut it)?;
+                line = line.checked_add(svarint(&mut it)?)?;
                 Some(line)
             }
             10..=12 => {
-                line += (code - 10) as i64;
+                line = line.checked_add((code - 10) as i64)?;
                 it.next()?;
                 it.next()?;
                 Some(line)
@@ -187,10 +190,10 @@ pub fn line_for(table: &[u8], firstlineno: u32, lasti: u64) -> Option<u32> {
                 Some(line)
             }
         };
-        if lasti < unit + length {
+        if lasti < unit.saturating_add(length) {
             return this_line.and_then(|l| u32::try_from(l).ok());
         }
-        unit += length;
+        unit = unit.saturating_add(length);
     }
     None
 }
@@ -228,6 +231,19 @@ mod tests {
         assert_eq!((l(6), l(7)), (Some(10), Some(10)));
         assert_eq!(l(8), None);
         assert_eq!(l(9), None, "past the end");
+    }
+
+    /// Garbage read from a freed code object must never panic.
+    #[test]
+    fn survives_corrupt_tables() {
+        let junk: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 0x80)
+            .collect();
+        for lasti in [0, 1, 100, 5000] {
+            let _ = line_for(&junk, u32::MAX, lasti);
+        }
+        assert_eq!(varint(&mut [0xffu8; 20].into_iter()), None);
+        assert_eq!(line_for(&[0x00], 1, 0), None, "not an entry start");
     }
 
     #[test]

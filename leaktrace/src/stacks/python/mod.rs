@@ -115,7 +115,7 @@ impl PythonProcess {
         let l = &self.layout;
         let holder_addr = match (l.rt_tstate_current, l.is_gil_holder) {
             (Some(off), _) => self.runtime + off,
-            (None, Some(off)) => self.main_interpreter()? + off,
+            (None, Some(off)) => self.main_interpreter()?.wrapping_add(off),
             (None, None) => 0,
         };
         let narrow = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
@@ -149,17 +149,20 @@ impl PythonProcess {
             if interp == 0 {
                 break;
             }
-            let mut t = self.mem.u64(interp + l.is_threads_head).unwrap_or(0);
+            let mut t = self
+                .mem
+                .u64(interp.wrapping_add(l.is_threads_head))
+                .unwrap_or(0);
             while t != 0 && out.len() < MAX_THREADS {
-                let Some(tid) = self.mem.u64(t + l.ts_native_thread_id) else {
+                let Some(tid) = self.mem.u64(t.wrapping_add(l.ts_native_thread_id)) else {
                     break;
                 };
                 if tid != 0 {
                     out.push((tid as u32, t));
                 }
-                t = self.mem.u64(t + l.ts_next).unwrap_or(0);
+                t = self.mem.u64(t.wrapping_add(l.ts_next)).unwrap_or(0);
             }
-            interp = self.mem.u64(interp + l.is_next).unwrap_or(0);
+            interp = self.mem.u64(interp.wrapping_add(l.is_next)).unwrap_or(0);
         }
         out
     }
@@ -171,7 +174,7 @@ impl PythonProcess {
             .iter()
             .map(|f| match self.codes.get(&self.mem, &layout, f.code) {
                 Some(info) => {
-                    let start = f.code + layout.co_code_adaptive;
+                    let start = f.code.wrapping_add(layout.co_code_adaptive);
                     let line = f
                         .instr
                         .checked_sub(start)
