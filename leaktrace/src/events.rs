@@ -8,7 +8,7 @@ use tokio::io::Interest;
 use crate::error::{Error, Result};
 
 /// A record from the kernel.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Event {
     NewSite(Box<NewSiteEvent>),
     Finalize(FinalizeEvent),
