@@ -131,3 +131,33 @@ fn bad_arguments_are_usage_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A full site table keeps counting: new Python stacks fold into their native caller, the
+/// leak that starts after the table filled is still found, and the report says so.
+#[test]
+fn full_site_table_folds_stacks_and_keeps_the_leak() {
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    let s = script("import sys\nsys.path.insert(0, sys.argv[1])\nimport json, leakyext\nfor i in range(2000): json.dumps({'k%d' % i: [i] * (i % 7)})\nfor i in range(500): leakyext.leak_malloc(1000)\n");
+    let r = leaktrace(&[
+        "run",
+        "--max-sites",
+        "3000",
+        "--top",
+        "100000",
+        "--",
+        py.to_str().unwrap(),
+        s.to_str().unwrap(),
+        ext.to_str().unwrap(),
+    ]);
+    no_panic(&r);
+    assert_eq!(r.code, 0);
+    assert!(r.counter("sites_coarsened") > 0, "{}", r.stdout);
+    let leak = r.site("leak_malloc", "malloc");
+    assert_eq!(
+        leak["unfreed_bytes"],
+        500 * 1000,
+        "every leaked block is counted"
+    );
+    assert!(r.stdout.contains("DROPS:") && r.stdout.contains("sites_coarsened"));
+}

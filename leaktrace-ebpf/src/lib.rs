@@ -215,7 +215,8 @@ pub enum Counter {
     LiveFull = 3,
     /// Drop: the `SITES` map was full; the allocation is not tracked.
     SitesFull = 4,
-    /// Drop: the ring buffer was full; a new site's capture was lost (its counters are kept).
+    /// The ring buffer was full when a new site was announced; the next allocation from the
+    /// site announces it again (its counters are kept meanwhile).
     RingbufFull = 5,
     /// Drop: the per-thread pending map was full; the allocation is not tracked.
     PendingFull = 6,
@@ -229,10 +230,13 @@ pub enum Counter {
     BelowMinSize = 10,
     /// Allocator calls that returned no memory.
     FailedAllocs = 11,
+    /// Drop of detail: the site map was full, so the allocation was counted under its native
+    /// caller without its Python stack.
+    SitesCoarsened = 12,
 }
 
 /// Number of counters in `COUNTERS`.
-pub const NUM_COUNTERS: u32 = 12;
+pub const NUM_COUNTERS: u32 = 13;
 
 impl Counter {
     /// Every counter, in index order.
@@ -249,6 +253,7 @@ impl Counter {
         Counter::StaleReplaced,
         Counter::BelowMinSize,
         Counter::FailedAllocs,
+        Counter::SitesCoarsened,
     ];
 
     /// Whether the counter records lost data (as opposed to information).
@@ -257,9 +262,9 @@ impl Counter {
             self,
             Counter::LiveFull
                 | Counter::SitesFull
-                | Counter::RingbufFull
                 | Counter::PendingFull
                 | Counter::MissedReturn
+                | Counter::SitesCoarsened
         )
     }
 
@@ -278,6 +283,7 @@ impl Counter {
             Counter::StaleReplaced => "stale_replaced",
             Counter::BelowMinSize => "below_min_size",
             Counter::FailedAllocs => "failed_allocs",
+            Counter::SitesCoarsened => "sites_coarsened",
         }
     }
 }
@@ -324,8 +330,9 @@ pub struct LiveAlloc {
     pub _pad: [u8; 7],
 }
 
-/// Value of `SITES`, keyed by site id: the site's identity and its counters, updated atomically
-/// by the kernel and read by userspace every interval.
+/// Value of `SITES`, keyed by site id: the site's identity and its counters, updated with
+/// atomic adds by the kernel (frees add the two's complement) and read by userspace every
+/// interval.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SiteStats {
@@ -337,7 +344,10 @@ pub struct SiteStats {
     /// Identity (kept here too so a site whose ring-buffer record was lost is still reportable).
     pub tgid: u32,
     pub func: u8,
-    pub _pad: [u8; 3],
+    /// Whether the site's record (with its Python stack) reached the ring buffer; while not,
+    /// every allocation from the site tries again.
+    pub announced: u8,
+    pub _pad: [u8; 2],
     pub native: [u64; MAX_NATIVE_FRAMES],
 }
 
@@ -352,6 +362,8 @@ pub mod py_status {
     pub const NO_THREAD_STATE: u8 = 2;
     /// Reading the interpreter's memory failed mid-walk.
     pub const READ_ERROR: u8 = 3;
+    /// The site map was full: the allocation is counted under its native caller alone.
+    pub const OVERFLOW: u8 = 4;
 }
 
 /// One Python frame as the kernel records it; userspace decodes the code object and line.

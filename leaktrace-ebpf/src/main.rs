@@ -6,6 +6,9 @@
 //! what to probe, where, and how to report — lives in userspace.
 #![no_std]
 #![no_main]
+// Atomic adds on map values (BPF_ATOMIC); `core::sync::atomic` has no 64-bit RMW on bpf.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     helpers::{
@@ -13,7 +16,7 @@ use aya_ebpf::{
         generated::{bpf_get_attach_cookie, bpf_loop, bpf_send_signal},
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
@@ -30,6 +33,14 @@ static MIN_SIZE: u64 = 0;
 /// When non-zero every program returns at once: the cost floor of the probes themselves.
 #[no_mangle]
 static FLOOR_MODE: u8 = 0;
+/// Sites created so far (in `.bss`, counted with atomic adds).
+#[no_mangle]
+static mut SITE_COUNT: u64 = 0;
+/// Past this many sites, new Python stacks are folded into their native caller: the rest of
+/// `SITES` is kept for those coarse sites, so no allocation goes uncounted.
+#[no_mangle]
+static SITES_SOFT_LIMIT: u64 = (1 << 20) - (1 << 18);
+
 /// Python frames recorded per site, at most `MAX_PY_FRAMES` (`--python-depth`).
 #[no_mangle]
 static PY_MAX_DEPTH: u32 = 64;
@@ -48,12 +59,10 @@ static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(16384, 0);
 #[map]
 static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
-/// Per-site counters and identity, per CPU so updates need no atomics: userspace sums the CPUs'
-/// copies with wrapping arithmetic (a block freed on another CPU than it was allocated on makes
-/// one copy "negative"), and takes the identity from the copy that created the site.
+/// Per-site counters and identity, updated with atomic adds from every CPU. Not preallocated:
+/// memory grows with the number of distinct sites, up to the bound userspace sets.
 #[map]
-static SITES: PerCpuHashMap<u64, SiteStats> =
-    PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+static SITES: HashMap<u64, SiteStats> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
 /// New-site announcements, each with its Python stack (56 bytes + 16 per frame). Sized for the
 /// burst of new sites while a program imports its modules.
@@ -92,6 +101,14 @@ fn bump(c: Counter) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
         unsafe { *p += 1 };
     }
+}
+
+/// `*p += v` atomically (a BPF_ATOMIC add: sites are updated from every CPU at once).
+#[inline(always)]
+fn add(p: &mut u64, v: u64) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    // SAFETY: `p` points into a live map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
 #[inline(always)]
@@ -309,8 +326,18 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let scratch = unsafe { &mut *scratch };
     let native = [caller; MAX_NATIVE_FRAMES];
-    let h = python_stack(tgid, tid, scratch, site_id(tgid, func as u8, &native));
-    let id = site_id_finish(h);
+    let base = site_id(tgid, func as u8, &native);
+    let mut id = site_id_finish(python_stack(tgid, tid, scratch, base));
+    let count = unsafe { core::ptr::read_volatile(&raw const SITE_COUNT) };
+    let full = count >= read_global(&SITES_SOFT_LIMIT);
+    if full && scratch.ev.py_depth > 0 && SITES.get_ptr_mut(&id).is_none() {
+        // The site map is full: keep accounting under the native caller alone, without the
+        // Python stack, rather than losing the allocation (or a leak that started late).
+        bump(Counter::SitesCoarsened);
+        id = site_id_finish(base);
+        scratch.ev.py_depth = 0;
+        scratch.ev.py_status = py_status::OVERFLOW;
+    }
     let stats = match SITES.get_ptr_mut(&id) {
         Some(s) => s,
         None => {
@@ -321,26 +348,8 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
                 ..SiteStats::default()
             };
             if SITES.insert(&id, &fresh, BPF_NOEXIST).is_ok() {
-                let ev = &mut scratch.ev;
-                ev.kind = EVENT_NEW_SITE;
-                ev.tgid = tgid;
-                ev.tid = tid;
-                ev.site_id = id;
-                ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-                ev.func = func as u8;
-                ev.native = native;
-                // Only the frames walked are sent: most stacks are far shallower than the limit.
-                let header = core::mem::offset_of!(NewSiteEvent, py_frames);
-                let frames = core::cmp::min(ev.py_depth as usize, MAX_PY_FRAMES);
-                let len = header + frames * core::mem::size_of::<PyFrameRec>();
-                let len = core::cmp::min(len, core::mem::size_of::<NewSiteEvent>());
-                // SAFETY: `len` is within the event.
-                let bytes = unsafe {
-                    core::slice::from_raw_parts(ev as *const NewSiteEvent as *const u8, len)
-                };
-                if EVENTS.output::<[u8]>(bytes, 0).is_err() {
-                    bump(Counter::RingbufFull);
-                }
+                // SAFETY: a global in .bss, updated atomically.
+                add(unsafe { &mut *(&raw mut SITE_COUNT) }, 1);
             }
             match SITES.get_ptr_mut(&id) {
                 Some(s) => s,
@@ -351,6 +360,33 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
             }
         }
     };
+    // SAFETY: a live map value.
+    let site = unsafe { &mut *stats };
+    if site.announced == 0 {
+        // New, or its announcement found the ring buffer full: the frames just walked are
+        // this site's, so (re)send them.
+        let ev = &mut scratch.ev;
+        ev.kind = EVENT_NEW_SITE;
+        ev.tgid = tgid;
+        ev.tid = tid;
+        ev.site_id = id;
+        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+        ev.func = func as u8;
+        ev.native = native;
+        // Only the frames walked are sent: most stacks are far shallower than the limit.
+        let header = core::mem::offset_of!(NewSiteEvent, py_frames);
+        let frames = core::cmp::min(ev.py_depth as usize, MAX_PY_FRAMES);
+        let len = header + frames * core::mem::size_of::<PyFrameRec>();
+        let len = core::cmp::min(len, core::mem::size_of::<NewSiteEvent>());
+        // SAFETY: `len` is within the event.
+        let bytes =
+            unsafe { core::slice::from_raw_parts(ev as *const NewSiteEvent as *const u8, len) };
+        if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
+            site.announced = 1;
+        } else {
+            bump(Counter::RingbufFull);
+        }
+    }
 
     let key = LiveKey {
         tgid,
@@ -371,11 +407,10 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
         return;
     }
     bump(Counter::Allocs);
-    let s = unsafe { &mut *stats };
-    s.allocs += 1;
-    s.alloc_bytes = s.alloc_bytes.wrapping_add(size);
-    s.live_count = s.live_count.wrapping_add(1);
-    s.live_bytes = s.live_bytes.wrapping_add(size);
+    add(&mut site.allocs, 1);
+    add(&mut site.alloc_bytes, size);
+    add(&mut site.live_count, 1);
+    add(&mut site.live_bytes, size);
 }
 
 #[inline(always)]
@@ -412,10 +447,10 @@ fn remove_live(tgid: u32, addr: u64) {
 fn retire(rec: &LiveAlloc, freed: bool) {
     if let Some(s) = SITES.get_ptr_mut(&rec.site_id) {
         let s = unsafe { &mut *s };
-        s.live_count = s.live_count.wrapping_sub(1);
-        s.live_bytes = s.live_bytes.wrapping_sub(rec.size);
+        add(&mut s.live_count, 1u64.wrapping_neg());
+        add(&mut s.live_bytes, rec.size.wrapping_neg());
         if freed {
-            s.frees += 1;
+            add(&mut s.frees, 1);
         }
     }
 }

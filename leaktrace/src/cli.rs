@@ -88,6 +88,10 @@ pub struct CommonOpts {
     /// Capacity of the kernel's live-allocation table; allocations beyond it are counted as dropped.
     #[arg(long, default_value_t = 1 << 20, value_name = "N")]
     pub max_live: u32,
+    /// Capacity of the kernel's site table (distinct allocator × caller × Python stack); when it
+    /// is full, new stacks are counted under their native caller alone, and that is shown.
+    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    pub max_sites: u32,
     /// Python frames to record per site (1–128); deeper stacks are cut and marked.
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
     pub python_depth: u32,
@@ -118,8 +122,8 @@ impl CommonOpts {
                 min_size: self.min_size,
                 floor: self.probe_floor,
                 max_live: self.max_live,
+                max_sites: self.max_sites,
                 python_depth: self.python_depth,
-                ..LoadOptions::default()
             },
             duration: duration.map(|d| secs(d, "--duration")).transpose()?,
             interval: self.interval.map(|d| secs(d, "--interval")).transpose()?,

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::os::unix::fs::MetadataExt;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::UProbeLinkId;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
 use aya::programs::UProbe;
@@ -42,7 +42,7 @@ impl Default for LoadOptions {
             min_size: 0,
             floor: false,
             max_live: 1 << 20,
-            max_sites: 1 << 16,
+            max_sites: 1 << 20,
             python_depth: 64,
         }
     }
@@ -126,12 +126,16 @@ impl Tracer {
     /// Loads the BPF object and its programs (nothing is attached yet).
     pub fn load(opts: LoadOptions) -> Result<Self> {
         let floor = u8::from(opts.floor);
+        let max_sites = opts.max_sites.max(8);
+        // A quarter of the site table is kept for stacks folded into their native caller.
+        let soft_limit = u64::from(max_sites - max_sites / 4);
         let mut ebpf = EbpfLoader::new()
             .override_global("MIN_SIZE", &opts.min_size, true)
             .override_global("FLOOR_MODE", &floor, true)
             .override_global("PY_MAX_DEPTH", &opts.python_depth, true)
+            .override_global("SITES_SOFT_LIMIT", &soft_limit, true)
             .map_max_entries("LIVE", opts.max_live.max(1))
-            .map_max_entries("SITES", opts.max_sites.max(1))
+            .map_max_entries("SITES", max_sites)
             .load(BPF_OBJECT)
             .map_err(|e| bpf_err("loading the BPF object", e))?;
         for name in ["alloc_enter", "alloc_exit", "free_enter", "finalize_enter"] {
@@ -284,12 +288,12 @@ impl Tracer {
                 let _ = live.remove(&k);
             }
         }
-        let mut sites: PerCpuHashMap<&mut MapData, u64, SiteStats> =
-            PerCpuHashMap::try_from(self.map_mut("SITES")?).map_err(|e| bpf_err("SITES", e))?;
+        let mut sites: BpfHashMap<&mut MapData, u64, SiteStats> =
+            BpfHashMap::try_from(self.map_mut("SITES")?).map_err(|e| bpf_err("SITES", e))?;
         let doomed: Vec<u64> = sites
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(_, v)| sum_site(v.iter()).tgid == tgid)
+            .filter(|(_, v)| v.tgid == tgid)
             .map(|(k, _)| k)
             .collect();
         for k in doomed {
@@ -355,17 +359,12 @@ impl Tracer {
         Ok(out)
     }
 
-    /// Every site with its counters summed over CPUs.
+    /// Every site with its counters.
     pub fn sites(&self) -> Result<Vec<(u64, SiteStats)>> {
-        let map: PerCpuHashMap<&MapData, u64, SiteStats> =
-            PerCpuHashMap::try_from(self.map("SITES")?).map_err(|e| bpf_err("SITES", e))?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            // A site removed between the key walk and the lookup is simply skipped.
-            let Ok((id, per_cpu)) = item else { continue };
-            out.push((id, sum_site(per_cpu.iter())));
-        }
-        Ok(out)
+        let map: BpfHashMap<&MapData, u64, SiteStats> =
+            BpfHashMap::try_from(self.map("SITES")?).map_err(|e| bpf_err("SITES", e))?;
+        // A site removed between the key walk and the lookup is simply skipped.
+        Ok(map.iter().filter_map(|item| item.ok()).collect())
     }
 }
 
@@ -373,56 +372,5 @@ impl Drop for Tracer {
     fn drop(&mut self) {
         self.detach();
         log::debug!("links detached");
-    }
-}
-
-/// Sums one site's per-CPU copies: counters with wrapping arithmetic (a block freed on another
-/// CPU leaves one copy "negative"), identity from the copy that created the site.
-pub fn sum_site<'a>(copies: impl Iterator<Item = &'a SiteStats>) -> SiteStats {
-    let mut s = SiteStats::default();
-    for c in copies {
-        s.live_bytes = s.live_bytes.wrapping_add(c.live_bytes);
-        s.live_count = s.live_count.wrapping_add(c.live_count);
-        s.allocs = s.allocs.wrapping_add(c.allocs);
-        s.alloc_bytes = s.alloc_bytes.wrapping_add(c.alloc_bytes);
-        s.frees = s.frees.wrapping_add(c.frees);
-        if s.tgid == 0 && c.tgid != 0 {
-            s.tgid = c.tgid;
-            s.func = c.func;
-            s.native = c.native;
-        }
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn per_cpu_copies_sum_with_wrapping() {
-        let a = SiteStats {
-            live_bytes: 100,
-            live_count: 1,
-            allocs: 1,
-            alloc_bytes: 100,
-            tgid: 7,
-            func: 0,
-            native: [0x1234],
-            ..Default::default()
-        };
-        // The same block freed on another CPU.
-        let b = SiteStats {
-            live_bytes: 0u64.wrapping_sub(100),
-            live_count: 0u64.wrapping_sub(1),
-            frees: 1,
-            ..Default::default()
-        };
-        let s = sum_site([b, a].iter());
-        assert_eq!(
-            (s.live_bytes, s.live_count, s.allocs, s.frees),
-            (0, 0, 1, 1)
-        );
-        assert_eq!((s.tgid, s.native), (7, [0x1234]));
     }
 }

@@ -36,6 +36,9 @@ pub struct Report {
     pub sites: Vec<SiteReport>,
     /// Number of sites with unfreed bytes left out by `--top`.
     pub sites_omitted: usize,
+    /// Sites whose announcement (with the Python stack) never arrived: counted, but shown
+    /// without their stack.
+    pub sites_without_stack: usize,
     pub series: Vec<Sample>,
 }
 
@@ -88,7 +91,8 @@ pub struct SiteReport {
     pub caller: Frame,
     /// The Python stack, outermost first and innermost last (empty when there was none).
     pub python_stack: Vec<PyFrame>,
-    /// "ok", "not_python", "no_thread_state", "read_error", or "unknown" (announcement lost).
+    /// "ok", "not_python", "no_thread_state", "read_error", "overflow" (the site table was full:
+    /// counted under the native caller alone), or "unknown" (announcement lost).
     pub python_status: String,
     /// The Python stack was cut at `--python-depth`: outer frames are missing.
     pub python_truncated: bool,
@@ -108,6 +112,7 @@ fn python_status_name(s: Option<u8>) -> &'static str {
         Some(NOT_PYTHON) => "not_python",
         Some(NO_THREAD_STATE) => "no_thread_state",
         Some(READ_ERROR) => "read_error",
+        Some(OVERFLOW) => "overflow",
         _ => "unknown",
     }
 }
@@ -160,6 +165,10 @@ impl Report {
             frees: counters.get(Counter::Frees),
         };
         let omitted = sites.len().saturating_sub(opts.top);
+        let sites_without_stack = sites
+            .iter()
+            .filter(|s| s.python_status == "unknown")
+            .count();
         sites.truncate(opts.top);
         Report {
             schema_version: SCHEMA_VERSION,
@@ -188,6 +197,7 @@ impl Report {
             totals,
             sites,
             sites_omitted: omitted,
+            sites_without_stack,
             series: heap.series().to_vec(),
         }
     }

@@ -65,6 +65,13 @@ pub fn render(r: &Report, verbose: bool) -> String {
         human_bytes(r.totals.unfreed_bytes),
         r.totals.unfreed_count
     );
+    if r.sites_without_stack > 0 {
+        let _ = writeln!(
+            o,
+            "  {} sites with unfreed bytes lost their stack record (ring buffer full)",
+            r.sites_without_stack
+        );
+    }
     if r.dropped == 0 {
         let _ = writeln!(o, "  drops: none");
     } else {
@@ -108,6 +115,13 @@ pub fn render(r: &Report, verbose: bool) -> String {
         }
         for f in &frames[frames.len() - shown..] {
             let _ = writeln!(o, "{:>58}  {}", "", f.display());
+        }
+        if s.python_status == "overflow" {
+            let _ = writeln!(
+                o,
+                "{:>58}  (Python stacks merged: the site table was full; raise --max-sites)",
+                ""
+            );
         }
         if frames.is_empty() && s.python_status == "no_thread_state" {
             let _ = writeln!(
