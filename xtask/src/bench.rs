@@ -26,7 +26,12 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         script: "bench/pymalloc_pair.py",
-        what: "pymalloc alloc+free pair (object())",
+        what: "pymalloc alloc+free pair (object()), 1 Python frame",
+        iterations: 1_000_000,
+    },
+    Workload {
+        script: "bench/pymalloc_deep.py",
+        what: "pymalloc alloc+free pair (object()), 20 Python frames deep",
         iterations: 1_000_000,
     },
 ];
