@@ -12,6 +12,8 @@ pub struct CodeInfo {
     pub filename: String,
     pub qualname: String,
     pub firstlineno: u32,
+    /// Length of the bytecode in code units (`Py_SIZE` of a code object).
+    pub code_units: u64,
     linetable: Vec<u8>,
     /// Pointers that identify this code object, re-checked on every cache hit: a freed code
     /// object's address may be reused by another.
@@ -23,7 +25,17 @@ impl CodeInfo {
     pub fn line(&self, lasti: u64) -> Option<u32> {
         line_for(&self.linetable, self.firstlineno, lasti)
     }
+
+    /// Whether an instruction index lies in this code object's bytecode: a frame recorded for
+    /// another code object that has since been freed, its address reused by this one, usually
+    /// points elsewhere.
+    pub fn contains(&self, lasti: u64) -> bool {
+        lasti < self.code_units
+    }
 }
+
+/// `PyVarObject.ob_size`: for a code object, its bytecode length in code units.
+const OB_SIZE: u64 = 16;
 
 /// Reads a `str` object (compact forms; every code object's strings are compact).
 pub fn read_str(mem: &Remote, layout: &PyLayout, addr: u64) -> Option<String> {
@@ -86,7 +98,8 @@ pub struct CodeCache {
 impl CodeCache {
     /// The decoded code object at `addr`, or `None` if it cannot be read as one.
     pub fn get(&mut self, mem: &Remote, layout: &PyLayout, addr: u64) -> Option<&CodeInfo> {
-        let lo = layout.co_firstlineno.min(layout.co_filename);
+        // From `ob_size` (PyVarObject, offset 16) to the last string pointer.
+        let lo = OB_SIZE.min(layout.co_firstlineno).min(layout.co_filename);
         let hi = layout.co_linetable.max(layout.co_qualname) + 8;
         let Some(head) = mem.read(addr.wrapping_add(lo), (hi - lo) as usize) else {
             log::trace!("code {addr:#x}: unreadable");
@@ -122,6 +135,7 @@ impl CodeCache {
                 filename: filename?,
                 qualname: qualname?,
                 firstlineno,
+                code_units: field(OB_SIZE)?,
                 linetable: linetable?,
                 fingerprint,
             };

@@ -175,10 +175,13 @@ impl PythonProcess {
             .map(|f| match self.codes.get(&self.mem, &layout, f.code) {
                 Some(info) => {
                     let start = f.code.wrapping_add(layout.co_code_adaptive);
-                    let line = f
-                        .instr
-                        .checked_sub(start)
-                        .map(|b| b / 2)
+                    // prev_instr is one unit before the start until the first instruction runs.
+                    let lasti = f.instr.wrapping_sub(start) as i64 / 2;
+                    if lasti >= 0 && !info.contains(lasti as u64) {
+                        return PyFrame::unknown();
+                    }
+                    let line = u64::try_from(lasti)
+                        .ok()
                         .and_then(|lasti| info.line(lasti))
                         .or(Some(info.firstlineno));
                     PyFrame {
