@@ -374,6 +374,11 @@ pub struct PyFrameRec {
     pub code: u64,
     /// `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13+): the instruction being executed.
     pub instr: u64,
+    /// The code object's `co_linetable` pointer (fixed for its life, different for every code
+    /// object), read when the site is announced, while the code object surely exists:
+    /// userspace decodes the frame only if the object at that address still holds it (its
+    /// memory may since have been reused). Not part of the site id.
+    pub check: u64,
 }
 
 /// Where to find the interpreter's state in one process, for the BPF frame walk (`PYPROCS`,
@@ -413,6 +418,9 @@ pub struct PyOffsets {
     /// Absolute address of `_PyRuntime.interpreters.head`: where the kernel starts its own
     /// search of the thread list for a thread it has not seen.
     pub interp_head_addr: u64,
+    /// `PyCodeObject.co_linetable`: where a frame's `check` is read.
+    pub co_check: u16,
+    pub _pad2: [u8; 6],
 }
 
 pub const EVENT_NEW_SITE: u32 = 1;
@@ -561,11 +569,19 @@ mod tests {
         let a = PyFrameRec {
             code: 0x10,
             instr: 0x20,
+            check: 0,
         };
         let b = PyFrameRec {
             code: 0x10,
             instr: 0x22,
+            check: 0,
         };
+        // The check bytes are not part of the identity.
+        let a_checked = PyFrameRec { check: 7, ..a };
+        assert_eq!(
+            site_id_add_frame(base, &a),
+            site_id_add_frame(base, &a_checked)
+        );
         assert_ne!(site_id_add_frame(base, &a), site_id_add_frame(base, &b));
         assert_ne!(site_id_add_frame(base, &a), base);
         let ab = site_id_add_frame(site_id_add_frame(base, &a), &b);

@@ -364,7 +364,21 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
     let site = unsafe { &mut *stats };
     if site.announced == 0 {
         // New, or its announcement found the ring buffer full: the frames just walked are
-        // this site's, so (re)send them.
+        // this site's, so (re)send them, with a check of each code object.
+        if let Some(off) = unsafe { PYPROCS.get(&tgid) } {
+            let mut c = CheckCtx {
+                co_check: off.co_check,
+                n: core::cmp::min(scratch.ev.py_depth, MAX_PY_FRAMES as u32),
+            };
+            unsafe {
+                bpf_loop(
+                    c.n,
+                    check_step as *mut core::ffi::c_void,
+                    &mut c as *mut CheckCtx as *mut core::ffi::c_void,
+                    0,
+                )
+            };
+        }
         let ev = &mut scratch.ev;
         ev.kind = EVENT_NEW_SITE;
         ev.tgid = tgid;
@@ -548,6 +562,28 @@ fn frame_u64(buf: &[u8; PY_FRAME_READ], off: u16) -> u64 {
     unsafe { core::ptr::read_unaligned(buf.as_ptr().add(o) as *const u64) }
 }
 
+#[repr(C)]
+struct CheckCtx {
+    co_check: u16,
+    n: u32,
+}
+
+/// Reads the check bytes of frame `index`'s code object into the new-site record.
+#[inline(never)]
+extern "C" fn check_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the CheckCtx record_alloc passed in.
+    let c = unsafe { &*(ctx as *const CheckCtx) };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let scratch = unsafe { &mut *scratch };
+    let i = (index as usize) & (MAX_PY_FRAMES - 1);
+    let f = &mut scratch.ev.py_frames[i];
+    f.check = read_user_u64(f.code + c.co_check as u64).unwrap_or(0);
+    0
+}
+
 /// State of one frame walk, shared with the `bpf_loop` callback (which keeps the verifier's
 /// work independent of the depth: a plain loop of 2 × 128 iterations is too much for it).
 #[repr(C)]
@@ -596,6 +632,7 @@ extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         let rec = PyFrameRec {
             code,
             instr: frame_u64(buf, c.off.fr_instr),
+            check: 0,
         };
         c.h = site_id_add_frame(c.h, &rec);
         scratch.ev.py_frames[(c.n as usize) & (MAX_PY_FRAMES - 1)] = rec;

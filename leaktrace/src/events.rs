@@ -40,10 +40,13 @@ impl EventReader {
                 return Vec::new();
             };
             let batch = drain(guard.get_inner_mut());
-            guard.clear_ready();
             if !batch.is_empty() {
+                // Readiness stays set: the next call drains again. The kernel wakes a reader
+                // only when a record lands in an *empty* buffer, so clearing readiness after a
+                // drain that raced with a new record would leave the buffer unread for good.
                 return batch;
             }
+            guard.clear_ready();
         }
     }
 

@@ -12,9 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The leaktrace binary under test.
+/// The leaktrace binary under test: `LEAKTRACE_BIN` (`cargo xtask test` points it at the release
+/// build users run), else the one cargo built for the tests.
 pub fn leaktrace_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_leaktrace"))
+    std::env::var_os("LEAKTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_leaktrace")))
 }
 
 pub fn workspace() -> PathBuf {

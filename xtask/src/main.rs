@@ -108,9 +108,11 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => {
             setup::setup(false)?;
-            build()?;
+            let bin = build()?;
             let mut c = cargo();
-            c.args(["test", "--workspace"]).args(&args);
+            c.args(["test", "--workspace"])
+                .args(&args)
+                .env("LEAKTRACE_BIN", bin);
             run(&mut c)
         }
         Cmd::Bench { quick } => {

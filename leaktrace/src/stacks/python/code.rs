@@ -14,6 +14,8 @@ pub struct CodeInfo {
     pub firstlineno: u32,
     /// Length of the bytecode in code units (`Py_SIZE` of a code object).
     pub code_units: u64,
+    /// The `co_linetable` pointer, compared with what the kernel read when the site was new.
+    pub check: u64,
     linetable: Vec<u8>,
     /// Pointers that identify this code object, re-checked on every cache hit: a freed code
     /// object's address may be reused by another.
@@ -96,11 +98,26 @@ pub struct CodeCache {
 }
 
 impl CodeCache {
-    /// The decoded code object at `addr`, or `None` if it cannot be read as one.
-    pub fn get(&mut self, mem: &Remote, layout: &PyLayout, addr: u64) -> Option<&CodeInfo> {
+    /// The decoded code object at `addr`, or `None` if it cannot be read as one. `check` is the
+    /// `co_linetable` pointer the kernel read from the code object the frame ran (0 if none): a
+    /// cached entry with the same one is that object, and needs no read of the target.
+    pub fn get(
+        &mut self,
+        mem: &Remote,
+        layout: &PyLayout,
+        addr: u64,
+        check: u64,
+    ) -> Option<&CodeInfo> {
+        if check != 0 && self.cache.get(&addr).is_some_and(|c| c.check == check) {
+            return self.cache.get(&addr);
+        }
         // From `ob_size` (PyVarObject, offset 16) to the last string pointer.
         let lo = OB_SIZE.min(layout.co_firstlineno).min(layout.co_filename);
-        let hi = layout.co_linetable.max(layout.co_qualname) + 8;
+        let hi = layout
+            .co_linetable
+            .max(layout.co_qualname)
+            .max(layout.co_firstlineno)
+            + 8;
         let Some(head) = mem.read(addr.wrapping_add(lo), (hi - lo) as usize) else {
             log::trace!("code {addr:#x}: unreadable");
             return None;
@@ -136,6 +153,7 @@ impl CodeCache {
                 qualname: qualname?,
                 firstlineno,
                 code_units: field(OB_SIZE)?,
+                check: fingerprint[2],
                 linetable: linetable?,
                 fingerprint,
             };

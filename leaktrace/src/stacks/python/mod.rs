@@ -134,6 +134,8 @@ impl PythonProcess {
             is_threads_head: narrow(l.is_threads_head),
             ts_next: narrow(l.ts_next),
             interp_head_addr: self.runtime + l.rt_interpreters_head,
+            co_check: narrow(l.co_linetable),
+            _pad2: [0; 6],
         })
     }
 
@@ -172,26 +174,40 @@ impl PythonProcess {
         let layout = self.layout.clone();
         frames
             .iter()
-            .map(|f| match self.codes.get(&self.mem, &layout, f.code) {
-                Some(info) => {
-                    let start = f.code.wrapping_add(layout.co_code_adaptive);
-                    // prev_instr is one unit before the start until the first instruction runs.
-                    let lasti = f.instr.wrapping_sub(start) as i64 / 2;
-                    if lasti >= 0 && !info.contains(lasti as u64) {
-                        return PyFrame::unknown();
+            .map(
+                |f| match self.codes.get(&self.mem, &layout, f.code, f.check) {
+                    // The code object at that address is not the one the frame ran (it was freed
+                    // and the memory reused): better unknown than misnamed.
+                    Some(info) if f.check != 0 && f.check != info.check => {
+                        log::trace!(
+                            "frame code {:#x}: check {:#x} != {:#x} ({})",
+                            f.code,
+                            f.check,
+                            info.check,
+                            info.qualname
+                        );
+                        PyFrame::unknown()
                     }
-                    let line = u64::try_from(lasti)
-                        .ok()
-                        .and_then(|lasti| info.line(lasti))
-                        .or(Some(info.firstlineno));
-                    PyFrame {
-                        filename: info.filename.clone(),
-                        function: info.qualname.clone(),
-                        line,
+                    Some(info) => {
+                        let start = f.code.wrapping_add(layout.co_code_adaptive);
+                        // prev_instr is one unit before the start until the first instruction runs.
+                        let lasti = f.instr.wrapping_sub(start) as i64 / 2;
+                        if lasti >= 0 && !info.contains(lasti as u64) {
+                            return PyFrame::unknown();
+                        }
+                        let line = u64::try_from(lasti)
+                            .ok()
+                            .and_then(|lasti| info.line(lasti))
+                            .or(Some(info.firstlineno));
+                        PyFrame {
+                            filename: info.filename.clone(),
+                            function: info.qualname.clone(),
+                            line,
+                        }
                     }
-                }
-                None => PyFrame::unknown(),
-            })
+                    None => PyFrame::unknown(),
+                },
+            )
             .collect()
     }
 }
