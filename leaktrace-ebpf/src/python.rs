@@ -1,0 +1,229 @@
+//! The kernel side of Python stacks: finding the thread's `PyThreadState` and walking its
+//! `_PyInterpreterFrame` chain, with the parameters userspace put in `PYPROCS`.
+
+use aya_ebpf::helpers::generated::bpf_loop;
+use leaktrace_ebpf::{
+    py_status, site_id_add_frame, PyFrameRec, PyOffsets, MAX_PY_FRAMES, PY_FRAME_READ,
+};
+
+use crate::{read_global, read_user_u64, Scratch, PYPROCS, PY_MAX_DEPTH, SCRATCH, THREADS};
+
+/// The thread state of thread `tid`: the GIL holder if that is this thread, else the one
+/// userspace mapped from the interpreter's thread list. Both are checked against the tid, so a
+/// stale pointer is never walked as this thread's.
+#[inline(always)]
+fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
+    let matches = |t: u64| {
+        t != 0 && read_user_u64(t + off.ts_native_thread_id as u64).map(|v| v as u32) == Some(tid)
+    };
+    if off.holder_addr != 0 {
+        if let Some(t) = read_user_u64(off.holder_addr) {
+            if matches(t) {
+                return Some(t);
+            }
+        }
+    }
+    if let Some(t) = unsafe { THREADS.get(&tid) } {
+        let t = *t;
+        if matches(t) {
+            return Some(t);
+        }
+    }
+    // Not known yet (a thread started since userspace last looked): search the main
+    // interpreter's thread list, and remember the answer.
+    let head = read_user_u64(off.interp_head_addr)?;
+    let first = read_user_u64(head + off.is_threads_head as u64)?;
+    let mut search = ThreadSearch {
+        tstate: first,
+        tid,
+        native_off: off.ts_native_thread_id,
+        next_off: off.ts_next,
+        found: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_THREAD_SEARCH,
+            thread_search_step as *mut core::ffi::c_void,
+            &mut search as *mut ThreadSearch as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    if search.found == 0 {
+        return None;
+    }
+    let _ = THREADS.insert(&tid, &search.found, 0);
+    Some(search.found)
+}
+
+/// Threads searched at most per lookup.
+const MAX_THREAD_SEARCH: u32 = 1024;
+
+#[repr(C)]
+struct ThreadSearch {
+    tstate: u64,
+    tid: u32,
+    native_off: u16,
+    next_off: u16,
+    found: u64,
+}
+
+#[inline(never)]
+extern "C" fn thread_search_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the ThreadSearch find_tstate passed in.
+    let c = unsafe { &mut *(ctx as *mut ThreadSearch) };
+    if c.tstate == 0 {
+        return 1;
+    }
+    if read_user_u64(c.tstate + c.native_off as u64).map(|v| v as u32) == Some(c.tid) {
+        c.found = c.tstate;
+        return 1;
+    }
+    match read_user_u64(c.tstate + c.next_off as u64) {
+        Some(next) => c.tstate = next,
+        None => return 1,
+    }
+    0
+}
+
+/// A u64 at a run-time offset in the frame buffer (0 when out of range).
+#[inline(always)]
+fn frame_u64(buf: &[u8; PY_FRAME_READ], off: u16) -> u64 {
+    let o = (off as usize) & 0x7f;
+    if o > PY_FRAME_READ - 8 {
+        return 0;
+    }
+    // SAFETY: bounds checked above.
+    unsafe { core::ptr::read_unaligned(buf.as_ptr().add(o) as *const u64) }
+}
+
+#[repr(C)]
+pub(crate) struct CheckCtx {
+    pub(crate) co_check: u16,
+    pub(crate) n: u32,
+}
+
+/// Reads the check bytes of frame `index`'s code object into the new-site record.
+#[inline(never)]
+pub(crate) extern "C" fn check_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the CheckCtx record_alloc passed in.
+    let c = unsafe { &*(ctx as *const CheckCtx) };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let scratch = unsafe { &mut *scratch };
+    let i = (index as usize) & (MAX_PY_FRAMES - 1);
+    let f = &mut scratch.ev.py_frames[i];
+    f.check = read_user_u64(f.code + c.co_check as u64).unwrap_or(0);
+    0
+}
+
+/// State of one frame walk, shared with the `bpf_loop` callback (which keeps the verifier's
+/// work independent of the depth: a plain loop of 2 × 128 iterations is too much for it).
+#[repr(C)]
+struct WalkCtx {
+    off: PyOffsets,
+    frame: u64,
+    h: u64,
+    n: u32,
+    max: u32,
+    status: u8,
+    truncated: u8,
+}
+
+/// One step of the walk: record the current frame unless it is an interpreter-internal one,
+/// and move to the previous. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the WalkCtx pointer python_stack passed in.
+    let c = unsafe { &mut *(ctx as *mut WalkCtx) };
+    if c.frame == 0 {
+        return 1;
+    }
+    if c.n >= c.max {
+        c.truncated = 1;
+        return 1;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let scratch = unsafe { &mut *scratch };
+    if unsafe {
+        aya_ebpf::helpers::bpf_probe_read_user_buf(c.frame as *const u8, &mut scratch.frame)
+    }
+    .is_err()
+    {
+        c.status = py_status::READ_ERROR;
+        return 1;
+    }
+    let buf = &scratch.frame;
+    let code = frame_u64(buf, c.off.fr_code) & c.off.code_mask;
+    let oi = (c.off.fr_owner as usize) & 0x7f;
+    let owner = if oi < PY_FRAME_READ { buf[oi] } else { 0 };
+    let previous = frame_u64(buf, c.off.fr_previous);
+    if code != 0 && owner < c.off.owner_skip_min {
+        let rec = PyFrameRec {
+            code,
+            instr: frame_u64(buf, c.off.fr_instr),
+            check: 0,
+        };
+        c.h = site_id_add_frame(c.h, &rec);
+        scratch.ev.py_frames[(c.n as usize) & (MAX_PY_FRAMES - 1)] = rec;
+        c.n += 1;
+    }
+    c.frame = previous;
+    0
+}
+
+/// Walks this thread's Python frames into `scratch.ev`, folding each into the site hash `h`.
+#[inline(always)]
+pub(crate) fn python_stack(tgid: u32, tid: u32, scratch: &mut Scratch, h: u64) -> u64 {
+    let ev = &mut scratch.ev;
+    ev.py_depth = 0;
+    ev.py_truncated = 0;
+    let Some(off) = (unsafe { PYPROCS.get(&tgid) }) else {
+        ev.py_status = py_status::NOT_PYTHON;
+        return h;
+    };
+    let Some(tstate) = find_tstate(off, tid) else {
+        ev.py_status = py_status::NO_THREAD_STATE;
+        return h;
+    };
+    let first = if off.ts_cframe != u16::MAX {
+        read_user_u64(tstate + off.ts_cframe as u64)
+            .and_then(|cf| read_user_u64(cf + off.frame_ptr as u64))
+    } else {
+        read_user_u64(tstate + off.frame_ptr as u64)
+    };
+    let Some(frame) = first else {
+        ev.py_status = py_status::READ_ERROR;
+        return h;
+    };
+    let mut c = WalkCtx {
+        off: *off,
+        frame,
+        h,
+        n: 0,
+        max: core::cmp::min(read_global(&PY_MAX_DEPTH), MAX_PY_FRAMES as u32),
+        status: py_status::OK,
+        truncated: 0,
+    };
+    // Shim and entry frames are skipped but still take a step: allow twice the frames kept.
+    unsafe {
+        bpf_loop(
+            2 * MAX_PY_FRAMES as u32,
+            walk_step as *mut core::ffi::c_void,
+            &mut c as *mut WalkCtx as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    if c.frame != 0 && c.status == py_status::OK {
+        c.truncated = 1;
+    }
+    let ev = &mut scratch.ev;
+    ev.py_status = c.status;
+    ev.py_truncated = c.truncated;
+    ev.py_depth = c.n;
+    c.h
+}
