@@ -30,15 +30,7 @@ fn extension_leaks_are_found_exactly_on_pyenv_python() {
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script(EXT_WORKLOAD);
-    let r = leaktrace(&[
-        "run",
-        "--top",
-        "1000",
-        "--",
-        py.to_str().unwrap(),
-        s.to_str().unwrap(),
-        ext.to_str().unwrap(),
-    ]);
+    let r = run_python(&[], &py, &s, &[ext.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     let j = r.json.as_ref().unwrap();
     assert_eq!(j["python_coverage"], "pymalloc_impl");
@@ -196,17 +188,7 @@ fn stripped_debian_python_falls_back_to_exported_api() {
     let py = debian_python();
     let ext = ext_dir(&py);
     let s = script(EXT_WORKLOAD);
-    let r = leaktrace(&[
-        "run",
-        "--pymalloc",
-        "keep",
-        "--top",
-        "1000",
-        "--",
-        py.to_str().unwrap(),
-        s.to_str().unwrap(),
-        ext.to_str().unwrap(),
-    ]);
+    let r = run_python(&["--pymalloc", "keep"], &py, &s, &[ext.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     let j = r.json.as_ref().unwrap();
     assert_eq!(j["python_coverage"], "exported_api_only");

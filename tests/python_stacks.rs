@@ -240,15 +240,7 @@ fn python_allocator_bytes_per_line_match_tracemalloc() {
     let s = script(&tracemalloc_workload(true));
     let path = s.to_str().unwrap().to_string();
     let py = pyenv_python();
-    let r = leaktrace(&[
-        "run",
-        "--top",
-        "1000000",
-        "--",
-        py.to_str().unwrap(),
-        &path,
-        out.to_str().unwrap(),
-    ]);
+    let r = run_python(&[], &py, &s, &[out.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     let truth: HashMap<String, u64> =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
@@ -266,15 +258,7 @@ fn stripped_interpreter_is_complete_under_pymalloc_auto() {
     let s = script(&tracemalloc_workload(false));
     let path = s.to_str().unwrap().to_string();
     let py = debian_python();
-    let r = leaktrace(&[
-        "run",
-        "--top",
-        "1000000",
-        "--",
-        py.to_str().unwrap(),
-        &path,
-        out.to_str().unwrap(),
-    ]);
+    let r = run_python(&[], &py, &s, &[out.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     assert_eq!(r.json.as_ref().unwrap()["python_coverage"], "raw_malloc");
     assert!(r.stderr.contains("PYTHONMALLOC=malloc"));
@@ -282,17 +266,7 @@ fn stripped_interpreter_is_complete_under_pymalloc_auto() {
     assert_matches(&truth, &bytes_per_line(&r, &path, &["python", "libc"]));
 
     // Left alone, the exported API misses most of it.
-    let r = leaktrace(&[
-        "run",
-        "--pymalloc",
-        "keep",
-        "--top",
-        "1000000",
-        "--",
-        py.to_str().unwrap(),
-        &path,
-        out.to_str().unwrap(),
-    ]);
+    let r = run_python(&["--pymalloc", "keep"], &py, &s, &[out.to_str().unwrap()]);
     assert_eq!(
         r.json.as_ref().unwrap()["python_coverage"],
         "exported_api_only"
@@ -331,15 +305,7 @@ ta.start(); tb.start(); ta.join(); tb.join()
 "#,
     );
     let path = s.to_str().unwrap().to_string();
-    let r = leaktrace(&[
-        "run",
-        "--top",
-        "100000",
-        "--",
-        py.to_str().unwrap(),
-        &path,
-        ext.to_str().unwrap(),
-    ]);
+    let r = run_python(&[], &py, &s, &[ext.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     let a = total(&sites_at(&r, &path, "worker_a", 8));
     let b = total(&sites_at(&r, &path, "worker_b", 12));
@@ -381,16 +347,7 @@ dive(40)
 "#,
     );
     let path = s.to_str().unwrap().to_string();
-    let r = leaktrace(&[
-        "run",
-        "--python-depth",
-        "16",
-        "--top",
-        "100000",
-        "--",
-        py.to_str().unwrap(),
-        &path,
-    ]);
+    let r = run_python(&["--python-depth", "16"], &py, &s, &[]);
     assert_eq!(r.code, 0);
     // The 123,456-byte buffer (the bytearray object and the list's growth are sites too).
     let buffer = |r: &Run| -> Vec<Value> {
@@ -411,16 +368,7 @@ dive(40)
     assert!(r.stdout.contains("outer Python frames omitted"));
 
     // With room to spare the whole stack is there, down to <module>.
-    let r = leaktrace(&[
-        "run",
-        "--python-depth",
-        "64",
-        "--top",
-        "100000",
-        "--",
-        py.to_str().unwrap(),
-        &path,
-    ]);
+    let r = run_python(&["--python-depth", "64"], &py, &s, &[]);
     let site = buffer(&r);
     let f = frames(&site[0]);
     assert_eq!(site[0]["python_truncated"], false);

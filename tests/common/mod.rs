@@ -204,6 +204,21 @@ impl Drop for Target {
     }
 }
 
+/// `leaktrace run FLAGS… -- PYTHON SCRIPT ARGS…`, with every site in the report unless FLAGS
+/// set `--top`.
+pub fn run_python(flags: &[&str], python: &Path, script: &Path, args: &[&str]) -> Run {
+    let mut argv: Vec<&str> = vec!["run"];
+    argv.extend_from_slice(flags);
+    if !flags.contains(&"--top") {
+        argv.extend_from_slice(&["--top", "1000000"]);
+    }
+    argv.push("--");
+    argv.push(python.to_str().unwrap());
+    argv.push(script.to_str().unwrap());
+    argv.extend_from_slice(args);
+    leaktrace(&argv)
+}
+
 /// Starts `python script args…` and waits until it prints a line containing `READY`.
 pub fn start_ready(python: &Path, script: &Path, args: &[&str]) -> Target {
     let mut child = Command::new(python)
