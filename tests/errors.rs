@@ -65,21 +65,10 @@ fn python_only_on_a_non_python_process() {
 /// A statically linked, stripped program has neither a libc to probe nor symbols.
 #[test]
 fn stripped_static_program_has_no_allocator_symbols() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("s.c");
-    std::fs::write(
-        &src,
+    let (_dir, bin) = compile_c(
         "#include <stdlib.h>\nint main(void){ return malloc(10) == 0; }\n",
-    )
-    .unwrap();
-    let bin = dir.path().join("s");
-    let st = Command::new("gcc")
-        .args(["-static", "-s", "-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(st.success());
+        &["-static", "-s", "-O2"],
+    );
     let r = leaktrace(&["run", "--", bin.to_str().unwrap()]);
     no_panic(&r);
     assert_eq!(r.code, 7, "{}", r.stderr);

@@ -213,10 +213,7 @@ fn stripped_debian_python_falls_back_to_exported_api() {
 /// A program that is not Python: libc tracing works and the report says so.
 #[test]
 fn non_python_program_is_traced_through_libc() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("leaky.c");
-    std::fs::write(
-        &src,
+    let (_dir, bin) = compile_c(
         r#"
 #include <stdlib.h>
 #include <string.h>
@@ -228,16 +225,8 @@ int main(void) {
     return 3;
 }
 "#,
-    )
-    .unwrap();
-    let bin = dir.path().join("leaky");
-    let st = std::process::Command::new("gcc")
-        .args(["-O2", "-g", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(st.success());
+        &["-O2", "-g"],
+    );
     let r = leaktrace(&["run", "--", bin.to_str().unwrap()]);
     assert_eq!(
         r.code, 0,

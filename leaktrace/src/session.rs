@@ -304,6 +304,9 @@ impl Session<'_> {
                     p.file_offset
                 );
             }
+            for missing in &plan.missing {
+                eprintln!("leaktrace:   {} not found (not probed)", missing.symbol());
+            }
             for (alias, probed) in &plan.aliases {
                 eprintln!(
                     "leaktrace:   {} is {} (same address, probed once)",

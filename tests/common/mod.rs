@@ -94,6 +94,27 @@ pub fn ext_dir(python: &Path) -> PathBuf {
     dir
 }
 
+/// Compiles a C program with gcc and `flags`; the binary lives as long as the returned directory.
+pub fn compile_c(source: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("prog.c");
+    std::fs::write(&src, source).unwrap();
+    let bin = dir.path().join("prog");
+    let out = Command::new("gcc")
+        .args(flags)
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gcc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir, bin)
+}
+
 /// Writes a script to a temporary file that lives as long as the returned guard.
 pub fn script(body: &str) -> tempfile::TempPath {
     let f = tempfile::Builder::new().suffix(".py").tempfile().unwrap();

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use leaktrace_ebpf::{AllocFn, Family};
+use leaktrace_ebpf::AllocFn;
 use serde::Serialize;
 
 use super::placement::{choose, Placement};
@@ -296,29 +296,6 @@ impl ProbePlan {
             missing: Vec::new(),
             notes: Vec::new(),
         }
-    }
-
-    /// One line per family saying what is probed, for the report header.
-    pub fn summary(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for fam in [Family::Libc, Family::Python] {
-            let pts: Vec<&ProbePoint> = self
-                .points
-                .iter()
-                .filter(|p| p.func.family() == fam)
-                .collect();
-            let Some(first) = pts.first() else { continue };
-            let names: Vec<String> = pts
-                .iter()
-                .map(|p| format!("{}+{}", p.func.symbol(), p.placement.offset))
-                .collect();
-            let label = match fam {
-                Family::Libc => "libc",
-                Family::Python => "python",
-            };
-            out.push(format!("{label}: {} ({})", names.join(" "), first.module));
-        }
-        out
     }
 }
 

@@ -59,13 +59,6 @@ impl ElfFile {
         })
     }
 
-    /// Whether the file still has its full symbol table.
-    pub fn has_symtab(&self) -> bool {
-        self.parse()
-            .map(|o| o.section_by_name(".symtab").is_some())
-            .unwrap_or(false)
-    }
-
     /// Looks up defined function symbols by name, preferring `.symtab` over `.dynsym`
     /// (versioned dynamic names such as `malloc@@GLIBC_2.2.5` match `malloc`).
     pub fn functions(&self, names: &[&str]) -> Result<HashMap<String, FnSymbol>> {
@@ -200,13 +193,6 @@ impl ElfFile {
             .map(|d| Path::new(&d.replace("$ORIGIN", &origin)).join(&needed))
             .find(|p| p.exists())
     }
-
-    /// The GNU build id, hex encoded.
-    pub fn build_id(&self) -> Option<String> {
-        let obj = self.parse().ok()?;
-        let id = obj.build_id().ok()??;
-        Some(id.iter().map(|b| format!("{b:02x}")).collect())
-    }
 }
 
 #[cfg(test)]
@@ -235,7 +221,6 @@ mod tests {
         // Function bytes are readable and map to a file offset in the executable segment.
         assert!(elf.bytes_at(m.vaddr, 16).is_some());
         assert!(elf.file_offset(m.vaddr).is_some());
-        assert!(elf.build_id().is_some());
     }
 
     #[test]

@@ -21,16 +21,6 @@ impl Mapping {
         self.inode != 0 && self.path.starts_with('/')
     }
 
-    /// Whether the mapping is executable.
-    pub fn is_exec(&self) -> bool {
-        self.perms.as_bytes().get(2) == Some(&b'x')
-    }
-
-    /// The file name without directories.
-    pub fn basename(&self) -> &str {
-        self.path.rsplit('/').next().unwrap_or(&self.path)
-    }
-
     /// Whether `addr` falls inside the mapping.
     pub fn contains(&self, addr: u64) -> bool {
         self.start <= addr && addr < self.end
@@ -132,19 +122,19 @@ mod tests {
         let maps = parse_maps(SAMPLE);
         assert_eq!(maps.len(), 8);
         assert_eq!(maps[1].offset, 0x1000);
-        assert!(maps[1].is_exec());
+        assert_eq!(maps[1].perms, "r-xp");
         assert_eq!(maps[2].path, "[heap]");
         assert!(!maps[2].is_file());
         assert_eq!(maps[3].path, "");
         assert_eq!(maps[6].path, "/tmp/my lib (deleted)");
-        assert_eq!(maps[4].basename(), "libc.so.6");
+        assert_eq!(maps[4].path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
     }
 
     #[test]
     fn finds_addresses_and_file_offsets() {
         let mm = ModuleMap::new(parse_maps(SAMPLE));
         let m = mm.find(0x7f1e2d24e010).unwrap();
-        assert_eq!(m.basename(), "libc.so.6");
+        assert!(m.path.ends_with("/libc.so.6"));
         assert_eq!(m.file_offset(0x7f1e2d24e010), 0x26010);
         assert!(mm.find(0x55d0c1b8a100).is_none(), "heap is not a file");
         assert!(mm.find(0x1000).is_none());

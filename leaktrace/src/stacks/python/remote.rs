@@ -36,12 +36,6 @@ impl Remote {
         self.read(addr, 8)
             .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
     }
-
-    /// Reads a little-endian u32.
-    pub fn u32(&self, addr: u64) -> Option<u32> {
-        self.read(addr, 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    }
 }
 
 /// A u64 from a byte buffer at `off`.
@@ -62,7 +56,6 @@ mod tests {
             pid: std::process::id(),
         };
         assert_eq!(me.u64(&value as *const u64 as u64), Some(value));
-        assert_eq!(me.u32(&value as *const u64 as u64), Some(0x5566_7788));
         assert_eq!(me.read(0, 8), None);
         assert_eq!(word(&value.to_le_bytes(), 0), Some(value));
         assert_eq!(word(&[0u8; 4], 0), None);
