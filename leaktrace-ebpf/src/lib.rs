@@ -7,11 +7,10 @@
 //! `user` feature it also implements `aya::Pod` for the host.
 #![no_std]
 
+mod native;
 mod py;
+pub use native::*;
 pub use py::*;
-
-/// Maximum number of native return addresses a site carries (only the first is used today).
-pub const MAX_NATIVE_FRAMES: usize = 1;
 
 /// The allocator entry points leaktrace probes. The discriminant is the uprobe's attach cookie.
 #[repr(u8)]
@@ -229,10 +228,13 @@ pub enum Counter {
     /// Drop of detail: the site map was full, so the allocation was counted under its native
     /// caller without its Python stack.
     SitesCoarsened = 12,
+    /// A new site's stack copy waited for room in the ring buffer; the site's next allocation
+    /// sends it (until then its native stack is what the kernel walked).
+    StackDeferred = 13,
 }
 
 /// Number of counters in `COUNTERS`.
-pub const NUM_COUNTERS: u32 = 13;
+pub const NUM_COUNTERS: u32 = 14;
 
 impl Counter {
     /// Every counter, in index order.
@@ -250,6 +252,7 @@ impl Counter {
         Counter::BelowMinSize,
         Counter::FailedAllocs,
         Counter::SitesCoarsened,
+        Counter::StackDeferred,
     ];
 
     /// Whether the counter records lost data (as opposed to information).
@@ -280,6 +283,7 @@ impl Counter {
             Counter::BelowMinSize => "below_min_size",
             Counter::FailedAllocs => "failed_allocs",
             Counter::SitesCoarsened => "sites_coarsened",
+            Counter::StackDeferred => "stack_deferred",
         }
     }
 }
@@ -340,11 +344,12 @@ pub struct SiteStats {
     /// Identity (kept here too so a site whose ring-buffer record was lost is still reportable).
     pub tgid: u32,
     pub func: u8,
-    /// Whether the site's record (with its Python stack) reached the ring buffer; while not,
-    /// every allocation from the site tries again.
+    /// Bit 0: the site's record (with its Python stack) reached the ring buffer; bit 1: its
+    /// stack copy did. Until both have, every allocation from the site tries again.
     pub announced: u8,
     pub _pad: [u8; 2],
-    pub native: [u64; MAX_NATIVE_FRAMES],
+    /// The allocation's return address.
+    pub caller: u64,
 }
 
 /// Ring-buffer record kinds (the first `u32` of every record): a new site.
@@ -380,10 +385,19 @@ pub struct NewSiteEvent {
     pub _pad: u8,
     /// Thread that first allocated from this site.
     pub tid: u32,
-    pub native: [u64; MAX_NATIVE_FRAMES],
+    /// The native return addresses the kernel walked, innermost (the caller) first: the ones
+    /// folded into the site id, then, for a new site, as many more as it had rows for.
+    pub native: [u64; MAX_NATIVE_WALK],
+    /// Number of valid entries in `native`.
+    pub native_depth: u32,
+    /// How the walk ended (`native_end`).
+    pub native_end: u8,
+    pub _pad3: [u8; 3],
     /// Number of valid entries in `py_frames`, innermost first.
     pub py_depth: u32,
-    pub _pad2: u32,
+    /// Bit i set: `py_frames[i]` is the outermost frame of one run of the eval loop (an entry
+    /// frame), so the next frame out belongs to an eval loop further down the native stack.
+    pub py_entry: [u64; MAX_PY_FRAMES / 64],
     pub py_frames: [PyFrameRec; MAX_PY_FRAMES],
 }
 
@@ -399,9 +413,12 @@ impl Default for NewSiteEvent {
             py_truncated: 0,
             _pad: 0,
             tid: 0,
-            native: [0; MAX_NATIVE_FRAMES],
+            native: [0; MAX_NATIVE_WALK],
+            native_depth: 0,
+            native_end: 0,
+            _pad3: [0; 3],
             py_depth: 0,
-            _pad2: 0,
+            py_entry: [0; MAX_PY_FRAMES / 64],
             py_frames: [PyFrameRec::default(); MAX_PY_FRAMES],
         }
     }
@@ -416,17 +433,18 @@ pub const TARGET_FROZEN: u32 = 2;
 /// and swallows that stop).
 pub const TARGET_STOP_AT_FINALIZE: u32 = 4;
 
-/// The start of a site id: a 64-bit mix of the process, the allocator function and the native
-/// call path. Python frames are folded in with `site_id_add_frame`.
+/// The start of a site id: a 64-bit mix of the process and the allocator function. Native
+/// return addresses are folded in with `site_id_add_pc`, Python frames with
+/// `site_id_add_frame`.
 #[inline(always)]
-pub fn site_id(tgid: u32, func: u8, native: &[u64; MAX_NATIVE_FRAMES]) -> u64 {
-    let mut h = mix64(((tgid as u64) << 8) | func as u64);
-    let mut i = 0;
-    while i < MAX_NATIVE_FRAMES {
-        h = mix64(h ^ native[i]);
-        i += 1;
-    }
-    h
+pub fn site_id_start(tgid: u32, func: u8) -> u64 {
+    mix64(((tgid as u64) << 8) | func as u64)
+}
+
+/// Folds one native return address into a site id.
+#[inline(always)]
+pub fn site_id_add_pc(h: u64, pc: u64) -> u64 {
+    mix64(h ^ pc)
 }
 
 /// Folds one Python frame into a site id: the same call path gives the same id, any other
@@ -466,6 +484,8 @@ mod pod {
     unsafe impl aya::Pod for FinalizeEvent {}
     unsafe impl aya::Pod for PyOffsets {}
     unsafe impl aya::Pod for PyFrameRec {}
+    unsafe impl aya::Pod for UnwindKey {}
+    unsafe impl aya::Pod for UnwindRow {}
 }
 
 #[cfg(test)]
@@ -490,7 +510,7 @@ mod tests {
 
     #[test]
     fn python_frames_change_the_site_id() {
-        let base = site_id(1, 0, &[0x1000]);
+        let base = site_id_add_pc(site_id_start(1, 0), 0x1000);
         let a = PyFrameRec {
             code: 0x10,
             instr: 0x20,
@@ -517,11 +537,55 @@ mod tests {
 
     #[test]
     fn site_ids_separate_processes_functions_and_callers() {
-        let a = site_id(1, 0, &[0x1000]);
-        assert_ne!(a, site_id(2, 0, &[0x1000]));
-        assert_ne!(a, site_id(1, 1, &[0x1000]));
-        assert_ne!(a, site_id(1, 0, &[0x1001]));
-        assert_eq!(a, site_id(1, 0, &[0x1000]));
+        let id = |tgid, func, pcs: &[u64]| {
+            pcs.iter()
+                .fold(site_id_start(tgid, func), |h, pc| site_id_add_pc(h, *pc))
+        };
+        let a = id(1, 0, &[0x1000, 0x2000]);
+        assert_ne!(a, id(2, 0, &[0x1000, 0x2000]));
+        assert_ne!(a, id(1, 1, &[0x1000, 0x2000]));
+        assert_ne!(a, id(1, 0, &[0x1001, 0x2000]));
+        assert_ne!(a, id(1, 0, &[0x1000, 0x2001]), "a different outer caller");
+        assert_ne!(a, id(1, 0, &[0x2000, 0x1000]));
+        assert_eq!(a, id(1, 0, &[0x1000, 0x2000]));
+    }
+
+    #[test]
+    fn unwind_step_follows_sp_and_frame_pointer_rows() {
+        // A stack at 0x1000: [0x1000] local, [0x1008] saved rbp, [0x1010] return address.
+        let mem = |a: u64| match a {
+            0x1008 => Some(0x2000),
+            0x1010 => Some(0xdead),
+            _ => None,
+        };
+        let r = FrameRegs {
+            pc: 1,
+            sp: 0x1000,
+            bp: 0x7777,
+        };
+        // CFA = rsp + 24, rbp saved at CFA-16.
+        let row = UnwindRow {
+            cfa_off: 24,
+            bp_off: -16,
+            cfa_reg: CFA_SP,
+            flags: 0,
+        };
+        let up = row.step(r, mem).unwrap();
+        assert_eq!((up.pc, up.sp, up.bp), (0xdead, 0x1018, 0x2000));
+        // The same frame through its frame pointer (rbp = 0x1008).
+        let fp = UnwindRow::FRAME_POINTER
+            .step(FrameRegs { bp: 0x1008, ..r }, mem)
+            .unwrap();
+        assert_eq!((fp.pc, fp.sp, fp.bp), (0xdead, 0x1018, 0x2000));
+        // A row that would move the stack pointer down is refused, as is an unreadable slot.
+        let back = UnwindRow { cfa_off: -8, ..row };
+        assert!(back.step(r, mem).is_none());
+        let far = UnwindRow {
+            cfa_off: 64,
+            bp_off: 0,
+            ..row
+        };
+        assert!(far.step(r, mem).is_none());
     }
 
     #[test]

@@ -13,18 +13,19 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_get_attach_cookie, bpf_loop, bpf_send_signal},
+        generated::{bpf_get_attach_cookie, bpf_get_smp_processor_id, bpf_loop, bpf_send_signal},
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use leaktrace_ebpf::{
-    py_status, site_id, site_id_finish, AllocFn, Counter, FinalizeEvent, LiveAlloc, LiveKey,
-    NewSiteEvent, Pending, PyFrameRec, PyOffsets, Shape, SiteStats, EVENT_FINALIZE, EVENT_NEW_SITE,
-    MAX_NATIVE_FRAMES, MAX_PY_FRAMES, NUM_COUNTERS, PY_FRAME_READ, TARGET_FROZEN,
-    TARGET_STOP_AT_FINALIZE,
+    native_end, py_status, site_id_add_pc, site_id_finish, site_id_start, unwind_flags, AllocFn,
+    Counter, FinalizeEvent, FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec,
+    PyOffsets, Shape, SiteStats, StackEvent, UnwindKey, UnwindRow, EVENT_FINALIZE, EVENT_NEW_SITE,
+    EVENT_STACK, MAX_NATIVE_FRAMES, MAX_NATIVE_WALK, MAX_PY_FRAMES, MAX_STACK_COPY, NUM_COUNTERS,
+    PY_FRAME_READ, STACK_EVENT_HEADER, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
 };
 
 /// Allocations smaller than this are not tracked (`--min-size`).
@@ -40,6 +41,14 @@ static mut SITE_COUNT: u64 = 0;
 /// `SITES` is kept for those coarse sites, so no allocation goes uncounted.
 #[no_mangle]
 static SITES_SOFT_LIMIT: u64 = (1 << 20) - (1 << 18);
+
+/// Bytes of user stack copied for each new site (`--stack-copy`), at most `MAX_STACK_COPY`.
+#[no_mangle]
+static STACK_COPY: u32 = 16 << 10;
+
+/// Native return addresses folded into a site id, at most `MAX_NATIVE_FRAMES`.
+#[no_mangle]
+static NATIVE_DEPTH: u32 = MAX_NATIVE_FRAMES as u32;
 
 /// Python frames recorded per site, at most `MAX_PY_FRAMES` (`--python-depth`).
 #[no_mangle]
@@ -64,10 +73,27 @@ static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(1 << 20, BP
 #[map]
 static SITES: HashMap<u64, SiteStats> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
-/// New-site announcements, each with its Python stack (56 bytes + 16 per frame). Sized for the
-/// burst of new sites while a program imports its modules.
+/// New-site announcements, each with its Python stack (≈240 bytes + 24 per frame) and its stack
+/// copy (`--stack-copy`, 16 KiB by default). Sized for the burst of new sites while a program
+/// imports its modules; a site whose announcement does not fit is announced again later.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES as u32, 0);
+const RING_BYTES: usize = 32 << 20;
+
+/// Unwind rows of return addresses userspace has learned from new sites' stack copies
+/// ((tgid, return address) → row): how far the kernel can follow a call path into the site id.
+/// Least recently used rows make room; a path whose rows were evicted is learned again.
+#[map]
+static UNWIND: LruHashMap<UnwindKey, UnwindRow> = LruHashMap::with_max_entries(1 << 17, 0);
+
+/// Return addresses whose rows a stack copy was sent to learn, and when
+/// ((tgid, return address) → ns).
+#[map]
+static REQUESTED: LruHashMap<UnwindKey, u64> = LruHashMap::with_max_entries(1 << 14, 0);
+
+/// Room for one stack copy per CPU (indexed by CPU number; userspace sizes it to the CPUs).
+#[map]
+static STACKBUF: Array<StackEvent> = Array::with_max_entries(1, 0);
 
 /// How to walk each Python process's frames (tgid → offsets), set by userspace.
 #[map]
@@ -84,6 +110,8 @@ static THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 16, 0);
 pub struct Scratch {
     ev: NewSiteEvent,
     frame: [u8; PY_FRAME_READ],
+    walk: WalkCtx,
+    native: NativeWalk,
 }
 
 #[map]
@@ -263,7 +291,20 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         }
         return 0;
     }
-    record_alloc(tgid, tid, ptr, p.size, func, p.caller);
+    let regs = ctx.regs;
+    // SAFETY: the probe's context; after the return, these are the caller's registers.
+    let (sp, bp) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*regs).rsp),
+            core::ptr::read_volatile(&raw const (*regs).rbp),
+        )
+    };
+    let caller = FrameRegs {
+        pc: p.caller,
+        sp,
+        bp,
+    };
+    record_alloc(tgid, tid, ptr, p.size, func, caller);
     0
 }
 
@@ -315,30 +356,38 @@ pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
 const SIGSTOP: u32 = 19;
 
 mod python;
-use python::{check_step, python_stack, CheckCtx};
+use python::{check_step, python_stack, CheckCtx, WalkCtx};
 
 #[inline(always)]
-fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller: u64) {
+fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller: FrameRegs) {
     if size < read_global(&MIN_SIZE) {
         bump(Counter::BelowMinSize);
         return;
     }
+    let start = site_id_start(tgid, func as u8);
+    let coarse = site_id_add_pc(start, caller.pc);
+    let native = native_stack(tgid, caller, start);
+    let mut id = site_id_finish(python_stack(tgid, tid, native));
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let scratch = unsafe { &mut *scratch };
-    let native = [caller; MAX_NATIVE_FRAMES];
-    let base = site_id(tgid, func as u8, &native);
-    let mut id = site_id_finish(python_stack(tgid, tid, scratch, base));
     let count = unsafe { core::ptr::read_volatile(&raw const SITE_COUNT) };
     let full = count >= read_global(&SITES_SOFT_LIMIT);
-    if full && scratch.ev.py_depth > 0 && SITES.get_ptr_mut(&id).is_none() {
+    if full
+        && (scratch.ev.py_depth > 0 || scratch.ev.native_depth > 1)
+        && SITES.get_ptr_mut(&id).is_none()
+    {
         // The site map is full: keep accounting under the native caller alone, without the
-        // Python stack, rather than losing the allocation (or a leak that started late).
+        // rest of the stack, rather than losing the allocation (or a leak that started late).
         bump(Counter::SitesCoarsened);
-        id = site_id_finish(base);
+        id = site_id_finish(coarse);
         scratch.ev.py_depth = 0;
+        scratch.ev.native_depth = 1;
+        scratch.ev.native_end = native_end::LIMIT;
+        scratch.native.paused = 0;
+        scratch.native.end = native_end::LIMIT;
         scratch.ev.py_status = py_status::OVERFLOW;
     }
     let stats = match SITES.get_ptr_mut(&id) {
@@ -347,7 +396,7 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
             let fresh = SiteStats {
                 tgid,
                 func: func as u8,
-                native,
+                caller: caller.pc,
                 ..SiteStats::default()
             };
             if SITES.insert(&id, &fresh, BPF_NOEXIST).is_ok() {
@@ -365,44 +414,8 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
     };
     // SAFETY: a live map value.
     let site = unsafe { &mut *stats };
-    if site.announced == 0 {
-        // New, or its announcement found the ring buffer full: the frames just walked are
-        // this site's, so (re)send them, with a check of each code object.
-        if let Some(off) = unsafe { PYPROCS.get(&tgid) } {
-            let mut c = CheckCtx {
-                co_check: off.co_check,
-                n: core::cmp::min(scratch.ev.py_depth, MAX_PY_FRAMES as u32),
-            };
-            unsafe {
-                bpf_loop(
-                    c.n,
-                    check_step as *mut core::ffi::c_void,
-                    &mut c as *mut CheckCtx as *mut core::ffi::c_void,
-                    0,
-                )
-            };
-        }
-        let ev = &mut scratch.ev;
-        ev.kind = EVENT_NEW_SITE;
-        ev.tgid = tgid;
-        ev.tid = tid;
-        ev.site_id = id;
-        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-        ev.func = func as u8;
-        ev.native = native;
-        // Only the frames walked are sent: most stacks are far shallower than the limit.
-        let header = core::mem::offset_of!(NewSiteEvent, py_frames);
-        let frames = core::cmp::min(ev.py_depth as usize, MAX_PY_FRAMES);
-        let len = header + frames * core::mem::size_of::<PyFrameRec>();
-        let len = core::cmp::min(len, core::mem::size_of::<NewSiteEvent>());
-        // SAFETY: `len` is within the event.
-        let bytes =
-            unsafe { core::slice::from_raw_parts(ev as *const NewSiteEvent as *const u8, len) };
-        if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
-            site.announced = 1;
-        } else {
-            bump(Counter::RingbufFull);
-        }
+    if site.announced & ANNOUNCED_STACK == 0 {
+        announce(site, scratch, tgid, tid, id, func, caller);
     }
 
     let key = LiveKey {
@@ -428,6 +441,299 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
     add(&mut site.alloc_bytes, size);
     add(&mut site.live_count, 1);
     add(&mut site.live_bytes, size);
+}
+
+/// Sends what userspace needs of a site not fully announced yet: its record (Python frames and
+/// the native frames the kernel could follow) and, when the kernel could not follow them all,
+/// a stack copy to learn from. A site announced while rows were missing is announced again
+/// once they have been learned, so a burst of new sites needs few copies.
+#[inline(always)]
+fn announce(
+    site: &mut SiteStats,
+    scratch: &mut Scratch,
+    tgid: u32,
+    tid: u32,
+    id: u64,
+    func: AllocFn,
+    caller: FrameRegs,
+) {
+    let needs_copy = native_stack_rest();
+    let stop_pc = {
+        let n = scratch.ev.native_depth as usize;
+        scratch.ev.native[n.wrapping_sub(1) & (MAX_NATIVE_WALK - 1)]
+    };
+    let resend = site.announced & ANNOUNCED_SITE != 0;
+    if !resend || !needs_copy {
+        if send_site_record(scratch, tgid, tid, id, func) {
+            site.announced |= ANNOUNCED_SITE;
+            if !needs_copy {
+                site.announced |= ANNOUNCED_STACK;
+                return;
+            }
+        } else {
+            bump(Counter::RingbufFull);
+            return;
+        }
+    }
+    // One copy teaches userspace every row up to where the walk stopped: while that copy is
+    // on its way, sites stopping at the same address wait instead of sending their own.
+    let key = UnwindKey {
+        tgid,
+        _pad: 0,
+        pc: stop_pc,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(t) = unsafe { REQUESTED.get(&key) } {
+        if now.wrapping_sub(*t) < REQUEST_TTL_NS {
+            bump(Counter::StackDeferred);
+            return;
+        }
+    }
+    if send_stack(tgid, id, caller) {
+        site.announced |= ANNOUNCED_STACK;
+        let _ = REQUESTED.insert(&key, &now, 0);
+    } else {
+        bump(Counter::StackDeferred);
+    }
+}
+
+/// Sends a site's record: its Python frames (with a check of each code object) and the native
+/// frames walked.
+#[inline(always)]
+fn send_site_record(scratch: &mut Scratch, tgid: u32, tid: u32, id: u64, func: AllocFn) -> bool {
+    if let Some(off) = unsafe { PYPROCS.get(&tgid) } {
+        let mut c = CheckCtx {
+            co_check: off.co_check,
+            n: core::cmp::min(scratch.ev.py_depth, MAX_PY_FRAMES as u32),
+        };
+        unsafe {
+            bpf_loop(
+                c.n,
+                check_step as *mut core::ffi::c_void,
+                &mut c as *mut CheckCtx as *mut core::ffi::c_void,
+                0,
+            )
+        };
+    }
+    let ev = &mut scratch.ev;
+    ev.kind = EVENT_NEW_SITE;
+    ev.tgid = tgid;
+    ev.tid = tid;
+    ev.site_id = id;
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.func = func as u8;
+    // Only the frames walked are sent: most stacks are far shallower than the limit.
+    let header = core::mem::offset_of!(NewSiteEvent, py_frames);
+    let frames = core::cmp::min(ev.py_depth as usize, MAX_PY_FRAMES);
+    let len = header + frames * core::mem::size_of::<PyFrameRec>();
+    let len = core::cmp::min(len, core::mem::size_of::<NewSiteEvent>());
+    // SAFETY: `len` is within the event.
+    let bytes = unsafe { core::slice::from_raw_parts(ev as *const NewSiteEvent as *const u8, len) };
+    EVENTS.output::<[u8]>(bytes, 0).is_ok()
+}
+
+/// How long a stack copy sent to learn an address holds back others stopping there.
+const REQUEST_TTL_NS: u64 = 1_000_000_000;
+
+/// State of the kernel's native walk, shared with its `bpf_loop` callback through the scratch
+/// map (see `WalkCtx` for why not the stack).
+#[repr(C)]
+pub struct NativeWalk {
+    regs: FrameRegs,
+    h: u64,
+    tgid: u32,
+    n: u32,
+    /// Frames folded into the site id at most.
+    hash_max: u32,
+    /// Still folding frames into the site id.
+    hashing: u8,
+    /// The id is complete and the walk can go on (for a new site's record).
+    paused: u8,
+    /// `native_end`, once the walk ended.
+    end: u8,
+    _pad: u8,
+}
+
+/// One native frame: record the return address (folding it into the site id while `hashing`),
+/// then move to the caller if userspace has taught the kernel this address's row. Returns 1 to
+/// stop.
+#[inline(never)]
+extern "C" fn native_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let scratch = unsafe { &mut *scratch };
+    let c = &mut scratch.native;
+    let end = |c: &mut NativeWalk, e: u8| {
+        c.end = e;
+        1
+    };
+    if c.n as usize >= MAX_NATIVE_WALK {
+        return end(c, native_end::LIMIT);
+    }
+    if c.regs.pc == 0 {
+        return end(c, native_end::COMPLETE);
+    }
+    if c.hashing != 0 {
+        c.h = site_id_add_pc(c.h, c.regs.pc);
+    }
+    scratch.ev.native[(c.n as usize) & (MAX_NATIVE_WALK - 1)] = c.regs.pc;
+    c.n += 1;
+    let key = UnwindKey {
+        tgid: c.tgid,
+        _pad: 0,
+        pc: c.regs.pc,
+    };
+    let Some(row) = (unsafe { UNWIND.get(&key) }) else {
+        return end(c, native_end::UNKNOWN);
+    };
+    if row.flags & unwind_flags::OUTERMOST != 0 {
+        return end(c, native_end::COMPLETE);
+    }
+    if row.flags & unwind_flags::END != 0 {
+        return end(c, native_end::UNSUPPORTED);
+    }
+    let pause = c.hashing != 0 && (row.flags & unwind_flags::STOP != 0 || c.n >= c.hash_max);
+    match row.step(c.regs, read_user_u64) {
+        Some(up) => c.regs = up,
+        None => return end(c, native_end::READ_ERROR),
+    }
+    if pause {
+        // The id is complete: the Python frames identify the path from the eval loop out.
+        c.hashing = 0;
+        c.paused = 1;
+        return 1;
+    }
+    0
+}
+
+/// Runs the native walk from where it stands, through the scratch map.
+#[inline(always)]
+fn native_walk_run() -> Option<NativeWalk> {
+    unsafe {
+        bpf_loop(
+            MAX_NATIVE_WALK as u32,
+            native_step as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    let s = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot, read back after the callback wrote it.
+    let c = unsafe { core::ptr::read_volatile(&raw const (*s).native) };
+    unsafe {
+        (*s).ev.native_depth = c.n;
+        (*s).ev.native_end = c.end;
+    }
+    Some(c)
+}
+
+/// Folds the allocation's native call path into the site hash `h`, as far as rows are known
+/// and up to the eval loop, recording the return addresses in `scratch.ev`.
+#[inline(always)]
+fn native_stack(tgid: u32, caller: FrameRegs, h: u64) -> u64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return h;
+    };
+    let walk = NativeWalk {
+        regs: caller,
+        h,
+        tgid,
+        n: 0,
+        hash_max: core::cmp::min(read_global(&NATIVE_DEPTH), MAX_NATIVE_FRAMES as u32),
+        hashing: 1,
+        paused: 0,
+        end: native_end::UNKNOWN,
+        _pad: 0,
+    };
+    // SAFETY: this CPU's scratch slot, through the raw pointer only (the callback writes it).
+    unsafe { core::ptr::write_volatile(&raw mut (*s).native, walk) };
+    native_walk_run().map(|c| c.h).unwrap_or(h)
+}
+
+/// For a new site's record: walks on past the eval loop as far as rows are known, so a site
+/// whose every frame the kernel can follow needs no stack copy. Returns whether it does.
+#[inline(always)]
+fn native_stack_rest() -> bool {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let paused = unsafe { core::ptr::read_volatile(&raw const (*s).native.paused) };
+    if paused != 0 {
+        unsafe { core::ptr::write_volatile(&raw mut (*s).native.paused, 0) };
+        if native_walk_run().is_none() {
+            return true;
+        }
+    }
+    let end = unsafe { core::ptr::read_volatile(&raw const (*s).native.end) };
+    end == native_end::UNKNOWN
+}
+
+const PAGE: usize = 4096;
+/// `SiteStats::announced` bits: the site record, and its stack copy, reached the ring buffer.
+const ANNOUNCED_SITE: u8 = 1;
+const ANNOUNCED_STACK: u8 = 2;
+/// `bpf_ringbuf_query`: bytes written and not yet consumed.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// A stack copy is not attempted unless the ring buffer keeps this much room for site records.
+const RING_RESERVE: u64 = 4 << 20;
+
+/// Sends the caller's registers and the top of its stack for a new site, so userspace can
+/// unwind it fully. The copy goes page by page and ends where the stack's mapping does.
+#[inline(always)]
+fn send_stack(tgid: u32, site_id: u64, regs: FrameRegs) -> bool {
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(ev) = STACKBUF.get_ptr_mut(cpu) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of the map.
+    let ev = unsafe { &mut *ev };
+    ev.kind = EVENT_STACK;
+    ev.tgid = tgid;
+    ev.site_id = site_id;
+    ev.pc = regs.pc;
+    ev.sp = regs.sp;
+    ev.bp = regs.bp;
+    let wanted = core::cmp::min(read_global(&STACK_COPY) as usize, MAX_STACK_COPY - PAGE);
+    ev.wanted = wanted as u32;
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if pending + (STACK_EVENT_HEADER + wanted) as u64 + RING_RESERVE > RING_BYTES as u64 {
+        // Userspace is behind: try again at the site's next allocation.
+        return false;
+    }
+    let mut off: usize = 0;
+    let mut i = 0;
+    while i < MAX_STACK_COPY / PAGE {
+        if off >= wanted || off > MAX_STACK_COPY - PAGE {
+            break;
+        }
+        let addr = regs.sp + off as u64;
+        let to_page_end = PAGE - (addr as usize & (PAGE - 1));
+        let n = core::cmp::min(to_page_end, wanted - off);
+        if n == 0 || n > PAGE {
+            break;
+        }
+        // SAFETY: `off + n` ≤ the buffer's length, checked above.
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                ev.data.as_mut_ptr().add(off) as *mut core::ffi::c_void,
+                n as u32,
+                addr as *const core::ffi::c_void,
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+        off += n;
+        i += 1;
+    }
+    ev.len = off as u32;
+    let len = core::cmp::min(STACK_EVENT_HEADER + off, core::mem::size_of::<StackEvent>());
+    // SAFETY: `len` is within the record.
+    let bytes = unsafe { core::slice::from_raw_parts(ev as *const StackEvent as *const u8, len) };
+    EVENTS.output::<[u8]>(bytes, 0).is_ok()
 }
 
 #[inline(always)]

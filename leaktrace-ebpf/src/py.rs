@@ -77,5 +77,8 @@ pub struct PyOffsets {
     pub interp_head_addr: u64,
     /// `PyCodeObject.co_linetable`: where a frame's `check` is read.
     pub co_check: u16,
-    pub _pad2: [u8; 6],
+    /// `_PyInterpreterFrame.is_entry` (3.11), or `u16::MAX`: later versions mark the end of an
+    /// eval-loop run with a skipped shim frame instead.
+    pub fr_is_entry: u16,
+    pub _pad2: [u8; 4],
 }

@@ -6,7 +6,7 @@ use leaktrace_ebpf::{
     py_status, site_id_add_frame, PyFrameRec, PyOffsets, MAX_PY_FRAMES, PY_FRAME_READ,
 };
 
-use crate::{read_global, read_user_u64, Scratch, PYPROCS, PY_MAX_DEPTH, SCRATCH, THREADS};
+use crate::{read_global, read_user_u64, PYPROCS, PY_MAX_DEPTH, SCRATCH, THREADS};
 
 /// The thread state of thread `tid`: the GIL holder if that is this thread, else the one
 /// userspace mapped from the interpreter's thread list. Both are checked against the tid, so a
@@ -119,9 +119,11 @@ pub(crate) extern "C" fn check_step(index: u64, ctx: *mut core::ffi::c_void) -> 
 }
 
 /// State of one frame walk, shared with the `bpf_loop` callback (which keeps the verifier's
-/// work independent of the depth: a plain loop of 2 × 128 iterations is too much for it).
+/// work independent of the depth: a plain loop of 2 × 128 iterations is too much for it). It
+/// lives in the per-CPU scratch map, not on the stack: the verifier tracks stack values exactly
+/// and would check the callback once per iteration, map values it treats as data.
 #[repr(C)]
-struct WalkCtx {
+pub(crate) struct WalkCtx {
     off: PyOffsets,
     frame: u64,
     h: u64,
@@ -134,9 +136,13 @@ struct WalkCtx {
 /// One step of the walk: record the current frame unless it is an interpreter-internal one,
 /// and move to the previous. Returns 1 to stop.
 #[inline(never)]
-extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the WalkCtx pointer python_stack passed in.
-    let c = unsafe { &mut *(ctx as *mut WalkCtx) };
+extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot.
+    let scratch = unsafe { &mut *scratch };
+    let c = &mut scratch.walk;
     if c.frame == 0 {
         return 1;
     }
@@ -144,11 +150,6 @@ extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         c.truncated = 1;
         return 1;
     }
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's scratch slot.
-    let scratch = unsafe { &mut *scratch };
     if unsafe {
         aya_ebpf::helpers::bpf_probe_read_user_buf(c.frame as *const u8, &mut scratch.frame)
     }
@@ -169,25 +170,49 @@ extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
             check: 0,
         };
         c.h = site_id_add_frame(c.h, &rec);
-        scratch.ev.py_frames[(c.n as usize) & (MAX_PY_FRAMES - 1)] = rec;
+        let i = (c.n as usize) & (MAX_PY_FRAMES - 1);
+        scratch.ev.py_frames[i] = rec;
+        let ei = (c.off.fr_is_entry as usize) & 0x7f;
+        if c.off.fr_is_entry != u16::MAX && ei < PY_FRAME_READ && buf[ei] != 0 {
+            mark_entry(&mut scratch.ev.py_entry, i);
+        }
         c.n += 1;
+    } else if owner >= c.off.owner_skip_min && c.n > 0 {
+        // The shim below an eval-loop run: the frame recorded last was that run's first.
+        mark_entry(
+            &mut scratch.ev.py_entry,
+            ((c.n - 1) as usize) & (MAX_PY_FRAMES - 1),
+        );
     }
     c.frame = previous;
     0
 }
 
+#[inline(always)]
+fn mark_entry(bits: &mut [u64; MAX_PY_FRAMES / 64], i: usize) {
+    bits[(i / 64) & 1] |= 1 << (i % 64);
+}
+
 /// Walks this thread's Python frames into `scratch.ev`, folding each into the site hash `h`.
 #[inline(always)]
-pub(crate) fn python_stack(tgid: u32, tid: u32, scratch: &mut Scratch, h: u64) -> u64 {
-    let ev = &mut scratch.ev;
-    ev.py_depth = 0;
-    ev.py_truncated = 0;
+pub(crate) fn python_stack(tgid: u32, tid: u32, h: u64) -> u64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return h;
+    };
+    // SAFETY: this CPU's scratch slot, reached through the raw pointer only: the walk's
+    // callback writes it too.
+    unsafe {
+        (*s).ev.py_depth = 0;
+        (*s).ev.py_truncated = 0;
+        (*s).ev.py_entry = [0; MAX_PY_FRAMES / 64];
+    }
+    let status = |v: u8| unsafe { (*s).ev.py_status = v };
     let Some(off) = (unsafe { PYPROCS.get(&tgid) }) else {
-        ev.py_status = py_status::NOT_PYTHON;
+        status(py_status::NOT_PYTHON);
         return h;
     };
     let Some(tstate) = find_tstate(off, tid) else {
-        ev.py_status = py_status::NO_THREAD_STATE;
+        status(py_status::NO_THREAD_STATE);
         return h;
     };
     let first = if off.ts_cframe != u16::MAX {
@@ -197,10 +222,10 @@ pub(crate) fn python_stack(tgid: u32, tid: u32, scratch: &mut Scratch, h: u64) -
         read_user_u64(tstate + off.frame_ptr as u64)
     };
     let Some(frame) = first else {
-        ev.py_status = py_status::READ_ERROR;
+        status(py_status::READ_ERROR);
         return h;
     };
-    let mut c = WalkCtx {
+    let walk = WalkCtx {
         off: *off,
         frame,
         h,
@@ -209,21 +234,26 @@ pub(crate) fn python_stack(tgid: u32, tid: u32, scratch: &mut Scratch, h: u64) -
         status: py_status::OK,
         truncated: 0,
     };
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut (*s).walk, walk) };
     // Shim and entry frames are skipped but still take a step: allow twice the frames kept.
     unsafe {
         bpf_loop(
             2 * MAX_PY_FRAMES as u32,
             walk_step as *mut core::ffi::c_void,
-            &mut c as *mut WalkCtx as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
             0,
         )
     };
+    // SAFETY: as above; read back what the callback left.
+    let mut c = unsafe { core::ptr::read_volatile(&raw const (*s).walk) };
     if c.frame != 0 && c.status == py_status::OK {
         c.truncated = 1;
     }
-    let ev = &mut scratch.ev;
-    ev.py_status = c.status;
-    ev.py_truncated = c.truncated;
-    ev.py_depth = c.n;
+    unsafe {
+        (*s).ev.py_status = c.status;
+        (*s).ev.py_truncated = c.truncated;
+        (*s).ev.py_depth = c.n;
+    }
     c.h
 }

@@ -61,6 +61,13 @@ pub enum PyMallocMode {
     Malloc,
 }
 
+/// Which native frames reports show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeFrames {
+    Auto,
+    All,
+}
+
 /// Options shared by `run` and `attach`.
 #[derive(Debug, Args)]
 pub struct CommonOpts {
@@ -95,6 +102,17 @@ pub struct CommonOpts {
     /// Python frames to record per site (1–128); deeper stacks are cut and marked.
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
     pub python_depth: u32,
+    /// Bytes of the allocating thread's stack copied for each new site, for unwinding its native
+    /// frames (512 B – 60 KiB); a stack deeper than the copy is reported as truncated.
+    #[arg(long, value_name = "SIZE", value_parser = parse_stack_copy, default_value = "16KiB")]
+    pub stack_copy: u32,
+    /// Native return addresses that tell two call paths apart in the kernel (1–16).
+    #[arg(long, default_value_t = 16, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub native_depth: u32,
+    /// Native frames shown: `auto` hides the interpreter's own frames between Python frames
+    /// (and the program's start-up frames); `all` shows every frame.
+    #[arg(long, value_enum, default_value_t = NativeFrames::Auto)]
+    pub native_frames: NativeFrames,
     /// Benchmark only: attach the same probes with programs that return at once.
     #[arg(long, hide = true)]
     pub probe_floor: bool,
@@ -124,6 +142,8 @@ impl CommonOpts {
                 max_live: self.max_live,
                 max_sites: self.max_sites,
                 python_depth: self.python_depth,
+                stack_copy: self.stack_copy,
+                native_depth: self.native_depth,
             },
             duration: duration.map(|d| secs(d, "--duration")).transpose()?,
             interval: self.interval.map(|d| secs(d, "--interval")).transpose()?,
@@ -131,6 +151,7 @@ impl CommonOpts {
             report: ReportOptions {
                 top: self.top,
                 min_size: self.min_size,
+                all_native_frames: self.native_frames == NativeFrames::All,
             },
             json: self.json.clone(),
         })
@@ -156,6 +177,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         u => return Err(format!("unknown size unit {u:?} in {s:?}")),
     };
     Ok((v * mult).round() as u64)
+}
+
+fn parse_stack_copy(s: &str) -> Result<u32, String> {
+    let v = parse_size(s)?;
+    let max = (leaktrace_ebpf::MAX_STACK_COPY - 4096) as u64;
+    if (512..=max).contains(&v) {
+        Ok(v as u32)
+    } else {
+        Err(format!(
+            "--stack-copy must be between 512 B and {} KiB",
+            max / 1024
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -7,19 +7,25 @@ use leaktrace_ebpf::{AllocFn, SiteStats};
 use serde::Serialize;
 
 use crate::probes::loader::Counters;
+use crate::stacks::native::{NativeStack, UnwindEnd};
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::{Frame, Symbolizer};
 
-/// One allocation site: allocator function + caller (full stacks slot in here later).
+/// One allocation site: allocator function, native call path and Python stack.
 #[derive(Clone, Debug)]
 pub struct Site {
     pub id: u64,
     pub pid: u32,
     pub func: AllocFn,
     pub caller: u64,
-    pub frame: Option<Frame>,
+    /// The native stack, innermost (the allocator's caller) first, placed in its files.
+    pub native: Vec<Frame>,
+    /// How the native unwind ended.
+    pub native_end: UnwindEnd,
     /// The Python stack, innermost first (empty when there was none).
     pub python: Vec<PyFrame>,
+    /// Whether each Python frame began a run of the eval loop.
+    pub python_entry: Vec<bool>,
     /// How the Python stack was obtained (`leaktrace_ebpf::py_status`); `None` if the site's
     /// announcement was lost.
     pub python_status: Option<u8>,
@@ -31,6 +37,7 @@ pub struct Site {
 #[derive(Clone, Debug, Default)]
 pub struct PythonStack {
     pub frames: Vec<PyFrame>,
+    pub entry: Vec<bool>,
     pub status: u8,
     pub truncated: bool,
 }
@@ -56,36 +63,66 @@ pub struct Heap {
 }
 
 impl Heap {
-    /// Registers a site announced by the kernel and places its caller in a mapped file now,
-    /// while the process is alive (naming it waits for `symbolize_pending`).
+    /// Registers a site announced by the kernel, with the native frames the kernel folded into
+    /// its id (placed now, while the process is alive; named at report time).
     pub fn announce(
         &mut self,
         sym: &mut Symbolizer,
         id: u64,
         pid: u32,
         func: AllocFn,
-        caller: u64,
+        kernel_native: &[u64],
         python: Option<PythonStack>,
     ) {
         let site = self.sites.entry(id).or_insert_with(|| Site {
             id,
             pid,
             func,
-            caller,
-            frame: None,
+            caller: kernel_native.first().copied().unwrap_or(0),
+            native: Vec::new(),
+            native_end: UnwindEnd::NoStackCopy,
             python: Vec::new(),
+            python_entry: Vec::new(),
             python_status: None,
             python_truncated: false,
             stats: SiteStats::default(),
         });
-        if site.frame.is_none() {
-            site.frame = Some(sym.return_address(pid, caller));
+        if site.native.is_empty() {
+            site.native = kernel_native
+                .iter()
+                .map(|pc| sym.return_address(pid, *pc))
+                .collect();
         }
         if let Some(py) = python {
             site.python = py.frames;
+            site.python_entry = py.entry;
             site.python_status = Some(py.status);
             site.python_truncated = py.truncated;
         }
+    }
+
+    /// Whether the site already has a native stack from a copy or a whole kernel walk.
+    pub fn has_full_native(&self, id: u64) -> bool {
+        self.sites
+            .get(&id)
+            .is_some_and(|s| s.native_end != UnwindEnd::NoStackCopy)
+    }
+
+    /// Gives a site the native stack unwound from its stack copy (or walked by the kernel).
+    pub fn set_native(&mut self, sym: &mut Symbolizer, id: u64, stack: &NativeStack) {
+        let Some(site) = self.sites.get_mut(&id) else {
+            return;
+        };
+        site.native = stack
+            .pcs
+            .iter()
+            .zip(&stack.eval)
+            .map(|(pc, eval)| Frame {
+                eval: *eval,
+                ..sym.return_address(site.pid, *pc)
+            })
+            .collect();
+        site.native_end = stack.end;
     }
 
     /// Replaces the counters with a fresh read of the kernel's site map. Sites whose
@@ -97,7 +134,7 @@ impl Heap {
             }
             if !self.sites.contains_key(&id) {
                 let func = AllocFn::from_u8(s.func).unwrap_or(AllocFn::Malloc);
-                self.announce(sym, id, s.tgid, func, s.native[0], None);
+                self.announce(sym, id, s.tgid, func, &[s.caller], None);
             }
             if let Some(site) = self.sites.get_mut(&id) {
                 site.stats = s;
@@ -105,23 +142,16 @@ impl Heap {
         }
     }
 
-    /// Places callers whose module was not mapped when first seen (call while the process
+    /// Places frames whose module was not mapped when first seen (call while the process
     /// still has its maps).
     pub fn place_pending(&mut self, sym: &mut Symbolizer) {
         for site in self.sites.values_mut() {
-            if site.frame.as_ref().is_none_or(|f| f.module.is_none()) {
-                site.frame = Some(sym.return_address(site.pid, site.caller));
-            }
-        }
-    }
-
-    /// Names every site's caller (from the files: this works after the process is gone).
-    pub fn symbolize(&mut self, sym: &mut Symbolizer) {
-        self.place_pending(sym);
-        for site in self.sites.values_mut() {
-            if let Some(f) = site.frame.as_mut() {
-                if f.function.is_none() {
-                    sym.resolve(site.pid, f);
+            for f in site.native.iter_mut() {
+                if f.module.is_none() {
+                    *f = Frame {
+                        eval: f.eval,
+                        ..sym.return_address(site.pid, f.address)
+                    };
                 }
             }
         }

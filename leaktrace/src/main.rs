@@ -42,7 +42,8 @@ fn main() {
         .expect("tokio runtime");
     match rt.block_on(trace(spec, &opts)) {
         Ok(outcome) => {
-            print!("{}", table::render(&outcome.report, verbose));
+            let all = opts.report.all_native_frames;
+            print!("{}", table::render(&outcome.report, verbose, all));
             use std::io::Write;
             let _ = std::io::stdout().flush();
             // Detach before exiting: the target keeps running, unharmed.

@@ -7,18 +7,19 @@ use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use leaktrace_ebpf::{py_status, AllocFn};
+use leaktrace_ebpf::{native_end, py_status, AllocFn};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::cli::PyMallocMode;
 use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
-use crate::events::{Event, EventReader};
+use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
 use crate::probes::plan::{needs_raw_malloc, plan, Families, ProbePlan};
 use crate::report::{human_bytes, Report, ReportOptions, TargetInfo};
+use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
 use crate::target::spawn::{spawn, Control, SpawnEvent};
@@ -71,11 +72,11 @@ type Child = Option<(Sender<Control>, UnboundedReceiver<SpawnEvent>)>;
 struct Session<'a> {
     opts: &'a TraceOptions,
     tracer: Tracer,
-    reader: EventReader,
     proc: Process,
     plan: ProbePlan,
     heap: Heap,
     sym: Symbolizer,
+    unwinder: Unwinder,
     start: Instant,
     /// Seconds into the trace when the interpreter began shutting down.
     finalized_at: Option<f64>,
@@ -96,7 +97,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     check_privileges()?;
     let mut tracer = Tracer::load(opts.load)?;
     log::debug!("BPF object loaded");
-    let reader = EventReader::new(tracer.take_events()?)?;
+    let mut reader = EventReader::new(tracer.take_events()?)?;
 
     let (pid, mut child): (u32, Child) = match &spec {
         TargetSpec::Pid(pid) => (*pid, None),
@@ -123,11 +124,11 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     let mut s = Session {
         opts,
         tracer,
-        reader,
         proc,
         plan: ProbePlan::empty(),
         heap: Heap::default(),
         sym: Symbolizer::new(),
+        unwinder: Unwinder::default(),
         start: Instant::now(),
         finalized_at: None,
         notes_shown: HashSet::new(),
@@ -169,7 +170,12 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     let mut interrupted = false;
     let end: String = loop {
         tokio::select! {
-            batch = s.reader.next_batch() => s.absorb(batch),
+            first = reader.next_record() => {
+                if let Some(ev) = parse(&first) {
+                    s.absorb(ev);
+                }
+                reader.drain(|ev| s.absorb(ev));
+            }
             _ = tick.tick() => {
                 let sample = s.refresh()?;
                 if opts.interval.is_some() {
@@ -205,7 +211,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                 Some(SpawnEvent::Exiting) => {
                     // Its maps are still there: read everything it announced and symbolize it.
                     log::debug!("target exiting; catching up");
-                    s.catch_up()?;
+                    s.catch_up(&mut reader)?;
                     log::debug!("caught up");
                     reply(&child, Control::Release);
                 }
@@ -213,14 +219,14 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                     // Ours if the interpreter just began shutting down (its announcement is in
                     // the ring buffer ahead of the stop); anyone else's is passed on.
                     let before = s.finalized_at.is_some();
-                    s.catch_up()?;
+                    s.catch_up(&mut reader)?;
                     let ours = !before && s.finalized_at.is_some();
                     reply(&child, if ours { Control::Release } else { Control::Deliver });
                 }
                 Some(SpawnEvent::Exec) => {
                     // A wrapper exec'd the real program: the old address space and everything
                     // recorded in it are gone; probe the new program's libraries.
-                    s.catch_up()?;
+                    s.catch_up(&mut reader)?;
                     s.tracer.forget_process(pid)?;
                     s.heap.forget_process(pid);
                     s.sym.refresh(pid);
@@ -237,9 +243,9 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     };
     let duration = s.start.elapsed().as_secs_f64();
     log::debug!("tracing ended: {end}");
-    s.catch_up()?;
+    s.catch_up(&mut reader)?;
     s.refresh()?;
-    s.heap.symbolize(&mut s.sym);
+    s.heap.place_pending(&mut s.sym);
     let counters = s.tracer.counters()?;
     let end = match s.finalized_at {
         Some(t) => format!(
@@ -256,7 +262,16 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         libc: s.plan.libc.clone(),
         end,
     };
-    let report = Report::build(&s.heap, &s.plan, &counters, target, duration, opts.report);
+    let report = Report::build(
+        &s.heap,
+        &mut s.sym,
+        &s.plan,
+        &counters,
+        &s.unwinder.stats,
+        target,
+        duration,
+        opts.report,
+    );
     log::debug!("report built");
     if let Some(path) = &opts.json {
         std::fs::write(path, report.to_json()).map_err(|source| Error::Read {
@@ -372,8 +387,8 @@ impl Session<'_> {
     }
 
     /// Takes in records from the kernel.
-    fn absorb(&mut self, batch: Vec<Event>) {
-        for ev in batch {
+    fn absorb(&mut self, ev: Event<'_>) {
+        {
             match ev {
                 Event::NewSite(ev) => {
                     let func = AllocFn::from_u8(ev.func).unwrap_or(AllocFn::Malloc);
@@ -387,20 +402,30 @@ impl Session<'_> {
                     );
                     let python = self.py.as_mut().map(|py| PythonStack {
                         frames: py.decode(&ev.py_frames[..depth]),
+                        entry: (0..depth)
+                            .map(|i| ev.py_entry[i / 64] & (1 << (i % 64)) != 0)
+                            .collect(),
                         status: ev.py_status,
                         truncated: ev.py_truncated != 0,
                     });
                     if let Some(p) = &python {
                         log::trace!("site {:#x} decoded: {:?}", ev.site_id, p.frames);
                     }
-                    self.heap.announce(
-                        &mut self.sym,
-                        ev.site_id,
-                        ev.tgid,
-                        func,
-                        ev.native[0],
-                        python,
-                    );
+                    let pcs = &ev.native[..(ev.native_depth as usize).min(ev.native.len())];
+                    self.heap
+                        .announce(&mut self.sym, ev.site_id, ev.tgid, func, pcs, python);
+                    // What the kernel followed; a stack copy, when one comes, replaces it.
+                    let stack = NativeStack {
+                        pcs: pcs.to_vec(),
+                        eval: self.unwinder.eval_frames(&mut self.sym, ev.tgid, pcs),
+                        end: UnwindEnd::from_kernel(ev.native_end),
+                    };
+                    if ev.native_end != native_end::UNKNOWN {
+                        self.unwinder.stats.kernel_walks += 1;
+                    }
+                    if !self.heap.has_full_native(ev.site_id) {
+                        self.heap.set_native(&mut self.sym, ev.site_id, &stack);
+                    }
                     // A thread the kernel could not place, or an interpreter that just came up:
                     // refresh soon rather than at the next tick.
                     let stale = self
@@ -408,6 +433,23 @@ impl Session<'_> {
                         .is_none_or(|t| t.elapsed() > Duration::from_millis(50));
                     if stale && (!self.py_ready || ev.py_status == py_status::NO_THREAD_STATE) {
                         self.enable_python();
+                    }
+                }
+                Event::Stack(copy) => {
+                    let (stack, rows) =
+                        self.unwinder
+                            .unwind(&mut self.sym, copy.tgid, copy.regs, copy.data);
+                    log::trace!(
+                        "site {:#x}: {} native frames ({:?}) from {} of {} stack bytes",
+                        copy.site_id,
+                        stack.pcs.len(),
+                        stack.end,
+                        copy.data.len(),
+                        copy.wanted
+                    );
+                    self.heap.set_native(&mut self.sym, copy.site_id, &stack);
+                    if let Err(e) = self.tracer.learn_rows(copy.tgid, &rows) {
+                        log::debug!("{e}");
                     }
                 }
                 Event::Finalize(_) => {
@@ -424,9 +466,8 @@ impl Session<'_> {
 
     /// Reads all pending records and counters, and symbolizes what is new (the target's maps
     /// must still exist for sites in modules mapped since the last refresh).
-    fn catch_up(&mut self) -> Result<()> {
-        let batch = self.reader.drain_now();
-        self.absorb(batch);
+    fn catch_up(&mut self, reader: &mut EventReader) -> Result<()> {
+        reader.drain(|ev| self.absorb(ev));
         self.sym.refresh(self.proc.pid);
         self.heap.update(&mut self.sym, self.tracer.sites()?);
         self.heap.place_pending(&mut self.sym);

@@ -47,8 +47,32 @@ pub fn setup(_bench: bool) -> Result<()> {
     }
     ensure_bpf_linker()?;
     mount_tracefs();
-    pyenv_python()?;
+    let py = pyenv_python()?;
+    ensure_numpy(&py)?;
     Ok(())
+}
+
+/// Real numpy for the native-stack tests (a PyPI wheel: built without frame pointers).
+fn ensure_numpy(python: &Path) -> Result<()> {
+    let have = Command::new(python)
+        .args(["-c", "import numpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing numpy for {}", python.display());
+    run(Command::new(python).args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "--root-user-action=ignore",
+        "numpy",
+    ]))
+    .context("pip install numpy")
 }
 
 fn cargo_bin() -> PathBuf {

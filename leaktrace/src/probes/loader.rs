@@ -10,7 +10,7 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope
 use aya::programs::UProbe;
 use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
-    Counter, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, NUM_COUNTERS,
+    Counter, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow, NUM_COUNTERS,
     TARGET_STOP_AT_FINALIZE, TARGET_TRACED,
 };
 
@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 /// The BPF object built from `leaktrace-ebpf` (see build.rs).
 static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
+
+/// Capacity of the kernel's `UNWIND` map.
+const UNWIND_ROWS: usize = 1 << 17;
 
 /// Knobs fixed at load time.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +37,10 @@ pub struct LoadOptions {
     pub max_sites: u32,
     /// Python frames recorded per site.
     pub python_depth: u32,
+    /// Bytes of user stack copied for each new site.
+    pub stack_copy: u32,
+    /// Native return addresses the kernel folds into a site id.
+    pub native_depth: u32,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +51,8 @@ impl Default for LoadOptions {
             max_live: 1 << 20,
             max_sites: 1 << 20,
             python_depth: 64,
+            stack_copy: 16 << 10,
+            native_depth: leaktrace_ebpf::MAX_NATIVE_FRAMES as u32,
         }
     }
 }
@@ -79,6 +88,8 @@ pub struct Tracer {
     threads: std::collections::HashMap<u32, HashSet<u32>>,
     /// Every link attached, by program, so they can be detached together (see `detach`).
     links: Vec<(&'static str, UProbeLinkId)>,
+    /// Unwind rows already given to the kernel: most call paths share their outer frames.
+    taught: HashSet<(u32, u64)>,
 }
 
 fn bpf_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -129,7 +140,12 @@ impl Tracer {
         let max_sites = opts.max_sites.max(8);
         // A quarter of the site table is kept for stacks folded into their native caller.
         let soft_limit = u64::from(max_sites - max_sites / 4);
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| Error::Bpf(format!("counting CPUs ({what}): {e}")))?;
         let mut ebpf = EbpfLoader::new()
+            .override_global("STACK_COPY", &opts.stack_copy, true)
+            .override_global("NATIVE_DEPTH", &opts.native_depth, true)
+            .map_max_entries("STACKBUF", cpus.max(1) as u32)
             .override_global("MIN_SIZE", &opts.min_size, true)
             .override_global("FLOOR_MODE", &floor, true)
             .override_global("PY_MAX_DEPTH", &opts.python_depth, true)
@@ -153,6 +169,7 @@ impl Tracer {
             points: HashSet::new(),
             threads: Default::default(),
             links: Vec::new(),
+            taught: HashSet::new(),
         })
     }
 
@@ -299,10 +316,53 @@ impl Tracer {
         for k in doomed {
             let _ = sites.remove(&k);
         }
+        {
+            let mut rows: BpfHashMap<&mut MapData, UnwindKey, UnwindRow> =
+                BpfHashMap::try_from(self.map_mut("UNWIND")?).map_err(|e| bpf_err("UNWIND", e))?;
+            let keys: Vec<UnwindKey> = rows
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.tgid == tgid)
+                .collect();
+            for k in keys {
+                let _ = rows.remove(&k);
+            }
+            self.taught.retain(|(t, _)| *t != tgid);
+        }
         let mut py: BpfHashMap<&mut MapData, u32, PyOffsets> =
             BpfHashMap::try_from(self.map_mut("PYPROCS")?).map_err(|e| bpf_err("PYPROCS", e))?;
         let _ = py.remove(&tgid);
         self.set_threads(tgid, &[])
+    }
+
+    /// Teaches the kernel the unwind rows of return addresses of process `tgid`, so it can
+    /// follow those call paths into site ids.
+    pub fn learn_rows(&mut self, tgid: u32, rows: &[(u64, UnwindRow)]) -> Result<()> {
+        // The kernel's map is LRU: past half its size, forget what was taught so rows the kernel
+        // evicted are taught again.
+        if self.taught.len() >= UNWIND_ROWS / 2 {
+            self.taught.clear();
+        }
+        let taught = &mut self.taught;
+        let map = self
+            .ebpf
+            .map_mut("UNWIND")
+            .ok_or_else(|| Error::Bpf("map UNWIND missing from the object".into()))?;
+        let mut m: BpfHashMap<&mut MapData, UnwindKey, UnwindRow> =
+            BpfHashMap::try_from(map).map_err(|e| bpf_err("UNWIND", e))?;
+        for (pc, row) in rows {
+            if !taught.insert((tgid, *pc)) {
+                continue;
+            }
+            let key = UnwindKey {
+                tgid,
+                _pad: 0,
+                pc: *pc,
+            };
+            m.insert(key, *row, 0)
+                .map_err(|e| bpf_err("teaching unwind rows", e))?;
+        }
+        Ok(())
     }
 
     /// Detaches every probe. Removing a uprobe waits for the kernel (≈60 ms each here, and the

@@ -3,19 +3,21 @@
 
 pub mod table;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use leaktrace_ebpf::{Counter, Family};
 use serde::Serialize;
 
-use crate::heap::{Heap, Sample};
+use crate::heap::{Heap, Sample, Site};
 use crate::probes::loader::Counters;
 use crate::probes::plan::{ProbePlan, PythonCoverage};
+use crate::stacks::merge::{merge, StackEntry};
+use crate::stacks::native::{UnwindEnd, UnwindStats};
 use crate::stacks::python::PyFrame;
-use crate::stacks::symbolize::Frame;
+use crate::stacks::symbolize::{Frame, Symbolizer};
 
 /// Version of the JSON schema (docs/json-schema.md).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
@@ -39,6 +41,8 @@ pub struct Report {
     /// Sites whose announcement (with the Python stack) never arrived: counted, but shown
     /// without their stack.
     pub sites_without_stack: usize,
+    /// How the native stacks of all new sites unwound.
+    pub native_unwind: UnwindStats,
     pub series: Vec<Sample>,
 }
 
@@ -87,8 +91,19 @@ pub struct SiteReport {
     pub allocs: u64,
     pub alloc_bytes: u64,
     pub frees: u64,
+    /// Kernel sites folded into this one: the same stack, seen before and after the kernel
+    /// learned how to follow all of it.
+    pub kernel_sites: usize,
     /// The caller of the allocator: where the allocation was made.
     pub caller: Frame,
+    /// The merged stack, outermost first and the allocator's caller last: Python frames in
+    /// place of the eval loop that ran them.
+    pub stack: Vec<StackEntry>,
+    /// The native stack, outermost first.
+    pub native_stack: Vec<Frame>,
+    /// How the native unwind ended: "complete" (it reached the program's or thread's entry),
+    /// or why it stopped (`stack_copy_too_short`, `no_cfi`, ...).
+    pub native_unwind: String,
     /// The Python stack, outermost first and innermost last (empty when there was none).
     pub python_stack: Vec<PyFrame>,
     /// "ok", "not_python", "no_thread_state", "read_error", "overflow" (the site table was full:
@@ -96,6 +111,9 @@ pub struct SiteReport {
     pub python_status: String,
     /// The Python stack was cut at `--python-depth`: outer frames are missing.
     pub python_truncated: bool,
+    /// Which Python frames began an eval-loop run (innermost first), until merged.
+    #[serde(skip)]
+    stack_entry: Vec<bool>,
 }
 
 /// Report options.
@@ -103,6 +121,76 @@ pub struct SiteReport {
 pub struct ReportOptions {
     pub top: usize,
     pub min_size: u64,
+    /// Show every native frame (the interpreter's own too).
+    pub all_native_frames: bool,
+}
+
+/// What makes two kernel sites the same in a report: process, allocator, and the frames of
+/// both stacks by file position (never by name, which needs symbolization).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct StackKey {
+    pid: u32,
+    func: u8,
+    native: Vec<(Option<String>, u64)>,
+    python: Vec<PyFrame>,
+}
+
+impl StackKey {
+    fn of(s: &Site) -> Self {
+        Self {
+            pid: s.pid,
+            func: s.func as u8,
+            native: s
+                .native
+                .iter()
+                .map(|f| (f.module.clone(), f.file_offset.unwrap_or(f.address)))
+                .collect(),
+            python: s.python.clone(),
+        }
+    }
+}
+
+impl SiteReport {
+    /// One report line from kernel sites with the same stack. Stacks stay innermost first
+    /// until the report is finished.
+    fn of(g: &[&Site]) -> Self {
+        // The fullest record stands for the group.
+        let best = g
+            .iter()
+            .max_by_key(|s| {
+                (
+                    s.native_end == UnwindEnd::Complete,
+                    s.native.len(),
+                    s.python_status.is_some(),
+                    std::cmp::Reverse(s.id),
+                )
+            })
+            .expect("groups are not empty");
+        let sum = |f: fn(&Site) -> u64| g.iter().map(|s| f(s)).fold(0u64, u64::wrapping_add);
+        SiteReport {
+            id: format!("{:016x}", best.id),
+            pid: best.pid,
+            allocator: best.func.symbol().to_string(),
+            family: family_name(best.func.family()).to_string(),
+            unfreed_bytes: sum(|s| s.stats.live_bytes),
+            unfreed_count: sum(|s| s.stats.live_count),
+            allocs: sum(|s| s.stats.allocs),
+            alloc_bytes: sum(|s| s.stats.alloc_bytes),
+            frees: sum(|s| s.stats.frees),
+            kernel_sites: g.len(),
+            caller: best.native.first().cloned().unwrap_or(Frame {
+                address: best.caller,
+                ..Frame::default()
+            }),
+            stack: Vec::new(),
+            native_stack: best.native.clone(),
+            native_unwind: best.native_end.name().into(),
+            python_stack: best.python.clone(),
+            stack_entry: best.python_entry.clone(),
+            python_status: python_status_name(best.python_status).into(),
+            python_truncated: best.python_truncated,
+        }
+    }
 }
 
 fn python_status_name(s: Option<u8>) -> &'static str {
@@ -125,39 +213,67 @@ fn family_name(f: Family) -> &'static str {
 }
 
 impl Report {
-    /// Builds the report from the heap model and what was probed.
+    /// Builds the report from the heap model and what was probed. Kernel sites with the same
+    /// stack are reported as one; only the sites reported are symbolized.
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         heap: &Heap,
+        sym: &mut Symbolizer,
         plan: &ProbePlan,
         counters: &Counters,
+        unwind: &UnwindStats,
         target: TargetInfo,
         duration_s: f64,
         opts: ReportOptions,
     ) -> Report {
-        let mut sites: Vec<SiteReport> = heap
+        let mut groups: HashMap<StackKey, Vec<&Site>> = HashMap::new();
+        for s in heap
             .sites()
             .filter(|s| s.stats.live_bytes > 0 && s.stats.live_bytes < (1 << 62))
-            .filter(|s| s.stats.live_bytes >= opts.min_size)
-            .map(|s| SiteReport {
-                id: format!("{:016x}", s.id),
-                pid: s.pid,
-                allocator: s.func.symbol().to_string(),
-                family: family_name(s.func.family()).to_string(),
-                unfreed_bytes: s.stats.live_bytes,
-                unfreed_count: s.stats.live_count,
-                allocs: s.stats.allocs,
-                alloc_bytes: s.stats.alloc_bytes,
-                frees: s.stats.frees,
-                caller: s.frame.clone().unwrap_or(Frame {
-                    address: s.caller,
-                    ..Frame::default()
-                }),
-                python_stack: s.python.iter().rev().cloned().collect(),
-                python_status: python_status_name(s.python_status).into(),
-                python_truncated: s.python_truncated,
-            })
+        {
+            groups.entry(StackKey::of(s)).or_default().push(s);
+        }
+        // A site whose stack copy never came knows only the frames the kernel walked: when a
+        // site with the same Python stack extends them, it is the same call path, seen before
+        // its rows were learned.
+        let partial: Vec<StackKey> = groups
+            .iter()
+            .filter(|(_, g)| g.iter().all(|s| s.native_end == UnwindEnd::NoStackCopy))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in partial {
+            let target = groups.keys().find(|o| {
+                **o != k
+                    && o.pid == k.pid
+                    && o.func == k.func
+                    && o.python == k.python
+                    && o.native.len() > k.native.len()
+                    && o.native.starts_with(&k.native)
+            });
+            if let Some(t) = target.cloned() {
+                let moved = groups.remove(&k).unwrap_or_default();
+                groups.entry(t).or_default().extend(moved);
+            }
+        }
+        let mut sites: Vec<SiteReport> = groups
+            .into_values()
+            .map(|g| SiteReport::of(&g))
+            .filter(|s| s.unfreed_bytes >= opts.min_size)
             .collect();
         sites.sort_by(|a, b| b.unfreed_bytes.cmp(&a.unfreed_bytes).then(a.id.cmp(&b.id)));
+        let interpreter = plan.python.as_ref().map(|p| p.module.as_str());
+        for s in sites.iter_mut().take(opts.top) {
+            for f in s.native_stack.iter_mut() {
+                sym.resolve(s.pid, f);
+            }
+            if let Some(c) = s.native_stack.first() {
+                s.caller = c.clone();
+            }
+            let entry = std::mem::take(&mut s.stack_entry);
+            s.stack = merge(&s.native_stack, &s.python_stack, &entry, interpreter);
+            s.native_stack.reverse();
+            s.python_stack.reverse();
+        }
         let totals = Totals {
             unfreed_bytes: sites.iter().map(|s| s.unfreed_bytes).sum(),
             unfreed_count: sites.iter().map(|s| s.unfreed_count).sum(),
@@ -198,6 +314,7 @@ impl Report {
             sites,
             sites_omitted: omitted,
             sites_without_stack,
+            native_unwind: unwind.clone(),
             series: heap.series().to_vec(),
         }
     }

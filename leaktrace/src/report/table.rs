@@ -5,12 +5,13 @@ use std::fmt::Write;
 
 use super::{human_bytes, Report};
 use crate::probes::plan::PythonCoverage;
+use crate::stacks::merge::StackEntry;
 
-/// Python frames shown per site without `--verbose` (the innermost ones).
-const MAX_FRAMES_SHOWN: usize = 8;
+/// Frames shown per site without `--verbose` (the innermost ones).
+const MAX_FRAMES_SHOWN: usize = 16;
 
 /// Renders the report as text.
-pub fn render(r: &Report, verbose: bool) -> String {
+pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
     let mut o = String::new();
     let t = &r.target;
     let _ = writeln!(o, "leaktrace report — pid {} ({})", t.pid, t.command);
@@ -104,17 +105,33 @@ pub fn render(r: &Report, verbose: bool) -> String {
             s.allocator,
             s.caller.display()
         );
-        let frames = &s.python_stack;
+        let frames: Vec<&StackEntry> = s
+            .stack
+            .iter()
+            .filter(|e| all_native || !e.hidden())
+            .collect();
+        // The innermost frames matter most: cut from the outer end.
         let shown = if verbose {
             frames.len()
         } else {
             frames.len().min(MAX_FRAMES_SHOWN)
         };
         if s.python_truncated || frames.len() > shown {
-            let _ = writeln!(o, "{:>60}", "… outer Python frames omitted");
+            let _ = writeln!(o, "{:>60}", "… outer frames omitted (--verbose shows all)");
         }
-        for f in &frames[frames.len() - shown..] {
-            let _ = writeln!(o, "{:>58}  {}", "", f.display());
+        for e in &frames[frames.len() - shown..] {
+            let text = match e {
+                StackEntry::Python { frame } => frame.display(),
+                StackEntry::Native { frame, .. } => frame.display(),
+            };
+            let _ = writeln!(o, "{:>58}  {}", "", text);
+        }
+        if s.native_unwind != "complete" && !s.stack.is_empty() {
+            let _ = writeln!(
+                o,
+                "{:>58}  (native stack incomplete: {})",
+                "", s.native_unwind
+            );
         }
         if s.python_status == "overflow" {
             let _ = writeln!(

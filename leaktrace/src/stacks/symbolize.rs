@@ -11,7 +11,7 @@ use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
 use serde::Serialize;
 
-use crate::target::maps::{host_path, ModuleMap};
+use crate::target::maps::{host_path, Mapping, ModuleMap};
 use crate::target::Process;
 
 /// A symbolized native frame.
@@ -29,6 +29,9 @@ pub struct Frame {
     pub line: Option<u32>,
     /// Functions inlined at this address, outermost first.
     pub inlined: Vec<String>,
+    /// The interpreter's eval loop: where Python frames go when stacks are merged.
+    #[serde(skip)]
+    pub eval: bool,
 }
 
 impl Frame {
@@ -92,17 +95,22 @@ impl Symbolizer {
         }
     }
 
+    /// The file mapping of `addr` in process `pid`, re-reading the maps when it is not in the
+    /// last snapshot (a module loaded since).
+    pub fn mapping(&mut self, pid: u32, addr: u64) -> Option<Mapping> {
+        if self.modules.get(&pid).and_then(|m| m.find(addr)).is_none() {
+            self.refresh(pid);
+        }
+        self.modules.get(&pid).and_then(|m| m.find(addr)).cloned()
+    }
+
     /// Places a return address of process `pid` in its mapped file (cheap: no symbolization).
     /// Call while the process lives; `resolve` names it later, from the file alone.
     pub fn return_address(&mut self, pid: u32, addr: u64) -> Frame {
         if let Some(f) = self.cache.get(&(pid, addr)) {
             return f.clone();
         }
-        let found = self.modules.get(&pid).and_then(|m| m.find(addr)).is_some();
-        if !found {
-            self.refresh(pid);
-        }
-        let mapping = self.modules.get(&pid).and_then(|m| m.find(addr)).cloned();
+        let mapping = self.mapping(pid, addr);
         let mut frame = Frame {
             address: addr,
             ..Frame::default()

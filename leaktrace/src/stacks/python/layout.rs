@@ -49,6 +49,8 @@ pub struct PyLayout {
     pub fr_previous: u64,
     pub fr_instr: u64,
     pub fr_owner: u64,
+    /// `_PyInterpreterFrame.is_entry` (3.11 only).
+    pub fr_is_entry: Option<u64>,
     /// Frames with an owner at least this are interpreter-internal (3.12+).
     pub owner_skip_min: u8,
     /// Tag bits to clear from the frame's code pointer.
@@ -92,6 +94,7 @@ pub fn builtin(major: u8, minor: u8) -> Option<PyLayout> {
         fr_previous: 0,
         fr_instr: 0x38,
         fr_owner: 0,
+        fr_is_entry: None,
         owner_skip_min: u8::MAX,
         code_mask: !0,
         co_filename: 0x70,
@@ -117,6 +120,7 @@ pub fn builtin(major: u8, minor: u8) -> Option<PyLayout> {
             fr_previous: 0x30,
             // 3.11 has no shim frames; entry frames are marked by `is_entry` (0x44) instead.
             fr_owner: 0x45,
+            fr_is_entry: Some(0x44),
             owner_skip_min: u8::MAX,
             co_firstlineno: 0x48,
             co_code_adaptive: 0xb8,
@@ -290,6 +294,7 @@ pub fn from_debug_offsets(raw: &[u8]) -> Result<PyLayout> {
         fr_previous: w(f.fr_previous)?,
         fr_instr: w(f.fr_instr_ptr)?,
         fr_owner: w(f.fr_owner)?,
+        fr_is_entry: None,
         owner_skip_min: OWNER_INTERNAL_MIN,
         code_mask,
         co_filename: w(f.co_filename)?,

@@ -17,7 +17,7 @@ use layout::{PyLayout, DEBUG_OFFSETS_READ};
 use remote::Remote;
 
 /// One decoded Python frame.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct PyFrame {
     pub filename: String,
     /// The qualified name (`Class.method`), `<module>` for module code.
@@ -135,7 +135,8 @@ impl PythonProcess {
             ts_next: narrow(l.ts_next),
             interp_head_addr: self.runtime + l.rt_interpreters_head,
             co_check: narrow(l.co_linetable),
-            _pad2: [0; 6],
+            fr_is_entry: l.fr_is_entry.map(narrow).unwrap_or(u16::MAX),
+            _pad2: [0; 4],
         })
     }
 
