@@ -198,8 +198,6 @@ fn library_loaded_after_tracing_began_unwinds_and_symbolizes() {
 }
 
 #[test]
-#[ignore = "open in issue 4: importing numpy under tracing creates ~10^5 kernel sites and the \
-            report does not finish in time; run with --ignored while that is fixed"]
 fn numpy_growing_list_is_found_through_numpy_and_a_dropping_loop_is_not() {
     let py = pyenv_python();
     let s = script(

@@ -13,7 +13,9 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_get_attach_cookie, bpf_get_smp_processor_id, bpf_loop, bpf_send_signal},
+        generated::{
+            bpf_get_attach_cookie, bpf_get_smp_processor_id, bpf_loop, bpf_send_signal_thread,
+        },
     },
     macros::{map, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -347,8 +349,10 @@ pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
         bump(Counter::RingbufFull);
     }
     if stop {
-        // Delivered on the way back to user space, before finalization frees anything.
-        unsafe { bpf_send_signal(SIGSTOP) };
+        // Delivered on the way back to user space, before finalization frees anything. To this
+        // thread, which leaktrace traces and whose stop it swallows: a process-wide SIGSTOP could
+        // be taken by an untraced thread (numpy's BLAS workers) and stop it for good.
+        unsafe { bpf_send_signal_thread(SIGSTOP) };
     }
     0
 }
@@ -356,7 +360,9 @@ pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
 const SIGSTOP: u32 = 19;
 
 mod python;
+mod unwind;
 use python::{check_step, python_stack, CheckCtx, WalkCtx};
+use unwind::{native_stack, native_stack_rest, send_stack, NativeWalk};
 
 #[inline(always)]
 fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller: FrameRegs) {
@@ -476,15 +482,17 @@ fn announce(
         }
     }
     // One copy teaches userspace every row up to where the walk stopped: while that copy is
-    // on its way, sites stopping at the same address wait instead of sending their own.
+    // on its way and userspace is behind, sites stopping at the same address wait instead of
+    // sending their own (a site that never allocates again then keeps what the kernel walked).
     let key = UnwindKey {
         tgid,
         _pad: 0,
         pc: stop_pc,
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    let behind = EVENTS.query(BPF_RB_AVAIL_DATA) > (RING_BYTES / 4) as u64;
     if let Some(t) = unsafe { REQUESTED.get(&key) } {
-        if now.wrapping_sub(*t) < REQUEST_TTL_NS {
+        if behind && now.wrapping_sub(*t) < REQUEST_TTL_NS {
             bump(Counter::StackDeferred);
             return;
         }
@@ -535,142 +543,6 @@ fn send_site_record(scratch: &mut Scratch, tgid: u32, tid: u32, id: u64, func: A
 /// How long a stack copy sent to learn an address holds back others stopping there.
 const REQUEST_TTL_NS: u64 = 1_000_000_000;
 
-/// State of the kernel's native walk, shared with its `bpf_loop` callback through the scratch
-/// map (see `WalkCtx` for why not the stack).
-#[repr(C)]
-pub struct NativeWalk {
-    regs: FrameRegs,
-    h: u64,
-    tgid: u32,
-    n: u32,
-    /// Frames folded into the site id at most.
-    hash_max: u32,
-    /// Still folding frames into the site id.
-    hashing: u8,
-    /// The id is complete and the walk can go on (for a new site's record).
-    paused: u8,
-    /// `native_end`, once the walk ended.
-    end: u8,
-    _pad: u8,
-}
-
-/// One native frame: record the return address (folding it into the site id while `hashing`),
-/// then move to the caller if userspace has taught the kernel this address's row. Returns 1 to
-/// stop.
-#[inline(never)]
-extern "C" fn native_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's scratch slot.
-    let scratch = unsafe { &mut *scratch };
-    let c = &mut scratch.native;
-    let end = |c: &mut NativeWalk, e: u8| {
-        c.end = e;
-        1
-    };
-    if c.n as usize >= MAX_NATIVE_WALK {
-        return end(c, native_end::LIMIT);
-    }
-    if c.regs.pc == 0 {
-        return end(c, native_end::COMPLETE);
-    }
-    if c.hashing != 0 {
-        c.h = site_id_add_pc(c.h, c.regs.pc);
-    }
-    scratch.ev.native[(c.n as usize) & (MAX_NATIVE_WALK - 1)] = c.regs.pc;
-    c.n += 1;
-    let key = UnwindKey {
-        tgid: c.tgid,
-        _pad: 0,
-        pc: c.regs.pc,
-    };
-    let Some(row) = (unsafe { UNWIND.get(&key) }) else {
-        return end(c, native_end::UNKNOWN);
-    };
-    if row.flags & unwind_flags::OUTERMOST != 0 {
-        return end(c, native_end::COMPLETE);
-    }
-    if row.flags & unwind_flags::END != 0 {
-        return end(c, native_end::UNSUPPORTED);
-    }
-    let pause = c.hashing != 0 && (row.flags & unwind_flags::STOP != 0 || c.n >= c.hash_max);
-    match row.step(c.regs, read_user_u64) {
-        Some(up) => c.regs = up,
-        None => return end(c, native_end::READ_ERROR),
-    }
-    if pause {
-        // The id is complete: the Python frames identify the path from the eval loop out.
-        c.hashing = 0;
-        c.paused = 1;
-        return 1;
-    }
-    0
-}
-
-/// Runs the native walk from where it stands, through the scratch map.
-#[inline(always)]
-fn native_walk_run() -> Option<NativeWalk> {
-    unsafe {
-        bpf_loop(
-            MAX_NATIVE_WALK as u32,
-            native_step as *mut core::ffi::c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
-    let s = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot, read back after the callback wrote it.
-    let c = unsafe { core::ptr::read_volatile(&raw const (*s).native) };
-    unsafe {
-        (*s).ev.native_depth = c.n;
-        (*s).ev.native_end = c.end;
-    }
-    Some(c)
-}
-
-/// Folds the allocation's native call path into the site hash `h`, as far as rows are known
-/// and up to the eval loop, recording the return addresses in `scratch.ev`.
-#[inline(always)]
-fn native_stack(tgid: u32, caller: FrameRegs, h: u64) -> u64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return h;
-    };
-    let walk = NativeWalk {
-        regs: caller,
-        h,
-        tgid,
-        n: 0,
-        hash_max: core::cmp::min(read_global(&NATIVE_DEPTH), MAX_NATIVE_FRAMES as u32),
-        hashing: 1,
-        paused: 0,
-        end: native_end::UNKNOWN,
-        _pad: 0,
-    };
-    // SAFETY: this CPU's scratch slot, through the raw pointer only (the callback writes it).
-    unsafe { core::ptr::write_volatile(&raw mut (*s).native, walk) };
-    native_walk_run().map(|c| c.h).unwrap_or(h)
-}
-
-/// For a new site's record: walks on past the eval loop as far as rows are known, so a site
-/// whose every frame the kernel can follow needs no stack copy. Returns whether it does.
-#[inline(always)]
-fn native_stack_rest() -> bool {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return true;
-    };
-    // SAFETY: this CPU's scratch slot.
-    let paused = unsafe { core::ptr::read_volatile(&raw const (*s).native.paused) };
-    if paused != 0 {
-        unsafe { core::ptr::write_volatile(&raw mut (*s).native.paused, 0) };
-        if native_walk_run().is_none() {
-            return true;
-        }
-    }
-    let end = unsafe { core::ptr::read_volatile(&raw const (*s).native.end) };
-    end == native_end::UNKNOWN
-}
-
 const PAGE: usize = 4096;
 /// `SiteStats::announced` bits: the site record, and its stack copy, reached the ring buffer.
 const ANNOUNCED_SITE: u8 = 1;
@@ -679,62 +551,6 @@ const ANNOUNCED_STACK: u8 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 /// A stack copy is not attempted unless the ring buffer keeps this much room for site records.
 const RING_RESERVE: u64 = 4 << 20;
-
-/// Sends the caller's registers and the top of its stack for a new site, so userspace can
-/// unwind it fully. The copy goes page by page and ends where the stack's mapping does.
-#[inline(always)]
-fn send_stack(tgid: u32, site_id: u64, regs: FrameRegs) -> bool {
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(ev) = STACKBUF.get_ptr_mut(cpu) else {
-        return false;
-    };
-    // SAFETY: this CPU's slot of the map.
-    let ev = unsafe { &mut *ev };
-    ev.kind = EVENT_STACK;
-    ev.tgid = tgid;
-    ev.site_id = site_id;
-    ev.pc = regs.pc;
-    ev.sp = regs.sp;
-    ev.bp = regs.bp;
-    let wanted = core::cmp::min(read_global(&STACK_COPY) as usize, MAX_STACK_COPY - PAGE);
-    ev.wanted = wanted as u32;
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if pending + (STACK_EVENT_HEADER + wanted) as u64 + RING_RESERVE > RING_BYTES as u64 {
-        // Userspace is behind: try again at the site's next allocation.
-        return false;
-    }
-    let mut off: usize = 0;
-    let mut i = 0;
-    while i < MAX_STACK_COPY / PAGE {
-        if off >= wanted || off > MAX_STACK_COPY - PAGE {
-            break;
-        }
-        let addr = regs.sp + off as u64;
-        let to_page_end = PAGE - (addr as usize & (PAGE - 1));
-        let n = core::cmp::min(to_page_end, wanted - off);
-        if n == 0 || n > PAGE {
-            break;
-        }
-        // SAFETY: `off + n` ≤ the buffer's length, checked above.
-        let rc = unsafe {
-            aya_ebpf::helpers::generated::bpf_probe_read_user(
-                ev.data.as_mut_ptr().add(off) as *mut core::ffi::c_void,
-                n as u32,
-                addr as *const core::ffi::c_void,
-            )
-        };
-        if rc != 0 {
-            break;
-        }
-        off += n;
-        i += 1;
-    }
-    ev.len = off as u32;
-    let len = core::cmp::min(STACK_EVENT_HEADER + off, core::mem::size_of::<StackEvent>());
-    // SAFETY: `len` is within the record.
-    let bytes = unsafe { core::slice::from_raw_parts(ev as *const StackEvent as *const u8, len) };
-    EVENTS.output::<[u8]>(bytes, 0).is_ok()
-}
 
 #[inline(always)]
 fn remove_stale(key: &LiveKey) {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::probes::loader::Counters;
 use crate::stacks::native::{NativeStack, UnwindEnd};
 use crate::stacks::python::PyFrame;
-use crate::stacks::symbolize::{Frame, Symbolizer};
+use crate::stacks::symbolize::Symbolizer;
 
 /// One allocation site: allocator function, native call path and Python stack.
 #[derive(Clone, Debug)]
@@ -18,8 +18,14 @@ pub struct Site {
     pub pid: u32,
     pub func: AllocFn,
     pub caller: u64,
-    /// The native stack, innermost (the allocator's caller) first, placed in its files.
-    pub native: Vec<Frame>,
+    /// The native stack's return addresses, innermost (the allocator's caller) first. Each is
+    /// placed in its file by the symbolizer while the process lives (`Symbolizer::place`), so a
+    /// site keeps only addresses: thousands of sites share a few thousand frames.
+    pub native: Vec<u64>,
+    /// Whether each native frame is the interpreter's eval loop.
+    pub native_eval: Vec<bool>,
+    /// Some native frame was in no mapped file when placed (a module mapped later).
+    pub unplaced: bool,
     /// How the native unwind ended.
     pub native_end: UnwindEnd,
     /// The Python stack, innermost first (empty when there was none).
@@ -63,23 +69,23 @@ pub struct Heap {
 }
 
 impl Heap {
-    /// Registers a site announced by the kernel, with the native frames the kernel folded into
-    /// its id (placed now, while the process is alive; named at report time).
+    /// Registers a site announced by the kernel (its native stack comes with `set_native`).
     pub fn announce(
         &mut self,
-        sym: &mut Symbolizer,
         id: u64,
         pid: u32,
         func: AllocFn,
-        kernel_native: &[u64],
+        caller: u64,
         python: Option<PythonStack>,
     ) {
         let site = self.sites.entry(id).or_insert_with(|| Site {
             id,
             pid,
             func,
-            caller: kernel_native.first().copied().unwrap_or(0),
+            caller,
             native: Vec::new(),
+            native_eval: Vec::new(),
+            unplaced: false,
             native_end: UnwindEnd::NoStackCopy,
             python: Vec::new(),
             python_entry: Vec::new(),
@@ -87,12 +93,6 @@ impl Heap {
             python_truncated: false,
             stats: SiteStats::default(),
         });
-        if site.native.is_empty() {
-            site.native = kernel_native
-                .iter()
-                .map(|pc| sym.return_address(pid, *pc))
-                .collect();
-        }
         if let Some(py) = python {
             site.python = py.frames;
             site.python_entry = py.entry;
@@ -108,21 +108,16 @@ impl Heap {
             .is_some_and(|s| s.native_end != UnwindEnd::NoStackCopy)
     }
 
-    /// Gives a site the native stack unwound from its stack copy (or walked by the kernel).
+    /// Gives a site its native stack (unwound from a stack copy, or walked by the kernel) and
+    /// places its frames while the process is alive.
     pub fn set_native(&mut self, sym: &mut Symbolizer, id: u64, stack: &NativeStack) {
         let Some(site) = self.sites.get_mut(&id) else {
             return;
         };
-        site.native = stack
-            .pcs
-            .iter()
-            .zip(&stack.eval)
-            .map(|(pc, eval)| Frame {
-                eval: *eval,
-                ..sym.return_address(site.pid, *pc)
-            })
-            .collect();
+        site.native.clone_from(&stack.pcs);
+        site.native_eval.clone_from(&stack.eval);
         site.native_end = stack.end;
+        site.unplaced = !site.native.iter().all(|pc| sym.place(site.pid, *pc));
     }
 
     /// Replaces the counters with a fresh read of the kernel's site map. Sites whose
@@ -134,7 +129,13 @@ impl Heap {
             }
             if !self.sites.contains_key(&id) {
                 let func = AllocFn::from_u8(s.func).unwrap_or(AllocFn::Malloc);
-                self.announce(sym, id, s.tgid, func, &[s.caller], None);
+                self.announce(id, s.tgid, func, s.caller, None);
+                let caller = NativeStack {
+                    pcs: vec![s.caller],
+                    eval: vec![false],
+                    end: UnwindEnd::NoStackCopy,
+                };
+                self.set_native(sym, id, &caller);
             }
             if let Some(site) = self.sites.get_mut(&id) {
                 site.stats = s;
@@ -145,15 +146,8 @@ impl Heap {
     /// Places frames whose module was not mapped when first seen (call while the process
     /// still has its maps).
     pub fn place_pending(&mut self, sym: &mut Symbolizer) {
-        for site in self.sites.values_mut() {
-            for f in site.native.iter_mut() {
-                if f.module.is_none() {
-                    *f = Frame {
-                        eval: f.eval,
-                        ..sym.return_address(site.pid, f.address)
-                    };
-                }
-            }
+        for site in self.sites.values_mut().filter(|s| s.unplaced) {
+            site.unplaced = !site.native.iter().all(|pc| sym.place(site.pid, *pc));
         }
     }
 

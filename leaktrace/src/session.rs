@@ -80,6 +80,8 @@ struct Session<'a> {
     start: Instant,
     /// Seconds into the trace when the interpreter began shutting down.
     finalized_at: Option<f64>,
+    /// The stop leaktrace asked for at shutdown has been swallowed.
+    finalize_stop_taken: bool,
     notes_shown: HashSet<String>,
     /// The target's interpreter, when it is Python and its version is supported.
     py: Option<PythonProcess>,
@@ -131,6 +133,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         unwinder: Unwinder::default(),
         start: Instant::now(),
         finalized_at: None,
+        finalize_stop_taken: false,
         notes_shown: HashSet::new(),
         py: None,
         py_ready: false,
@@ -218,9 +221,15 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                 Some(SpawnEvent::Stopped) => {
                     // Ours if the interpreter just began shutting down (its announcement is in
                     // the ring buffer ahead of the stop); anyone else's is passed on.
-                    let before = s.finalized_at.is_some();
                     s.catch_up(&mut reader)?;
-                    let ours = !before && s.finalized_at.is_some();
+                    if s.finalized_at.is_none() && s.tracer.frozen(pid) {
+                        // The ring buffer had no room for the announcement; the flag says it.
+                        s.finalized_at = Some(s.start.elapsed().as_secs_f64());
+                    }
+                    // The announcement may have been read before this stop arrived: what makes
+                    // the stop ours is that shutdown began and its one stop is not yet taken.
+                    let ours = s.finalized_at.is_some() && !s.finalize_stop_taken;
+                    s.finalize_stop_taken |= ours;
                     reply(&child, if ours { Control::Release } else { Control::Deliver });
                 }
                 Some(SpawnEvent::Exec) => {
@@ -413,17 +422,17 @@ impl Session<'_> {
                     }
                     let pcs = &ev.native[..(ev.native_depth as usize).min(ev.native.len())];
                     self.heap
-                        .announce(&mut self.sym, ev.site_id, ev.tgid, func, pcs, python);
-                    // What the kernel followed; a stack copy, when one comes, replaces it.
-                    let stack = NativeStack {
-                        pcs: pcs.to_vec(),
-                        eval: self.unwinder.eval_frames(&mut self.sym, ev.tgid, pcs),
-                        end: UnwindEnd::from_kernel(ev.native_end),
-                    };
+                        .announce(ev.site_id, ev.tgid, func, ev.native[0], python);
                     if ev.native_end != native_end::UNKNOWN {
                         self.unwinder.stats.kernel_walks += 1;
                     }
                     if !self.heap.has_full_native(ev.site_id) {
+                        // What the kernel followed; a stack copy, when one comes, replaces it.
+                        let stack = NativeStack {
+                            pcs: pcs.to_vec(),
+                            eval: self.unwinder.eval_frames(&mut self.sym, ev.tgid, pcs),
+                            end: UnwindEnd::from_kernel(ev.native_end),
+                        };
                         self.heap.set_native(&mut self.sym, ev.site_id, &stack);
                     }
                     // A thread the kernel could not place, or an interpreter that just came up:

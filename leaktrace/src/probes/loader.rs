@@ -11,7 +11,7 @@ use aya::programs::UProbe;
 use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
     Counter, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow, NUM_COUNTERS,
-    TARGET_STOP_AT_FINALIZE, TARGET_TRACED,
+    TARGET_FROZEN, TARGET_STOP_AT_FINALIZE, TARGET_TRACED,
 };
 
 use super::plan::ProbePlan;
@@ -189,6 +189,20 @@ impl Tracer {
                 0,
             )
             .map_err(|e| bpf_err("adding the target", e))
+    }
+
+    /// Whether the kernel froze process `tgid`'s accounting: its interpreter began shutting
+    /// down. Read from the map, so it holds even when the ring buffer had no room to say so.
+    pub fn frozen(&self, tgid: u32) -> bool {
+        let Ok(map) = self.map("TARGETS") else {
+            return false;
+        };
+        let Ok(targets) = BpfHashMap::<&MapData, u32, u32>::try_from(map) else {
+            return false;
+        };
+        targets
+            .get(&tgid, 0)
+            .is_ok_and(|flags| flags & TARGET_FROZEN != 0)
     }
 
     /// Attaches every point of the plan not attached yet, scoped to process `pid`.

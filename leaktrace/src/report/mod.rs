@@ -111,9 +111,6 @@ pub struct SiteReport {
     pub python_status: String,
     /// The Python stack was cut at `--python-depth`: outer frames are missing.
     pub python_truncated: bool,
-    /// Which Python frames began an eval-loop run (innermost first), until merged.
-    #[serde(skip)]
-    stack_entry: Vec<bool>,
 }
 
 /// Report options.
@@ -125,39 +122,69 @@ pub struct ReportOptions {
     pub all_native_frames: bool,
 }
 
-/// What makes two kernel sites the same in a report: process, allocator, and the frames of
-/// both stacks by file position (never by name, which needs symbolization).
+/// What makes two kernel sites the same in a report: process, allocator, and the frames the
+/// report shows (every frame with `--native-frames all`) — native ones by return address, which
+/// within one process is the same code. Two paths that differ only in hidden interpreter frames
+/// (a call the adaptive interpreter specialized after a few runs) are one report line.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct StackKey {
     pid: u32,
     func: u8,
-    native: Vec<(Option<String>, u64)>,
-    python: Vec<PyFrame>,
+    frames: Vec<KeyFrame>,
 }
 
-impl StackKey {
-    fn of(s: &Site) -> Self {
-        Self {
-            pid: s.pid,
-            func: s.func as u8,
-            native: s
-                .native
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum KeyFrame {
+    Native(u64),
+    Python(PyFrame),
+}
+
+/// A kernel site with its merged stack (frames placed, not yet named).
+struct Merged<'a> {
+    site: &'a Site,
+    stack: Vec<StackEntry>,
+}
+
+impl<'a> Merged<'a> {
+    fn of(site: &'a Site, sym: &mut Symbolizer, interpreter: Option<&str>) -> Self {
+        let native: Vec<Frame> = site
+            .native
+            .iter()
+            .zip(&site.native_eval)
+            .map(|(pc, eval)| Frame {
+                eval: *eval,
+                ..sym.return_address(site.pid, *pc)
+            })
+            .collect();
+        let stack = merge(&native, &site.python, &site.python_entry, interpreter);
+        Self { site, stack }
+    }
+
+    fn key(&self, all: bool) -> StackKey {
+        StackKey {
+            pid: self.site.pid,
+            func: self.site.func as u8,
+            frames: self
+                .stack
                 .iter()
-                .map(|f| (f.module.clone(), f.file_offset.unwrap_or(f.address)))
+                .filter(|e| all || !e.hidden())
+                .map(|e| match e {
+                    StackEntry::Native { frame, .. } => KeyFrame::Native(frame.address),
+                    StackEntry::Python { frame } => KeyFrame::Python(frame.clone()),
+                })
                 .collect(),
-            python: s.python.clone(),
         }
     }
 }
 
 impl SiteReport {
-    /// One report line from kernel sites with the same stack. Stacks stay innermost first
-    /// until the report is finished.
-    fn of(g: &[&Site]) -> Self {
+    /// One report line from kernel sites with the same stack.
+    fn of(g: Vec<Merged<'_>>) -> Self {
         // The fullest record stands for the group.
         let best = g
             .iter()
-            .max_by_key(|s| {
+            .max_by_key(|m| {
+                let s = m.site;
                 (
                     s.native_end == UnwindEnd::Complete,
                     s.native.len(),
@@ -166,29 +193,36 @@ impl SiteReport {
                 )
             })
             .expect("groups are not empty");
-        let sum = |f: fn(&Site) -> u64| g.iter().map(|s| f(s)).fold(0u64, u64::wrapping_add);
+        let b = best.site;
+        let sum = |f: fn(&Site) -> u64| g.iter().map(|m| f(m.site)).fold(0u64, u64::wrapping_add);
         SiteReport {
-            id: format!("{:016x}", best.id),
-            pid: best.pid,
-            allocator: best.func.symbol().to_string(),
-            family: family_name(best.func.family()).to_string(),
+            id: format!("{:016x}", b.id),
+            pid: b.pid,
+            allocator: b.func.symbol().to_string(),
+            family: family_name(b.func.family()).to_string(),
             unfreed_bytes: sum(|s| s.stats.live_bytes),
             unfreed_count: sum(|s| s.stats.live_count),
             allocs: sum(|s| s.stats.allocs),
             alloc_bytes: sum(|s| s.stats.alloc_bytes),
             frees: sum(|s| s.stats.frees),
             kernel_sites: g.len(),
-            caller: best.native.first().cloned().unwrap_or(Frame {
-                address: best.caller,
+            caller: Frame {
+                address: b.caller,
                 ..Frame::default()
-            }),
-            stack: Vec::new(),
-            native_stack: best.native.clone(),
-            native_unwind: best.native_end.name().into(),
-            python_stack: best.python.clone(),
-            stack_entry: best.python_entry.clone(),
-            python_status: python_status_name(best.python_status).into(),
-            python_truncated: best.python_truncated,
+            },
+            stack: best.stack.clone(),
+            native_stack: best
+                .stack
+                .iter()
+                .filter_map(|e| match e {
+                    StackEntry::Native { frame, .. } => Some(frame.clone()),
+                    StackEntry::Python { .. } => None,
+                })
+                .collect(),
+            native_unwind: b.native_end.name().into(),
+            python_stack: b.python.iter().rev().cloned().collect(),
+            python_status: python_status_name(b.python_status).into(),
+            python_truncated: b.python_truncated,
         }
     }
 }
@@ -226,53 +260,67 @@ impl Report {
         duration_s: f64,
         opts: ReportOptions,
     ) -> Report {
-        let mut groups: HashMap<StackKey, Vec<&Site>> = HashMap::new();
+        let interpreter = plan.python.as_ref().map(|p| p.module.as_str());
+        let mut groups: HashMap<StackKey, Vec<Merged<'_>>> = HashMap::new();
         for s in heap
             .sites()
             .filter(|s| s.stats.live_bytes > 0 && s.stats.live_bytes < (1 << 62))
         {
-            groups.entry(StackKey::of(s)).or_default().push(s);
+            let m = Merged::of(s, sym, interpreter);
+            groups
+                .entry(m.key(opts.all_native_frames))
+                .or_default()
+                .push(m);
         }
         // A site whose stack copy never came knows only the frames the kernel walked: when a
         // site with the same Python stack extends them, it is the same call path, seen before
         // its rows were learned.
         let partial: Vec<StackKey> = groups
             .iter()
-            .filter(|(_, g)| g.iter().all(|s| s.native_end == UnwindEnd::NoStackCopy))
+            .filter(|(_, g)| {
+                g.iter()
+                    .all(|m| m.site.native_end == UnwindEnd::NoStackCopy)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for k in partial {
-            let target = groups.keys().find(|o| {
-                **o != k
-                    && o.pid == k.pid
-                    && o.func == k.func
-                    && o.python == k.python
-                    && o.native.len() > k.native.len()
-                    && o.native.starts_with(&k.native)
+            let Some(p) = groups.get(&k).and_then(|g| g.first()).map(|m| m.site) else {
+                continue;
+            };
+            let target = groups.iter().find_map(|(o, g)| {
+                let q = g.first()?.site;
+                (*o != k
+                    && q.pid == p.pid
+                    && q.func == p.func
+                    && q.python == p.python
+                    && q.native.len() > p.native.len()
+                    && q.native.starts_with(&p.native))
+                .then(|| o.clone())
             });
-            if let Some(t) = target.cloned() {
+            if let Some(t) = target {
                 let moved = groups.remove(&k).unwrap_or_default();
                 groups.entry(t).or_default().extend(moved);
             }
         }
         let mut sites: Vec<SiteReport> = groups
             .into_values()
-            .map(|g| SiteReport::of(&g))
+            .map(SiteReport::of)
             .filter(|s| s.unfreed_bytes >= opts.min_size)
             .collect();
         sites.sort_by(|a, b| b.unfreed_bytes.cmp(&a.unfreed_bytes).then(a.id.cmp(&b.id)));
-        let interpreter = plan.python.as_ref().map(|p| p.module.as_str());
+        // Only the sites reported are named.
         for s in sites.iter_mut().take(opts.top) {
+            for e in s.stack.iter_mut() {
+                if let StackEntry::Native { frame, .. } = e {
+                    sym.resolve(s.pid, frame);
+                }
+            }
             for f in s.native_stack.iter_mut() {
                 sym.resolve(s.pid, f);
             }
-            if let Some(c) = s.native_stack.first() {
+            if let Some(c) = s.native_stack.last() {
                 s.caller = c.clone();
             }
-            let entry = std::mem::take(&mut s.stack_entry);
-            s.stack = merge(&s.native_stack, &s.python_stack, &entry, interpreter);
-            s.native_stack.reverse();
-            s.python_stack.reverse();
         }
         let totals = Totals {
             unfreed_bytes: sites.iter().map(|s| s.unfreed_bytes).sum(),

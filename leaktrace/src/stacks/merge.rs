@@ -71,12 +71,24 @@ pub fn merge(
         out.extend(g.iter().map(|p| StackEntry::Python { frame: p.clone() }));
     }
     let is_py = |e: &StackEntry| matches!(e, StackEntry::Python { .. });
+    let is_interp = |e: &StackEntry| match e {
+        StackEntry::Native { frame, .. } => {
+            frame.eval || (interpreter.is_some() && frame.module.as_deref() == interpreter)
+        }
+        StackEntry::Python { .. } => false,
+    };
     if let (Some(inner), Some(outer)) = (out.iter().position(is_py), out.iter().rposition(is_py)) {
+        // Below the innermost Python frame, the interpreter's call plumbing into an extension
+        // (vectorcall, which changes as calls get specialized) is hidden too; an allocation the
+        // interpreter itself makes keeps its frames.
+        let into_ext = out[..inner]
+            .iter()
+            .rposition(|e| !is_interp(e))
+            .unwrap_or(inner);
+        let interp: Vec<bool> = out.iter().map(is_interp).collect();
         for (i, e) in out.iter_mut().enumerate() {
-            if let StackEntry::Native { frame, hidden } = e {
-                let interp =
-                    frame.eval || (interpreter.is_some() && frame.module.as_deref() == interpreter);
-                *hidden = i > outer || (i > inner && interp);
+            if let StackEntry::Native { hidden, .. } = e {
+                *hidden = i > outer || (interp[i] && i > into_ext);
             }
         }
     }
@@ -141,13 +153,27 @@ mod tests {
                 "callback",
                 "py:cb_target",
                 "py:inner",
-                "cfunction_call",
                 "leak",
                 "chain3"
             ]
         );
         assert_eq!(names(&m, true).len(), native.len() + python.len());
         assert_eq!(names(&m, true)[0], "__libc_start_main");
+    }
+
+    #[test]
+    fn interpreter_allocations_keep_their_frames() {
+        // list.append growing its list: every native frame is the interpreter's own.
+        let native = [
+            n("list_resize", "/libpython.so", false),
+            n("_PyList_AppendTakeRef", "/libpython.so", false),
+            n("_PyEval_EvalFrameDefault", "/libpython.so", true),
+        ];
+        let m = merge(&native, &[p("f")], &[true], Some("/libpython.so"));
+        assert_eq!(
+            names(&m, false),
+            ["py:f", "_PyList_AppendTakeRef", "list_resize"]
+        );
     }
 
     #[test]

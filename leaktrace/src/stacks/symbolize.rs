@@ -104,6 +104,13 @@ impl Symbolizer {
         self.modules.get(&pid).and_then(|m| m.find(addr)).cloned()
     }
 
+    /// Places a return address of process `pid` in its mapped file and remembers it, for
+    /// `return_address` to give back after the process is gone; false if it is in no mapped file
+    /// (yet).
+    pub fn place(&mut self, pid: u32, addr: u64) -> bool {
+        self.cache.contains_key(&(pid, addr)) || self.return_address(pid, addr).module.is_some()
+    }
+
     /// Places a return address of process `pid` in its mapped file (cheap: no symbolization).
     /// Call while the process lives; `resolve` names it later, from the file alone.
     pub fn return_address(&mut self, pid: u32, addr: u64) -> Frame {

@@ -105,9 +105,11 @@ pub struct UnwindStats {
 /// Unwinds stack copies; keeps every module's CFI it has read.
 #[derive(Default)]
 pub struct Unwinder {
-    /// CFI by the module's path as the process sees it (per process: paths are resolved through
-    /// its root).
-    modules: HashMap<(u32, String), Option<ModuleCfi>>,
+    /// CFI per process, by the module's path as the process sees it (resolved through its
+    /// root).
+    modules: HashMap<u32, HashMap<String, Option<ModuleCfi>>>,
+    /// Return addresses known to be in the eval loop or not.
+    eval: HashMap<(u32, u64), bool>,
     pub stats: UnwindStats,
 }
 
@@ -206,35 +208,40 @@ impl Unwinder {
 
     /// Which of `pcs` (return addresses of process `pid`) are in the interpreter's eval loop.
     pub fn eval_frames(&mut self, sym: &mut Symbolizer, pid: u32, pcs: &[u64]) -> Vec<bool> {
-        pcs.iter()
-            .map(|pc| {
-                let Some(m) = sym.mapping(pid, *pc) else {
-                    return false;
-                };
-                let off = m.file_offset(*pc);
-                self.module(pid, &m.path).is_some_and(|cfi| {
-                    cfi.svma(off)
-                        .is_some_and(|a| cfi.is_eval(a.saturating_sub(1)))
-                })
-            })
-            .collect()
+        pcs.iter().map(|pc| self.is_eval(sym, pid, *pc)).collect()
+    }
+
+    fn is_eval(&mut self, sym: &mut Symbolizer, pid: u32, pc: u64) -> bool {
+        if let Some(e) = self.eval.get(&(pid, pc)) {
+            return *e;
+        }
+        let Some(m) = sym.mapping(pid, pc) else {
+            return false;
+        };
+        let off = m.file_offset(pc);
+        let e = self.module(pid, &m.path).is_some_and(|cfi| {
+            cfi.svma(off)
+                .is_some_and(|a| cfi.is_eval(a.saturating_sub(1)))
+        });
+        self.eval.insert((pid, pc), e);
+        e
     }
 
     fn module(&mut self, pid: u32, path: &str) -> Option<&mut ModuleCfi> {
-        self.modules
-            .entry((pid, path.to_string()))
-            .or_insert_with(|| {
-                let host = host_path(pid, path);
-                let file = if host.exists() {
-                    host
-                } else {
-                    PathBuf::from(path)
-                };
-                ModuleCfi::load(&file)
-                    .map_err(|e| log::debug!("no CFI for {path}: {e}"))
-                    .ok()
-            })
-            .as_mut()
+        let modules = self.modules.entry(pid).or_default();
+        if !modules.contains_key(path) {
+            let host = host_path(pid, path);
+            let file = if host.exists() {
+                host
+            } else {
+                PathBuf::from(path)
+            };
+            let cfi = ModuleCfi::load(&file)
+                .map_err(|e| log::debug!("no CFI for {path}: {e}"))
+                .ok();
+            modules.insert(path.to_string(), cfi);
+        }
+        modules.get_mut(path).and_then(|m| m.as_mut())
     }
 }
 
