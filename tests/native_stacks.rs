@@ -260,3 +260,58 @@ fn numpy_growing_list_is_found_through_numpy_and_a_dropping_loop_is_not() {
     );
     assert_eq!(top["native_unwind"], "complete");
 }
+
+#[test]
+fn cpp_frames_are_demangled() {
+    let py = pyenv_python();
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libcpp.so");
+    let src = dir.path().join("leak.cpp");
+    std::fs::write(
+        &src,
+        // Each function stores its result before returning, so no call is a tail call.
+        "#include <cstddef>\nvoid *volatile sink;\nnamespace store {\nstruct Leaker {\n\
+         __attribute__((noinline)) static char *grab(std::size_t n) {\n\
+         char *p = new char[n]; sink = p; return p; }\n};\n}\n\
+         extern \"C\" void *cpp_leak(std::size_t n) {\n\
+         void *p = store::Leaker::grab(n); sink = p; return p; }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new("g++")
+        .args([
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-g",
+            "-fomit-frame-pointer",
+            "-o",
+        ])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = script(
+        "import sys, time, ctypes\nlib = ctypes.CDLL(sys.argv[1])\n\
+         lib.cpp_leak.argtypes = [ctypes.c_size_t]\ntime.sleep(1)\n\
+         def keep():\n    for _ in range(10):\n        lib.cpp_leak(5000)\n\
+         keep()\n",
+    );
+    let run = run_python(&["--top", "50"], &py, &s, &[lib.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let found = sites_through(
+        &run,
+        &[
+            "py:keep",
+            "cpp_leak",
+            "store::Leaker::grab(unsigned long)",
+            "operator new(unsigned long)",
+        ],
+    );
+    assert_eq!(total(&found, "unfreed_count"), 10, "{}", run.stdout);
+    assert!(run.stdout.contains("store::Leaker::grab(unsigned long)"));
+}
