@@ -97,7 +97,14 @@ fn target_exiting_mid_trace_still_gets_a_report() {
 /// attached, with the probe points it reported.
 fn attach_in_background(pid: u32) -> (std::process::Child, Vec<(String, String, u64)>) {
     let mut lt = Command::new(leaktrace_bin())
-        .args(["attach", "-p", &pid.to_string(), "--verbose"])
+        .args([
+            "attach",
+            "-p",
+            &pid.to_string(),
+            "--mode",
+            "exact",
+            "--verbose",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -9,8 +9,10 @@
 
 mod native;
 mod py;
+mod sample;
 pub use native::*;
 pub use py::*;
+pub use sample::*;
 
 /// The allocator entry points leaktrace probes. The discriminant is the uprobe's attach cookie.
 #[repr(u8)]
@@ -40,6 +42,9 @@ pub enum AllocFn {
     PyMemCalloc = 19,
     PyMemRealloc = 20,
     PyMemFree = 21,
+    /// Not a function: a page of memory touched for the first time (growth mode, from the
+    /// page-fault tracepoints), so the process's resident memory grew.
+    PageFault = 22,
 }
 
 /// How a function takes and returns its memory; decides which registers a probe reads.
@@ -66,11 +71,13 @@ pub enum Shape {
 pub enum Family {
     Libc,
     Python,
+    /// Resident pages (growth mode).
+    Pages,
 }
 
 impl AllocFn {
     /// Every function, in discriminant order.
-    pub const ALL: [AllocFn; 22] = [
+    pub const ALL: [AllocFn; 23] = [
         AllocFn::Malloc,
         AllocFn::Calloc,
         AllocFn::Realloc,
@@ -93,6 +100,7 @@ impl AllocFn {
         AllocFn::PyMemCalloc,
         AllocFn::PyMemRealloc,
         AllocFn::PyMemFree,
+        AllocFn::PageFault,
     ];
 
     /// Decodes an attach cookie or a stored discriminant.
@@ -130,6 +138,7 @@ impl AllocFn {
             AllocFn::PyMemCalloc => "PyMem_Calloc",
             AllocFn::PyMemRealloc => "PyMem_Realloc",
             AllocFn::PyMemFree => "PyMem_Free",
+            AllocFn::PageFault => "page fault",
         }
     }
 
@@ -142,7 +151,8 @@ impl AllocFn {
             | AllocFn::Pvalloc
             | AllocFn::PyObjectMallocImpl
             | AllocFn::PyObjectMalloc
-            | AllocFn::PyMemMalloc => Shape::Malloc,
+            | AllocFn::PyMemMalloc
+            | AllocFn::PageFault => Shape::Malloc,
             AllocFn::Calloc
             | AllocFn::PyObjectCallocImpl
             | AllocFn::PyObjectCalloc
@@ -176,7 +186,9 @@ impl AllocFn {
 
     /// Which allocator the function belongs to.
     pub fn family(self) -> Family {
-        if (self as u8) >= AllocFn::PyObjectMallocImpl as u8 {
+        if self == AllocFn::PageFault {
+            Family::Pages
+        } else if (self as u8) >= AllocFn::PyObjectMallocImpl as u8 {
             Family::Python
         } else {
             Family::Libc
@@ -231,10 +243,16 @@ pub enum Counter {
     /// A new site's stack copy waited for room in the ring buffer; the site's next allocation
     /// sends it (until then its native stack is what the kernel walked).
     StackDeferred = 13,
+    /// Allocations the sampler passed over (sampled and growth modes): not a loss, the
+    /// sampled ones stand for them.
+    Unsampled = 14,
+    /// Drop: a forked child to follow could not be added or announced (map or ring buffer
+    /// full); it runs untraced.
+    ForksMissed = 15,
 }
 
 /// Number of counters in `COUNTERS`.
-pub const NUM_COUNTERS: u32 = 14;
+pub const NUM_COUNTERS: u32 = 16;
 
 impl Counter {
     /// Every counter, in index order.
@@ -253,6 +271,8 @@ impl Counter {
         Counter::FailedAllocs,
         Counter::SitesCoarsened,
         Counter::StackDeferred,
+        Counter::Unsampled,
+        Counter::ForksMissed,
     ];
 
     /// Whether the counter records lost data (as opposed to information).
@@ -264,6 +284,7 @@ impl Counter {
                 | Counter::PendingFull
                 | Counter::MissedReturn
                 | Counter::SitesCoarsened
+                | Counter::ForksMissed
         )
     }
 
@@ -284,6 +305,8 @@ impl Counter {
             Counter::FailedAllocs => "failed_allocs",
             Counter::SitesCoarsened => "sites_coarsened",
             Counter::StackDeferred => "stack_deferred",
+            Counter::Unsampled => "unsampled",
+            Counter::ForksMissed => "forks_missed",
         }
     }
 }
@@ -318,6 +341,35 @@ pub struct LiveKey {
     pub addr: u64,
 }
 
+/// Value of `DEATHS` (keyed by tgid): how a traced process ended, as the kernel saw it, so a
+/// process leaktrace attached to (and cannot wait for) still has its cause of death named.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeathInfo {
+    /// `death::*` bits.
+    pub flags: u32,
+    /// The fatal signal delivered (with its default action), or 0.
+    pub signal: u32,
+    /// `exit_group`'s status, when `death::EXITED`.
+    pub exit_code: i32,
+    /// The last process that sent the target a signal whose default action ends it, and which
+    /// signal (matched against `signal` by userspace: a handled signal is not the cause).
+    pub sender_tgid: u32,
+    pub sent_signal: u32,
+    pub _pad: u32,
+    pub sender_comm: [u8; 16],
+}
+
+/// `DeathInfo::flags`.
+pub mod death {
+    /// The OOM killer chose the process (`oom:mark_victim`).
+    pub const OOM_VICTIM: u32 = 1;
+    /// The process called `exit_group`.
+    pub const EXITED: u32 = 2;
+    /// A signal whose default action ends the process was delivered to it.
+    pub const SIGNALED: u32 = 4;
+}
+
 /// Value of `LIVE`: what is known about a block that has not been freed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -326,8 +378,12 @@ pub struct LiveAlloc {
     /// `bpf_ktime_get_ns()` at allocation.
     pub ts_ns: u64,
     pub site_id: u64,
+    /// Bytes the block stands for: its size, or more when it was sampled (`sample_weight`).
+    pub weight: u64,
+    /// Blocks it stands for: 1, or more when it was sampled (`sample_count`).
+    pub count: u32,
     pub func: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
 }
 
 /// Value of `SITES`, keyed by site id: the site's identity and its counters, updated with
@@ -350,6 +406,20 @@ pub struct SiteStats {
     pub _pad: [u8; 2],
     /// The allocation's return address.
     pub caller: u64,
+}
+
+/// A traced process forked a child, which is stopped until its probes are attached
+/// (`--follow-forks`).
+pub const EVENT_FORK: u32 = 4;
+
+/// Ring-buffer record sent when a traced process forks a child that leaktrace follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForkEvent {
+    pub kind: u32,
+    pub parent: u32,
+    pub child: u32,
+    pub _pad: u32,
 }
 
 /// Ring-buffer record kinds (the first `u32` of every record): a new site.
@@ -432,6 +502,8 @@ pub const TARGET_FROZEN: u32 = 2;
 /// every Python stack while the code objects still exist (`run`, where leaktrace is the tracer
 /// and swallows that stop).
 pub const TARGET_STOP_AT_FINALIZE: u32 = 4;
+/// Children the process forks are traced too (`--follow-forks`).
+pub const TARGET_FOLLOW_FORKS: u32 = 8;
 
 /// The start of a site id: a 64-bit mix of the process and the allocator function. Native
 /// return addresses are folded in with `site_id_add_pc`, Python frames with
@@ -482,6 +554,8 @@ mod pod {
     unsafe impl aya::Pod for SiteStats {}
     unsafe impl aya::Pod for NewSiteEvent {}
     unsafe impl aya::Pod for FinalizeEvent {}
+    unsafe impl aya::Pod for DeathInfo {}
+    unsafe impl aya::Pod for ForkEvent {}
     unsafe impl aya::Pod for PyOffsets {}
     unsafe impl aya::Pod for PyFrameRec {}
     unsafe impl aya::Pod for UnwindKey {}

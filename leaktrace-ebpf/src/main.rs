@@ -14,7 +14,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{
-            bpf_get_attach_cookie, bpf_get_smp_processor_id, bpf_loop, bpf_send_signal_thread,
+            bpf_get_attach_cookie, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_loop,
+            bpf_send_signal_thread,
         },
     },
     macros::{map, uprobe, uretprobe},
@@ -23,11 +24,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use leaktrace_ebpf::{
-    native_end, py_status, site_id_add_pc, site_id_finish, site_id_start, unwind_flags, AllocFn,
-    Counter, FinalizeEvent, FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec,
-    PyOffsets, Shape, SiteStats, StackEvent, UnwindKey, UnwindRow, EVENT_FINALIZE, EVENT_NEW_SITE,
-    EVENT_STACK, MAX_NATIVE_FRAMES, MAX_NATIVE_WALK, MAX_PY_FRAMES, MAX_STACK_COPY, NUM_COUNTERS,
-    PY_FRAME_READ, STACK_EVENT_HEADER, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
+    native_end, py_status, sample_count, sample_countdown, sample_weight, site_id_add_pc,
+    site_id_finish, site_id_start, unwind_flags, AllocFn, Counter, DeathInfo, FinalizeEvent,
+    FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec, PyOffsets, Shape, SiteStats,
+    StackEvent, UnwindKey, UnwindRow, EVENT_FINALIZE, EVENT_NEW_SITE, EVENT_STACK,
+    MAX_NATIVE_FRAMES, MAX_NATIVE_WALK, MAX_PY_FRAMES, MAX_STACK_COPY, NUM_COUNTERS, PY_FRAME_READ,
+    SAMPLE_EXP_POINTS, SAMPLE_TABLE_LEN, STACK_EVENT_HEADER, TARGET_FROZEN,
+    TARGET_STOP_AT_FINALIZE,
 };
 
 /// Allocations smaller than this are not tracked (`--min-size`).
@@ -43,6 +46,11 @@ static mut SITE_COUNT: u64 = 0;
 /// `SITES` is kept for those coarse sites, so no allocation goes uncounted.
 #[no_mangle]
 static SITES_SOFT_LIMIT: u64 = (1 << 20) - (1 << 18);
+
+/// Sampled and growth modes: one sample per this many bytes on average; 0 tracks every
+/// allocation (exact mode).
+#[no_mangle]
+static SAMPLE_RATE: u64 = 0;
 
 /// Bytes of user stack copied for each new site (`--stack-copy`), at most `MAX_STACK_COPY`.
 #[no_mangle]
@@ -118,6 +126,19 @@ pub struct Scratch {
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The sampler's tables (see `leaktrace_ebpf::sample`), filled by userspace in sampled and
+/// growth modes.
+#[map]
+static SAMPLING: Array<u32> = Array::with_max_entries(SAMPLE_TABLE_LEN, 0);
+
+/// Bytes left until the next sample, per CPU (0: draw one).
+#[map]
+static SAMPLER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// How traced processes ended (tgid → death), for the post-mortem report.
+#[map]
+static DEATHS: HashMap<u32, DeathInfo> = HashMap::with_max_entries(1024, 0);
 
 /// Event and drop counters, per CPU (summed by userspace).
 #[map]
@@ -360,6 +381,7 @@ pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
 const SIGSTOP: u32 = 19;
 
 mod python;
+mod tracepoints;
 mod unwind;
 use python::{check_step, python_stack, CheckCtx, WalkCtx};
 use unwind::{native_stack, native_stack_rest, send_stack, NativeWalk};
@@ -370,6 +392,10 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
         bump(Counter::BelowMinSize);
         return;
     }
+    let Some((weight, blocks)) = sample(size) else {
+        bump(Counter::Unsampled);
+        return;
+    };
     let start = site_id_start(tgid, func as u8);
     let coarse = site_id_add_pc(start, caller.pc);
     let native = native_stack(tgid, caller, start);
@@ -379,8 +405,8 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let scratch = unsafe { &mut *scratch };
-    let count = unsafe { core::ptr::read_volatile(&raw const SITE_COUNT) };
-    let full = count >= read_global(&SITES_SOFT_LIMIT);
+    let sites = unsafe { core::ptr::read_volatile(&raw const SITE_COUNT) };
+    let full = sites >= read_global(&SITES_SOFT_LIMIT);
     if full
         && (scratch.ev.py_depth > 0 || scratch.ev.native_depth > 1)
         && SITES.get_ptr_mut(&id).is_none()
@@ -424,29 +450,73 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
         announce(site, scratch, tgid, tid, id, func, caller);
     }
 
-    let key = LiveKey {
-        tgid,
-        _pad: 0,
-        addr: ptr,
-    };
-    // An address still marked live was freed by a path leaktrace did not see; retire it first.
-    remove_stale(&key);
-    let rec = LiveAlloc {
-        size,
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        site_id: id,
-        func: func as u8,
-        _pad: [0; 7],
-    };
-    if LIVE.insert(&key, &rec, 0).is_err() {
-        bump(Counter::LiveFull);
-        return;
+    // Pages touched (growth mode) are not freed one by one: they only add up.
+    if func != AllocFn::PageFault {
+        let key = LiveKey {
+            tgid,
+            _pad: 0,
+            addr: ptr,
+        };
+        // An address still marked live was freed by a path leaktrace did not see; retire it.
+        remove_stale(&key);
+        let rec = LiveAlloc {
+            size,
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            site_id: id,
+            weight,
+            count: blocks as u32,
+            func: func as u8,
+            _pad: [0; 3],
+        };
+        if LIVE.insert(&key, &rec, 0).is_err() {
+            bump(Counter::LiveFull);
+            return;
+        }
     }
     bump(Counter::Allocs);
-    add(&mut site.allocs, 1);
-    add(&mut site.alloc_bytes, size);
-    add(&mut site.live_count, 1);
-    add(&mut site.live_bytes, size);
+    add(&mut site.allocs, blocks);
+    add(&mut site.alloc_bytes, weight);
+    add(&mut site.live_count, blocks);
+    add(&mut site.live_bytes, weight);
+}
+
+/// Whether to record an allocation of `size` bytes, and the bytes and blocks it then stands
+/// for: always, as itself, in exact mode; by Poisson sampling otherwise.
+#[inline(always)]
+fn sample(size: u64) -> Option<(u64, u64)> {
+    let rate = read_global(&SAMPLE_RATE);
+    if rate == 0 {
+        return Some((size, 1));
+    }
+    let left = SAMPLER.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; programs do not nest on one CPU.
+    let left = unsafe { &mut *left };
+    if *left == 0 {
+        *left = draw_countdown(rate);
+    }
+    if size < *left {
+        *left -= size;
+        return None;
+    }
+    *left = draw_countdown(rate);
+    let weight = sample_weight(size, rate, |i| table(SAMPLE_EXP_POINTS + i));
+    let rand = unsafe { bpf_get_prandom_u32() };
+    Some((
+        weight,
+        sample_count(weight, size, rand).min(u32::MAX as u64),
+    ))
+}
+
+#[inline(always)]
+fn draw_countdown(rate: u64) -> u64 {
+    let rand = unsafe { bpf_get_prandom_u32() };
+    let cell = rand >> 20;
+    sample_countdown(rate, table(cell), table(cell + 1), rand)
+}
+
+#[inline(always)]
+fn table(i: u32) -> u64 {
+    unsafe { SAMPLING.get(i) }.map_or(0, |v| u64::from(*v))
 }
 
 /// Sends what userspace needs of a site not fully announced yet: its record (Python frames and
@@ -586,10 +656,10 @@ fn remove_live(tgid: u32, addr: u64) {
 fn retire(rec: &LiveAlloc, freed: bool) {
     if let Some(s) = SITES.get_ptr_mut(&rec.site_id) {
         let s = unsafe { &mut *s };
-        add(&mut s.live_count, 1u64.wrapping_neg());
-        add(&mut s.live_bytes, rec.size.wrapping_neg());
+        add(&mut s.live_count, u64::from(rec.count).wrapping_neg());
+        add(&mut s.live_bytes, rec.weight.wrapping_neg());
         if freed {
-            add(&mut s.frees, 1);
+            add(&mut s.frees, u64::from(rec.count));
         }
     }
 }

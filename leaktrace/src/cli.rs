@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::probes::loader::LoadOptions;
 use crate::probes::plan::Families;
 use crate::report::ReportOptions;
-use crate::session::TraceOptions;
+use crate::session::{TraceMode, TraceOptions};
 
 /// Find memory leaks in running Python processes — C extensions included — with eBPF.
 #[derive(Debug, Parser)]
@@ -60,6 +60,24 @@ pub enum PyMallocMode {
     Keep,
     Malloc,
 }
+
+/// How much to trace, and at what cost (see the README's "Which mode when").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// Every allocation and free: exact figures, about 1–2 µs per allocator call.
+    Exact,
+    /// Allocations sampled by bytes (Poisson): unbiased estimates at a fraction of the cost.
+    Sampled,
+    /// No allocator probes: pages the process touches for the first time, by stack.
+    Growth,
+}
+
+/// `attach` windows up to this long default to exact mode; longer or open-ended ones sample.
+pub const EXACT_ATTACH_WINDOW_S: f64 = 60.0;
+/// Default bytes per sample in sampled mode (tcmalloc's heap-profiling default).
+pub const DEFAULT_SAMPLE_RATE: u64 = 512 << 10;
+/// Default bytes per sample in growth mode: one page fault in 16.
+pub const DEFAULT_GROWTH_RATE: u64 = 64 << 10;
 
 /// Which native frames reports show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -113,14 +131,56 @@ pub struct CommonOpts {
     /// (and the program's start-up frames); `all` shows every frame.
     #[arg(long, value_enum, default_value_t = NativeFrames::Auto)]
     pub native_frames: NativeFrames,
+    /// What to trace: `exact` (every allocation; the default for `run` and for `attach` windows
+    /// of up to 60 s), `sampled` (Poisson sampling by bytes; the default for longer or
+    /// open-ended `attach`), or `growth` (no allocator probes: which stacks touch new pages).
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// One sample per SIZE bytes on average, for sampled mode (default 512KiB; implies
+    /// `--mode sampled` when no mode is given) and growth mode (default 64KiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_sample_rate)]
+    pub sample: Option<u64>,
+    /// Also trace the processes the target forks (pre-fork servers, multiprocessing pools):
+    /// each is stopped at its first instruction until its probes are attached.
+    #[arg(long)]
+    pub follow_forks: bool,
     /// Benchmark only: attach the same probes with programs that return at once.
     #[arg(long, hide = true)]
     pub probe_floor: bool,
 }
 
 impl CommonOpts {
+    /// The mode these flags ask for; `attach` is true for `attach` (open-ended windows sample).
+    pub fn trace_mode(&self, attach: bool, duration: Option<f64>) -> Result<TraceMode, String> {
+        let mode = match (self.mode, self.sample) {
+            (Some(m), _) => m,
+            (None, Some(_)) => ModeArg::Sampled,
+            (None, None) if attach && duration.is_none_or(|d| d > EXACT_ATTACH_WINDOW_S) => {
+                ModeArg::Sampled
+            }
+            (None, None) => ModeArg::Exact,
+        };
+        Ok(match mode {
+            ModeArg::Exact if self.sample.is_some() => {
+                return Err("--sample needs --mode sampled or growth, not exact".into())
+            }
+            ModeArg::Exact => TraceMode::Exact,
+            ModeArg::Sampled => TraceMode::Sampled {
+                rate: self.sample.unwrap_or(DEFAULT_SAMPLE_RATE),
+            },
+            ModeArg::Growth => TraceMode::Growth {
+                rate: self.sample.unwrap_or(DEFAULT_GROWTH_RATE),
+            },
+        })
+    }
+
     /// Converts the flags into session options.
-    pub fn trace_options(&self, duration: Option<f64>) -> Result<TraceOptions, String> {
+    pub fn trace_options(
+        &self,
+        attach: bool,
+        duration: Option<f64>,
+    ) -> Result<TraceOptions, String> {
+        let mode = self.trace_mode(attach, duration)?;
         let secs = |v: f64, what: &str| {
             if v.is_finite() && v > 0.0 {
                 Ok(Duration::from_secs_f64(v))
@@ -144,7 +204,11 @@ impl CommonOpts {
                 python_depth: self.python_depth,
                 stack_copy: self.stack_copy,
                 native_depth: self.native_depth,
+                sample_rate: mode.rate(),
+                growth: matches!(mode, TraceMode::Growth { .. }),
+                follow_forks: self.follow_forks,
             },
+            mode,
             duration: duration.map(|d| secs(d, "--duration")).transpose()?,
             interval: self.interval.map(|d| secs(d, "--interval")).transpose()?,
             verbose: self.verbose,
@@ -177,6 +241,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         u => return Err(format!("unknown size unit {u:?} in {s:?}")),
     };
     Ok((v * mult).round() as u64)
+}
+
+fn parse_sample_rate(s: &str) -> Result<u64, String> {
+    let v = parse_size(s)?;
+    if (1..=leaktrace_ebpf::SAMPLE_MAX_RATE).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "--sample must be between 1 B and {} GiB",
+            leaktrace_ebpf::SAMPLE_MAX_RATE >> 30
+        ))
+    }
 }
 
 fn parse_stack_copy(s: &str) -> Result<u32, String> {
@@ -233,6 +309,31 @@ mod tests {
             _ => panic!(),
         }
         assert!(Cli::try_parse_from(["leaktrace", "attach"]).is_err());
+        let mode = |args: &[&str]| {
+            let c = Cli::try_parse_from(args).unwrap();
+            match c.command {
+                Command::Run { opts, .. } => opts.trace_mode(false, None),
+                Command::Attach { opts, duration, .. } => opts.trace_mode(true, duration),
+            }
+        };
+        assert_eq!(mode(&["leaktrace", "run", "x"]), Ok(TraceMode::Exact));
+        assert_eq!(
+            mode(&["leaktrace", "attach", "-p", "1", "-d", "30"]),
+            Ok(TraceMode::Exact)
+        );
+        assert_eq!(
+            mode(&["leaktrace", "attach", "-p", "1"]),
+            Ok(TraceMode::Sampled { rate: 512 << 10 })
+        );
+        assert_eq!(
+            mode(&["leaktrace", "run", "--sample", "64KiB", "x"]),
+            Ok(TraceMode::Sampled { rate: 64 << 10 })
+        );
+        assert_eq!(
+            mode(&["leaktrace", "attach", "-p", "1", "--mode", "growth"]),
+            Ok(TraceMode::Growth { rate: 64 << 10 })
+        );
+        assert!(mode(&["leaktrace", "run", "--mode", "exact", "--sample", "1k", "x"]).is_err());
         assert!(Cli::try_parse_from([
             "leaktrace",
             "attach",

@@ -18,13 +18,13 @@ fn main() {
                 argv: command.clone(),
                 pymalloc: *pymalloc,
             },
-            opts.trace_options(None),
+            opts.trace_options(false, None),
         ),
         Command::Attach {
             pid,
             duration,
             opts,
-        } => (TargetSpec::Pid(*pid), opts.trace_options(*duration)),
+        } => (TargetSpec::Pid(*pid), opts.trace_options(true, *duration)),
     };
     let verbose = match &cli.command {
         Command::Run { opts, .. } | Command::Attach { opts, .. } => opts.verbose,

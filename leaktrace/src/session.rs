@@ -22,7 +22,8 @@ use crate::report::{human_bytes, Report, ReportOptions, TargetInfo};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
-use crate::target::spawn::{spawn, Control, SpawnEvent};
+use crate::target::death::Death;
+use crate::target::spawn::{spawn, Control, ExitKind, SpawnEvent};
 use crate::target::Process;
 
 /// What to trace.
@@ -37,9 +38,40 @@ pub enum TargetSpec {
     },
 }
 
+/// The cost tier: what is traced, and how completely.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceMode {
+    /// Every allocation and free.
+    Exact,
+    /// Allocations sampled by bytes, one per `rate` on average.
+    Sampled { rate: u64 },
+    /// Page faults (resident memory growth), sampled one per `rate` bytes.
+    Growth { rate: u64 },
+}
+
+impl TraceMode {
+    /// Bytes per sample, 0 for exact.
+    pub fn rate(self) -> u64 {
+        match self {
+            TraceMode::Exact => 0,
+            TraceMode::Sampled { rate } | TraceMode::Growth { rate } => rate,
+        }
+    }
+
+    /// The name shown in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceMode::Exact => "exact",
+            TraceMode::Sampled { .. } => "sampled",
+            TraceMode::Growth { .. } => "growth",
+        }
+    }
+}
+
 /// How to trace.
 #[derive(Clone, Debug)]
 pub struct TraceOptions {
+    pub mode: TraceMode,
     pub families: Families,
     pub load: LoadOptions,
     /// `attach`: how long to trace before detaching.
@@ -171,6 +203,8 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::Usage(e.to_string()))?;
     let mut exit_code = 0;
     let mut interrupted = false;
+    // Set when the target died: `run`'s wait status, if it had one.
+    let mut died: Option<Option<ExitKind>> = None;
     let end: String = loop {
         tokio::select! {
             first = reader.next_record() => {
@@ -186,6 +220,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                 }
                 if pidfd.is_none() && child.is_none() && !s.proc.alive() {
                     exit_code = EXIT_TARGET_EXITED_DURING_TRACE;
+                    died = Some(None);
                     break "exited during tracing".to_string();
                 }
             }
@@ -208,6 +243,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
             _ = sigterm.recv() => break "still running; detached on SIGTERM".to_string(),
             _ = pid_exit(&pidfd) => {
                 exit_code = EXIT_TARGET_EXITED_DURING_TRACE;
+                died = Some(None);
                 break "exited during tracing".to_string();
             }
             ev = child_event(&mut child) => match ev {
@@ -244,7 +280,10 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                     reply(&child, Control::Go);
                     replanned?;
                 }
-                Some(SpawnEvent::Exited(kind)) => break kind.to_string(),
+                Some(SpawnEvent::Exited(kind)) => {
+                    died = Some(Some(kind));
+                    break kind.to_string();
+                }
                 Some(SpawnEvent::Failed(e)) => return Err(e),
                 Some(SpawnEvent::Ready(_)) | None => break "lost track of the child".to_string(),
             },
@@ -256,6 +295,14 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     s.refresh()?;
     s.heap.place_pending(&mut s.sym);
     let counters = s.tracer.counters()?;
+    let death = died.and_then(|waited| Death::of(s.tracer.death(pid), waited));
+    let end = match (&death, s.finalized_at) {
+        (Some(d), None) if d.cause != "exit" => {
+            format!("{}; figures are what was live when it died", d.describe())
+        }
+        (Some(d), _) => d.describe(),
+        (None, _) => end,
+    };
     let end = match s.finalized_at {
         Some(t) => format!(
             "{end}; figures are as of interpreter shutdown (Py_FinalizeEx at {t:.1} s), before \
@@ -270,8 +317,9 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         python_module: s.plan.python.as_ref().map(|p| p.module.clone()),
         libc: s.plan.libc.clone(),
         end,
+        death,
     };
-    let report = Report::build(
+    let mut report = Report::build(
         &s.heap,
         &mut s.sym,
         &s.plan,
@@ -281,6 +329,13 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         duration,
         opts.report,
     );
+    report.mode = opts.mode.name().into();
+    report.sample_rate = (opts.mode.rate() > 0).then_some(opts.mode.rate());
+    if let Some(why) = &s.tracer.deaths_unavailable {
+        report
+            .notes
+            .push(format!("how the target dies cannot be named: {why}"));
+    }
     log::debug!("report built");
     if let Some(path) = &opts.json {
         std::fs::write(path, report.to_json()).map_err(|source| Error::Read {
@@ -300,12 +355,18 @@ impl Session<'_> {
     fn setup_probes(&mut self) -> Result<()> {
         let pid = self.proc.pid;
         let modules = self.proc.module_map()?;
-        let plan = plan(
+        let mut plan = plan(
             pid,
             &modules,
             self.proc.exe().as_deref(),
             self.opts.families,
         )?;
+        if let TraceMode::Growth { .. } = self.opts.mode {
+            // Page faults stand in for the allocator: nothing to probe, nothing to freeze at
+            // shutdown. The plan still says where the interpreter is, for Python stacks.
+            plan.points.clear();
+            plan.finalize = None;
+        }
         self.tracer.attach(&plan, pid)?;
         if self.opts.verbose {
             eprintln!(

@@ -7,11 +7,11 @@ use std::os::unix::fs::MetadataExt;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::UProbeLinkId;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
-use aya::programs::UProbe;
+use aya::programs::{TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
-    Counter, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow, NUM_COUNTERS,
-    TARGET_FROZEN, TARGET_STOP_AT_FINALIZE, TARGET_TRACED,
+    Counter, DeathInfo, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow,
+    NUM_COUNTERS, TARGET_FOLLOW_FORKS, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE, TARGET_TRACED,
 };
 
 use super::plan::ProbePlan;
@@ -41,6 +41,12 @@ pub struct LoadOptions {
     pub stack_copy: u32,
     /// Native return addresses the kernel folds into a site id.
     pub native_depth: u32,
+    /// One sample per this many bytes on average (sampled and growth modes); 0: every one.
+    pub sample_rate: u64,
+    /// Growth mode: page faults instead of allocator probes.
+    pub growth: bool,
+    /// Trace the processes targets fork.
+    pub follow_forks: bool,
 }
 
 impl Default for LoadOptions {
@@ -53,6 +59,9 @@ impl Default for LoadOptions {
             python_depth: 64,
             stack_copy: 16 << 10,
             native_depth: leaktrace_ebpf::MAX_NATIVE_FRAMES as u32,
+            sample_rate: 0,
+            growth: false,
+            follow_forks: false,
         }
     }
 }
@@ -90,7 +99,35 @@ pub struct Tracer {
     links: Vec<(&'static str, UProbeLinkId)>,
     /// Unwind rows already given to the kernel: most call paths share their outer frames.
     taught: HashSet<(u32, u64)>,
+    /// Whether forked children are followed (`TARGET_FOLLOW_FORKS` on every target).
+    follow_forks: bool,
+    /// Why the kernel cannot say how a traced process died, if it cannot.
+    pub deaths_unavailable: Option<String>,
 }
+
+/// Tracepoints that record how traced processes die: (program, category, event).
+const DEATH_TRACEPOINTS: [(&str, &str, &str); 4] = [
+    ("oom_victim", "oom", "mark_victim"),
+    ("signal_generate", "signal", "signal_generate"),
+    ("signal_deliver", "signal", "signal_deliver"),
+    ("exit_group", "syscalls", "sys_enter_exit_group"),
+];
+/// Growth mode's tracepoints.
+const GROWTH_TRACEPOINTS: [(&str, &str, &str); 2] = [
+    ("page_fault_user", "exceptions", "page_fault_user"),
+    ("page_fault_kernel", "exceptions", "page_fault_kernel"),
+];
+/// `--follow-forks`: the fork, and a new task's first return to user space.
+const FORK_TRACEPOINTS: [(&str, &str, &str); 5] = [
+    ("process_fork", "sched", "sched_process_fork"),
+    ("fork_return", "syscalls", "sys_exit_clone"),
+    ("fork_return", "syscalls", "sys_exit_clone3"),
+    ("fork_return", "syscalls", "sys_exit_fork"),
+    ("fork_return", "syscalls", "sys_exit_vfork"),
+];
+
+/// Where the kernel's tracepoints are listed; a fresh machine may not have it mounted.
+const TRACEFS: &str = "/sys/kernel/tracing";
 
 fn bpf_err(what: &str, e: impl std::fmt::Display) -> Error {
     let text = e.to_string();
@@ -150,6 +187,7 @@ impl Tracer {
             .override_global("FLOOR_MODE", &floor, true)
             .override_global("PY_MAX_DEPTH", &opts.python_depth, true)
             .override_global("SITES_SOFT_LIMIT", &soft_limit, true)
+            .override_global("SAMPLE_RATE", &opts.sample_rate, true)
             .map_max_entries("LIVE", opts.max_live.max(1))
             .map_max_entries("SITES", max_sites)
             .load(BPF_OBJECT)
@@ -163,31 +201,86 @@ impl Tracer {
             prog.load()
                 .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
         }
-        Ok(Self {
+        if opts.sample_rate > 0 {
+            let mut table: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
+                ebpf.map_mut("SAMPLING")
+                    .ok_or_else(|| Error::Bpf("map SAMPLING missing from the object".into()))?,
+            )
+            .map_err(|e| bpf_err("SAMPLING", e))?;
+            for (i, v) in super::sampling::table().into_iter().enumerate() {
+                table
+                    .set(i as u32, v, 0)
+                    .map_err(|e| bpf_err("filling the sampler's table", e))?;
+            }
+        }
+        let mut tracer = Self {
             ebpf,
             attached: 0,
             points: HashSet::new(),
             threads: Default::default(),
             links: Vec::new(),
             taught: HashSet::new(),
-        })
+            follow_forks: opts.follow_forks,
+            deaths_unavailable: None,
+        };
+        // Without these only `run` can name a cause of death (it waits for its child): say so,
+        // but trace anyway.
+        if let Err(e) = tracer.attach_tracepoints(&DEATH_TRACEPOINTS) {
+            tracer.deaths_unavailable = Some(e.to_string());
+        }
+        if opts.growth {
+            tracer.attach_tracepoints(&GROWTH_TRACEPOINTS)?;
+        }
+        if opts.follow_forks {
+            tracer.attach_tracepoints(&FORK_TRACEPOINTS)?;
+        }
+        Ok(tracer)
+    }
+
+    /// Loads and attaches tracepoint programs (a program may serve several events).
+    fn attach_tracepoints(&mut self, list: &[(&str, &str, &str)]) -> Result<()> {
+        if !std::path::Path::new(TRACEFS).join("events").is_dir() {
+            return Err(Error::Bpf(format!(
+                "tracepoints need tracefs at {TRACEFS}: mount -t tracefs nodev {TRACEFS}"
+            )));
+        }
+        for (name, category, event) in list {
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e| bpf_err(name, e))?;
+            if prog.fd().is_err() {
+                prog.load()
+                    .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
+            }
+            prog.attach(category, event)
+                .map_err(|e| bpf_err(&format!("attaching {name} to {category}:{event}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// How process `tgid` died, as far as the kernel saw.
+    pub fn death(&self, tgid: u32) -> Option<DeathInfo> {
+        let map = self.map("DEATHS").ok()?;
+        let deaths = BpfHashMap::<&MapData, u32, DeathInfo>::try_from(map).ok()?;
+        deaths.get(&tgid, 0).ok()
     }
 
     /// Marks a process as traced (the programs ignore every other process).
     pub fn add_target(&mut self, tgid: u32, stop_at_finalize: bool) -> Result<()> {
+        let mut flags = TARGET_TRACED;
+        if stop_at_finalize {
+            flags |= TARGET_STOP_AT_FINALIZE;
+        }
+        if self.follow_forks {
+            flags |= TARGET_FOLLOW_FORKS;
+        }
         let mut targets: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.map_mut("TARGETS")?).map_err(|e| bpf_err("TARGETS", e))?;
         targets
-            .insert(
-                tgid,
-                TARGET_TRACED
-                    | if stop_at_finalize {
-                        TARGET_STOP_AT_FINALIZE
-                    } else {
-                        0
-                    },
-                0,
-            )
+            .insert(tgid, flags, 0)
             .map_err(|e| bpf_err("adding the target", e))
     }
 

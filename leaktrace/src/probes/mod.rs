@@ -4,3 +4,4 @@
 pub mod loader;
 pub mod placement;
 pub mod plan;
+pub mod sampling;

@@ -15,6 +15,7 @@ use crate::stacks::merge::{merge, StackEntry};
 use crate::stacks::native::{UnwindEnd, UnwindStats};
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::{Frame, Symbolizer};
+use crate::target::death::Death;
 
 /// Version of the JSON schema (docs/json-schema.md).
 pub const SCHEMA_VERSION: u32 = 2;
@@ -24,8 +25,12 @@ pub const SCHEMA_VERSION: u32 = 2;
 pub struct Report {
     pub schema_version: u32,
     pub target: TargetInfo,
-    /// "exact": every allocation of the probed functions is tracked.
+    /// "exact" (every allocation of the probed functions is tracked), "sampled" (figures are
+    /// estimates from allocations sampled one per `sample_rate` bytes) or "growth" (pages the
+    /// process touched for the first time, sampled likewise: memory grown, not unfreed).
     pub mode: String,
+    /// Bytes per sample in sampled and growth modes.
+    pub sample_rate: Option<u64>,
     pub duration_s: f64,
     pub probes: Vec<ProbeInfo>,
     pub python_coverage: PythonCoverage,
@@ -56,6 +61,8 @@ pub struct TargetInfo {
     pub libc: Option<String>,
     /// How tracing ended: "exited with code 0", "killed by SIGKILL", "detached", ...
     pub end: String,
+    /// How the target died, when it died while traced.
+    pub death: Option<Death>,
 }
 
 /// One probed function.
@@ -243,6 +250,7 @@ fn family_name(f: Family) -> &'static str {
     match f {
         Family::Libc => "libc",
         Family::Python => "python",
+        Family::Pages => "pages",
     }
 }
 
@@ -338,6 +346,7 @@ impl Report {
             schema_version: SCHEMA_VERSION,
             target,
             mode: "exact".into(),
+            sample_rate: None,
             duration_s,
             probes: plan
                 .points

@@ -20,7 +20,29 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
         "  traced {:.1} s in {} mode; target {}",
         r.duration_s, r.mode, t.end
     );
+    let growth = r.mode == "growth";
+    if let Some(rate) = r.sample_rate {
+        let passed = r.counters.get("unsampled").copied().unwrap_or(0);
+        if growth {
+            let _ = writeln!(
+                o,
+                "  growth mode: pages first written, sampled one per ~{} (by bytes); figures are \
+                 estimates of memory grown, by stack (frees are not seen)",
+                human_bytes(rate)
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "  sampled mode: one allocation per ~{} allocated (Poisson, by bytes); bytes and \
+                 blocks are unbiased estimates ({passed} allocations passed over)",
+                human_bytes(rate)
+            );
+        }
+    }
     match (&t.python, &t.python_module) {
+        (Some(v), Some(m)) if growth => {
+            let _ = writeln!(o, "  python {v} in {m}");
+        }
         (Some(v), Some(m)) => {
             let cov = match r.python_coverage {
                 PythonCoverage::PymallocImpl => "complete (pymalloc implementation probed)",
@@ -58,14 +80,24 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
     for n in &r.notes {
         let _ = writeln!(o, "  note: {n}");
     }
-    let _ = writeln!(
-        o,
-        "  {} allocations and {} frees traced; {} unfreed in {} blocks",
-        r.totals.allocs,
-        r.totals.frees,
-        human_bytes(r.totals.unfreed_bytes),
-        r.totals.unfreed_count
-    );
+    if growth {
+        let _ = writeln!(
+            o,
+            "  {} page faults sampled; {} grown in {} pages",
+            r.totals.allocs,
+            human_bytes(r.totals.unfreed_bytes),
+            r.totals.unfreed_count
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "  {} allocations and {} frees traced; {} unfreed in {} blocks",
+            r.totals.allocs,
+            r.totals.frees,
+            human_bytes(r.totals.unfreed_bytes),
+            r.totals.unfreed_count
+        );
+    }
     if r.sites_without_stack > 0 {
         let _ = writeln!(
             o,
@@ -86,13 +118,25 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
     }
     let _ = writeln!(o);
     if r.sites.is_empty() {
-        let _ = writeln!(o, "No unfreed allocations.");
+        let _ = writeln!(
+            o,
+            "{}",
+            if growth {
+                "No memory growth seen."
+            } else {
+                "No unfreed allocations."
+            }
+        );
         return o;
     }
     let _ = writeln!(
         o,
         "{:>14} {:>9} {:>9} {:>9}  {:<16} SITE (caller of the allocator)",
-        "UNFREED", "BLOCKS", "ALLOCS", "FREES", "ALLOCATOR"
+        if growth { "GREW" } else { "UNFREED" },
+        if growth { "PAGES" } else { "BLOCKS" },
+        "ALLOCS",
+        "FREES",
+        "ALLOCATOR"
     );
     for s in &r.sites {
         let _ = writeln!(

@@ -1,5 +1,6 @@
 //! The traced process: its existence, its mappings, and which of its files hold the allocators.
 
+pub mod death;
 pub mod elf;
 pub mod maps;
 pub mod python;
