@@ -334,3 +334,70 @@ fn oom_kill_in_a_memory_cgroup_gives_a_post_mortem_report() {
     drop(target);
     drop(cg);
 }
+
+/// Forks three workers, each leaking a different number of 1,000-byte blocks in its own
+/// function, and runs a non-Python program (exec'd, so not followed).
+const PRE_FORK: &str = r#"
+import os, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import leakyext
+def worker_a():
+    for _ in range(100): leakyext.leak_malloc(1000)
+def worker_b():
+    for _ in range(200): leakyext.leak_malloc(1000)
+def worker_c():
+    for _ in range(300): leakyext.leak_malloc(1000)
+pids = []
+for work in (worker_a, worker_b, worker_c):
+    pid = os.fork()
+    if pid == 0:
+        work()
+        time.sleep(0.2)
+        os._exit(0)
+    pids.append(pid)
+subprocess.run(["true"])
+for p in pids:
+    os.waitpid(p, 0)
+"#;
+
+#[test]
+fn follow_forks_finds_each_workers_leak() {
+    let _g = serial();
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    let s = script(PRE_FORK);
+    let r = run_python(&["--follow-forks"], &py, &s, &[ext.to_str().unwrap()]);
+    assert_eq!(r.code, 0);
+    let j = r.json.as_ref().unwrap();
+    let main = u64::from(r.json.as_ref().unwrap()["target"]["pid"].as_u64().unwrap() as u32);
+    let mut found = std::collections::BTreeMap::new();
+    for site in r.sites("leak_malloc") {
+        let inner = site["python_stack"].as_array().unwrap().last().unwrap();
+        let f = inner["function"].as_str().unwrap().to_string();
+        found.insert(f, (u(site, "pid"), u(site, "unfreed_count")));
+    }
+    let mut pids = std::collections::BTreeSet::new();
+    for (f, n) in [("worker_a", 100), ("worker_b", 200), ("worker_c", 300)] {
+        let (pid, count) = found[f];
+        assert_eq!(count, n, "{f}");
+        assert_ne!(pid, main, "{f} ran in a child");
+        pids.insert(pid);
+    }
+    assert_eq!(pids.len(), 3, "one process per worker");
+    // Each worker is listed with its parent and its own totals; the exec'd `true` is not
+    // followed past its exec.
+    let procs = j["processes"].as_array().unwrap();
+    for pid in &pids {
+        let p = procs.iter().find(|p| u(p, "pid") == *pid).expect("listed");
+        assert_eq!(p["parent"].as_u64(), Some(main));
+        assert!(u(p, "unfreed_bytes") >= 100_000);
+        assert_eq!(p["end"], "exited with code 0");
+    }
+    assert!(
+        procs
+            .iter()
+            .any(|p| p["end"].as_str().unwrap().contains("exec'd")),
+        "{procs:?}"
+    );
+    assert!(r.stdout.contains("processes traced"));
+}

@@ -412,7 +412,11 @@ pub struct SiteStats {
 /// (`--follow-forks`).
 pub const EVENT_FORK: u32 = 4;
 
-/// Ring-buffer record sent when a traced process forks a child that leaktrace follows.
+/// A followed child exec'd another program (`--follow-forks`); it is no longer traced.
+pub const EVENT_EXEC: u32 = 5;
+
+/// Ring-buffer record sent when a traced process forks a child that leaktrace follows
+/// (`EVENT_FORK`, parent and child), or when a followed child execs (`EVENT_EXEC`, child only).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ForkEvent {

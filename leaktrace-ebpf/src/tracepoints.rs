@@ -13,7 +13,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use leaktrace_ebpf::{
-    death, AllocFn, Counter, DeathInfo, ForkEvent, FrameRegs, EVENT_FORK, TARGET_FOLLOW_FORKS,
+    death, AllocFn, Counter, DeathInfo, ForkEvent, FrameRegs, EVENT_EXEC, EVENT_FORK,
+    TARGET_FOLLOW_FORKS, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
 };
 
 use crate::{bump, record_alloc, traced_tgid, DEATHS, EVENTS, SIGSTOP, TARGETS};
@@ -191,6 +192,9 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
     let Some(flags) = (unsafe { TARGETS.get(&parent) }).copied() else {
         return 0;
     };
+    // Only `run`'s own child is stopped at shutdown (leaktrace is its tracer and takes that
+    // stop); the child starts unfrozen whatever its parent's state.
+    let flags = flags & !(TARGET_STOP_AT_FINALIZE | TARGET_FROZEN);
     if TARGETS.insert(&tgid, &flags, 0).is_err() {
         bump(Counter::ForksMissed);
         return 0;
@@ -205,6 +209,30 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
         unsafe { bpf_send_signal_thread(SIGSTOP) };
     } else {
         bump(Counter::ForksMissed);
+    }
+    0
+}
+
+/// `sched:sched_process_exec`: a followed process replaced its program. Its records so far
+/// stay; its new program is not traced (userspace drops it from `TARGETS`, except `run`'s own
+/// child, whose exec leaktrace follows through ptrace).
+#[tracepoint]
+pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(flags) = (unsafe { TARGETS.get(&tgid) }) else {
+        return 0;
+    };
+    if *flags & TARGET_FOLLOW_FORKS == 0 {
+        return 0;
+    }
+    let ev = ForkEvent {
+        kind: EVENT_EXEC,
+        parent: 0,
+        child: tgid,
+        _pad: 0,
+    };
+    if EVENTS.output::<ForkEvent>(&ev, 0).is_err() {
+        bump(Counter::RingbufFull);
     }
     0
 }

@@ -2,8 +2,8 @@
 
 use aya::maps::{MapData, RingBuf};
 use leaktrace_ebpf::{
-    FinalizeEvent, FrameRegs, NewSiteEvent, StackEvent, EVENT_FINALIZE, EVENT_NEW_SITE,
-    EVENT_STACK, STACK_EVENT_HEADER,
+    FinalizeEvent, ForkEvent, FrameRegs, NewSiteEvent, StackEvent, EVENT_EXEC, EVENT_FINALIZE,
+    EVENT_FORK, EVENT_NEW_SITE, EVENT_STACK, STACK_EVENT_HEADER,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -16,6 +16,10 @@ pub enum Event<'a> {
     NewSite(Box<NewSiteEvent>),
     Stack(StackCopy<'a>),
     Finalize(FinalizeEvent),
+    /// A followed process forked a child, stopped until its probes are attached.
+    Fork(ForkEvent),
+    /// A followed child exec'd (`child`).
+    Exec(ForkEvent),
 }
 
 /// A new site's stack copy: the caller's registers and the stack bytes above its `sp`.
@@ -86,6 +90,8 @@ pub fn parse(bytes: &[u8]) -> Option<Event<'_>> {
         EVENT_NEW_SITE => read_new_site(bytes).map(|e| Event::NewSite(Box::new(e))),
         EVENT_FINALIZE => read_pod::<FinalizeEvent>(bytes).map(Event::Finalize),
         EVENT_STACK => read_stack(bytes).map(Event::Stack),
+        EVENT_FORK => read_pod::<ForkEvent>(bytes).map(Event::Fork),
+        EVENT_EXEC => read_pod::<ForkEvent>(bytes).map(Event::Exec),
         _ => None,
     }
 }

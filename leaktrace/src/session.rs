@@ -1,7 +1,7 @@
 //! One tracing session: find the target, plan and attach the probes, follow the kernel's counters
 //! and announcements until the window ends, and build the report.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
@@ -18,7 +18,7 @@ use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
 use crate::probes::plan::{needs_raw_malloc, plan, Families, ProbePlan};
-use crate::report::{human_bytes, Report, ReportOptions, TargetInfo};
+use crate::report::{human_bytes, ProcessInfo, Report, ReportOptions, TargetInfo};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
@@ -121,6 +121,18 @@ struct Session<'a> {
     py_ready: bool,
     /// When the kernel's thread → thread-state map was last refreshed.
     threads_refreshed: Option<Instant>,
+    /// Processes forked by traced ones and followed (`--follow-forks`), by pid.
+    forked: BTreeMap<u32, Forked>,
+}
+
+/// A process a traced one forked, traced too (`--follow-forks`).
+struct Forked {
+    parent: u32,
+    command: String,
+    /// Its interpreter (the parent's, copied by fork), when it is Python.
+    py: Option<PythonProcess>,
+    /// Why it could not be followed, if it could not.
+    failed: Option<String>,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts.
@@ -170,6 +182,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         py: None,
         py_ready: false,
         threads_refreshed: None,
+        forked: BTreeMap::new(),
     };
     // In `run`, leaktrace is the child's tracer: it can pause the interpreter at shutdown and
     // swallow that stop, so every Python stack is decoded before finalization frees code.
@@ -329,6 +342,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         duration,
         opts.report,
     );
+    report.processes = s.processes(&report.target);
     report.mode = opts.mode.name().into();
     report.sample_rate = (opts.mode.rate() > 0).then_some(opts.mode.rate());
     if let Some(why) = &s.tracer.deaths_unavailable {
@@ -470,7 +484,12 @@ impl Session<'_> {
                         depth,
                         &ev.py_frames[..depth]
                     );
-                    let python = self.py.as_mut().map(|py| PythonStack {
+                    let py = if ev.tgid == self.proc.pid {
+                        self.py.as_mut()
+                    } else {
+                        self.forked.get_mut(&ev.tgid).and_then(|f| f.py.as_mut())
+                    };
+                    let python = py.map(|py| PythonStack {
                         frames: py.decode(&ev.py_frames[..depth]),
                         entry: (0..depth)
                             .map(|i| ev.py_entry[i / 64] & (1 << (i % 64)) != 0)
@@ -501,7 +520,11 @@ impl Session<'_> {
                     let stale = self
                         .threads_refreshed
                         .is_none_or(|t| t.elapsed() > Duration::from_millis(50));
-                    if stale && (!self.py_ready || ev.py_status == py_status::NO_THREAD_STATE) {
+                    let main = ev.tgid == self.proc.pid;
+                    if main
+                        && stale
+                        && (!self.py_ready || ev.py_status == py_status::NO_THREAD_STATE)
+                    {
                         self.enable_python();
                     }
                 }
@@ -522,8 +545,22 @@ impl Session<'_> {
                         log::debug!("{e}");
                     }
                 }
-                Event::Finalize(_) => {
-                    if self.finalized_at.is_none() {
+                Event::Fork(f) => self.follow(f.parent, f.child),
+                Event::Exec(e) => {
+                    if let Some(f) = self.forked.get_mut(&e.child) {
+                        // Another program: what the child recorded stays in the report; its new
+                        // program is not traced.
+                        if f.failed.is_none() {
+                            let new = Process { pid: e.child }.cmdline();
+                            f.failed = Some(format!("exec'd {new}; traced until then"));
+                        }
+                        if let Err(err) = self.tracer.remove_target(e.child) {
+                            log::debug!("{err}");
+                        }
+                    }
+                }
+                Event::Finalize(f) => {
+                    if f.tgid == self.proc.pid && self.finalized_at.is_none() {
                         self.finalized_at = Some(self.start.elapsed().as_secs_f64());
                         if self.opts.verbose {
                             eprintln!("leaktrace: interpreter shutdown began; accounting frozen");
@@ -532,6 +569,93 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Starts tracing a child a traced process forked: the kernel stopped it before its first
+    /// instruction and marked it traced; attach its probes (the parent's plan, at the child's
+    /// pid), give the kernel its interpreter, and let it run. It is let go whatever happens.
+    fn follow(&mut self, parent: u32, pid: u32) {
+        let proc = Process { pid };
+        let result = (|| -> Result<Option<PythonProcess>> {
+            let modules = proc.module_map()?;
+            let mut plan = plan(pid, &modules, proc.exe().as_deref(), self.opts.families)?;
+            if let TraceMode::Growth { .. } = self.opts.mode {
+                plan.points.clear();
+                plan.finalize = None;
+            }
+            self.tracer.attach(&plan, pid)?;
+            let Some(info) = &plan.python else {
+                return Ok(None);
+            };
+            let py = PythonProcess::new(pid, info, &modules)?;
+            if let Some(off) = py.bpf_offsets() {
+                self.tracer.set_python(pid, &off)?;
+                self.tracer.set_threads(pid, &py.thread_states())?;
+            }
+            Ok(Some(py))
+        })();
+        // SAFETY: plain syscall; the child waits in the stop the kernel gave it.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        self.sym.refresh(pid);
+        let (py, failed) = match result {
+            Ok(py) => (py, None),
+            Err(e) => {
+                eprintln!("leaktrace: forked child {pid} runs untraced: {e}");
+                (None, Some(format!("not traced: {e}")))
+            }
+        };
+        if self.opts.verbose {
+            eprintln!("leaktrace: following pid {pid}, forked by {parent}");
+        }
+        self.forked.insert(
+            pid,
+            Forked {
+                parent,
+                command: proc.cmdline(),
+                py,
+                failed,
+            },
+        );
+    }
+
+    /// The traced processes with their unfreed totals: the target, then the children followed.
+    fn processes(&self, target: &TargetInfo) -> Vec<ProcessInfo> {
+        let mut totals: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for site in self.heap.sites() {
+            let t = totals.entry(site.pid).or_default();
+            // Sites whose blocks were all freed read 0; a transient negative reads huge.
+            if site.stats.live_bytes < (1 << 62) {
+                t.0 += site.stats.live_bytes;
+                t.1 += site.stats.live_count;
+            }
+        }
+        let total = |pid: u32| totals.get(&pid).copied().unwrap_or_default();
+        let main = ProcessInfo {
+            pid: target.pid,
+            parent: None,
+            command: target.command.clone(),
+            end: target.end.clone(),
+            unfreed_bytes: total(target.pid).0,
+            unfreed_count: total(target.pid).1,
+        };
+        let children = self.forked.iter().map(|(pid, f)| {
+            let proc = Process { pid: *pid };
+            let end = match (&f.failed, Death::of(self.tracer.death(*pid), None)) {
+                (Some(why), _) => why.clone(),
+                (None, Some(d)) => d.describe(),
+                (None, None) if proc.alive() => "still running".into(),
+                (None, None) => "exited".into(),
+            };
+            ProcessInfo {
+                pid: *pid,
+                parent: Some(f.parent),
+                command: f.command.clone(),
+                end,
+                unfreed_bytes: total(*pid).0,
+                unfreed_count: total(*pid).1,
+            }
+        });
+        std::iter::once(main).chain(children).collect()
     }
 
     /// Reads all pending records and counters, and symbolizes what is new (the target's maps

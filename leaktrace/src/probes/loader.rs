@@ -90,9 +90,10 @@ impl Counters {
 pub struct Tracer {
     ebpf: Ebpf,
     attached: usize,
-    /// (device, inode, file offset) of every probe attached: uprobes live on files, so a program
-    /// that execs into another one mapping the same libc keeps them, and they are not added twice.
-    points: HashSet<(u64, u64, u64)>,
+    /// (process, device, inode, file offset) of every probe attached: uprobes live on files, so a
+    /// program that execs into another one mapping the same libc keeps them, and they are not
+    /// added twice.
+    points: HashSet<(u32, u64, u64, u64)>,
     /// Thread ids put in `THREADS`, per process, to retire the ones that went away.
     threads: std::collections::HashMap<u32, HashSet<u32>>,
     /// Every link attached, by program, so they can be detached together (see `detach`).
@@ -118,8 +119,9 @@ const GROWTH_TRACEPOINTS: [(&str, &str, &str); 2] = [
     ("page_fault_kernel", "exceptions", "page_fault_kernel"),
 ];
 /// `--follow-forks`: the fork, and a new task's first return to user space.
-const FORK_TRACEPOINTS: [(&str, &str, &str); 5] = [
+const FORK_TRACEPOINTS: [(&str, &str, &str); 6] = [
     ("process_fork", "sched", "sched_process_fork"),
+    ("process_exec", "sched", "sched_process_exec"),
     ("fork_return", "syscalls", "sys_exit_clone"),
     ("fork_return", "syscalls", "sys_exit_clone3"),
     ("fork_return", "syscalls", "sys_exit_fork"),
@@ -284,6 +286,16 @@ impl Tracer {
             .map_err(|e| bpf_err("adding the target", e))
     }
 
+    /// Stops tracing process `tgid` (a followed child that exec'd): its probes stay attached
+    /// until leaktrace detaches, but the programs ignore it.
+    pub fn remove_target(&mut self, tgid: u32) -> Result<()> {
+        let mut targets: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.map_mut("TARGETS")?).map_err(|e| bpf_err("TARGETS", e))?;
+        targets
+            .remove(&tgid)
+            .map_err(|e| bpf_err("removing a target", e))
+    }
+
     /// Whether the kernel froze process `tgid`'s accounting: its interpreter began shutting
     /// down. Read from the map, so it holds even when the ring buffer had no room to say so.
     pub fn frozen(&self, tgid: u32) -> bool {
@@ -306,7 +318,10 @@ impl Tracer {
                 path: p.host_path.clone(),
                 source,
             })?;
-            if !self.points.insert((meta.dev(), meta.ino(), p.file_offset)) {
+            if !self
+                .points
+                .insert((pid, meta.dev(), meta.ino(), p.file_offset))
+            {
                 continue;
             }
             let progs: &[&str] = if p.func.shape() == Shape::Free {
@@ -353,7 +368,10 @@ impl Tracer {
                 path: f.host_path.clone(),
                 source,
             })?;
-            if self.points.insert((meta.dev(), meta.ino(), f.file_offset)) {
+            if self
+                .points
+                .insert((pid, meta.dev(), meta.ino(), f.file_offset))
+            {
                 let prog: &mut UProbe = self
                     .ebpf
                     .program_mut("finalize_enter")

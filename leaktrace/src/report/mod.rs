@@ -25,6 +25,9 @@ pub const SCHEMA_VERSION: u32 = 2;
 pub struct Report {
     pub schema_version: u32,
     pub target: TargetInfo,
+    /// Every process traced, the target first, each with its unfreed totals (sites say which
+    /// process they belong to; `totals` is all processes merged).
+    pub processes: Vec<ProcessInfo>,
     /// "exact" (every allocation of the probed functions is tracked), "sampled" (figures are
     /// estimates from allocations sampled one per `sample_rate` bytes) or "growth" (pages the
     /// process touched for the first time, sampled likewise: memory grown, not unfreed).
@@ -49,6 +52,20 @@ pub struct Report {
     /// How the native stacks of all new sites unwound.
     pub native_unwind: UnwindStats,
     pub series: Vec<Sample>,
+}
+
+/// One traced process: the target, or a child it forked (`--follow-forks`), with its share of
+/// the unfreed memory.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// The traced process that forked it (None for the target).
+    pub parent: Option<u32>,
+    pub command: String,
+    /// How it ended, or that it still runs.
+    pub end: String,
+    pub unfreed_bytes: u64,
+    pub unfreed_count: u64,
 }
 
 /// What was traced.
@@ -344,6 +361,7 @@ impl Report {
         sites.truncate(opts.top);
         Report {
             schema_version: SCHEMA_VERSION,
+            processes: Vec::new(),
             target,
             mode: "exact".into(),
             sample_rate: None,

@@ -98,6 +98,24 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             r.totals.unfreed_count
         );
     }
+    if r.processes.len() > 1 {
+        let _ = writeln!(o, "  {} processes traced:", r.processes.len());
+        for p in &r.processes {
+            let from = p
+                .parent
+                .map(|pp| format!(", forked by {pp}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "    pid {:<7} {:>10} unfreed in {} blocks — {}{from}; {}",
+                p.pid,
+                human_bytes(p.unfreed_bytes),
+                p.unfreed_count,
+                p.command,
+                p.end
+            );
+        }
+    }
     if r.sites_without_stack > 0 {
         let _ = writeln!(
             o,
@@ -138,10 +156,16 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
         "FREES",
         "ALLOCATOR"
     );
+    let several = r.processes.len() > 1;
     for s in &r.sites {
+        let pid = if several {
+            format!(" [pid {}]", s.pid)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             o,
-            "{:>14} {:>9} {:>9} {:>9}  {:<16} {}",
+            "{:>14} {:>9} {:>9} {:>9}  {:<16} {}{pid}",
             format!("{} B", group(s.unfreed_bytes)),
             group(s.unfreed_count),
             group(s.allocs),
