@@ -262,8 +262,16 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
         }
         Shape::Free => return 0,
     }
-    if PENDING.insert(&tid, &pending, 0).is_err() {
-        bump(Counter::PendingFull);
+    // The thread's entry from its previous call is overwritten in place: cheaper than a hash
+    // insert, which takes a new element and frees the old one on every call.
+    match PENDING.get_ptr_mut(&tid) {
+        // SAFETY: this thread's own entry; only this thread writes it.
+        Some(p) => unsafe { *p = pending },
+        None => {
+            if PENDING.insert(&tid, &pending, 0).is_err() {
+                bump(Counter::PendingFull);
+            }
+        }
     }
     0
 }
@@ -450,8 +458,8 @@ fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller:
         announce(site, scratch, tgid, tid, id, func, caller);
     }
 
-    // Pages touched (growth mode) are not freed one by one: they only add up.
-    if func != AllocFn::PageFault {
+    // A page (growth mode) is keyed by its address like a block, so `munmap` can retire it.
+    {
         let key = LiveKey {
             tgid,
             _pad: 0,
@@ -631,6 +639,24 @@ fn remove_stale(key: &LiveKey) {
             retire(&old, false);
         }
     }
+}
+
+/// Retires the block at `addr` if it is live; says whether it was.
+#[inline(always)]
+fn retire_if_live(tgid: u32, addr: u64) -> bool {
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let Some(rec) = (unsafe { LIVE.get(&key) }) else {
+        return false;
+    };
+    let rec = *rec;
+    if LIVE.remove(&key).is_ok() {
+        retire(&rec, true);
+    }
+    true
 }
 
 #[inline(always)]

@@ -17,7 +17,7 @@ use leaktrace_ebpf::{
     TARGET_FOLLOW_FORKS, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
 };
 
-use crate::{bump, record_alloc, traced_tgid, DEATHS, EVENTS, SIGSTOP, TARGETS};
+use crate::{bump, record_alloc, retire_if_live, traced_tgid, DEATHS, EVENTS, SIGSTOP, TARGETS};
 
 /// Tasks a followed process just created, until each first returns to user space
 /// (tid → parent tgid): only then can the kernel tell a new process from a new thread.
@@ -81,6 +81,48 @@ fn fault(ctx: &TracePointContext) {
         AllocFn::PageFault,
         FrameRegs { pc, sp, bp },
     );
+}
+
+/// Pages scanned at most per `munmap` (1 GiB); the rest of a larger range stays counted.
+const MAX_UNMAP_PAGES: u64 = 1 << 18;
+
+/// `syscalls:sys_enter_munmap` (growth mode): pages given back to the kernel are no longer
+/// growth. Every page of the range is looked up, since only sampled pages are recorded.
+#[tracepoint]
+pub fn unmap(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = traced_tgid() else {
+        return 0;
+    };
+    let addr: u64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
+    let len: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
+    let mut scan = Unmap {
+        tgid,
+        first: addr & !(PAGE - 1),
+    };
+    let pages = ((len + PAGE - 1) / PAGE).min(MAX_UNMAP_PAGES);
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            pages as u32,
+            unmap_step as *mut core::ffi::c_void,
+            &mut scan as *mut Unmap as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    0
+}
+
+#[repr(C)]
+struct Unmap {
+    tgid: u32,
+    first: u64,
+}
+
+#[inline(never)]
+extern "C" fn unmap_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the Unmap record `unmap` passed in.
+    let s = unsafe { &*(ctx as *const Unmap) };
+    retire_if_live(s.tgid, s.first + index * PAGE);
+    0
 }
 
 /// The death record of a traced process, created on first use.

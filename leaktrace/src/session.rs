@@ -198,6 +198,14 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         return Err(e);
     }
     log::debug!("probes attached");
+    if opts.load.follow_forks && child.is_none() {
+        // Workers the target forked before leaktrace came are followed like new ones.
+        for (pid, parent) in s.proc.descendants() {
+            if s.tracer.add_target(pid, false).is_ok() {
+                s.follow(parent, pid);
+            }
+        }
+    }
     let mut command = s.proc.cmdline();
     s.sym.refresh(pid);
     let pidfd = match child {

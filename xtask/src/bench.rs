@@ -34,12 +34,24 @@ const WORKLOADS: &[Workload] = &[
         what: "pymalloc alloc+free pair (object()), 20 Python frames deep",
         iterations: 1_000_000,
     },
+    Workload {
+        script: "bench/alloc_heavy.py",
+        what: "allocation-heavy pure-Python loop (dicts, lists, tuples, str made and dropped)",
+        iterations: 300_000,
+    },
+    Workload {
+        script: "bench/numpy_loop.py",
+        what: "numpy loop (arrays of 8–800 kB created, combined, dropped)",
+        iterations: 20_000,
+    },
 ];
 
 const CONFIGS: &[(&str, &[&str])] = &[
     ("untraced", &[]),
     ("floor", &["--probe-floor"]),
     ("exact", &[]),
+    ("sampled 512 KiB", &["--mode", "sampled"]),
+    ("growth", &["--mode", "growth"]),
 ];
 
 fn loop_seconds(out: &[u8]) -> Option<f64> {
@@ -116,10 +128,12 @@ pub fn bench(leaktrace: &Path, quick: bool) -> Result<()> {
         }
         let floor_added = per(med[1]) - per(med[0]);
         let exact_added = per(med[2]) - per(med[0]);
+        let sampled_added = per(med[3]) - per(med[0]);
         if floor_added > 0.0 {
             println!(
-                "\nexact / floor added cost: {:.2}×",
-                exact_added / floor_added
+                "\nadded cost over the floor's: exact {:.2}×, sampled {:.2}×",
+                exact_added / floor_added,
+                sampled_added / floor_added
             );
         }
     }

@@ -114,8 +114,9 @@ const DEATH_TRACEPOINTS: [(&str, &str, &str); 4] = [
     ("exit_group", "syscalls", "sys_enter_exit_group"),
 ];
 /// Growth mode's tracepoints.
-const GROWTH_TRACEPOINTS: [(&str, &str, &str); 2] = [
+const GROWTH_TRACEPOINTS: [(&str, &str, &str); 3] = [
     ("page_fault_user", "exceptions", "page_fault_user"),
+    ("unmap", "syscalls", "sys_enter_munmap"),
     ("page_fault_kernel", "exceptions", "page_fault_kernel"),
 ];
 /// `--follow-forks`: the fork, and a new task's first return to user space.

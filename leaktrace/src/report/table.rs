@@ -26,8 +26,8 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
         if growth {
             let _ = writeln!(
                 o,
-                "  growth mode: pages first written, sampled one per ~{} (by bytes); figures are \
-                 estimates of memory grown, by stack (frees are not seen)",
+                "  growth mode: pages first written, sampled one per ~{} (by bytes), less pages \
+                 unmapped since; figures are estimates of memory grown, by stack",
                 human_bytes(rate)
             );
         } else {

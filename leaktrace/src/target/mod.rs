@@ -91,6 +91,46 @@ impl Process {
             .unwrap_or_default()
     }
 
+    /// The processes descending from this one now (children, their children, …), each with its
+    /// parent, from `/proc/*/stat`; threads are not processes and are not listed.
+    pub fn descendants(&self) -> Vec<(u32, u32)> {
+        let mut parent_of: Vec<(u32, u32)> = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+        let mut found = vec![(self.pid, 0)];
+        let mut i = 0;
+        while i < found.len() {
+            let p = found[i].0;
+            let children: Vec<(u32, u32)> = parent_of
+                .iter()
+                .filter(|(c, pp)| *pp == p && !found.iter().any(|(f, _)| f == c))
+                .copied()
+                .collect();
+            found.extend(children);
+            i += 1;
+        }
+        found.remove(0);
+        found
+    }
+
     /// Resident set size in bytes, from `/proc/PID/statm`.
     pub fn rss_bytes(&self) -> Option<u64> {
         let statm = std::fs::read_to_string(self.proc_dir().join("statm")).ok()?;
