@@ -131,7 +131,9 @@ fn growth_mode_names_the_line_that_grows_and_nothing_in_a_steady_process() {
     let s = script(GROWER);
     let target = start_ready(&py, &s, &["30"]);
     let pid = target.id().to_string();
-    let r = leaktrace(&["attach", "-p", &pid, "--mode", "growth", "-d", "4"]);
+    let r = leaktrace(&[
+        "attach", "-p", &pid, "--mode", "growth", "--sample", "64KiB", "-d", "4",
+    ]);
     assert_eq!(r.code, 0);
     let j = r.json.as_ref().unwrap();
     assert_eq!(j["mode"], "growth");
@@ -156,26 +158,44 @@ fn growth_mode_names_the_line_that_grows_and_nothing_in_a_steady_process() {
     let rss = |p: &serde_json::Value| p["rss_bytes"].as_u64().unwrap();
     assert!(rss(series.last().unwrap()) > rss(&series[0]) + 1_000_000);
 
-    let s = script(STEADY);
-    let steady = start_ready(&py, &s, &[]);
-    let r = leaktrace(&[
-        "attach",
-        "-p",
-        &steady.id().to_string(),
-        "--mode",
-        "growth",
-        "-d",
-        "3",
-    ]);
-    assert_eq!(r.code, 0);
-    let grown: u64 = r.json.as_ref().unwrap()["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| u(s, "unfreed_bytes"))
-        .sum();
-    assert!(grown < 1_000_000, "a steady process grew {grown} bytes");
+    // Steady processes: a request loop, and a numpy loop whose big arrays make glibc grow and
+    // trim its heap (and map and unmap) thousands of times a second.
+    for (body, limit) in [(STEADY, 1_000_000), (NUMPY_STEADY, 4_000_000)] {
+        let s = script(body);
+        let steady = start_ready(&py, &s, &[]);
+        let r = leaktrace(&[
+            "attach",
+            "-p",
+            &steady.id().to_string(),
+            "--mode",
+            "growth",
+            "-d",
+            "3",
+        ]);
+        assert_eq!(r.code, 0);
+        let grown: u64 = r.json.as_ref().unwrap()["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| u(s, "unfreed_bytes"))
+            .sum();
+        assert!(grown < limit, "a steady process grew {grown} bytes");
+    }
 }
+
+/// Creates and drops numpy arrays of 100–800 kB forever, after a warm-up.
+const NUMPY_STEADY: &str = r#"
+import numpy as np
+for i in range(500):
+    a = np.ones(12_500 + (i % 8) * 12_500)
+print("READY", flush=True)
+i = 0
+while True:
+    a = np.ones(12_500 + (i % 8) * 12_500)
+    b = a * 2.0
+    del a, b
+    i += 1
+"#;
 
 /// Leaks 100 kB blocks until killed.
 const LEAK_UNTIL_KILLED: &str = r#"
@@ -400,4 +420,75 @@ fn follow_forks_finds_each_workers_leak() {
         "{procs:?}"
     );
     assert!(r.stdout.contains("processes traced"));
+}
+
+/// A pre-fork server: forks two workers, then says READY; each worker leaks in its own function
+/// until killed.
+const PRE_FORKED: &str = r#"
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import leakyext
+def serve_a():
+    while True:
+        leakyext.leak_malloc(2000)
+        time.sleep(0.005)
+def serve_b():
+    while True:
+        leakyext.leak_malloc(3000)
+        time.sleep(0.005)
+kids = []
+for serve in (serve_a, serve_b):
+    pid = os.fork()
+    if pid == 0:
+        serve()
+    kids.append(pid)
+time.sleep(0.3)
+print("READY", flush=True)
+try:
+    while True:
+        time.sleep(1)
+finally:
+    for k in kids:
+        os.kill(k, 9)
+"#;
+
+#[test]
+fn attach_follow_forks_adopts_workers_forked_before() {
+    let _g = serial();
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    let s = script(PRE_FORKED);
+    let master = start_ready(&py, &s, &[ext.to_str().unwrap()]);
+    let r = leaktrace(&[
+        "attach",
+        "-p",
+        &master.id().to_string(),
+        "--follow-forks",
+        "--mode",
+        "exact",
+        "-d",
+        "2",
+    ]);
+    assert_eq!(r.code, 0);
+    let mut workers = std::collections::BTreeSet::new();
+    for (f, size) in [("serve_a", 2000), ("serve_b", 3000)] {
+        let sites: Vec<&serde_json::Value> = r
+            .sites("leak_malloc")
+            .into_iter()
+            .filter(|s| s["python_stack"].to_string().contains(&format!("\"{f}\"")))
+            .collect();
+        assert_eq!(sites.len(), 1, "{f}: {sites:?}");
+        let n = u(sites[0], "unfreed_count");
+        assert!(n >= 50, "{f}: {n} blocks in 2 s");
+        assert_eq!(u(sites[0], "unfreed_bytes"), n * size);
+        workers.insert(u(sites[0], "pid"));
+    }
+    assert_eq!(workers.len(), 2);
+    assert!(!workers.contains(&u64::from(master.id())));
+    let procs = r.json.as_ref().unwrap()["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 3, "the master and its two workers: {procs:?}");
+    // Kill the workers with the master: the test's Target only kills the master.
+    for w in workers {
+        kill(w as u32, libc::SIGKILL);
+    }
 }

@@ -322,6 +322,9 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         }
         return 0;
     }
+    let Some(weight) = admit(p.size) else {
+        return 0;
+    };
     let regs = ctx.regs;
     // SAFETY: the probe's context; after the return, these are the caller's registers.
     let (sp, bp) = unsafe {
@@ -335,7 +338,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         sp,
         bp,
     };
-    record_alloc(tgid, tid, ptr, p.size, func, caller);
+    record_alloc(tgid, tid, ptr, p.size, weight, func, caller);
     0
 }
 
@@ -395,15 +398,33 @@ use python::{check_step, python_stack, CheckCtx, WalkCtx};
 use unwind::{native_stack, native_stack_rest, send_stack, NativeWalk};
 
 #[inline(always)]
-fn record_alloc(tgid: u32, tid: u32, ptr: u64, size: u64, func: AllocFn, caller: FrameRegs) {
+/// Whether an allocation of `size` bytes is recorded, and the bytes and blocks it then stands
+/// for (`--min-size`, then sampling). Decided before anything else is read, so an allocation
+/// passed over costs little.
+#[inline(always)]
+fn admit(size: u64) -> Option<(u64, u64)> {
     if size < read_global(&MIN_SIZE) {
         bump(Counter::BelowMinSize);
-        return;
+        return None;
     }
-    let Some((weight, blocks)) = sample(size) else {
+    let w = sample(size);
+    if w.is_none() {
         bump(Counter::Unsampled);
-        return;
-    };
+    }
+    w
+}
+
+/// Records an admitted allocation: its site (walking its stack) and its live block.
+#[inline(always)]
+fn record_alloc(
+    tgid: u32,
+    tid: u32,
+    ptr: u64,
+    size: u64,
+    (weight, blocks): (u64, u64),
+    func: AllocFn,
+    caller: FrameRegs,
+) {
     let start = site_id_start(tgid, func as u8);
     let coarse = site_id_add_pc(start, caller.pc);
     let native = native_stack(tgid, caller, start);

@@ -8,16 +8,18 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_send_signal_thread, bpf_task_pt_regs},
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::HashMap,
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use leaktrace_ebpf::{
     death, AllocFn, Counter, DeathInfo, ForkEvent, FrameRegs, EVENT_EXEC, EVENT_FORK,
     TARGET_FOLLOW_FORKS, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
 };
 
-use crate::{bump, record_alloc, retire_if_live, traced_tgid, DEATHS, EVENTS, SIGSTOP, TARGETS};
+use crate::{
+    admit, bump, record_alloc, retire_if_live, traced_tgid, DEATHS, EVENTS, SIGSTOP, TARGETS,
+};
 
 /// Tasks a followed process just created, until each first returns to user space
 /// (tid → parent tgid): only then can the kernel tell a new process from a new thread.
@@ -30,17 +32,19 @@ const PF_WRITE: u64 = 2;
 const USER_END: u64 = 1 << 47;
 const PAGE: u64 = 4096;
 
-/// A page fault in user mode (`exceptions:page_fault_user`).
-#[tracepoint]
-pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+/// A page fault in user mode (`exceptions:page_fault_user`, attached raw: the kernel then
+/// hands over its arguments without formatting a trace record, which costs more than the
+/// program on every fault).
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn page_fault_user(ctx: RawTracePointContext) -> u32 {
     fault(&ctx);
     0
 }
 
 /// A page fault on a user address taken in the kernel (`exceptions:page_fault_kernel`): a
 /// syscall such as `read` filling a fresh buffer.
-#[tracepoint]
-pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "page_fault_kernel")]
+pub fn page_fault_kernel(ctx: RawTracePointContext) -> u32 {
     fault(&ctx);
     0
 }
@@ -48,17 +52,20 @@ pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
 /// A write to a page not yet resident makes the process's memory grow by a page: recorded (by
 /// sampling) as an allocation at the user stack that touched it.
 #[inline(always)]
-fn fault(ctx: &TracePointContext) {
+fn fault(ctx: &RawTracePointContext) {
     let Some((tgid, tid)) = traced_tgid() else {
         return;
     };
-    // Layout of both events: address at 8, ip at 16, error_code at 24.
-    let addr: u64 = unsafe { ctx.read_at(8) }.unwrap_or(u64::MAX);
-    let error: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
+    // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code).
+    let addr: u64 = ctx.arg(0);
+    let error: u64 = ctx.arg(2);
     // A read maps the shared zero page; only a write makes a private page resident.
     if error & PF_WRITE == 0 || addr >= USER_END {
         return;
     }
+    let Some(weight) = admit(PAGE) else {
+        return;
+    };
     // The user registers saved on entry to the kernel: the faulting instruction, or for a fault
     // inside a syscall, the instruction after it.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
@@ -78,49 +85,107 @@ fn fault(ctx: &TracePointContext) {
         tid,
         addr & !(PAGE - 1),
         PAGE,
+        weight,
         AllocFn::PageFault,
         FrameRegs { pc, sp, bp },
     );
 }
 
-/// Pages scanned at most per `munmap` (1 GiB); the rest of a larger range stays counted.
-const MAX_UNMAP_PAGES: u64 = 1 << 18;
+/// Pages scanned at most per released range (1 GiB); the rest of a larger range stays counted.
+const MAX_RELEASE_PAGES: u64 = 1 << 18;
 
-/// `syscalls:sys_enter_munmap` (growth mode): pages given back to the kernel are no longer
-/// growth. Every page of the range is looked up, since only sampled pages are recorded.
+/// The program break of each traced process as last seen (tgid → brk), seeded by userspace from
+/// the `[heap]` mapping: a `brk` below it gives pages back.
+#[map]
+static BRKS: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+
+/// `syscalls:sys_enter_munmap` (growth mode): unmapped pages are no longer growth.
 #[tracepoint]
 pub fn unmap(ctx: TracePointContext) -> u32 {
-    let Some((tgid, _)) = traced_tgid() else {
-        return 0;
-    };
-    let addr: u64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
-    let len: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
-    let mut scan = Unmap {
-        tgid,
-        first: addr & !(PAGE - 1),
-    };
-    let pages = ((len + PAGE - 1) / PAGE).min(MAX_UNMAP_PAGES);
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_loop(
-            pages as u32,
-            unmap_step as *mut core::ffi::c_void,
-            &mut scan as *mut Unmap as *mut core::ffi::c_void,
-            0,
-        )
-    };
+    release_range(&ctx);
     0
 }
 
+/// `syscalls:sys_enter_madvise` (growth mode): pages an allocator hands back with
+/// `MADV_DONTNEED`, `MADV_FREE` or `MADV_REMOVE` (glibc's arena trimming, jemalloc, mimalloc).
+#[tracepoint]
+pub fn madvise(ctx: TracePointContext) -> u32 {
+    let behavior: u64 = unsafe { ctx.read_at(32) }.unwrap_or(0);
+    // MADV_DONTNEED, MADV_FREE, MADV_REMOVE, MADV_DONTNEED_LOCKED.
+    if matches!(behavior, 4 | 8 | 9 | 24) {
+        release_range(&ctx);
+    }
+    0
+}
+
+/// Releases the range of a `munmap` or `madvise` (address at 16, length at 24) of a traced
+/// process.
+#[inline(always)]
+fn release_range(ctx: &TracePointContext) {
+    let Some((tgid, _)) = traced_tgid() else {
+        return;
+    };
+    let addr: u64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
+    let len: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
+    release(tgid, addr, len);
+}
+
+/// `syscalls:sys_exit_brk` (growth mode): a lower break gives the heap's top pages back
+/// (glibc's trimming of the main arena).
+#[tracepoint]
+pub fn brk_exit(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = traced_tgid() else {
+        return 0;
+    };
+    let new: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    if new <= 0 {
+        return 0;
+    }
+    let new = new as u64;
+    if let Some(old) = BRKS.get_ptr_mut(&tgid) {
+        // SAFETY: a live map value.
+        let old = unsafe { &mut *old };
+        if new < *old {
+            release(tgid, new, *old - new);
+        }
+        *old = new;
+    } else {
+        let _ = BRKS.insert(&tgid, &new, 0);
+    }
+    0
+}
+
+/// Retires every recorded page in `[addr, addr + len)`: each page is looked up, since only
+/// sampled pages are recorded.
+#[inline(always)]
+fn release(tgid: u32, addr: u64, len: u64) {
+    let first = (addr + PAGE - 1) & !(PAGE - 1);
+    let end = addr.saturating_add(len);
+    if end <= first {
+        return;
+    }
+    let mut scan = Release { tgid, first };
+    let pages = ((end - first) / PAGE).min(MAX_RELEASE_PAGES);
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            pages as u32,
+            release_step as *mut core::ffi::c_void,
+            &mut scan as *mut Release as *mut core::ffi::c_void,
+            0,
+        )
+    };
+}
+
 #[repr(C)]
-struct Unmap {
+struct Release {
     tgid: u32,
     first: u64,
 }
 
 #[inline(never)]
-extern "C" fn unmap_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the Unmap record `unmap` passed in.
-    let s = unsafe { &*(ctx as *const Unmap) };
+extern "C" fn release_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the Release record `release` passed in.
+    let s = unsafe { &*(ctx as *const Release) };
     retire_if_live(s.tgid, s.first + index * PAGE);
     0
 }

@@ -388,6 +388,7 @@ impl Session<'_> {
             // shutdown. The plan still says where the interpreter is, for Python stacks.
             plan.points.clear();
             plan.finalize = None;
+            seed_brk(&mut self.tracer, pid);
         }
         self.tracer.attach(&plan, pid)?;
         if self.opts.verbose {
@@ -590,6 +591,7 @@ impl Session<'_> {
             if let TraceMode::Growth { .. } = self.opts.mode {
                 plan.points.clear();
                 plan.finalize = None;
+                seed_brk(&mut self.tracer, pid);
             }
             self.tracer.attach(&plan, pid)?;
             let Some(info) = &plan.python else {
@@ -683,6 +685,21 @@ impl Session<'_> {
         let counters = self.tracer.counters()?;
         let t = self.start.elapsed().as_secs_f64();
         Ok(self.heap.sample(t, &counters, self.proc.rss_bytes()))
+    }
+}
+
+/// Growth mode: tells the kernel where process `pid`'s heap ends, so the first `brk` that
+/// shrinks it after attaching gives its pages back.
+fn seed_brk(tracer: &mut Tracer, pid: u32) {
+    let heap_end = Process { pid }
+        .maps()
+        .ok()
+        .and_then(|m| m.into_iter().find(|m| m.path == "[heap]"))
+        .map(|m| m.end);
+    if let Some(end) = heap_end {
+        if let Err(e) = tracer.set_brk(pid, end) {
+            log::debug!("{e}");
+        }
     }
 }
 

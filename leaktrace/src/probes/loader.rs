@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::UProbeLinkId;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
-use aya::programs::{TracePoint, UProbe};
+use aya::programs::{RawTracePoint, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
     Counter, DeathInfo, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow,
@@ -115,10 +115,12 @@ const DEATH_TRACEPOINTS: [(&str, &str, &str); 4] = [
 ];
 /// Growth mode's tracepoints.
 const GROWTH_TRACEPOINTS: [(&str, &str, &str); 3] = [
-    ("page_fault_user", "exceptions", "page_fault_user"),
     ("unmap", "syscalls", "sys_enter_munmap"),
-    ("page_fault_kernel", "exceptions", "page_fault_kernel"),
+    ("madvise", "syscalls", "sys_enter_madvise"),
+    ("brk_exit", "syscalls", "sys_exit_brk"),
 ];
+/// Growth mode's page-fault programs, attached as raw tracepoints (program = tracepoint).
+const GROWTH_RAW_TRACEPOINTS: [&str; 2] = ["page_fault_user", "page_fault_kernel"];
 /// `--follow-forks`: the fork, and a new task's first return to user space.
 const FORK_TRACEPOINTS: [(&str, &str, &str); 6] = [
     ("process_fork", "sched", "sched_process_fork"),
@@ -233,6 +235,18 @@ impl Tracer {
         }
         if opts.growth {
             tracer.attach_tracepoints(&GROWTH_TRACEPOINTS)?;
+            for name in GROWTH_RAW_TRACEPOINTS {
+                let prog: &mut RawTracePoint = tracer
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
+                    .try_into()
+                    .map_err(|e| bpf_err(name, e))?;
+                prog.load()
+                    .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
+                prog.attach(name)
+                    .map_err(|e| bpf_err(&format!("attaching {name}"), e))?;
+            }
         }
         if opts.follow_forks {
             tracer.attach_tracepoints(&FORK_TRACEPOINTS)?;
@@ -295,6 +309,15 @@ impl Tracer {
         targets
             .remove(&tgid)
             .map_err(|e| bpf_err("removing a target", e))
+    }
+
+    /// Tells the kernel process `tgid`'s program break (growth mode: a lower one later gives
+    /// pages back).
+    pub fn set_brk(&mut self, tgid: u32, brk: u64) -> Result<()> {
+        let mut m: BpfHashMap<&mut MapData, u32, u64> =
+            BpfHashMap::try_from(self.map_mut("BRKS")?).map_err(|e| bpf_err("BRKS", e))?;
+        m.insert(tgid, brk, 0)
+            .map_err(|e| bpf_err("setting the program break", e))
     }
 
     /// Whether the kernel froze process `tgid`'s accounting: its interpreter began shutting
