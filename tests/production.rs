@@ -492,3 +492,44 @@ fn attach_follow_forks_adopts_workers_forked_before() {
         kill(w as u32, libc::SIGKILL);
     }
 }
+
+/// A `multiprocessing` pool whose workers are exec'd interpreters (the `spawn` start method,
+/// also how `forkserver` starts): each task leaks `n` 1,000-byte blocks.
+const SPAWN_POOL: &str = r#"
+import multiprocessing as mp, sys, time
+sys.path.insert(0, sys.argv[1])
+import leakyext
+def leak_in_worker(n):
+    for _ in range(n):
+        leakyext.leak_malloc(1000)
+    time.sleep(1)
+    return n
+if __name__ == "__main__":
+    mp.set_start_method("spawn")
+    with mp.Pool(2) as pool:
+        print(pool.map(leak_in_worker, [100, 200, 300, 400]))
+"#;
+
+#[test]
+fn follow_forks_follows_spawned_pool_workers_through_exec() {
+    let _g = serial();
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    let s = script(SPAWN_POOL);
+    let r = run_python(&["--follow-forks"], &py, &s, &[ext.to_str().unwrap()]);
+    assert_eq!(r.code, 0);
+    let main = r.json.as_ref().unwrap()["target"]["pid"].as_u64().unwrap();
+    let sites = r.sites("leak_malloc");
+    let total: u64 = sites.iter().map(|s| u(s, "unfreed_count")).sum();
+    assert_eq!(total, 1000, "every leaked block, across the workers");
+    for site in &sites {
+        assert_ne!(u(site, "pid"), main);
+        let inner = site["python_stack"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        assert_eq!(inner["function"], "leak_in_worker", "{site}");
+    }
+}

@@ -508,6 +508,9 @@ pub const TARGET_FROZEN: u32 = 2;
 pub const TARGET_STOP_AT_FINALIZE: u32 = 4;
 /// Children the process forks are traced too (`--follow-forks`).
 pub const TARGET_FOLLOW_FORKS: u32 = 8;
+/// A child followed since its fork: stopped again at exec, so userspace decides whether to
+/// follow the new program before it runs.
+pub const TARGET_FORKED_CHILD: u32 = 16;
 
 /// The start of a site id: a 64-bit mix of the process and the allocator function. Native
 /// return addresses are folded in with `site_id_add_pc`, Python frames with

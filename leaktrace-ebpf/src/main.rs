@@ -13,10 +13,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{
-            bpf_get_attach_cookie, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_loop,
-            bpf_send_signal_thread,
-        },
+        generated::{bpf_get_attach_cookie, bpf_get_prandom_u32, bpf_loop, bpf_send_signal_thread},
     },
     macros::{map, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -25,11 +22,10 @@ use aya_ebpf::{
 };
 use leaktrace_ebpf::{
     native_end, py_status, sample_count, sample_countdown, sample_weight, site_id_add_pc,
-    site_id_finish, site_id_start, unwind_flags, AllocFn, Counter, DeathInfo, FinalizeEvent,
-    FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec, PyOffsets, Shape, SiteStats,
-    StackEvent, UnwindKey, UnwindRow, EVENT_FINALIZE, EVENT_NEW_SITE, EVENT_STACK,
-    MAX_NATIVE_FRAMES, MAX_NATIVE_WALK, MAX_PY_FRAMES, MAX_STACK_COPY, NUM_COUNTERS, PY_FRAME_READ,
-    SAMPLE_EXP_POINTS, SAMPLE_TABLE_LEN, STACK_EVENT_HEADER, TARGET_FROZEN,
+    site_id_finish, site_id_start, AllocFn, Counter, DeathInfo, FinalizeEvent, FrameRegs,
+    LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec, PyOffsets, Shape, SiteStats, StackEvent,
+    UnwindKey, UnwindRow, EVENT_FINALIZE, EVENT_NEW_SITE, MAX_NATIVE_FRAMES, MAX_NATIVE_WALK,
+    MAX_PY_FRAMES, NUM_COUNTERS, PY_FRAME_READ, SAMPLE_EXP_POINTS, SAMPLE_TABLE_LEN, TARGET_FROZEN,
     TARGET_STOP_AT_FINALIZE,
 };
 

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use leaktrace_ebpf::{
     death, AllocFn, Counter, DeathInfo, ForkEvent, FrameRegs, EVENT_EXEC, EVENT_FORK,
-    TARGET_FOLLOW_FORKS, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
+    TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
 };
 
 use crate::{
@@ -301,7 +301,7 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
     };
     // Only `run`'s own child is stopped at shutdown (leaktrace is its tracer and takes that
     // stop); the child starts unfrozen whatever its parent's state.
-    let flags = flags & !(TARGET_STOP_AT_FINALIZE | TARGET_FROZEN);
+    let flags = (flags & !(TARGET_STOP_AT_FINALIZE | TARGET_FROZEN)) | TARGET_FORKED_CHILD;
     if TARGETS.insert(&tgid, &flags, 0).is_err() {
         bump(Counter::ForksMissed);
         return 0;
@@ -320,9 +320,10 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `sched:sched_process_exec`: a followed process replaced its program. Its records so far
-/// stay; its new program is not traced (userspace drops it from `TARGETS`, except `run`'s own
-/// child, whose exec leaktrace follows through ptrace).
+/// `sched:sched_process_exec`: a followed process replaced its program. A followed child is
+/// stopped before the new program's first instruction (its dynamic loader) and announced:
+/// userspace follows it if it is the same Python, and lets it go. (`run`'s own child is followed
+/// through ptrace instead.)
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -339,7 +340,9 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
         _pad: 0,
     };
     if EVENTS.output::<ForkEvent>(&ev, 0).is_err() {
-        bump(Counter::RingbufFull);
+        bump(Counter::ForksMissed);
+    } else if *flags & TARGET_FORKED_CHILD != 0 {
+        unsafe { bpf_send_signal_thread(SIGSTOP) };
     }
     0
 }

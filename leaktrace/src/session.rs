@@ -23,6 +23,7 @@ use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
 use crate::target::death::Death;
+use crate::target::python::PythonInfo;
 use crate::target::spawn::{spawn, Control, ExitKind, SpawnEvent};
 use crate::target::Process;
 
@@ -129,10 +130,28 @@ struct Session<'a> {
 struct Forked {
     parent: u32,
     command: String,
-    /// Its interpreter (the parent's, copied by fork), when it is Python.
+    /// The program it runs (device, inode): an exec of the same program is followed.
+    exe: Option<(u64, u64)>,
+    /// Where its interpreter lives, when it is Python.
+    python_info: Option<PythonInfo>,
+    /// Its interpreter (the parent's, copied by fork; after an exec, found once its libraries
+    /// are mapped).
     py: Option<PythonProcess>,
+    /// The kernel has its Python walk parameters.
+    py_ready: bool,
+    /// When its interpreter was last looked for (after an exec).
+    py_tried: Option<Instant>,
     /// Why it could not be followed, if it could not.
     failed: Option<String>,
+    /// It exec'd (the same program) since its fork.
+    execd: bool,
+}
+
+/// (device, inode) of the program process `pid` runs.
+fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    Some((m.dev(), m.ino()))
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts.
@@ -295,6 +314,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                     s.catch_up(&mut reader)?;
                     s.tracer.forget_process(pid)?;
                     s.heap.forget_process(pid);
+                    s.sym.forget_process(pid);
                     s.sym.refresh(pid);
                     command = s.proc.cmdline();
                     let replanned = s.setup_probes();
@@ -493,10 +513,27 @@ impl Session<'_> {
                         depth,
                         &ev.py_frames[..depth]
                     );
-                    let py = if ev.tgid == self.proc.pid {
+                    if ev.tgid != self.proc.pid {
+                        self.enable_child_python(ev.tgid);
+                    }
+                    let main = self.proc.pid;
+                    let py = if ev.tgid == main {
                         self.py.as_mut()
                     } else {
-                        self.forked.get_mut(&ev.tgid).and_then(|f| f.py.as_mut())
+                        match self.forked.get_mut(&ev.tgid) {
+                            // A forked child gone before its record was read: the code objects
+                            // it had from before the fork are at the same addresses in its
+                            // parent (each is checked before it is trusted).
+                            Some(f)
+                                if !f.execd
+                                    && f.parent == main
+                                    && !(Process { pid: ev.tgid }).alive() =>
+                            {
+                                self.py.as_mut()
+                            }
+                            Some(f) => f.py.as_mut(),
+                            None => None,
+                        }
                     };
                     let python = py.map(|py| PythonStack {
                         frames: py.decode(&ev.py_frames[..depth]),
@@ -555,19 +592,7 @@ impl Session<'_> {
                     }
                 }
                 Event::Fork(f) => self.follow(f.parent, f.child),
-                Event::Exec(e) => {
-                    if let Some(f) = self.forked.get_mut(&e.child) {
-                        // Another program: what the child recorded stays in the report; its new
-                        // program is not traced.
-                        if f.failed.is_none() {
-                            let new = Process { pid: e.child }.cmdline();
-                            f.failed = Some(format!("exec'd {new}; traced until then"));
-                        }
-                        if let Err(err) = self.tracer.remove_target(e.child) {
-                            log::debug!("{err}");
-                        }
-                    }
-                }
+                Event::Exec(e) => self.child_exec(e.child),
                 Event::Finalize(f) => {
                     if f.tgid == self.proc.pid && self.finalized_at.is_none() {
                         self.finalized_at = Some(self.start.elapsed().as_secs_f64());
@@ -585,6 +610,7 @@ impl Session<'_> {
     /// pid), give the kernel its interpreter, and let it run. It is let go whatever happens.
     fn follow(&mut self, parent: u32, pid: u32) {
         let proc = Process { pid };
+        let mut python_info = None;
         let result = (|| -> Result<Option<PythonProcess>> {
             let modules = proc.module_map()?;
             let mut plan = plan(pid, &modules, proc.exe().as_deref(), self.opts.families)?;
@@ -597,6 +623,7 @@ impl Session<'_> {
             let Some(info) = &plan.python else {
                 return Ok(None);
             };
+            python_info = Some(info.clone());
             let py = PythonProcess::new(pid, info, &modules)?;
             if let Some(off) = py.bpf_offsets() {
                 self.tracer.set_python(pid, &off)?;
@@ -617,15 +644,97 @@ impl Session<'_> {
         if self.opts.verbose {
             eprintln!("leaktrace: following pid {pid}, forked by {parent}");
         }
+        let py_ready = py.is_some();
         self.forked.insert(
             pid,
             Forked {
                 parent,
                 command: proc.cmdline(),
+                exe: exe_id(pid),
+                python_info,
                 py,
+                py_ready,
+                py_tried: None,
                 failed,
+                execd: false,
             },
         );
+    }
+
+    /// A followed child exec'd: it waits in the stop the kernel gave it, before the new
+    /// program's loader runs. The same program (a `multiprocessing` spawn or forkserver worker,
+    /// a re-exec'd server) is followed: the probes on its files stay attached for its pid and the
+    /// kernel installs them as the loader maps each library; its interpreter is found once it
+    /// exists. Anything else is let go untraced. The child is let go whatever happens.
+    fn child_exec(&mut self, pid: u32) {
+        // The target itself is not stopped at exec (`run` follows its exec through ptrace).
+        let Some(f) = self.forked.get_mut(&pid) else {
+            return;
+        };
+        {
+            let new = Process { pid }.cmdline();
+            let same = f.failed.is_none() && f.exe.is_some() && exe_id(pid) == f.exe;
+            if same {
+                // The old image and everything recorded in it are gone.
+                if let Err(e) = self.tracer.forget_process(pid) {
+                    log::debug!("{e}");
+                }
+                self.heap.forget_process(pid);
+                self.sym.forget_process(pid);
+                f.execd = true;
+                f.command = new;
+                f.py = None;
+                f.py_ready = false;
+                f.py_tried = None;
+            } else {
+                if f.failed.is_none() {
+                    f.failed = Some(format!("exec'd {new}; traced until then"));
+                }
+                if let Err(e) = self.tracer.remove_target(pid) {
+                    log::debug!("{e}");
+                }
+            }
+        }
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    }
+
+    /// After an exec: finds a followed child's interpreter once its libraries are mapped, and
+    /// gives the kernel its walk parameters once the interpreter exists (tried at most every
+    /// 20 ms).
+    fn enable_child_python(&mut self, pid: u32) {
+        let Some(f) = self.forked.get_mut(&pid) else {
+            return;
+        };
+        if f.py_ready || f.failed.is_some() {
+            return;
+        }
+        if f.py_tried
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(20))
+        {
+            return;
+        }
+        f.py_tried = Some(Instant::now());
+        if f.py.is_none() {
+            let Some(info) = &f.python_info else { return };
+            let Ok(modules) = Process { pid }.module_map() else {
+                return;
+            };
+            match PythonProcess::new(pid, info, &modules) {
+                Ok(py) => f.py = Some(py),
+                Err(e) => {
+                    log::debug!("pid {pid}: {e}");
+                    return;
+                }
+            }
+        }
+        let Some(py) = &f.py else { return };
+        if let Some(off) = py.bpf_offsets() {
+            if self.tracer.set_python(pid, &off).is_ok() {
+                let _ = self.tracer.set_threads(pid, &py.thread_states());
+                f.py_ready = true;
+            }
+        }
     }
 
     /// The traced processes with their unfreed totals: the target, then the children followed.
@@ -681,6 +790,13 @@ impl Session<'_> {
     /// Reads the kernel's counters into the heap model and appends a time-series point.
     fn refresh(&mut self) -> Result<Sample> {
         self.enable_python();
+        // Followed children's libraries, while they live: their sites are placed from them.
+        let children: Vec<u32> = self.forked.keys().copied().collect();
+        for pid in children {
+            self.sym.refresh(pid);
+            self.enable_child_python(pid);
+        }
+        self.heap.place_pending(&mut self.sym);
         self.heap.update(&mut self.sym, self.tracer.sites()?);
         let counters = self.tracer.counters()?;
         let t = self.start.elapsed().as_secs_f64();

@@ -85,7 +85,13 @@ impl Symbolizer {
         }
     }
 
-    /// Re-reads the mappings of `pid` if it still runs; keeps the last snapshot otherwise.
+    /// Forgets process `pid`'s mappings and placed addresses (it exec'd another program).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.modules.remove(&pid);
+        self.cache.retain(|(p, _), _| *p != pid);
+    }
+
+    /// Re-reads process `pid`'s mappings (modules loaded since the last look).
     pub fn refresh(&mut self, pid: u32) {
         let p = Process { pid };
         if let Ok(mm) = p.module_map() {
