@@ -13,7 +13,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_get_attach_cookie, bpf_get_prandom_u32, bpf_loop, bpf_send_signal_thread},
+        generated::{bpf_get_attach_cookie, bpf_loop, bpf_send_signal_thread},
     },
     macros::{map, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -21,11 +21,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 use leaktrace_ebpf::{
-    native_end, py_status, sample_count, sample_countdown, sample_weight, site_id_add_pc,
-    site_id_finish, site_id_start, AllocFn, Counter, DeathInfo, FinalizeEvent, FrameRegs,
-    LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec, PyOffsets, Shape, SiteStats, StackEvent,
-    UnwindKey, UnwindRow, EVENT_FINALIZE, EVENT_NEW_SITE, MAX_NATIVE_FRAMES, MAX_NATIVE_WALK,
-    MAX_PY_FRAMES, NUM_COUNTERS, PY_FRAME_READ, SAMPLE_EXP_POINTS, SAMPLE_TABLE_LEN, TARGET_FROZEN,
+    native_end, py_status, site_id_add_pc, site_id_finish, site_id_start, AllocFn, Counter,
+    DeathInfo, FinalizeEvent, FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec,
+    PyOffsets, Shape, SiteStats, StackEvent, UnwindKey, UnwindRow, EVENT_FINALIZE, EVENT_NEW_SITE,
+    MAX_NATIVE_FRAMES, MAX_NATIVE_WALK, MAX_PY_FRAMES, NUM_COUNTERS, PY_FRAME_READ, TARGET_FROZEN,
     TARGET_STOP_AT_FINALIZE,
 };
 
@@ -42,11 +41,6 @@ static mut SITE_COUNT: u64 = 0;
 /// `SITES` is kept for those coarse sites, so no allocation goes uncounted.
 #[no_mangle]
 static SITES_SOFT_LIMIT: u64 = (1 << 20) - (1 << 18);
-
-/// Sampled and growth modes: one sample per this many bytes on average; 0 tracks every
-/// allocation (exact mode).
-#[no_mangle]
-static SAMPLE_RATE: u64 = 0;
 
 /// Bytes of user stack copied for each new site (`--stack-copy`), at most `MAX_STACK_COPY`.
 #[no_mangle]
@@ -122,15 +116,6 @@ pub struct Scratch {
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// The sampler's tables (see `leaktrace_ebpf::sample`), filled by userspace in sampled and
-/// growth modes.
-#[map]
-static SAMPLING: Array<u32> = Array::with_max_entries(SAMPLE_TABLE_LEN, 0);
-
-/// Bytes left until the next sample, per CPU (0: draw one).
-#[map]
-static SAMPLER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// How traced processes ended (tgid → death), for the post-mortem report.
 #[map]
@@ -387,28 +372,15 @@ pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
 
 const SIGSTOP: u32 = 19;
 
+mod live;
 mod python;
+mod sampler;
 mod tracepoints;
 mod unwind;
+use live::{remove_live, remove_stale};
 use python::{check_step, python_stack, CheckCtx, WalkCtx};
+use sampler::admit;
 use unwind::{native_stack, native_stack_rest, send_stack, NativeWalk};
-
-#[inline(always)]
-/// Whether an allocation of `size` bytes is recorded, and the bytes and blocks it then stands
-/// for (`--min-size`, then sampling). Decided before anything else is read, so an allocation
-/// passed over costs little.
-#[inline(always)]
-fn admit(size: u64) -> Option<(u64, u64)> {
-    if size < read_global(&MIN_SIZE) {
-        bump(Counter::BelowMinSize);
-        return None;
-    }
-    let w = sample(size);
-    if w.is_none() {
-        bump(Counter::Unsampled);
-    }
-    w
-}
 
 /// Records an admitted allocation: its site (walking its stack) and its live block.
 #[inline(always)]
@@ -503,45 +475,6 @@ fn record_alloc(
     add(&mut site.alloc_bytes, weight);
     add(&mut site.live_count, blocks);
     add(&mut site.live_bytes, weight);
-}
-
-/// Whether to record an allocation of `size` bytes, and the bytes and blocks it then stands
-/// for: always, as itself, in exact mode; by Poisson sampling otherwise.
-#[inline(always)]
-fn sample(size: u64) -> Option<(u64, u64)> {
-    let rate = read_global(&SAMPLE_RATE);
-    if rate == 0 {
-        return Some((size, 1));
-    }
-    let left = SAMPLER.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot; programs do not nest on one CPU.
-    let left = unsafe { &mut *left };
-    if *left == 0 {
-        *left = draw_countdown(rate);
-    }
-    if size < *left {
-        *left -= size;
-        return None;
-    }
-    *left = draw_countdown(rate);
-    let weight = sample_weight(size, rate, |i| table(SAMPLE_EXP_POINTS + i));
-    let rand = unsafe { bpf_get_prandom_u32() };
-    Some((
-        weight,
-        sample_count(weight, size, rand).min(u32::MAX as u64),
-    ))
-}
-
-#[inline(always)]
-fn draw_countdown(rate: u64) -> u64 {
-    let rand = unsafe { bpf_get_prandom_u32() };
-    let cell = rand >> 20;
-    sample_countdown(rate, table(cell), table(cell + 1), rand)
-}
-
-#[inline(always)]
-fn table(i: u32) -> u64 {
-    unsafe { SAMPLING.get(i) }.map_or(0, |v| u64::from(*v))
 }
 
 /// Sends what userspace needs of a site not fully announced yet: its record (Python frames and
@@ -646,66 +579,6 @@ const ANNOUNCED_STACK: u8 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 /// A stack copy is not attempted unless the ring buffer keeps this much room for site records.
 const RING_RESERVE: u64 = 4 << 20;
-
-#[inline(always)]
-fn remove_stale(key: &LiveKey) {
-    if let Some(old) = unsafe { LIVE.get(key) } {
-        let old = *old;
-        if LIVE.remove(key).is_ok() {
-            bump(Counter::StaleReplaced);
-            retire(&old, false);
-        }
-    }
-}
-
-/// Retires the block at `addr` if it is live; says whether it was.
-#[inline(always)]
-fn retire_if_live(tgid: u32, addr: u64) -> bool {
-    let key = LiveKey {
-        tgid,
-        _pad: 0,
-        addr,
-    };
-    let Some(rec) = (unsafe { LIVE.get(&key) }) else {
-        return false;
-    };
-    let rec = *rec;
-    if LIVE.remove(&key).is_ok() {
-        retire(&rec, true);
-    }
-    true
-}
-
-#[inline(always)]
-fn remove_live(tgid: u32, addr: u64) {
-    let key = LiveKey {
-        tgid,
-        _pad: 0,
-        addr,
-    };
-    let Some(rec) = (unsafe { LIVE.get(&key) }) else {
-        bump(Counter::FreesUnknown);
-        return;
-    };
-    let rec = *rec;
-    // Only the thread whose delete succeeds accounts the free.
-    if LIVE.remove(&key).is_ok() {
-        bump(Counter::Frees);
-        retire(&rec, true);
-    }
-}
-
-#[inline(always)]
-fn retire(rec: &LiveAlloc, freed: bool) {
-    if let Some(s) = SITES.get_ptr_mut(&rec.site_id) {
-        let s = unsafe { &mut *s };
-        add(&mut s.live_count, u64::from(rec.count).wrapping_neg());
-        add(&mut s.live_bytes, rec.weight.wrapping_neg());
-        if freed {
-            add(&mut s.frees, u64::from(rec.count));
-        }
-    }
-}
 
 #[inline(always)]
 fn read_user_u64(addr: u64) -> Option<u64> {

@@ -18,7 +18,7 @@ use leaktrace_ebpf::{
 };
 
 use crate::{
-    admit, bump, record_alloc, retire_if_live, traced_tgid, DEATHS, EVENTS, SIGSTOP, TARGETS,
+    admit, bump, live::retire_if_live, record_alloc, traced_tgid, DEATHS, EVENTS, SIGSTOP, TARGETS,
 };
 
 /// Tasks a followed process just created, until each first returns to user space

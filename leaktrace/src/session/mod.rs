@@ -1,14 +1,19 @@
 //! One tracing session: find the target, plan and attach the probes, follow the kernel's counters
 //! and announcements until the window ends, and build the report.
 
+mod forks;
+mod waiting;
+
+use forks::Forked;
+pub use waiting::progress_line;
+use waiting::{child_event, open_pidfd, pid_exit, python_malloc_env, reply, sleep_until};
+
 use std::collections::{BTreeMap, HashSet};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use leaktrace_ebpf::{native_end, py_status, AllocFn};
-use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -17,13 +22,12 @@ use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
-use crate::probes::plan::{needs_raw_malloc, plan, Families, ProbePlan};
-use crate::report::{human_bytes, ProcessInfo, Report, ReportOptions, TargetInfo};
+use crate::probes::plan::{plan, Families, ProbePlan};
+use crate::report::{Report, ReportOptions, TargetInfo};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
 use crate::target::death::Death;
-use crate::target::python::PythonInfo;
 use crate::target::spawn::{spawn, Control, ExitKind, SpawnEvent};
 use crate::target::Process;
 
@@ -124,34 +128,6 @@ struct Session<'a> {
     threads_refreshed: Option<Instant>,
     /// Processes forked by traced ones and followed (`--follow-forks`), by pid.
     forked: BTreeMap<u32, Forked>,
-}
-
-/// A process a traced one forked, traced too (`--follow-forks`).
-struct Forked {
-    parent: u32,
-    command: String,
-    /// The program it runs (device, inode): an exec of the same program is followed.
-    exe: Option<(u64, u64)>,
-    /// Where its interpreter lives, when it is Python.
-    python_info: Option<PythonInfo>,
-    /// Its interpreter (the parent's, copied by fork; after an exec, found once its libraries
-    /// are mapped).
-    py: Option<PythonProcess>,
-    /// The kernel has its Python walk parameters.
-    py_ready: bool,
-    /// When its interpreter was last looked for (after an exec).
-    py_tried: Option<Instant>,
-    /// Why it could not be followed, if it could not.
-    failed: Option<String>,
-    /// It exec'd (the same program) since its fork.
-    execd: bool,
-}
-
-/// (device, inode) of the program process `pid` runs.
-fn exe_id(pid: u32) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
-    Some((m.dev(), m.ino()))
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts.
@@ -516,25 +492,7 @@ impl Session<'_> {
                     if ev.tgid != self.proc.pid {
                         self.enable_child_python(ev.tgid);
                     }
-                    let main = self.proc.pid;
-                    let py = if ev.tgid == main {
-                        self.py.as_mut()
-                    } else {
-                        match self.forked.get_mut(&ev.tgid) {
-                            // A forked child gone before its record was read: the code objects
-                            // it had from before the fork are at the same addresses in its
-                            // parent (each is checked before it is trusted).
-                            Some(f)
-                                if !f.execd
-                                    && f.parent == main
-                                    && !(Process { pid: ev.tgid }).alive() =>
-                            {
-                                self.py.as_mut()
-                            }
-                            Some(f) => f.py.as_mut(),
-                            None => None,
-                        }
-                    };
+                    let py = self.python_of(ev.tgid);
                     let python = py.map(|py| PythonStack {
                         frames: py.decode(&ev.py_frames[..depth]),
                         entry: (0..depth)
@@ -605,178 +563,6 @@ impl Session<'_> {
         }
     }
 
-    /// Starts tracing a child a traced process forked: the kernel stopped it before its first
-    /// instruction and marked it traced; attach its probes (the parent's plan, at the child's
-    /// pid), give the kernel its interpreter, and let it run. It is let go whatever happens.
-    fn follow(&mut self, parent: u32, pid: u32) {
-        let proc = Process { pid };
-        let mut python_info = None;
-        let result = (|| -> Result<Option<PythonProcess>> {
-            let modules = proc.module_map()?;
-            let mut plan = plan(pid, &modules, proc.exe().as_deref(), self.opts.families)?;
-            if let TraceMode::Growth { .. } = self.opts.mode {
-                plan.points.clear();
-                plan.finalize = None;
-                seed_brk(&mut self.tracer, pid);
-            }
-            self.tracer.attach(&plan, pid)?;
-            let Some(info) = &plan.python else {
-                return Ok(None);
-            };
-            python_info = Some(info.clone());
-            let py = PythonProcess::new(pid, info, &modules)?;
-            if let Some(off) = py.bpf_offsets() {
-                self.tracer.set_python(pid, &off)?;
-                self.tracer.set_threads(pid, &py.thread_states())?;
-            }
-            Ok(Some(py))
-        })();
-        // SAFETY: plain syscall; the child waits in the stop the kernel gave it.
-        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-        self.sym.refresh(pid);
-        let (py, failed) = match result {
-            Ok(py) => (py, None),
-            Err(e) => {
-                eprintln!("leaktrace: forked child {pid} runs untraced: {e}");
-                (None, Some(format!("not traced: {e}")))
-            }
-        };
-        if self.opts.verbose {
-            eprintln!("leaktrace: following pid {pid}, forked by {parent}");
-        }
-        let py_ready = py.is_some();
-        self.forked.insert(
-            pid,
-            Forked {
-                parent,
-                command: proc.cmdline(),
-                exe: exe_id(pid),
-                python_info,
-                py,
-                py_ready,
-                py_tried: None,
-                failed,
-                execd: false,
-            },
-        );
-    }
-
-    /// A followed child exec'd: it waits in the stop the kernel gave it, before the new
-    /// program's loader runs. The same program (a `multiprocessing` spawn or forkserver worker,
-    /// a re-exec'd server) is followed: the probes on its files stay attached for its pid and the
-    /// kernel installs them as the loader maps each library; its interpreter is found once it
-    /// exists. Anything else is let go untraced. The child is let go whatever happens.
-    fn child_exec(&mut self, pid: u32) {
-        // The target itself is not stopped at exec (`run` follows its exec through ptrace).
-        let Some(f) = self.forked.get_mut(&pid) else {
-            return;
-        };
-        {
-            let new = Process { pid }.cmdline();
-            let same = f.failed.is_none() && f.exe.is_some() && exe_id(pid) == f.exe;
-            if same {
-                // The old image and everything recorded in it are gone.
-                if let Err(e) = self.tracer.forget_process(pid) {
-                    log::debug!("{e}");
-                }
-                self.heap.forget_process(pid);
-                self.sym.forget_process(pid);
-                f.execd = true;
-                f.command = new;
-                f.py = None;
-                f.py_ready = false;
-                f.py_tried = None;
-            } else {
-                if f.failed.is_none() {
-                    f.failed = Some(format!("exec'd {new}; traced until then"));
-                }
-                if let Err(e) = self.tracer.remove_target(pid) {
-                    log::debug!("{e}");
-                }
-            }
-        }
-        // SAFETY: plain syscall.
-        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-    }
-
-    /// After an exec: finds a followed child's interpreter once its libraries are mapped, and
-    /// gives the kernel its walk parameters once the interpreter exists (tried at most every
-    /// 20 ms).
-    fn enable_child_python(&mut self, pid: u32) {
-        let Some(f) = self.forked.get_mut(&pid) else {
-            return;
-        };
-        if f.py_ready || f.failed.is_some() {
-            return;
-        }
-        if f.py_tried
-            .is_some_and(|t| t.elapsed() < Duration::from_millis(20))
-        {
-            return;
-        }
-        f.py_tried = Some(Instant::now());
-        if f.py.is_none() {
-            let Some(info) = &f.python_info else { return };
-            let Ok(modules) = Process { pid }.module_map() else {
-                return;
-            };
-            match PythonProcess::new(pid, info, &modules) {
-                Ok(py) => f.py = Some(py),
-                Err(e) => {
-                    log::debug!("pid {pid}: {e}");
-                    return;
-                }
-            }
-        }
-        let Some(py) = &f.py else { return };
-        if let Some(off) = py.bpf_offsets() {
-            if self.tracer.set_python(pid, &off).is_ok() {
-                let _ = self.tracer.set_threads(pid, &py.thread_states());
-                f.py_ready = true;
-            }
-        }
-    }
-
-    /// The traced processes with their unfreed totals: the target, then the children followed.
-    fn processes(&self, target: &TargetInfo) -> Vec<ProcessInfo> {
-        let mut totals: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
-        for site in self.heap.sites() {
-            let t = totals.entry(site.pid).or_default();
-            // Sites whose blocks were all freed read 0; a transient negative reads huge.
-            if site.stats.live_bytes < (1 << 62) {
-                t.0 += site.stats.live_bytes;
-                t.1 += site.stats.live_count;
-            }
-        }
-        let total = |pid: u32| totals.get(&pid).copied().unwrap_or_default();
-        let main = ProcessInfo {
-            pid: target.pid,
-            parent: None,
-            command: target.command.clone(),
-            end: target.end.clone(),
-            unfreed_bytes: total(target.pid).0,
-            unfreed_count: total(target.pid).1,
-        };
-        let children = self.forked.iter().map(|(pid, f)| {
-            let proc = Process { pid: *pid };
-            let end = match (&f.failed, Death::of(self.tracer.death(*pid), None)) {
-                (Some(why), _) => why.clone(),
-                (None, Some(d)) => d.describe(),
-                (None, None) if proc.alive() => "still running".into(),
-                (None, None) => "exited".into(),
-            };
-            ProcessInfo {
-                pid: *pid,
-                parent: Some(f.parent),
-                command: f.command.clone(),
-                end,
-                unfreed_bytes: total(*pid).0,
-                unfreed_count: total(*pid).1,
-            }
-        });
-        std::iter::once(main).chain(children).collect()
-    }
-
     /// Reads all pending records and counters, and symbolizes what is new (the target's maps
     /// must still exist for sites in modules mapped since the last refresh).
     fn catch_up(&mut self, reader: &mut EventReader) -> Result<()> {
@@ -806,7 +592,7 @@ impl Session<'_> {
 
 /// Growth mode: tells the kernel where process `pid`'s heap ends, so the first `brk` that
 /// shrinks it after attaching gives its pages back.
-fn seed_brk(tracer: &mut Tracer, pid: u32) {
+pub(super) fn seed_brk(tracer: &mut Tracer, pid: u32) {
     let heap_end = Process { pid }
         .maps()
         .ok()
@@ -816,87 +602,5 @@ fn seed_brk(tracer: &mut Tracer, pid: u32) {
         if let Err(e) = tracer.set_brk(pid, end) {
             log::debug!("{e}");
         }
-    }
-}
-
-fn reply(child: &Child, c: Control) {
-    if let Some((ctl, _)) = child {
-        let _ = ctl.send(c);
-    }
-}
-
-/// The environment `run` adds for Python's allocator, if any.
-fn python_malloc_env(argv: &[String], mode: PyMallocMode) -> Option<(String, String)> {
-    if std::env::var_os("PYTHONMALLOC").is_some() {
-        return None; // the user's own choice stands
-    }
-    let set = match mode {
-        PyMallocMode::Keep => false,
-        PyMallocMode::Malloc => true,
-        PyMallocMode::Auto => resolve_command(&argv[0]).is_some_and(|p| needs_raw_malloc(&p)),
-    };
-    set.then(|| ("PYTHONMALLOC".to_string(), "malloc".to_string()))
-}
-
-/// The file `execvp` would run for `cmd`.
-fn resolve_command(cmd: &str) -> Option<PathBuf> {
-    if cmd.contains('/') {
-        return std::fs::canonicalize(cmd).ok();
-    }
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(cmd))
-        .find(|p| p.is_file())
-        .and_then(|p| std::fs::canonicalize(p).ok())
-}
-
-/// The `--interval` progress line.
-pub fn progress_line(s: &Sample) -> String {
-    format!(
-        "[{:>7.1}s] live {} in {} blocks | {} allocs, {} frees | rss {} | drops {}",
-        s.t,
-        human_bytes(s.live_bytes),
-        s.live_count,
-        s.allocs,
-        s.frees,
-        s.rss_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
-        s.drops
-    )
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn open_pidfd(pid: u32) -> Option<AsyncFd<OwnedFd>> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the fd was just returned to us and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: the AsyncFd owns the fd.
-    unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }.ok()
-}
-
-/// Resolves when the pidfd says the process exited; never without a pidfd.
-async fn pid_exit(pidfd: &Option<AsyncFd<OwnedFd>>) {
-    match pidfd {
-        Some(fd) => {
-            let _ = fd.readable().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-async fn child_event(child: &mut Child) -> Option<SpawnEvent> {
-    match child {
-        Some((_, rx)) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }

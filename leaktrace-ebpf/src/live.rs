@@ -1,0 +1,66 @@
+//! Retiring blocks from the kernel's table of live allocations (`LIVE`) and their sites'
+//! counters: frees, addresses reused without a free seen, pages given back (growth mode).
+
+use leaktrace_ebpf::{Counter, LiveAlloc, LiveKey};
+
+use crate::{add, bump, LIVE, SITES};
+
+#[inline(always)]
+pub(crate) fn remove_stale(key: &LiveKey) {
+    if let Some(old) = unsafe { LIVE.get(key) } {
+        let old = *old;
+        if LIVE.remove(key).is_ok() {
+            bump(Counter::StaleReplaced);
+            retire(&old, false);
+        }
+    }
+}
+
+/// Retires the block at `addr` if it is live; says whether it was.
+#[inline(always)]
+pub(crate) fn retire_if_live(tgid: u32, addr: u64) -> bool {
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let Some(rec) = (unsafe { LIVE.get(&key) }) else {
+        return false;
+    };
+    let rec = *rec;
+    if LIVE.remove(&key).is_ok() {
+        retire(&rec, true);
+    }
+    true
+}
+
+#[inline(always)]
+pub(crate) fn remove_live(tgid: u32, addr: u64) {
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let Some(rec) = (unsafe { LIVE.get(&key) }) else {
+        bump(Counter::FreesUnknown);
+        return;
+    };
+    let rec = *rec;
+    // Only the thread whose delete succeeds accounts the free.
+    if LIVE.remove(&key).is_ok() {
+        bump(Counter::Frees);
+        retire(&rec, true);
+    }
+}
+
+#[inline(always)]
+fn retire(rec: &LiveAlloc, freed: bool) {
+    if let Some(s) = SITES.get_ptr_mut(&rec.site_id) {
+        let s = unsafe { &mut *s };
+        add(&mut s.live_count, u64::from(rec.count).wrapping_neg());
+        add(&mut s.live_bytes, rec.weight.wrapping_neg());
+        if freed {
+            add(&mut s.frees, u64::from(rec.count));
+        }
+    }
+}
