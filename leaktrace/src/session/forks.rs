@@ -86,9 +86,12 @@ impl Session<'_> {
             }
             Ok(Some(py))
         })();
+        // Read while it still waits: once let go, it may exec something else at once.
+        let command = proc.cmdline();
+        let exe = exe_id(pid);
+        self.sym.refresh(pid);
         // SAFETY: plain syscall; the child waits in the stop the kernel gave it.
         unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-        self.sym.refresh(pid);
         let (py, failed) = match result {
             Ok(py) => (py, None),
             Err(e) => {
@@ -104,8 +107,8 @@ impl Session<'_> {
             pid,
             Forked {
                 parent,
-                command: proc.cmdline(),
-                exe: exe_id(pid),
+                command,
+                exe,
                 python_info,
                 py,
                 py_ready,
