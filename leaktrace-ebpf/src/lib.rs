@@ -305,7 +305,13 @@ pub struct SiteStats {
     pub _pad: [u8; 2],
     /// The allocation's return address.
     pub caller: u64,
+    /// Frees of blocks older than `OLD_BLOCK_NS`: a cache evicting, a queue draining. A leak's
+    /// blocks are never freed, however old.
+    pub frees_old: u64,
 }
+
+/// Age past which a freed block counts in `SiteStats::frees_old`.
+pub const OLD_BLOCK_NS: u64 = 5_000_000_000;
 
 /// A traced process forked a child, which is stopped until its probes are attached
 /// (`--follow-forks`).

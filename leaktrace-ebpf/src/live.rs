@@ -1,7 +1,8 @@
 //! Retiring blocks from the kernel's table of live allocations (`LIVE`) and their sites'
 //! counters: frees, addresses reused without a free seen, pages given back (growth mode).
 
-use leaktrace_ebpf::{Counter, LiveAlloc, LiveKey};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use leaktrace_ebpf::{Counter, LiveAlloc, LiveKey, OLD_BLOCK_NS};
 
 use crate::{add, bump, LIVE, SITES};
 
@@ -61,6 +62,10 @@ fn retire(rec: &LiveAlloc, freed: bool) {
         add(&mut s.live_bytes, rec.weight.wrapping_neg());
         if freed {
             add(&mut s.frees, u64::from(rec.count));
+            let age = unsafe { bpf_ktime_get_ns() }.wrapping_sub(rec.ts_ns);
+            if age > OLD_BLOCK_NS {
+                add(&mut s.frees_old, u64::from(rec.count));
+            }
         }
     }
 }

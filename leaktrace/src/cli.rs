@@ -51,6 +51,20 @@ pub enum Command {
         #[command(flatten)]
         opts: CommonOpts,
     },
+    /// Compare two JSON reports (`--json`), e.g. of an old and a new version: unfreed memory
+    /// per stack in each, matched by symbolized frames, largest growth first.
+    Diff {
+        /// The report to compare against.
+        old: PathBuf,
+        /// The newer report.
+        new: PathBuf,
+        /// Show the N stacks that changed most.
+        #[arg(long, default_value_t = 20, value_name = "N")]
+        top: usize,
+        /// Also write the comparison as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
 }
 
 /// What `run` does about Python's allocator.
@@ -146,6 +160,15 @@ pub struct CommonOpts {
     /// each is stopped at its first instruction until its probes are attached.
     #[arg(long)]
     pub follow_forks: bool,
+    /// CI gate: exit with status 10, listing the stacks, when leak suspects hold more than SIZE
+    /// (`10MB`, `512KiB`, bytes). A trace too short to classify (under three intervals; see
+    /// `--interval`) counts everything unfreed.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub fail_over: Option<u64>,
+    /// Stacks the gate ignores: a file of glob patterns, one per line, matched against each
+    /// frame (`*leakyext.c*`, `leak:known_cache`, `*/vendor/*`).
+    #[arg(long, value_name = "FILE", requires = "fail_over")]
+    pub suppressions: Option<PathBuf>,
     /// Benchmark only: attach the same probes with programs that return at once.
     #[arg(long, hide = true)]
     pub probe_floor: bool,
@@ -316,6 +339,7 @@ mod tests {
             match c.command {
                 Command::Run { opts, .. } => opts.trace_mode(false, None),
                 Command::Attach { opts, duration, .. } => opts.trace_mode(true, duration),
+                Command::Diff { .. } => panic!("not a tracing command"),
             }
         };
         assert_eq!(mode(&["leaktrace", "run", "x"]), Ok(TraceMode::Exact));

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use leaktrace_ebpf::{AllocFn, SiteStats};
 use serde::Serialize;
 
+use crate::analysis::trend::Trend;
 use crate::probes::loader::Counters;
 use crate::stacks::native::{NativeStack, UnwindEnd};
 use crate::stacks::python::PyFrame;
@@ -37,6 +38,8 @@ pub struct Site {
     pub python_status: Option<u8>,
     pub python_truncated: bool,
     pub stats: SiteStats,
+    /// Its live bytes over the trace, one observation per interval.
+    pub trend: Trend,
 }
 
 /// What the kernel said about a new site's Python stack, decoded.
@@ -92,6 +95,7 @@ impl Heap {
             python_status: None,
             python_truncated: false,
             stats: SiteStats::default(),
+            trend: Trend::default(),
         });
         if let Some(py) = python {
             site.python = py.frames;
@@ -153,6 +157,14 @@ impl Heap {
 
     /// Appends a point to the time series from the current counters.
     pub fn sample(&mut self, t: f64, counters: &Counters, rss_bytes: Option<u64>) -> Sample {
+        for site in self.sites.values_mut() {
+            let live = site.stats.live_bytes;
+            // A negative count read mid-update (a free seen before its allocation's add) waits
+            // for the next interval.
+            if live < (1 << 62) && (site.trend.n > 0 || live > 0) {
+                site.trend.observe(t, live);
+            }
+        }
         let (live_bytes, live_count) = self.sites.values().fold((0u64, 0u64), |(b, c), s| {
             (
                 b.wrapping_add(s.stats.live_bytes),

@@ -5,6 +5,7 @@
 //! kernel) → `events` (the kernel's announcements) → `heap` (live allocations per site) →
 //! `stacks` (symbolization) → `report`. `target` knows the traced process; `session` runs it all.
 
+pub mod analysis;
 pub mod cli;
 pub mod error;
 pub mod events;

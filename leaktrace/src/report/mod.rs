@@ -1,6 +1,7 @@
 //! The report: what was allocated and never freed, grouped by site, with everything needed to
 //! judge it (what was probed, coverage, drops). Rendered as a table or JSON.
 
+pub mod diff;
 pub mod table;
 
 use std::collections::{BTreeMap, HashMap};
@@ -8,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use leaktrace_ebpf::{Counter, Family};
 use serde::Serialize;
 
+use crate::analysis::classify::{classify, Verdict};
 use crate::heap::{Heap, Sample, Site};
 use crate::probes::loader::Counters;
 use crate::probes::plan::{ProbePlan, PythonCoverage};
@@ -44,6 +46,9 @@ pub struct Report {
     pub totals: Totals,
     /// Sites with unfreed bytes, largest first (after `--min-size` and `--top`).
     pub sites: Vec<SiteReport>,
+    /// Sites classified as leaks with confidence ≥ 0.9 (listed first), and their unfreed bytes.
+    pub suspects: usize,
+    pub suspect_bytes: u64,
     /// Number of sites with unfreed bytes left out by `--top`.
     pub sites_omitted: usize,
     /// Sites whose announcement (with the Python stack) never arrived: counted, but shown
@@ -52,6 +57,54 @@ pub struct Report {
     /// How the native stacks of all new sites unwound.
     pub native_unwind: UnwindStats,
     pub series: Vec<Sample>,
+    /// RSS against live traced bytes over the trace.
+    pub heap_vs_rss: HeapVsRss,
+}
+
+/// RSS and the live traced heap over the trace, and whether they disagree.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HeapVsRss {
+    pub rss_first: Option<u64>,
+    pub rss_last: Option<u64>,
+    pub live_first: u64,
+    pub live_last: u64,
+    /// Said when RSS grew well beyond the live bytes: the usual false "leak".
+    pub note: Option<String>,
+}
+
+impl HeapVsRss {
+    /// Compares the first and last points of the series.
+    pub fn of(series: &[Sample]) -> Self {
+        // The last point may come after the process died (no RSS): compare points that have it.
+        let with_rss = || series.iter().filter(|s| s.rss_bytes.is_some());
+        let (Some(first), Some(last)) = (with_rss().next(), with_rss().next_back()) else {
+            return Self::default();
+        };
+        let mut h = HeapVsRss {
+            rss_first: first.rss_bytes,
+            rss_last: last.rss_bytes,
+            live_first: first.live_bytes,
+            live_last: last.live_bytes,
+            note: None,
+        };
+        if let (Some(a), Some(b)) = (first.rss_bytes, last.rss_bytes) {
+            let d_rss = b as i64 - a as i64;
+            let d_live = (last.live_bytes as i64 - first.live_bytes as i64).max(0);
+            // Allocator metadata and interpreter state make RSS grow a little faster than the
+            // heap; a gap of half again plus 4 MiB is something else.
+            if d_rss > 4 << 20 && d_rss > d_live + d_live / 2 + (4 << 20) {
+                h.note = Some(format!(
+                    "RSS grew {} while live traced memory grew {}: the difference is not held by \
+                     any stack — heap fragmentation (freed blocks the allocator cannot give \
+                     back), pymalloc arenas kept by a few live objects, allocator caches, or \
+                     memory not allocated through malloc or the Python allocator (mmap)",
+                    human_bytes(d_rss as u64),
+                    human_bytes(d_live as u64)
+                ));
+            }
+        }
+        h
+    }
 }
 
 /// One traced process: the target, or a child it forked (`--follow-forks`), with its share of
@@ -135,6 +188,8 @@ pub struct SiteReport {
     pub python_status: String,
     /// The Python stack was cut at `--python-depth`: outer frames are missing.
     pub python_truncated: bool,
+    /// Leak, cache, steady or startup, from the trend of its live bytes.
+    pub analysis: Verdict,
 }
 
 /// Report options.
@@ -219,6 +274,14 @@ impl SiteReport {
             .expect("groups are not empty");
         let b = best.site;
         let sum = |f: fn(&Site) -> u64| g.iter().map(|m| f(m.site)).fold(0u64, u64::wrapping_add);
+        // The kernel site holding the most speaks for the line; growth adds up.
+        let main = g
+            .iter()
+            .map(|m| m.site)
+            .max_by_key(|s| (s.stats.live_bytes, std::cmp::Reverse(s.id)))
+            .expect("groups are not empty");
+        let mut analysis = classify(&main.trend, &main.stats);
+        analysis.growth_bytes_per_s = g.iter().map(|m| m.site.trend.slope()).sum::<f64>().round();
         SiteReport {
             id: format!("{:016x}", b.id),
             pid: b.pid,
@@ -247,6 +310,7 @@ impl SiteReport {
             python_stack: b.python.iter().rev().cloned().collect(),
             python_status: python_status_name(b.python_status).into(),
             python_truncated: b.python_truncated,
+            analysis,
         }
     }
 }
@@ -332,9 +396,22 @@ impl Report {
             .map(SiteReport::of)
             .filter(|s| s.unfreed_bytes >= opts.min_size)
             .collect();
-        sites.sort_by(|a, b| b.unfreed_bytes.cmp(&a.unfreed_bytes).then(a.id.cmp(&b.id)));
+        // Leak suspects first, then by unfreed bytes.
+        sites.sort_by(|a, b| {
+            (b.analysis.is_suspect(), b.unfreed_bytes)
+                .cmp(&(a.analysis.is_suspect(), a.unfreed_bytes))
+                .then(a.id.cmp(&b.id))
+        });
+        let suspects = sites.iter().filter(|s| s.analysis.is_suspect()).count();
+        let suspect_bytes = sites
+            .iter()
+            .filter(|s| s.analysis.is_suspect())
+            .map(|s| s.unfreed_bytes)
+            .sum();
         // Only the sites reported are named.
-        for s in sites.iter_mut().take(opts.top) {
+        // Every leak suspect is listed (they come first), whatever `--top` says.
+        let keep = opts.top.max(suspects);
+        for s in sites.iter_mut().take(keep) {
             for e in s.stack.iter_mut() {
                 if let StackEntry::Native { frame, .. } = e {
                     sym.resolve(s.pid, frame);
@@ -353,12 +430,12 @@ impl Report {
             allocs: counters.get(Counter::Allocs),
             frees: counters.get(Counter::Frees),
         };
-        let omitted = sites.len().saturating_sub(opts.top);
+        let omitted = sites.len().saturating_sub(keep);
         let sites_without_stack = sites
             .iter()
             .filter(|s| s.python_status == "unknown")
             .count();
-        sites.truncate(opts.top);
+        sites.truncate(keep);
         Report {
             schema_version: SCHEMA_VERSION,
             processes: Vec::new(),
@@ -387,10 +464,13 @@ impl Report {
             dropped: counters.drops(),
             totals,
             sites,
+            suspects,
+            suspect_bytes,
             sites_omitted: omitted,
             sites_without_stack,
             native_unwind: unwind.clone(),
             series: heap.series().to_vec(),
+            heap_vs_rss: HeapVsRss::of(heap.series()),
         }
     }
 

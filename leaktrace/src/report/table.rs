@@ -116,6 +116,18 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             );
         }
     }
+    if let Some(n) = &r.heap_vs_rss.note {
+        let _ = writeln!(o, "  HEAP VS RSS: {n}");
+    }
+    if !growth {
+        let _ = writeln!(
+            o,
+            "  leak suspects: {} ({} unfreed); a suspect keeps growing to the end of the trace \
+             (docs/analysis.md)",
+            r.suspects,
+            human_bytes(r.suspect_bytes)
+        );
+    }
     if r.sites_without_stack > 0 {
         let _ = writeln!(
             o,
@@ -172,6 +184,19 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             group(s.frees),
             s.allocator,
             s.caller.display()
+        );
+        let a = &s.analysis;
+        let _ = writeln!(
+            o,
+            "{:>16}{} ({:.2}): {}",
+            "",
+            if a.is_suspect() {
+                "LEAK SUSPECT".to_string()
+            } else {
+                a.class.name().to_string()
+            },
+            a.confidence,
+            a.evidence
         );
         let frames: Vec<&StackEntry> = s
             .stack

@@ -347,6 +347,17 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         opts.report,
     );
     report.processes = s.processes(&report.target);
+    if let Some(t) = s.finalized_at {
+        // Teardown frees what the figures freeze at shutdown: RSS after it says nothing.
+        let before: Vec<_> = s
+            .heap
+            .series()
+            .iter()
+            .filter(|p| p.t <= t)
+            .copied()
+            .collect();
+        report.heap_vs_rss = crate::report::HeapVsRss::of(&before);
+    }
     report.mode = opts.mode.name().into();
     report.sample_rate = (opts.mode.rate() > 0).then_some(opts.mode.rate());
     if let Some(why) = &s.tracer.deaths_unavailable {

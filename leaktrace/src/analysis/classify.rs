@@ -1,0 +1,249 @@
+//! Leak, cache, steady or start-up: what a stack's live memory is doing, with a confidence and
+//! the evidence in one line (docs/analysis.md has the method and its assumptions).
+//!
+//! - **leak**: live bytes keep growing to the end of the trace. The confidence is a sign test:
+//!   of the intervals in which the site's live bytes changed, how unlikely is it that so many
+//!   grew if growth and shrinkage were equally likely (1 − P(X ≥ grew), X ~ Binomial(changed,
+//!   ½)). Frees of blocks older than 5 s lower it: a leak's blocks are never freed.
+//! - **cache**: at least doubled over two intervals or more, then stopped reaching new highs
+//!   for the last third of the time it was seen (bounded, levelled off), or keeps evicting old
+//!   blocks while holding its size.
+//! - **steady**: allocated and freed at the same rate; no trend.
+//! - **startup**: held since it was first seen, not growing.
+//! - **unknown**: seen in fewer than three intervals.
+
+use leaktrace_ebpf::SiteStats;
+use serde::Serialize;
+
+use super::trend::Trend;
+use crate::report::human_bytes;
+
+/// What a stack's live memory is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Leak,
+    Cache,
+    Steady,
+    Startup,
+    Unknown,
+}
+
+impl Class {
+    /// The name shown in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Leak => "leak",
+            Class::Cache => "cache",
+            Class::Steady => "steady",
+            Class::Startup => "startup",
+            Class::Unknown => "unknown",
+        }
+    }
+}
+
+/// The classification of one stack.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Verdict {
+    pub class: Class,
+    /// How sure, 0–1.
+    pub confidence: f64,
+    /// Least-squares growth of live bytes, bytes per second.
+    pub growth_bytes_per_s: f64,
+    /// The evidence, in one line.
+    pub evidence: String,
+}
+
+impl Verdict {
+    /// Whether the report lists it among the leak suspects.
+    pub fn is_suspect(&self) -> bool {
+        self.class == Class::Leak && self.confidence >= SUSPECT_CONFIDENCE
+    }
+}
+
+/// Confidence from which a leak is a suspect (listed first, counted by `--fail-over`).
+pub const SUSPECT_CONFIDENCE: f64 = 0.9;
+
+/// Classifies a site from its trend and the kernel's counters.
+pub fn classify(trend: &Trend, stats: &SiteStats) -> Verdict {
+    let rate = trend.slope();
+    let changed = trend.grew + trend.shrank;
+    let span = (trend.last_t - trend.first_t).max(0.0);
+    let old = stats.frees_old;
+    let frees_old = if old == 1 {
+        "1 free of a block older than 5 s".to_string()
+    } else {
+        format!("{old} frees of blocks older than 5 s")
+    };
+    let verdict = |class, confidence: f64, evidence: String| Verdict {
+        class,
+        confidence: (confidence * 1000.0).round() / 1000.0,
+        growth_bytes_per_s: rate.round(),
+        evidence,
+    };
+    if trend.n < 3 {
+        return verdict(
+            Class::Unknown,
+            0.0,
+            format!("seen in {} interval(s): too short to tell", trend.n),
+        );
+    }
+    let intervals = trend.n - 1;
+    // Still reaching new highs in the last tenth of the time it was seen (at least the last
+    // two intervals).
+    let step = span / f64::from(intervals);
+    let recent = (span / 10.0).max(2.0 * step);
+    let still_growing = trend.max_t >= trend.last_t - recent - 1e-9;
+    let grown = trend.last_bytes > trend.first_bytes;
+    if still_growing && grown && trend.grew > trend.shrank {
+        let mut confidence = sign_test(trend.grew, changed);
+        let live = stats.live_count.max(1);
+        if old > 0 {
+            confidence *= live as f64 / (live + old) as f64;
+        }
+        return verdict(
+            Class::Leak,
+            confidence,
+            format!(
+                "grew in {} of {intervals} intervals ({}/s), {frees_old}",
+                trend.grew,
+                human_bytes(rate.max(0.0) as u64)
+            ),
+        );
+    }
+    let plateau = trend.last_t - trend.max_t;
+    // A cache fills: it at least doubled, over two intervals or more, before levelling off
+    // (churn around a level never does).
+    let filled = trend.grew >= 2 && trend.max_bytes >= 2 * trend.first_bytes.max(1);
+    if filled && plateau >= span / 3.0 {
+        let flat = (plateau / step).round() as u32;
+        return verdict(
+            Class::Cache,
+            f64::from(flat + 1) / f64::from(flat + 2),
+            format!(
+                "grew to {}, then no new high for {plateau:.0} s; {frees_old}",
+                human_bytes(trend.max_bytes)
+            ),
+        );
+    }
+    let turnover = stats.frees > 4 * stats.live_count.max(1);
+    if turnover {
+        let confidence = 1.0 - sign_test(trend.grew.max(trend.shrank), changed);
+        return verdict(
+            Class::Steady,
+            1.0 - confidence.min(1.0),
+            format!(
+                "{} allocations and {} frees for {} blocks live; grew in {} and shrank in {} \
+                 of {intervals} intervals",
+                stats.allocs, stats.frees, stats.live_count, trend.grew, trend.shrank
+            ),
+        );
+    }
+    if old > 0 && trend.max_bytes > 0 {
+        return verdict(
+            Class::Cache,
+            0.5,
+            format!(
+                "holds {} while evicting: {frees_old}",
+                human_bytes(trend.last_bytes)
+            ),
+        );
+    }
+    verdict(
+        Class::Startup,
+        f64::from(intervals - changed + 1) / f64::from(intervals + 2),
+        format!(
+            "{} held since {:.0} s, unchanged in {} of {intervals} intervals",
+            human_bytes(trend.last_bytes),
+            trend.first_t,
+            intervals - changed
+        ),
+    )
+}
+
+/// 1 − P(X ≥ k) for X ~ Binomial(n, ½): how surely `k` growths in `n` changes are not chance.
+fn sign_test(k: u32, n: u32) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    // P(X ≥ k) = Σ_{i=k..n} C(n, i) / 2^n, summed in logs to stay finite for long traces.
+    let ln_c = |n: u32, i: u32| ln_fact(n) - ln_fact(i) - ln_fact(n - i);
+    let tail: f64 = (k..=n)
+        .map(|i| (ln_c(n, i) - f64::from(n) * std::f64::consts::LN_2).exp())
+        .sum();
+    (1.0 - tail).clamp(0.0, 1.0)
+}
+
+fn ln_fact(n: u32) -> f64 {
+    (2..=n).map(|i| f64::from(i).ln()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trend(values: &[u64]) -> Trend {
+        let mut t = Trend::default();
+        for (i, v) in values.iter().enumerate() {
+            t.observe(i as f64, *v);
+        }
+        t
+    }
+
+    fn stats(allocs: u64, frees: u64, live: u64, old: u64) -> SiteStats {
+        SiteStats {
+            allocs,
+            frees,
+            live_count: live,
+            frees_old: old,
+            ..SiteStats::default()
+        }
+    }
+
+    #[test]
+    fn growing_to_the_end_is_a_leak() {
+        let v: Vec<u64> = (0..20).map(|i| 1_000_000 * i).collect();
+        let d = classify(&trend(&v), &stats(2000, 0, 2000, 0));
+        assert_eq!(d.class, Class::Leak);
+        assert!(d.confidence >= 0.95, "{d:?}");
+        assert!(
+            d.evidence.starts_with("grew in 19 of 19 intervals"),
+            "{d:?}"
+        );
+        assert!((d.growth_bytes_per_s - 1e6).abs() < 1.0);
+    }
+
+    #[test]
+    fn a_bounded_cache_levels_off() {
+        let v: Vec<u64> = (0..20).map(|i| 1000 * i.min(5)).collect();
+        let d = classify(&trend(&v), &stats(5000, 4700, 300, 0));
+        assert_eq!(d.class, Class::Cache, "{d:?}");
+    }
+
+    #[test]
+    fn churn_is_steady_and_old_state_is_startup() {
+        let v: Vec<u64> = (0..20).map(|i| 5000 + (i % 2) * 100).collect();
+        let d = classify(&trend(&v), &stats(100_000, 99_950, 50, 0));
+        assert_eq!(d.class, Class::Steady, "{d:?}");
+        assert!(!d.is_suspect());
+        let d = classify(&trend(&[8000; 20]), &stats(10, 0, 10, 0));
+        assert_eq!(d.class, Class::Startup, "{d:?}");
+        let d = classify(&trend(&[1, 2]), &stats(1, 0, 1, 0));
+        assert_eq!(d.class, Class::Unknown);
+    }
+
+    #[test]
+    fn noise_is_not_a_confident_leak() {
+        // Up and down at random, ending a little higher.
+        let v = [10, 12, 11, 13, 12, 11, 14, 13, 12, 15];
+        let d = classify(&trend(&v), &stats(100, 90, 10, 0));
+        assert!(!d.is_suspect(), "{d:?}");
+    }
+
+    #[test]
+    fn sign_test_matches_the_binomial_tail() {
+        assert!((sign_test(20, 20) - (1.0 - 0.5f64.powi(20))).abs() < 1e-12);
+        assert!((sign_test(5, 10) - (1.0 - 0.623046875)).abs() < 1e-9);
+        assert_eq!(sign_test(0, 0), 0.0);
+    }
+}

@@ -1,0 +1,285 @@
+//! Analysis on real processes: leak, cache, steady and start-up told apart; `diff` of two runs;
+//! the `--fail-over` CI gate with suppressions; RSS against the live heap.
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::*;
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Four behaviours in four functions, for `argv[1]` seconds: a global list growing ~1 MB/s, a
+/// bounded `lru_cache` fed distinct keys (fills in ~6 s, then holds), an unbounded one (grows
+/// for good), and a loop that allocates and frees.
+const SERVICE: &str = r#"
+import functools, sys, time
+hold = []
+def grow_list():
+    hold.append(bytearray(50_000))
+@functools.lru_cache(maxsize=256)
+def bounded(k):
+    return "b" * 1000 + str(k)
+@functools.lru_cache(maxsize=None)
+def unbounded(k):
+    return "u" * 1000 + str(k)
+def churn():
+    return sum(len(bytearray(2000)) for _ in range(50))
+end = time.time() + float(sys.argv[1])
+k = 0
+while time.time() < end:
+    for _ in range(2):
+        bounded(k)
+        unbounded(k)
+        k += 1
+    grow_list()
+    churn()
+    time.sleep(0.05)
+"#;
+
+/// The site holding the most under Python function `f` (innermost Python frame).
+fn top_site_in<'a>(r: &'a Run, f: &str) -> Option<&'a Value> {
+    r.json.as_ref().unwrap()["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["python_stack"]
+                .as_array()
+                .and_then(|p| p.last())
+                .is_some_and(|fr| fr["function"] == f)
+        })
+        .max_by_key(|s| s["unfreed_bytes"].as_u64().unwrap())
+}
+
+#[test]
+fn four_behaviours_are_told_apart() {
+    let _g = serial();
+    let py = pyenv_python();
+    let s = script(SERVICE);
+    let started = std::time::Instant::now();
+    let r = run_python(&[], &py, &s, &["20"]);
+    eprintln!("traced in {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(r.code, 0);
+    let class = |f: &str| {
+        let site = top_site_in(&r, f).unwrap_or_else(|| panic!("no site under {f}"));
+        let a = &site["analysis"];
+        eprintln!("{f}: {a}");
+        (
+            a["class"].as_str().unwrap().to_string(),
+            a["confidence"].as_f64().unwrap(),
+        )
+    };
+    let (c, conf) = class("grow_list");
+    assert_eq!(c, "leak");
+    assert!(conf >= 0.95, "grow_list confidence {conf}");
+    let (c, conf) = class("unbounded");
+    assert_eq!(c, "leak");
+    assert!(conf >= 0.95, "unbounded confidence {conf}");
+    assert_eq!(class("bounded").0, "cache");
+    // The loop frees what it allocates: nothing of it is a suspect.
+    let j = r.json.as_ref().unwrap();
+    for s in j["sites"].as_array().unwrap() {
+        let fr = s["python_stack"].as_array().and_then(|p| p.last()).cloned();
+        if fr.is_some_and(|f| f["function"] == "churn") {
+            assert_ne!(s["analysis"]["class"], "leak", "{s}");
+        }
+    }
+    // Suspects come first, and exactly the two unbounded behaviours are among them.
+    let suspects: Vec<&Value> = j["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take_while(|s| {
+            s["analysis"]["class"] == "leak" && s["analysis"]["confidence"].as_f64().unwrap() >= 0.9
+        })
+        .collect();
+    assert!(!suspects.is_empty());
+    for s in &suspects {
+        let fns: Vec<&str> = s["python_stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["function"].as_str().unwrap())
+            .collect();
+        assert!(
+            !fns.contains(&"bounded") && !fns.contains(&"churn"),
+            "suspect outside the two leaks: {fns:?}"
+        );
+    }
+    assert!(r.stdout.contains("LEAK SUSPECT"));
+}
+
+/// Leaks through the C extension in `base`, and with argument `more`, also in `extra`.
+const TWO_VERSIONS: &str = r#"
+import sys
+sys.path.insert(0, sys.argv[1])
+import leakyext
+def base():
+    for _ in range(300):
+        leakyext.leak_malloc(1000)
+def extra():
+    for _ in range(200):
+        leakyext.leak_malloc(5000)
+base()
+if len(sys.argv) > 2:
+    extra()
+"#;
+
+#[test]
+fn diff_shows_exactly_the_new_leak() {
+    let _g = serial();
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    let s = script(TWO_VERSIONS);
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.json");
+    let new = dir.path().join("new.json");
+    for (path, extra) in [(&old, false), (&new, true)] {
+        let mut args = vec![ext.to_str().unwrap()];
+        if extra {
+            args.push("more");
+        }
+        let r = run_python(&[], &py, &s, &args);
+        assert_eq!(r.code, 0);
+        std::fs::write(
+            path,
+            serde_json::to_string(r.json.as_ref().unwrap()).unwrap(),
+        )
+        .unwrap();
+    }
+    let out_json = dir.path().join("diff.json");
+    let out = std::process::Command::new(leaktrace_bin())
+        .arg("diff")
+        .arg(&old)
+        .arg(&new)
+        .arg("--json")
+        .arg(&out_json)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert_eq!(out.status.code(), Some(0));
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
+    let rows = d["rows"].as_array().unwrap();
+    // The largest growth is the new leak: 200 × 5,000 bytes under extra().
+    let top = &rows[0];
+    assert_eq!(top["change"], "new", "{top}");
+    assert_eq!(top["delta_bytes"], 1_000_000);
+    assert!(top["stack"].to_string().contains(" in extra"), "{top}");
+    // base()'s leak is the same in both: matched although every address differs.
+    let base: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["stack"].to_string().contains(" in base"))
+        .collect();
+    assert_eq!(base.len(), 1, "{base:?}");
+    assert_eq!(base[0]["change"], "same");
+    assert_eq!(base[0]["old_bytes"], 300_000);
+    // Nothing else grew by more than start-up noise.
+    for r in &rows[1..] {
+        assert!(r["delta_bytes"].as_i64().unwrap() < 100_000, "{r}");
+    }
+    assert!(text.contains("new"));
+    // Bad input: a clear error, not a panic.
+    let bad = std::process::Command::new(leaktrace_bin())
+        .args(["diff", "/nonexistent.json"])
+        .arg(&new)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot read"));
+}
+
+/// Leaks 1 MB a second in `leak_more` for `argv[2]` seconds, or (argument `clean`) allocates
+/// and frees only.
+const GATED: &str = r#"
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import leakyext
+def leak_more():
+    leakyext.leak_malloc(100_000)
+def clean():
+    leakyext.ok(100_000)
+work = clean if sys.argv[3] == "clean" else leak_more
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    work()
+    time.sleep(0.1)
+"#;
+
+#[test]
+fn fail_over_gates_leaking_runs_and_honours_suppressions() {
+    let _g = serial();
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    let s = script(GATED);
+    let e = ext.to_str().unwrap();
+    let r = run_python(&["--fail-over", "2MB"], &py, &s, &[e, "5", "leak"]);
+    assert_eq!(r.code, 10, "a leak over the limit fails the run");
+    assert!(r.stderr.contains("FAILED"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("leak_more"),
+        "the offending stack is named: {}",
+        r.stderr
+    );
+
+    let r = run_python(&["--fail-over", "2MB"], &py, &s, &[e, "5", "clean"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("passed"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let sup = dir.path().join("leaks.supp");
+    std::fs::write(&sup, "# known and accepted\nleak:leak_more\n").unwrap();
+    let r = run_python(
+        &[
+            "--fail-over",
+            "2MB",
+            "--suppressions",
+            sup.to_str().unwrap(),
+        ],
+        &py,
+        &s,
+        &[e, "5", "leak"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("suppressed"), "{}", r.stderr);
+
+    let r = leaktrace(&["run", "--fail-over", "lots", "--", "true"]);
+    assert_eq!(r.code, 2, "a bad size is a usage error");
+}
+
+/// Fills the heap with small objects, then frees every other one: live bytes halve, RSS does
+/// not.
+const FRAGMENT: &str = r#"
+import time
+time.sleep(1.2)
+blocks = [bytes(300) for _ in range(300_000)]
+time.sleep(1.2)
+del blocks[::2]
+time.sleep(2.5)
+"#;
+
+#[test]
+fn fragmentation_shows_as_rss_above_live_bytes() {
+    let _g = serial();
+    let py = pyenv_python();
+    let s = script(FRAGMENT);
+    let r = run_python(&[], &py, &s, &[]);
+    assert_eq!(r.code, 0);
+    let h = &r.json.as_ref().unwrap()["heap_vs_rss"];
+    assert!(
+        h["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("fragmentation")),
+        "{h}"
+    );
+    let rss = h["rss_last"].as_u64().unwrap() - h["rss_first"].as_u64().unwrap();
+    let live = h["live_last"].as_u64().unwrap() - h["live_first"].as_u64().unwrap();
+    assert!(rss > live * 3 / 2, "rss +{rss}, live +{live}");
+    assert!(r.stdout.contains("HEAP VS RSS"));
+}
