@@ -283,3 +283,66 @@ fn fragmentation_shows_as_rss_above_live_bytes() {
     assert!(rss > live * 3 / 2, "rss +{rss}, live +{live}");
     assert!(r.stdout.contains("HEAP VS RSS"));
 }
+
+/// After a second and a half (past the baseline census), keeps `argv[1]` instances of a class
+/// and as many dicts in a global list; with `clean`, makes and drops them.
+const INSTANCES: &str = r#"
+import sys, time
+class Leaky:
+    def __init__(self, i):
+        self.i = i
+hold = []
+time.sleep(1.5)
+n = int(sys.argv[1])
+for i in range(n):
+    obj, d = Leaky(i), {"k": i}
+    if sys.argv[2] == "keep":
+        hold.append(obj)
+        hold.append(d)
+time.sleep(1.2)
+"#;
+
+#[test]
+fn type_census_counts_leaked_objects_by_type() {
+    let _g = serial();
+    let py = pyenv_python();
+    let s = script(INSTANCES);
+    let n = 20_000i64;
+    let growth = |r: &Run, ty: &str| -> i64 {
+        r.json.as_ref().unwrap()["type_census"]["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == ty)
+            .map(|t| t["growth_count"].as_i64().unwrap())
+            .unwrap_or(0)
+    };
+    let r = run_python(&[], &py, &s, &[&n.to_string(), "keep"]);
+    assert_eq!(r.code, 0);
+    for ty in ["Leaky", "dict"] {
+        let g = growth(&r, ty);
+        assert!(
+            (g - n).abs() <= n / 50,
+            "{ty}: grew by {g}, expected {n} ± 2 %"
+        );
+    }
+    assert!(r.stdout.contains("Live Python objects by type"));
+    // The site that made the instances says what it holds.
+    let j = r.json.as_ref().unwrap();
+    assert!(
+        j["sites"].as_array().unwrap().iter().any(|s| s["types"]
+            .as_array()
+            .is_some_and(|t| t.first().is_some_and(|f| f[0] == "Leaky"))),
+        "no site holds Leaky instances"
+    );
+
+    let r = run_python(&[], &py, &s, &[&n.to_string(), "drop"]);
+    assert_eq!(r.code, 0);
+    for ty in ["Leaky", "dict"] {
+        let g = growth(&r, ty);
+        assert!(
+            g.abs() < n / 100,
+            "{ty} grew by {g} in a run that keeps nothing"
+        );
+    }
+}

@@ -568,6 +568,18 @@ impl Tracer {
         Ok(out)
     }
 
+    /// The live blocks of process `tgid`: (address, size, site id).
+    pub fn live_blocks(&self, tgid: u32) -> Result<Vec<(u64, u64, u64)>> {
+        let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
+            BpfHashMap::try_from(self.map("LIVE")?).map_err(|e| bpf_err("LIVE", e))?;
+        Ok(map
+            .iter()
+            .filter_map(|item| item.ok())
+            .filter(|(k, _)| k.tgid == tgid)
+            .map(|(k, v)| (k.addr, v.size, v.site_id))
+            .collect())
+    }
+
     /// Every site with its counters.
     pub fn sites(&self) -> Result<Vec<(u64, SiteStats)>> {
         let map: BpfHashMap<&MapData, u64, SiteStats> =

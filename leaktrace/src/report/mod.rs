@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use leaktrace_ebpf::{Counter, Family};
 use serde::Serialize;
 
+use crate::analysis::census::TypeCensus;
 use crate::analysis::classify::{classify, Verdict};
 use crate::heap::{Heap, Sample, Site};
 use crate::probes::loader::Counters;
@@ -59,6 +60,8 @@ pub struct Report {
     pub series: Vec<Sample>,
     /// RSS against live traced bytes over the trace.
     pub heap_vs_rss: HeapVsRss,
+    /// Live Python objects by type, and their growth since early in the trace.
+    pub type_census: Option<TypeCensus>,
 }
 
 /// RSS and the live traced heap over the trace, and whether they disagree.
@@ -190,6 +193,12 @@ pub struct SiteReport {
     pub python_truncated: bool,
     /// Leak, cache, steady or startup, from the trend of its live bytes.
     pub analysis: Verdict,
+    /// The Python types its live blocks hold, most first (the top three, with counts; empty when
+    /// no census was taken).
+    pub types: Vec<(String, u64)>,
+    /// The kernel sites this line stands for.
+    #[serde(skip)]
+    pub kernel_site_ids: Vec<u64>,
 }
 
 /// Report options.
@@ -311,6 +320,8 @@ impl SiteReport {
             python_status: python_status_name(b.python_status).into(),
             python_truncated: b.python_truncated,
             analysis,
+            types: Vec::new(),
+            kernel_site_ids: g.iter().map(|m| m.site.id).collect(),
         }
     }
 }
@@ -471,6 +482,7 @@ impl Report {
             native_unwind: unwind.clone(),
             series: heap.series().to_vec(),
             heap_vs_rss: HeapVsRss::of(heap.series()),
+            type_census: None,
         }
     }
 

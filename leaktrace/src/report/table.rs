@@ -198,6 +198,14 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             a.confidence,
             a.evidence
         );
+        if !s.types.is_empty() {
+            let held: Vec<String> = s
+                .types
+                .iter()
+                .map(|(name, n)| format!("{name} ×{}", group(*n)))
+                .collect();
+            let _ = writeln!(o, "{:>16}holds: {}", "", held.join(", "));
+        }
         let frames: Vec<&StackEntry> = s
             .stack
             .iter()
@@ -243,6 +251,35 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
     }
     if r.sites_omitted > 0 {
         let _ = writeln!(o, "… and {} more sites (raise --top)", r.sites_omitted);
+    }
+    if let Some(c) = &r.type_census {
+        let since = c
+            .baseline_t
+            .map(|t| format!("growth since {t:.1} s"))
+            .unwrap_or_else(|| "no baseline: growth is the whole count".into());
+        let _ = writeln!(
+            o,
+            "\nLive Python objects by type ({} objects; {since}; {} blocks hold no object, {} \
+             unreadable):",
+            group(c.objects),
+            group(c.not_objects),
+            group(c.unreadable)
+        );
+        let _ = writeln!(
+            o,
+            "{:>12} {:>12} {:>14}  TYPE",
+            "GROWTH", "OBJECTS", "BYTES"
+        );
+        for ty in c.types.iter().take(12) {
+            let _ = writeln!(
+                o,
+                "{:>12} {:>12} {:>14}  {}",
+                format!("{:+}", ty.growth_count),
+                group(ty.count),
+                group(ty.bytes),
+                ty.name
+            );
+        }
     }
     o
 }

@@ -1,6 +1,7 @@
 //! One tracing session: find the target, plan and attach the probes, follow the kernel's counters
 //! and announcements until the window ends, and build the report.
 
+mod census;
 mod forks;
 mod waiting;
 
@@ -128,6 +129,9 @@ struct Session<'a> {
     threads_refreshed: Option<Instant>,
     /// Processes forked by traced ones and followed (`--follow-forks`), by pid.
     forked: BTreeMap<u32, Forked>,
+    /// Type censuses: early in the trace, and at its end.
+    census_base: Option<(f64, crate::analysis::census::Census)>,
+    census_end: Option<crate::analysis::census::Census>,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts.
@@ -178,6 +182,8 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         py_ready: false,
         threads_refreshed: None,
         forked: BTreeMap::new(),
+        census_base: None,
+        census_end: None,
     };
     // In `run`, leaktrace is the child's tracer: it can pause the interpreter at shutdown and
     // swallow that stop, so every Python stack is decoded before finalization frees code.
@@ -231,6 +237,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
             }
             _ = tick.tick() => {
                 let sample = s.refresh()?;
+                s.baseline_census();
                 if opts.interval.is_some() {
                     eprintln!("{}", progress_line(&sample));
                 }
@@ -282,6 +289,10 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                     // the stop ours is that shutdown began and its one stop is not yet taken.
                     let ours = s.finalized_at.is_some() && !s.finalize_stop_taken;
                     s.finalize_stop_taken |= ours;
+                    if ours {
+                        // Stopped where shutdown begins: every object is still intact.
+                        s.census_end = s.take_census();
+                    }
                     reply(&child, if ours { Control::Release } else { Control::Deliver });
                 }
                 Some(SpawnEvent::Exec) => {
@@ -311,6 +322,9 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
     s.catch_up(&mut reader)?;
     s.refresh()?;
     s.heap.place_pending(&mut s.sym);
+    if s.census_end.is_none() && s.finalized_at.is_none() && s.proc.alive() {
+        s.census_end = s.take_census();
+    }
     let counters = s.tracer.counters()?;
     let death = died.and_then(|waited| Death::of(s.tracer.death(pid), waited));
     let end = match (&death, s.finalized_at) {
@@ -347,6 +361,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         opts.report,
     );
     report.processes = s.processes(&report.target);
+    s.census_into(&mut report);
     if let Some(t) = s.finalized_at {
         // Teardown frees what the figures freeze at shutdown: RSS after it says nothing.
         let before: Vec<_> = s

@@ -3,6 +3,7 @@
 
 pub mod code;
 pub mod layout;
+pub mod objects;
 pub mod remote;
 
 use leaktrace_ebpf::{PyFrameRec, PyOffsets};
@@ -56,6 +57,8 @@ pub struct PythonProcess {
     runtime: u64,
     mem: Remote,
     codes: CodeCache,
+    /// Absolute address of `PyType_Type`, the type of types: how an object's type is checked.
+    pub type_type: Option<u64>,
 }
 
 impl PythonProcess {
@@ -74,6 +77,7 @@ impl PythonProcess {
         let bias = load_bias(&elf, modules, &info.module)
             .ok_or_else(|| unsupported(format!("{} is not mapped", info.module)))?;
         let runtime = sym.wrapping_add(bias);
+        let type_type = elf.data_symbol("PyType_Type").map(|a| a.wrapping_add(bias));
         let mem = Remote { pid };
         let layout = match layout::builtin(major, minor) {
             Some(l) => l,
@@ -95,6 +99,7 @@ impl PythonProcess {
             runtime,
             mem,
             codes: CodeCache::default(),
+            type_type,
         })
     }
 

@@ -31,6 +31,48 @@ impl Remote {
         (n == len).then_some(buf)
     }
 
+    /// Reads many small ranges with few system calls; an unreadable range is `None`.
+    pub fn read_many(&self, ranges: &[(u64, usize)]) -> Vec<Option<Vec<u8>>> {
+        const BATCH: usize = 512;
+        let mut out: Vec<Option<Vec<u8>>> = Vec::with_capacity(ranges.len());
+        let mut i = 0;
+        while i < ranges.len() {
+            let batch = &ranges[i..(i + BATCH).min(ranges.len())];
+            let mut bufs: Vec<Vec<u8>> = batch.iter().map(|(_, l)| vec![0u8; *l]).collect();
+            let remote: Vec<RemoteIoVec> = batch
+                .iter()
+                .map(|(a, l)| RemoteIoVec {
+                    base: *a as usize,
+                    len: *l,
+                })
+                .collect();
+            let mut local: Vec<IoSliceMut> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let n =
+                process_vm_readv(Pid::from_raw(self.pid as i32), &mut local, &remote).unwrap_or(0);
+            // The kernel stops at the first range it cannot read: those before it are whole.
+            let mut done = 0;
+            let mut whole = 0;
+            for (_, l) in batch {
+                if done + l > n {
+                    break;
+                }
+                done += l;
+                whole += 1;
+            }
+            drop(local);
+            out.extend(bufs.into_iter().take(whole).map(Some));
+            if whole < batch.len() {
+                // The range that failed, read alone; then go on after it.
+                let (a, l) = batch[whole];
+                out.push(self.read(a, l));
+                i += whole + 1;
+            } else {
+                i += batch.len();
+            }
+        }
+        out
+    }
+
     /// Reads a little-endian u64.
     pub fn u64(&self, addr: u64) -> Option<u64> {
         self.read(addr, 8)

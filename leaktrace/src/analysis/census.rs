@@ -1,0 +1,108 @@
+//! Type census of live Python objects, from outside: live blocks counted by the type of the
+//! object they hold, overall and per site, at the end and against a baseline taken early in the
+//! trace — what `objgraph.show_growth()` shows from inside, without a line of code in the target.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::stacks::python::objects::{BlockKind, TypeReader};
+
+/// Live blocks by what they hold.
+#[derive(Clone, Debug, Default)]
+pub struct Census {
+    /// Type name → (objects, bytes).
+    pub by_type: HashMap<String, (u64, u64)>,
+    /// Site id → type name → objects.
+    pub by_site: HashMap<u64, HashMap<String, u64>>,
+    /// Blocks that hold no Python object (buffers, C structures), and blocks that could not be
+    /// read (the process is gone): (blocks, bytes).
+    pub not_objects: (u64, u64),
+    pub unreadable: (u64, u64),
+}
+
+impl Census {
+    /// Takes the census of live blocks `(address, size, site id)`.
+    pub fn take(reader: &mut TypeReader, blocks: &[(u64, u64, u64)]) -> Census {
+        let addrs: Vec<(u64, u64)> = blocks.iter().map(|(a, s, _)| (*a, *s)).collect();
+        let kinds = reader.classify(&addrs);
+        let mut c = Census::default();
+        for ((_, size, site), kind) in blocks.iter().zip(kinds) {
+            match kind {
+                BlockKind::Object(name) => {
+                    let e = c.by_type.entry(name.clone()).or_default();
+                    e.0 += 1;
+                    e.1 += size;
+                    *c.by_site.entry(*site).or_default().entry(name).or_default() += 1;
+                }
+                BlockKind::NotAnObject => {
+                    c.not_objects.0 += 1;
+                    c.not_objects.1 += size;
+                }
+                BlockKind::Unreadable => {
+                    c.unreadable.0 += 1;
+                    c.unreadable.1 += size;
+                }
+            }
+        }
+        c
+    }
+}
+
+/// One type in the report's census.
+#[derive(Clone, Debug, Serialize)]
+pub struct TypeCount {
+    #[serde(rename = "type")]
+    pub name: String,
+    pub count: u64,
+    pub bytes: u64,
+    /// Since the baseline (the first interval): how many more, how many more bytes.
+    pub growth_count: i64,
+    pub growth_bytes: i64,
+}
+
+/// The report's census.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TypeCensus {
+    /// Seconds into the trace when the baseline was taken (`None`: no baseline).
+    pub baseline_t: Option<f64>,
+    /// Types by growth in bytes, then by bytes (the first 30).
+    pub types: Vec<TypeCount>,
+    pub objects: u64,
+    pub not_objects: u64,
+    pub unreadable: u64,
+}
+
+impl TypeCensus {
+    /// Compares the end census with the baseline.
+    pub fn of(end: &Census, baseline: Option<(f64, &Census)>) -> TypeCensus {
+        let mut types: Vec<TypeCount> = end
+            .by_type
+            .iter()
+            .map(|(name, (count, bytes))| {
+                let (c0, b0) = baseline
+                    .and_then(|(_, b)| b.by_type.get(name).copied())
+                    .unwrap_or((0, 0));
+                TypeCount {
+                    name: name.clone(),
+                    count: *count,
+                    bytes: *bytes,
+                    growth_count: *count as i64 - c0 as i64,
+                    growth_bytes: *bytes as i64 - b0 as i64,
+                }
+            })
+            .collect();
+        types.sort_by(|a, b| {
+            (b.growth_bytes, b.bytes, &a.name).cmp(&(a.growth_bytes, a.bytes, &b.name))
+        });
+        let objects = types.iter().map(|t| t.count).sum();
+        types.truncate(30);
+        TypeCensus {
+            baseline_t: baseline.map(|(t, _)| t),
+            types,
+            objects,
+            not_objects: end.not_objects.0,
+            unreadable: end.unreadable.0,
+        }
+    }
+}
