@@ -116,7 +116,7 @@ impl TypeReader {
         }
         let basicsize = word(&raw, TP_BASICSIZE)?;
         let flags = word(&raw, TP_FLAGS)?;
-        if basicsize < 16 || basicsize > 1 << 20 {
+        if !(16..=1 << 20).contains(&basicsize) {
             return None;
         }
         let name_ptr = word(&raw, TP_NAME)?;
