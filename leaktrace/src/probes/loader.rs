@@ -146,6 +146,17 @@ fn bpf_err(what: &str, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// The program `name` of the object, as its kind `T`.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e| bpf_err(name, e))
+}
+
 /// Checks for the capabilities leaktrace needs before touching BPF, for a clear message.
 pub fn check_privileges() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -236,12 +247,7 @@ impl Tracer {
         if opts.growth {
             tracer.attach_tracepoints(&GROWTH_TRACEPOINTS)?;
             for name in GROWTH_RAW_TRACEPOINTS {
-                let prog: &mut RawTracePoint = tracer
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
-                    .try_into()
-                    .map_err(|e| bpf_err(name, e))?;
+                let prog: &mut RawTracePoint = program(&mut tracer.ebpf, name)?;
                 prog.load()
                     .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
                 prog.attach(name)
@@ -262,12 +268,7 @@ impl Tracer {
             )));
         }
         for (name, category, event) in list {
-            let prog: &mut TracePoint = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|e| bpf_err(name, e))?;
+            let prog: &mut TracePoint = program(&mut self.ebpf, name)?;
             if prog.fd().is_err() {
                 prog.load()
                     .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
