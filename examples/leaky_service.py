@@ -6,10 +6,13 @@
   leak that looks like a cache.
 Everything else is allocated and freed per request, as a healthy service does.
 
-Usage: leaky_service.py [DIR_WITH_LEAKYEXT]
+It serves for a few seconds, so the trace has intervals to tell a leak from a cache.
+
+Usage: leaky_service.py [DIR_WITH_LEAKYEXT] [SECONDS (default 4)]
 """
 import json
 import sys
+import time
 
 if len(sys.argv) > 1:
     sys.path.insert(0, sys.argv[1])
@@ -33,14 +36,20 @@ def remember(req_id, response):
     _responses[req_id] = json.dumps(response).encode() * 40
 
 
-def serve(n):
-    for i in range(n):
-        raw = json.dumps({"id": i, "payload": "x" * 512})
-        req = parse(raw)
-        resp = handle_upload(req)
-        remember(i, resp)
+def serve(seconds):
+    served = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(25):
+            raw = json.dumps({"id": served, "payload": "x" * 512})
+            req = parse(raw)
+            resp = handle_upload(req)
+            remember(served, resp)
+            served += 1
+        time.sleep(0.05)
+    return served
 
 
 if __name__ == "__main__":
-    serve(1000)
-    print(f"served 1000 requests; {len(_responses)} responses remembered")
+    n = serve(float(sys.argv[2]) if len(sys.argv) > 2 else 4.0)
+    print(f"served {n} requests; {len(_responses)} responses remembered")

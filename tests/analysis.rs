@@ -3,16 +3,8 @@
 
 mod common;
 
-use std::sync::Mutex;
-
 use common::*;
 use serde_json::Value;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Four behaviours in four functions, for `argv[1]` seconds: a global list growing ~1 MB/s, a
 /// bounded `lru_cache` fed distinct keys (fills in ~6 s, then holds), an unbounded one (grows

@@ -5,17 +5,9 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
-
-/// Each test here traces for seconds on a 2-core machine: one at a time keeps timing sane.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Leaks `argv[2]` blocks of 10,000 bytes through the C extension, and churns Python objects
 /// that are all freed.
@@ -500,6 +492,9 @@ import multiprocessing as mp, sys, time
 sys.path.insert(0, sys.argv[1])
 import leakyext
 def leak_in_worker(n):
+    # Python stacks of an exec'd worker start once leaktrace has found its new interpreter
+    # (docs/lifecycle.md); on a loaded machine that can take a few hundred milliseconds.
+    time.sleep(0.5)
     for _ in range(n):
         leakyext.leak_malloc(1000)
     time.sleep(1)

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::capture::render::{Format, RenderOptions};
 use crate::probes::loader::LoadOptions;
 use crate::probes::plan::Families;
 use crate::report::ReportOptions;
@@ -51,6 +52,17 @@ pub enum Command {
         #[command(flatten)]
         opts: CommonOpts,
     },
+    /// A live terminal view of a running process: top stacks by live bytes or growth rate,
+    /// refreshed each interval (`s` sorts, `q` quits and prints the report).
+    Top {
+        /// The process to watch.
+        #[arg(short, long)]
+        pid: u32,
+        #[command(flatten)]
+        opts: CommonOpts,
+    },
+    /// Render a capture (`-o FILE`) as a table, JSON, flamegraph, HTML, pprof or CSV.
+    Report(ReportArgs),
     /// Compare two JSON reports (`--json`), e.g. of an old and a new version: unfreed memory
     /// per stack in each, matched by symbolized frames, largest growth first.
     Diff {
@@ -65,6 +77,55 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+}
+
+/// Options of `leaktrace report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The capture (`run -o FILE`, `attach -o FILE`).
+    pub capture: PathBuf,
+    /// What to write.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Stacks listed in the table, JSON and HTML, and columns of the CSV (flamegraphs and pprof
+    /// hold every stack).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub top: usize,
+    /// Leave out stacks holding less than SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    pub min_size: u64,
+    /// Native frames shown (as for `run`).
+    #[arg(long, value_enum, default_value_t = NativeFrames::Auto)]
+    pub native_frames: NativeFrames,
+    /// Flamegraph of the bytes each stack gained from SECONDS into the trace to its end.
+    #[arg(long, value_name = "SECONDS")]
+    pub growth_since: Option<f64>,
+    /// The report as of SECONDS into the trace.
+    #[arg(long, value_name = "SECONDS")]
+    pub until: Option<f64>,
+    /// More detail (the table's probe list).
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl ReportArgs {
+    /// The rendering these flags ask for.
+    pub fn render_options(&self) -> RenderOptions {
+        RenderOptions {
+            format: self.format,
+            report: ReportOptions {
+                top: self.top,
+                min_size: self.min_size,
+                all_native_frames: self.native_frames == NativeFrames::All,
+            },
+            growth_since: self.growth_since,
+            until: self.until,
+            verbose: self.verbose,
+        }
+    }
 }
 
 /// What `run` does about Python's allocator.
@@ -123,6 +184,10 @@ pub struct CommonOpts {
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Record a capture to FILE as tracing goes (a crash loses at most the last interval);
+    /// `leaktrace report FILE` renders it later, elsewhere, in any format.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub capture: Option<PathBuf>,
     /// Show probe placements and more detail.
     #[arg(short, long)]
     pub verbose: bool,
@@ -169,6 +234,10 @@ pub struct CommonOpts {
     /// frame (`*leakyext.c*`, `leak:known_cache`, `*/vendor/*`).
     #[arg(long, value_name = "FILE", requires = "fail_over")]
     pub suppressions: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while tracing (e.g. 127.0.0.1:9464):
+    /// RSS, live bytes and objects per top-10 stack, drops, leaktrace's own CPU and memory.
+    #[arg(long, value_name = "ADDR")]
+    pub prometheus: Option<std::net::SocketAddr>,
     /// Benchmark only: attach the same probes with programs that return at once.
     #[arg(long, hide = true)]
     pub probe_floor: bool,
@@ -243,6 +312,8 @@ impl CommonOpts {
                 all_native_frames: self.native_frames == NativeFrames::All,
             },
             json: self.json.clone(),
+            capture: self.capture.clone(),
+            prometheus: self.prometheus,
         })
     }
 }
@@ -339,7 +410,8 @@ mod tests {
             match c.command {
                 Command::Run { opts, .. } => opts.trace_mode(false, None),
                 Command::Attach { opts, duration, .. } => opts.trace_mode(true, duration),
-                Command::Diff { .. } => panic!("not a tracing command"),
+                Command::Top { opts, .. } => opts.trace_mode(true, None),
+                Command::Diff { .. } | Command::Report(_) => panic!("not a tracing command"),
             }
         };
         assert_eq!(mode(&["leaktrace", "run", "x"]), Ok(TraceMode::Exact));

@@ -52,7 +52,7 @@ pub struct PythonStack {
 }
 
 /// A point of the process-wide time series.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Sample {
     /// Seconds since tracing began.
     pub t: f64,
@@ -157,14 +157,6 @@ impl Heap {
 
     /// Appends a point to the time series from the current counters.
     pub fn sample(&mut self, t: f64, counters: &Counters, rss_bytes: Option<u64>) -> Sample {
-        for site in self.sites.values_mut() {
-            let live = site.stats.live_bytes;
-            // A negative count read mid-update (a free seen before its allocation's add) waits
-            // for the next interval.
-            if live < (1 << 62) && (site.trend.n > 0 || live > 0) {
-                site.trend.observe(t, live);
-            }
-        }
         let (live_bytes, live_count) = self.sites.values().fold((0u64, 0u64), |(b, c), s| {
             (
                 b.wrapping_add(s.stats.live_bytes),
@@ -180,8 +172,44 @@ impl Heap {
             drops: counters.drops(),
             rss_bytes,
         };
-        self.series.push(s);
+        self.push_sample(s);
         s
+    }
+
+    /// Appends a point to the series, and each site's live bytes at that moment to its trend
+    /// (a capture replays its recorded points through here).
+    pub fn push_sample(&mut self, s: Sample) {
+        for site in self.sites.values_mut() {
+            let live = site.stats.live_bytes;
+            // A negative count read mid-update (a free seen before its allocation's add) waits
+            // for the next interval.
+            if live < (1 << 62) && (site.trend.n > 0 || live > 0) {
+                site.trend.observe(s.t, live);
+            }
+        }
+        self.series.push(s);
+    }
+
+    /// Puts back a site recorded in a capture (replacing an earlier record of it, keeping its
+    /// counters and trend).
+    pub fn restore(&mut self, mut site: Site) {
+        if let Some(old) = self.sites.get(&site.id) {
+            site.stats = old.stats;
+            site.trend = old.trend;
+        }
+        self.sites.insert(site.id, site);
+    }
+
+    /// A site's counters (zero for a site never seen).
+    pub fn stats(&self, id: u64) -> SiteStats {
+        self.sites.get(&id).map(|s| s.stats).unwrap_or_default()
+    }
+
+    /// Sets a site's counters (from a capture).
+    pub fn set_stats(&mut self, id: u64, stats: SiteStats) {
+        if let Some(site) = self.sites.get_mut(&id) {
+            site.stats = stats;
+        }
     }
 
     /// Drops every site of process `pid` (it exec'd into another program).

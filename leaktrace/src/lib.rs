@@ -3,9 +3,11 @@
 //!
 //! The pipeline follows the folders: `probes` (what to probe, where, and loading it into the
 //! kernel) → `events` (the kernel's announcements) → `heap` (live allocations per site) →
-//! `stacks` (symbolization) → `report`. `target` knows the traced process; `session` runs it all.
+//! `stacks` (symbolization) → `analysis` → `report`, and `capture` records it all to render later.
+//! `target` knows the traced process; `session` runs it all.
 
 pub mod analysis;
+pub mod capture;
 pub mod cli;
 pub mod error;
 pub mod events;

@@ -4,7 +4,7 @@ use clap::Parser;
 use leaktrace::analysis::gate::{self, Suppressions, EXIT_LEAKS_OVER_LIMIT};
 use leaktrace::cli::{Cli, Command};
 use leaktrace::report::{diff, table};
-use leaktrace::session::{trace, TargetSpec};
+use leaktrace::session::{trace_live, LiveView, TargetSpec};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -17,6 +17,9 @@ fn main() {
     } = &cli.command
     {
         std::process::exit(run_diff(old, new, *top, json.as_deref()));
+    }
+    if let Command::Report(args) = &cli.command {
+        std::process::exit(run_report(args));
     }
     let (spec, opts) = match &cli.command {
         Command::Run {
@@ -35,11 +38,14 @@ fn main() {
             duration,
             opts,
         } => (TargetSpec::Pid(*pid), opts.trace_options(true, *duration)),
-        Command::Diff { .. } => unreachable!("handled above"),
+        Command::Top { pid, opts } => (TargetSpec::Pid(*pid), opts.trace_options(true, None)),
+        Command::Diff { .. } | Command::Report(_) => unreachable!("handled above"),
     };
     let common = match &cli.command {
-        Command::Run { opts, .. } | Command::Attach { opts, .. } => opts,
-        Command::Diff { .. } => unreachable!("handled above"),
+        Command::Run { opts, .. } | Command::Attach { opts, .. } | Command::Top { opts, .. } => {
+            opts
+        }
+        Command::Diff { .. } | Command::Report(_) => unreachable!("handled above"),
     };
     let verbose = common.verbose;
     // Read before tracing: a bad file is a usage error, not a lost trace.
@@ -67,7 +73,35 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(trace(spec, &opts)) {
+    // `top`: the view runs on its own thread, fed a report each interval.
+    let (live, view) = match &cli.command {
+        Command::Top { .. } => {
+            use std::io::IsTerminal;
+            if !std::io::stdout().is_terminal() {
+                eprintln!(
+                    "leaktrace: top draws on a terminal and standard output is not one; use \
+                     `leaktrace attach` (with --prometheus or -o) instead"
+                );
+                std::process::exit(2);
+            }
+            let (reports, rx) = std::sync::mpsc::channel();
+            let (quit_tx, quit) = tokio::sync::mpsc::unbounded_channel();
+            let view = std::thread::spawn(move || leaktrace::report::top::run(rx, quit_tx));
+            let live = LiveView {
+                top: common.top,
+                reports,
+                quit,
+            };
+            (Some(live), Some(view))
+        }
+        _ => (None, None),
+    };
+    let result = rt.block_on(trace_live(spec, &opts, live));
+    // The session dropped the view's channel: it gives the terminal back and returns.
+    if let Some(v) = view {
+        let _ = v.join();
+    }
+    match result {
         Ok(outcome) => {
             let all = opts.report.all_native_frames;
             print!("{}", table::render(&outcome.report, verbose, all));
@@ -88,6 +122,37 @@ fn main() {
         Err(e) => {
             eprintln!("leaktrace: error: {e}");
             std::process::exit(e.exit_code());
+        }
+    }
+}
+
+/// `leaktrace report`: renders a capture; returns the exit status.
+fn run_report(args: &leaktrace::cli::ReportArgs) -> i32 {
+    use std::io::{IsTerminal, Write};
+    let o = args.render_options();
+    if o.format.binary() && args.output.is_none() && std::io::stdout().is_terminal() {
+        eprintln!("leaktrace: {:?} output is binary: give -o FILE", o.format);
+        return 2;
+    }
+    let bytes = match leaktrace::capture::render::render(&args.capture, o) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("leaktrace: error: {e}");
+            return e.exit_code();
+        }
+    };
+    let written = match &args.output {
+        Some(path) => std::fs::write(path, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        None => std::io::stdout()
+            .write_all(&bytes)
+            .map_err(|e| format!("writing the report: {e}")),
+    };
+    match written {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("leaktrace: {e}");
+            1
         }
     }
 }

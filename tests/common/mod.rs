@@ -14,6 +14,12 @@ use serde_json::Value;
 
 /// The leaktrace binary under test: `LEAKTRACE_BIN` (`cargo xtask test` points it at the release
 /// build users run), else the one cargo built for the tests.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    // Tests that trace for seconds on a 2-core machine run one at a time: timing stays sane.
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn leaktrace_bin() -> PathBuf {
     std::env::var_os("LEAKTRACE_BIN")
         .map(PathBuf::from)

@@ -94,17 +94,32 @@ fn main() -> Result<()> {
             let python = setup::pyenv_python()?;
             let ext = ext::build_extension(&python)?;
             let script = root().join("examples/leaky_service.py");
+            let out = root().join("target/demo");
+            std::fs::create_dir_all(&out)?;
+            let capture = out.join("leaky_service.ltc");
             println!(
-                "$ sudo leaktrace run --top 10 -- {} {} {}\n",
+                "$ sudo leaktrace run --top 10 -o {} -- {} {} {}\n",
+                capture.display(),
                 python.display(),
                 script.display(),
                 ext.display()
             );
-            run(Command::new(bin)
-                .args(["run", "--top", "10", "--"])
+            run(Command::new(&bin)
+                .args(["run", "--top", "10", "-o"])
+                .arg(&capture)
+                .arg("--")
                 .arg(python)
                 .arg(script)
-                .arg(ext))
+                .arg(ext))?;
+            // The same trace, looked at other ways, from the capture.
+            for (format, file) in [("html", "report.html"), ("flamegraph", "unfreed.svg")] {
+                run(Command::new(&bin)
+                    .args(["report", "-f", format, "-o"])
+                    .arg(out.join(file))
+                    .arg(&capture))?;
+                println!("{format}: {}", out.join(file).display());
+            }
+            Ok(())
         }
         Cmd::Test { args } => {
             setup::setup(false)?;

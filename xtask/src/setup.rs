@@ -24,6 +24,12 @@ const APT: &[(&str, &str)] = &[
     // Tests: a statically linked test program without symbols.
     ("libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"),
     ("gcc", "/usr/bin/gcc"),
+    // Tests: the real consumers of each report format — a browser for the HTML report, `go tool
+    // pprof` for pprof, `promtool` for the metrics endpoint, tmux to drive `leaktrace top`.
+    ("chromium", "/usr/bin/chromium"),
+    ("golang-go", "/usr/bin/go"),
+    ("prometheus", "/usr/bin/promtool"),
+    ("tmux", "/usr/bin/tmux"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

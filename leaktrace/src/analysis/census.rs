@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::stacks::python::objects::{BlockKind, TypeReader};
 
 /// Live blocks by what they hold.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Census {
     /// Type name → (objects, bytes).
     pub by_type: HashMap<String, (u64, u64)>,

@@ -76,6 +76,14 @@ impl Counters {
         self.0[c as usize]
     }
 
+    /// Every counter by name, as reports list them.
+    pub fn named(&self) -> std::collections::BTreeMap<String, u64> {
+        Counter::ALL
+            .iter()
+            .map(|c| (c.name().to_string(), self.get(*c)))
+            .collect()
+    }
+
     /// Total of all drop counters.
     pub fn drops(&self) -> u64 {
         Counter::ALL
@@ -578,6 +586,18 @@ impl Tracer {
             .filter_map(|item| item.ok())
             .filter(|(k, _)| k.tgid == tgid)
             .map(|(k, v)| (k.addr, v.size, v.site_id))
+            .collect())
+    }
+
+    /// Every live block of every traced process: (process, address, size, site id, allocation
+    /// time in the kernel's monotonic nanoseconds).
+    pub fn live_table(&self) -> Result<Vec<[u64; 5]>> {
+        let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
+            BpfHashMap::try_from(self.map("LIVE")?).map_err(|e| bpf_err("LIVE", e))?;
+        Ok(map
+            .iter()
+            .filter_map(|item| item.ok())
+            .map(|(k, v)| [k.tgid as u64, k.addr, v.size, v.site_id, v.ts_ns])
             .collect())
     }
 

@@ -36,7 +36,7 @@ pub struct ProbePoint {
 }
 
 /// How Python allocations are observed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PythonCoverage {
     /// pymalloc's implementation functions, from `.symtab`: every PyObject_/PyMem_ call reaches them.
@@ -47,6 +47,7 @@ pub enum PythonCoverage {
     /// malloc, which is probed.
     RawMalloc,
     /// No Python allocator probed.
+    #[default]
     None,
 }
 

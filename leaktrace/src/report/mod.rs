@@ -1,23 +1,29 @@
 //! The report: what was allocated and never freed, grouped by site, with everything needed to
 //! judge it (what was probed, coverage, drops). Rendered as a table or JSON.
 
+pub mod csv;
 pub mod diff;
+pub mod flamegraph;
+pub mod frames;
+pub mod html;
+pub mod pprof;
+pub mod prometheus;
 pub mod table;
+pub mod top;
 
 use std::collections::{BTreeMap, HashMap};
 
 use leaktrace_ebpf::{Counter, Family};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::analysis::census::TypeCensus;
+use crate::analysis::census::{Census, TypeCensus};
 use crate::analysis::classify::{classify, Verdict};
 use crate::heap::{Heap, Sample, Site};
-use crate::probes::loader::Counters;
 use crate::probes::plan::{ProbePlan, PythonCoverage};
 use crate::stacks::merge::{merge, StackEntry};
 use crate::stacks::native::{UnwindEnd, UnwindStats};
 use crate::stacks::python::PyFrame;
-use crate::stacks::symbolize::{Frame, Symbolizer};
+use crate::stacks::symbolize::{Frame, FrameSource};
 use crate::target::death::Death;
 
 /// Version of the JSON schema (docs/json-schema.md).
@@ -112,7 +118,7 @@ impl HeapVsRss {
 
 /// One traced process: the target, or a child it forked (`--follow-forks`), with its share of
 /// the unfreed memory.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProcessInfo {
     pub pid: u32,
     /// The traced process that forked it (None for the target).
@@ -125,7 +131,7 @@ pub struct ProcessInfo {
 }
 
 /// What was traced.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TargetInfo {
     pub pid: u32,
     pub command: String,
@@ -138,8 +144,61 @@ pub struct TargetInfo {
     pub death: Option<Death>,
 }
 
+/// Everything a report says besides its sites: what was traced, how, and how it ended. A
+/// capture file stores it at the end, so a report can be rebuilt from the capture elsewhere.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReportMeta {
+    pub target: TargetInfo,
+    pub processes: Vec<ProcessInfo>,
+    pub mode: String,
+    pub sample_rate: Option<u64>,
+    pub duration_s: f64,
+    pub probes: Vec<ProbeInfo>,
+    pub python_coverage: PythonCoverage,
+    pub notes: Vec<String>,
+    pub counters: BTreeMap<String, u64>,
+    pub native_unwind: UnwindStats,
+    /// The interpreter's module, where Python frames are merged into native stacks.
+    pub interpreter: Option<String>,
+    /// Seconds into the trace when the interpreter began shutting down: RSS after it says
+    /// nothing about the figures, which freeze there.
+    pub finalized_at: Option<f64>,
+    /// Type censuses early in the trace (with its time) and at the end.
+    pub census_base: Option<(f64, Census)>,
+    pub census_end: Option<Census>,
+}
+
+impl ReportMeta {
+    /// The probes of a plan, as reports list them.
+    pub fn probes_of(plan: &ProbePlan) -> Vec<ProbeInfo> {
+        plan.points
+            .iter()
+            .map(|p| ProbeInfo {
+                function: p.func.symbol().into(),
+                family: family_name(p.func.family()).into(),
+                module: p.module.clone(),
+                offset: p.placement.offset,
+                emulated: p.placement.emulated,
+                symbol_table: format!("{:?}", p.table).to_lowercase(),
+            })
+            .collect()
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        self.counters.get(c.name()).copied().unwrap_or(0)
+    }
+
+    fn drops(&self) -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_drop())
+            .map(|c| self.counter(*c))
+            .sum()
+    }
+}
+
 /// One probed function.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeInfo {
     pub function: String,
     pub family: String,
@@ -234,7 +293,7 @@ struct Merged<'a> {
 }
 
 impl<'a> Merged<'a> {
-    fn of(site: &'a Site, sym: &mut Symbolizer, interpreter: Option<&str>) -> Self {
+    fn of(site: &'a Site, sym: &mut dyn FrameSource, interpreter: Option<&str>) -> Self {
         let native: Vec<Frame> = site
             .native
             .iter()
@@ -347,20 +406,15 @@ fn family_name(f: Family) -> &'static str {
 }
 
 impl Report {
-    /// Builds the report from the heap model and what was probed. Kernel sites with the same
-    /// stack are reported as one; only the sites reported are symbolized.
-    #[allow(clippy::too_many_arguments)]
+    /// Builds the report from the heap model and what was traced. Kernel sites with the same
+    /// stack are reported as one; only the sites reported are named.
     pub fn build(
         heap: &Heap,
-        sym: &mut Symbolizer,
-        plan: &ProbePlan,
-        counters: &Counters,
-        unwind: &UnwindStats,
-        target: TargetInfo,
-        duration_s: f64,
+        sym: &mut dyn FrameSource,
+        meta: ReportMeta,
         opts: ReportOptions,
     ) -> Report {
-        let interpreter = plan.python.as_ref().map(|p| p.module.as_str());
+        let interpreter = meta.interpreter.as_deref();
         let mut groups: HashMap<StackKey, Vec<Merged<'_>>> = HashMap::new();
         for s in heap
             .sites()
@@ -438,8 +492,8 @@ impl Report {
         let totals = Totals {
             unfreed_bytes: sites.iter().map(|s| s.unfreed_bytes).sum(),
             unfreed_count: sites.iter().map(|s| s.unfreed_count).sum(),
-            allocs: counters.get(Counter::Allocs),
-            frees: counters.get(Counter::Frees),
+            allocs: meta.counter(Counter::Allocs),
+            frees: meta.counter(Counter::Frees),
         };
         let omitted = sites.len().saturating_sub(keep);
         let sites_without_stack = sites
@@ -447,42 +501,58 @@ impl Report {
             .filter(|s| s.python_status == "unknown")
             .count();
         sites.truncate(keep);
-        Report {
+        // Shutdown teardown frees what the figures freeze at shutdown: RSS after it says nothing.
+        let before: Vec<Sample> = heap
+            .series()
+            .iter()
+            .filter(|p| meta.finalized_at.is_none_or(|t| p.t <= t))
+            .copied()
+            .collect();
+        let mut report = Report {
             schema_version: SCHEMA_VERSION,
-            processes: Vec::new(),
-            target,
-            mode: "exact".into(),
-            sample_rate: None,
-            duration_s,
-            probes: plan
-                .points
-                .iter()
-                .map(|p| ProbeInfo {
-                    function: p.func.symbol().into(),
-                    family: family_name(p.func.family()).into(),
-                    module: p.module.clone(),
-                    offset: p.placement.offset,
-                    emulated: p.placement.emulated,
-                    symbol_table: format!("{:?}", p.table).to_lowercase(),
-                })
-                .collect(),
-            python_coverage: plan.python_coverage,
-            notes: plan.notes.clone(),
-            counters: Counter::ALL
-                .iter()
-                .map(|c| (c.name().to_string(), counters.get(*c)))
-                .collect(),
-            dropped: counters.drops(),
+            dropped: meta.drops(),
+            processes: meta.processes,
+            target: meta.target,
+            mode: meta.mode,
+            sample_rate: meta.sample_rate,
+            duration_s: meta.duration_s,
+            probes: meta.probes,
+            python_coverage: meta.python_coverage,
+            notes: meta.notes,
+            counters: meta.counters,
             totals,
             sites,
             suspects,
             suspect_bytes,
             sites_omitted: omitted,
             sites_without_stack,
-            native_unwind: unwind.clone(),
+            native_unwind: meta.native_unwind,
             series: heap.series().to_vec(),
-            heap_vs_rss: HeapVsRss::of(heap.series()),
+            heap_vs_rss: HeapVsRss::of(&before),
             type_census: None,
+        };
+        if let Some(end) = &meta.census_end {
+            let base = meta.census_base.as_ref().map(|(t, c)| (*t, c));
+            report.census_into(end, base);
+        }
+        report
+    }
+
+    /// Puts a census into the report: overall, and the top types of each site shown.
+    fn census_into(&mut self, end: &Census, base: Option<(f64, &Census)>) {
+        self.type_census = Some(TypeCensus::of(end, base));
+        for site in self.sites.iter_mut() {
+            let mut types: HashMap<&str, u64> = HashMap::new();
+            for id in &site.kernel_site_ids {
+                for (name, n) in end.by_site.get(id).into_iter().flatten() {
+                    *types.entry(name).or_default() += n;
+                }
+            }
+            let mut v: Vec<(String, u64)> =
+                types.into_iter().map(|(k, n)| (k.to_string(), n)).collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            v.truncate(3);
+            site.types = v;
         }
     }
 

@@ -3,13 +3,17 @@
 
 mod census;
 mod forks;
+pub mod live;
 mod waiting;
 
 use forks::Forked;
+use live::Exporter;
+pub use live::LiveView;
 pub use waiting::progress_line;
 use waiting::{child_event, open_pidfd, pid_exit, python_malloc_env, reply, sleep_until};
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
@@ -18,13 +22,14 @@ use leaktrace_ebpf::{native_end, py_status, AllocFn};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::capture::{self, writer::CaptureWriter, Header};
 use crate::cli::PyMallocMode;
 use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
 use crate::probes::plan::{plan, Families, ProbePlan};
-use crate::report::{Report, ReportOptions, TargetInfo};
+use crate::report::{Report, ReportMeta, ReportOptions, TargetInfo};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
@@ -87,6 +92,10 @@ pub struct TraceOptions {
     pub verbose: bool,
     pub report: ReportOptions,
     pub json: Option<PathBuf>,
+    /// Record a capture file here as tracing goes (`-o`).
+    pub capture: Option<PathBuf>,
+    /// Serve Prometheus metrics here (`--prometheus`).
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 /// The result of a session.
@@ -132,14 +141,37 @@ struct Session<'a> {
     /// Type censuses: early in the trace, and at its end.
     census_base: Option<(f64, crate::analysis::census::Census)>,
     census_end: Option<crate::analysis::census::Census>,
+    /// The capture being written (`-o`).
+    capture: Option<CaptureWriter>,
+    /// stderr is a terminal: show a progress line that rewrites itself.
+    live_progress: bool,
+    /// The metrics endpoint (`--prometheus`).
+    exporter: Option<Exporter>,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts.
 pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
+    trace_live(spec, opts, None).await
+}
+
+/// `trace`, feeding a live view each interval until it quits.
+pub async fn trace_live(
+    spec: TargetSpec,
+    opts: &TraceOptions,
+    mut live: Option<LiveView>,
+) -> Result<Outcome> {
     if let TargetSpec::Pid(pid) = spec {
         Process::open(pid)?;
     }
     check_privileges()?;
+    let exporter = match opts.prometheus {
+        Some(addr) => Some(Exporter::start(addr).await?),
+        None => None,
+    };
+    let mut quit = live.as_mut().map(|l| {
+        let (_, rx) = unbounded_channel();
+        std::mem::replace(&mut l.quit, rx)
+    });
     let mut tracer = Tracer::load(opts.load)?;
     log::debug!("BPF object loaded");
     let mut reader = EventReader::new(tracer.take_events()?)?;
@@ -184,6 +216,9 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         forked: BTreeMap::new(),
         census_base: None,
         census_end: None,
+        capture: None,
+        live_progress: opts.interval.is_none() && live.is_none() && std::io::stderr().is_terminal(),
+        exporter: None,
     };
     // In `run`, leaktrace is the child's tracer: it can pause the interpreter at shutdown and
     // swallow that stop, so every Python stack is decoded before finalization frees code.
@@ -217,6 +252,35 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         let _ = ctl.send(Control::Go);
     }
     s.start = Instant::now();
+    s.exporter = exporter;
+    if let Some(path) = &opts.capture {
+        let header = Header {
+            format: capture::FORMAT.into(),
+            version: capture::VERSION,
+            leaktrace: env!("CARGO_PKG_VERSION").into(),
+            started_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            pid,
+            command: command.clone(),
+            mode: opts.mode.name().into(),
+            sample_rate: (opts.mode.rate() > 0).then_some(opts.mode.rate()),
+            interval_s: opts
+                .interval
+                .unwrap_or(Duration::from_secs(1))
+                .as_secs_f64(),
+            interpreter: s.plan.python.as_ref().map(|p| p.module.clone()),
+        };
+        match CaptureWriter::create(path, header) {
+            Ok(w) => s.capture = Some(w),
+            Err(e) => {
+                if let Some((ctl, _)) = &child {
+                    let _ = ctl.send(Control::Abort);
+                }
+                return Err(e);
+            }
+        }
+    }
 
     let mut tick = tokio::time::interval(opts.interval.unwrap_or(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,8 +302,11 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
             _ = tick.tick() => {
                 let sample = s.refresh()?;
                 s.baseline_census();
+                s.publish(&sample, &live);
                 if opts.interval.is_some() {
                     eprintln!("{}", progress_line(&sample));
+                } else if s.live_progress {
+                    eprint!("\r\x1b[K{}", progress_line(&sample));
                 }
                 if pidfd.is_none() && child.is_none() && !s.proc.alive() {
                     exit_code = EXIT_TARGET_EXITED_DURING_TRACE;
@@ -264,6 +331,7 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
                 }
             }
             _ = sigterm.recv() => break "still running; detached on SIGTERM".to_string(),
+            _ = quit_requested(&mut quit) => break "still running; detached (quit from the live view)".to_string(),
             _ = pid_exit(&pidfd) => {
                 exit_code = EXIT_TARGET_EXITED_DURING_TRACE;
                 died = Some(None);
@@ -318,6 +386,9 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         }
     };
     let duration = s.start.elapsed().as_secs_f64();
+    if s.live_progress {
+        eprint!("\r\x1b[K");
+    }
     log::debug!("tracing ended: {end}");
     s.catch_up(&mut reader)?;
     s.refresh()?;
@@ -350,36 +421,46 @@ pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
         end,
         death,
     };
-    let mut report = Report::build(
-        &s.heap,
-        &mut s.sym,
-        &s.plan,
-        &counters,
-        &s.unwinder.stats,
+    let mut meta = ReportMeta {
+        processes: s.processes(&target),
         target,
-        duration,
-        opts.report,
-    );
-    report.processes = s.processes(&report.target);
-    s.census_into(&mut report);
-    if let Some(t) = s.finalized_at {
-        // Teardown frees what the figures freeze at shutdown: RSS after it says nothing.
-        let before: Vec<_> = s
-            .heap
-            .series()
-            .iter()
-            .filter(|p| p.t <= t)
-            .copied()
-            .collect();
-        report.heap_vs_rss = crate::report::HeapVsRss::of(&before);
-    }
-    report.mode = opts.mode.name().into();
-    report.sample_rate = (opts.mode.rate() > 0).then_some(opts.mode.rate());
+        mode: opts.mode.name().into(),
+        sample_rate: (opts.mode.rate() > 0).then_some(opts.mode.rate()),
+        duration_s: duration,
+        probes: ReportMeta::probes_of(&s.plan),
+        python_coverage: s.plan.python_coverage,
+        notes: s.plan.notes.clone(),
+        counters: counters.named(),
+        native_unwind: s.unwinder.stats.clone(),
+        interpreter: s.plan.python.as_ref().map(|p| p.module.clone()),
+        finalized_at: s.finalized_at,
+        census_base: s.census_base.take(),
+        census_end: s.census_end.take(),
+    };
     if let Some(why) = &s.tracer.deaths_unavailable {
-        report
-            .notes
+        meta.notes
             .push(format!("how the target dies cannot be named: {why}"));
     }
+    if let Some(w) = s.capture.take() {
+        let live = s.tracer.live_table().unwrap_or_else(|e| {
+            log::warn!("reading live blocks for the capture: {e}");
+            Vec::new()
+        });
+        let path = opts.capture.as_deref().unwrap_or(std::path::Path::new(""));
+        match w.finish(&s.heap, &meta, &live) {
+            Ok(size) => eprintln!(
+                "leaktrace: capture written to {} ({}); render it with `leaktrace report {}`",
+                path.display(),
+                crate::report::human_bytes(size),
+                path.display()
+            ),
+            Err(e) => {
+                eprintln!("leaktrace: {e}");
+                meta.notes.push(e.to_string());
+            }
+        }
+    }
+    let report = Report::build(&s.heap, &mut s.sym, meta, opts.report);
     log::debug!("report built");
     if let Some(path) = &opts.json {
         std::fs::write(path, report.to_json()).map_err(|source| Error::Read {
@@ -612,7 +693,28 @@ impl Session<'_> {
         self.heap.update(&mut self.sym, self.tracer.sites()?);
         let counters = self.tracer.counters()?;
         let t = self.start.elapsed().as_secs_f64();
-        Ok(self.heap.sample(t, &counters, self.proc.rss_bytes()))
+        let point = self.heap.sample(t, &counters, self.proc.rss_bytes());
+        if let Some(w) = &mut self.capture {
+            let failed = w.failure().is_some();
+            w.tick(&self.heap, &mut self.sym, &point);
+            if let (false, Some(e)) = (failed, w.failure()) {
+                eprintln!("leaktrace: {e}; tracing goes on");
+            }
+        }
+        Ok(point)
+    }
+}
+
+/// Resolves when the live view asks to quit (never without one).
+async fn quit_requested(quit: &mut Option<UnboundedReceiver<()>>) {
+    match quit {
+        Some(rx) => {
+            if rx.recv().await.is_none() {
+                // The view is gone without a word: stop asking.
+                *quit = None;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

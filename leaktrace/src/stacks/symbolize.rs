@@ -9,13 +9,13 @@ use std::path::Path;
 
 use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::target::maps::{host_path, Mapping, ModuleMap};
 use crate::target::Process;
 
 /// A symbolized native frame.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frame {
     /// The runtime address (a return address for callers).
     pub address: u64,
@@ -55,6 +55,24 @@ impl Frame {
             Some(m) => format!("{s} in {}", m.rsplit('/').next().unwrap_or(m)),
             None => format!("{s} in [unknown module]"),
         }
+    }
+}
+
+/// Where a report's native frames get their names: the live symbolizer while tracing, or the
+/// frames a capture file recorded when rendering it later.
+pub trait FrameSource {
+    /// The frame of a return address, placed in its file (not necessarily named yet).
+    fn return_address(&mut self, pid: u32, addr: u64) -> Frame;
+    /// Names a frame `return_address` gave: function, file and line.
+    fn resolve(&mut self, pid: u32, frame: &mut Frame);
+}
+
+impl FrameSource for Symbolizer {
+    fn return_address(&mut self, pid: u32, addr: u64) -> Frame {
+        Symbolizer::return_address(self, pid, addr)
+    }
+    fn resolve(&mut self, pid: u32, frame: &mut Frame) {
+        Symbolizer::resolve(self, pid, frame)
     }
 }
 

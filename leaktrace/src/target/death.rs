@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::spawn::ExitKind;
 
 /// The cause of a traced process's end.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Death {
     /// "oom_kill", "signal" or "exit".
     pub cause: String,

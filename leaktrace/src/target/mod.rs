@@ -137,6 +137,18 @@ impl Process {
         let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
         Some(pages * page_size())
     }
+
+    /// CPU time (user + system) the process has used, in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(self.proc_dir().join("stat")).ok()?;
+        // Fields after the command (which may hold spaces), from field 3 on.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Some(ticks as f64 / hz)
+    }
 }
 
 fn page_size() -> u64 {

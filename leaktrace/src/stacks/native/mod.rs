@@ -27,7 +27,9 @@ fn END_ROW(flags: u8) -> UnwindRow {
 const MAX_FRAMES: usize = 512;
 
 /// Why an unwind ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum UnwindEnd {
     /// At the outermost frame (`_start`, a thread's entry): the stack is whole.
@@ -39,6 +41,7 @@ pub enum UnwindEnd {
     /// A module without CFI whose code does not keep frame pointers either.
     NoCfi,
     /// CFI a row cannot follow (a signal frame, a DWARF expression).
+    #[serde(rename = "unsupported_cfi")]
     Unsupported,
     /// A step led nowhere sensible (corrupt stack or CFI).
     BadFrame,
@@ -86,7 +89,7 @@ pub struct NativeStack {
 }
 
 /// Totals over every unwind of a session, for the report.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct UnwindStats {
     /// New sites whose whole native stack the kernel walked with rows it had been taught: no
     /// stack copy was needed.
@@ -94,7 +97,7 @@ pub struct UnwindStats {
     /// Stack copies unwound in userspace.
     pub stacks: u64,
     /// Unwinds by how they ended.
-    pub ends: BTreeMap<&'static str, u64>,
+    pub ends: BTreeMap<String, u64>,
     pub frames: u64,
     /// Userspace time spent unwinding, in total.
     pub unwind_us: u64,
@@ -199,7 +202,7 @@ impl Unwinder {
         }
         let st = &mut self.stats;
         st.stacks += 1;
-        *st.ends.entry(out.end.name()).or_default() += 1;
+        *st.ends.entry(out.end.name().to_string()).or_default() += 1;
         st.frames += out.pcs.len() as u64;
         st.copy_bytes += stack.len() as u64;
         st.unwind_us += started.elapsed().as_micros() as u64;

@@ -18,7 +18,7 @@ use layout::{PyLayout, DEBUG_OFFSETS_READ};
 use remote::Remote;
 
 /// One decoded Python frame.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 pub struct PyFrame {
     pub filename: String,
     /// The qualified name (`Class.method`), `<module>` for module code.
@@ -28,7 +28,8 @@ pub struct PyFrame {
 }
 
 impl PyFrame {
-    fn unknown() -> Self {
+    /// A frame that could not be read.
+    pub fn unknown() -> Self {
         Self {
             filename: "<unknown>".into(),
             function: "<unknown>".into(),

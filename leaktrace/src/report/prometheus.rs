@@ -1,0 +1,130 @@
+//! Metrics in Prometheus' text exposition format (0.0.4, what `promtool check metrics` reads): RSS, live bytes and objects, the top stacks
+//! (a bounded number, labelled by their innermost frames), drop counters, and the tracer's own
+//! CPU and memory.
+
+use std::collections::HashMap;
+
+use leaktrace_ebpf::Counter;
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use super::frames::short_name;
+use super::Report;
+use crate::heap::Sample;
+
+/// Stacks exported, at most: each is a label set, and a scrape target's series must stay few.
+pub const TOP_STACKS: usize = 10;
+
+/// leaktrace's own cost, as the metrics show it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TracerUsage {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+}
+
+impl TracerUsage {
+    /// This process's CPU time and RSS, from /proc.
+    pub fn of_self() -> Self {
+        let me = crate::target::Process {
+            pid: std::process::id(),
+        };
+        Self {
+            cpu_seconds: me.cpu_seconds().unwrap_or(0.0),
+            resident_bytes: me.rss_bytes().unwrap_or(0),
+        }
+    }
+}
+
+/// The exposition of a report (its first `TOP_STACKS` sites) at point `p`.
+pub fn encode_metrics(r: &Report, p: &Sample, usage: TracerUsage) -> String {
+    let labels = HashMap::from([("pid".to_string(), r.target.pid.to_string())]);
+    let reg = Registry::new_custom(Some("leaktrace".into()), Some(labels)).expect("a valid prefix");
+    // Names and label names are fixed and valid: registering cannot fail.
+    let put = |c: Box<dyn prometheus::core::Collector>| reg.register(c).expect("valid metric");
+    let gauge = |name: &str, help: &str, v: i64| {
+        let g = IntGauge::new(name, help).expect("valid name");
+        g.set(v);
+        Box::new(g)
+    };
+    let counter = |name: &str, help: &str, v: u64| {
+        let c = IntCounter::new(name, help).expect("valid name");
+        c.inc_by(v);
+        Box::new(c)
+    };
+    if let Some(rss) = p.rss_bytes {
+        put(gauge(
+            "rss_bytes",
+            "Resident memory of the traced process",
+            rss as i64,
+        ));
+    }
+    put(gauge(
+        "live_bytes",
+        "Traced memory allocated and not yet freed",
+        p.live_bytes as i64,
+    ));
+    put(gauge(
+        "live_objects",
+        "Traced blocks allocated and not yet freed",
+        p.live_count as i64,
+    ));
+    put(gauge(
+        "leak_suspects",
+        "Stacks classified as leaks with confidence of at least 0.9",
+        r.suspects as i64,
+    ));
+    put(counter("allocations_total", "Allocations traced", p.allocs));
+    put(counter("frees_total", "Frees traced", p.frees));
+    let drops = IntCounterVec::new(
+        Opts::new(
+            "dropped_events_total",
+            "Allocations or announcements lost, by reason",
+        ),
+        &["reason"],
+    )
+    .expect("valid name");
+    for c in Counter::ALL.iter().filter(|c| c.is_drop()) {
+        let v = r.counters.get(c.name()).copied().unwrap_or(0);
+        drops.with_label_values(&[c.name()]).inc_by(v);
+    }
+    put(Box::new(drops));
+    let stack_labels = ["rank", "stack", "verdict"];
+    let vec = |name: &str, help: &str| {
+        GaugeVec::new(Opts::new(name, help), &stack_labels).expect("valid name")
+    };
+    let bytes = vec(
+        "stack_live_bytes",
+        "Unfreed memory of the top stacks (suspects first, then by bytes)",
+    );
+    let objects = vec("stack_live_objects", "Unfreed blocks of the top stacks");
+    let growth = vec(
+        "stack_growth_bytes_per_second",
+        "Least-squares growth of the top stacks' live bytes",
+    );
+    for (i, s) in r.sites.iter().take(TOP_STACKS).enumerate() {
+        let rank = (i + 1).to_string();
+        let values = [rank.as_str(), &short_name(s), s.analysis.class.name()];
+        bytes.with_label_values(&values).set(s.unfreed_bytes as f64);
+        objects
+            .with_label_values(&values)
+            .set(s.unfreed_count as f64);
+        growth
+            .with_label_values(&values)
+            .set(s.analysis.growth_bytes_per_s);
+    }
+    put(Box::new(bytes));
+    put(Box::new(objects));
+    put(Box::new(growth));
+    let cpu =
+        prometheus::Counter::new("tracer_cpu_seconds_total", "CPU time leaktrace itself used")
+            .expect("valid name");
+    cpu.inc_by(usage.cpu_seconds);
+    put(Box::new(cpu));
+    put(gauge(
+        "tracer_resident_bytes",
+        "Resident memory of leaktrace itself",
+        usage.resident_bytes as i64,
+    ));
+    TextEncoder::new()
+        .encode_to_string(&reg.gather())
+        .unwrap_or_default()
+}
