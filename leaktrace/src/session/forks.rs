@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::{seed_brk, Session, TraceMode};
+use super::setup::seed_brk;
+use super::{Session, TraceMode};
 use crate::error::Result;
 use crate::probes::plan::plan;
 use crate::report::{ProcessInfo, TargetInfo};

@@ -4,6 +4,7 @@
 mod census;
 mod forks;
 pub mod live;
+mod setup;
 mod waiting;
 
 use forks::Forked;
@@ -28,7 +29,7 @@ use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
-use crate::probes::plan::{plan, Families, ProbePlan};
+use crate::probes::plan::{Families, ProbePlan};
 use crate::report::{Report, ReportMeta, ReportOptions, TargetInfo};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
@@ -476,112 +477,6 @@ pub async fn trace_live(
 }
 
 impl Session<'_> {
-    /// Plans the probes for the process's current mappings and attaches the new ones.
-    fn setup_probes(&mut self) -> Result<()> {
-        let pid = self.proc.pid;
-        let modules = self.proc.module_map()?;
-        let mut plan = plan(
-            pid,
-            &modules,
-            self.proc.exe().as_deref(),
-            self.opts.families,
-        )?;
-        if let TraceMode::Growth { .. } = self.opts.mode {
-            // Page faults stand in for the allocator: nothing to probe, nothing to freeze at
-            // shutdown. The plan still says where the interpreter is, for Python stacks.
-            plan.points.clear();
-            plan.finalize = None;
-            seed_brk(&mut self.tracer, pid);
-        }
-        self.tracer.attach(&plan, pid)?;
-        if self.opts.verbose {
-            eprintln!(
-                "leaktrace: pid {pid}: {} uprobes attached",
-                self.tracer.attached()
-            );
-            for p in &plan.points {
-                eprintln!(
-                    "leaktrace:   {:<18} +{:<3} {:<9} {:<28} [{:?}] {} @{:#x}",
-                    p.func.symbol(),
-                    p.placement.offset,
-                    if p.placement.emulated {
-                        "emulated"
-                    } else {
-                        "stepped"
-                    },
-                    p.placement.instruction,
-                    p.table,
-                    p.module,
-                    p.file_offset
-                );
-            }
-            for missing in &plan.missing {
-                eprintln!("leaktrace:   {} not found (not probed)", missing.symbol());
-            }
-            for (alias, probed) in &plan.aliases {
-                eprintln!(
-                    "leaktrace:   {} is {} (same address, probed once)",
-                    alias.symbol(),
-                    probed.symbol()
-                );
-            }
-        }
-        for n in &plan.notes {
-            if self.notes_shown.insert(n.clone()) {
-                eprintln!("leaktrace: {n}");
-            }
-        }
-        self.py = None;
-        self.py_ready = false;
-        if let Some(info) = &plan.python {
-            match PythonProcess::new(pid, info, &modules) {
-                Ok(py) => self.py = Some(py),
-                Err(e) => {
-                    let note = e.to_string();
-                    if self.notes_shown.insert(note.clone()) {
-                        eprintln!("leaktrace: {note}");
-                    }
-                    self.plan.notes.push(note);
-                }
-            }
-        }
-        let notes = std::mem::take(&mut self.plan.notes);
-        self.plan = plan;
-        self.plan.notes.extend(notes);
-        self.enable_python();
-        Ok(())
-    }
-
-    /// Gives the kernel the Python walk parameters once the interpreter exists, and refreshes
-    /// its map of which thread state belongs to which thread.
-    fn enable_python(&mut self) {
-        let pid = self.proc.pid;
-        let Some(py) = &self.py else { return };
-        if !self.py_ready {
-            let Some(off) = py.bpf_offsets() else { return };
-            match self.tracer.set_python(pid, &off) {
-                Ok(()) => {
-                    self.py_ready = true;
-                    if self.opts.verbose {
-                        eprintln!(
-                            "leaktrace: walking Python {}.{} frames (holder at {:#x})",
-                            py.layout.version.0, py.layout.version.1, off.holder_addr
-                        );
-                    }
-                }
-                Err(e) => {
-                    eprintln!("leaktrace: Python stacks unavailable: {e}");
-                    self.py = None;
-                    return;
-                }
-            }
-        }
-        if let Err(e) = self.tracer.set_threads(pid, &py.thread_states()) {
-            log::warn!("refreshing Python threads: {e}");
-        }
-        self.threads_refreshed = Some(Instant::now());
-    }
-
     /// Takes in records from the kernel.
     fn absorb(&mut self, ev: Event<'_>) {
         {
@@ -715,20 +610,5 @@ async fn quit_requested(quit: &mut Option<UnboundedReceiver<()>>) {
             }
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Growth mode: tells the kernel where process `pid`'s heap ends, so the first `brk` that
-/// shrinks it after attaching gives its pages back.
-pub(super) fn seed_brk(tracer: &mut Tracer, pid: u32) {
-    let heap_end = Process { pid }
-        .maps()
-        .ok()
-        .and_then(|m| m.into_iter().find(|m| m.path == "[heap]"))
-        .map(|m| m.end);
-    if let Some(end) = heap_end {
-        if let Err(e) = tracer.set_brk(pid, end) {
-            log::debug!("{e}");
-        }
     }
 }
