@@ -5,10 +5,12 @@ Usage: alloc_heavy.py EXT_DIR ITERATIONS — prints LOOP_SECONDS=<seconds of the
 import sys
 import time
 
+import _bench  # noqa: E402
+
 n = int(sys.argv[2])
-t = time.perf_counter()
+t = _bench.start()
 for i in range(n):
     d = {"id": i, "name": "user%d" % i, "tags": [str(i), "x" * (i % 50)], "pos": (i, i + 1)}
     s = ",".join(d["tags"])
     del d, s
-print(f"LOOP_SECONDS={time.perf_counter() - t:.6f}", flush=True)
+_bench.done(time.perf_counter() - t)

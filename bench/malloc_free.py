@@ -5,12 +5,14 @@ import sys
 import itertools
 import time
 
+import _bench  # noqa: E402
+
 sys.path.insert(0, sys.argv[1])
 import leakyext  # noqa: E402
 
 n = int(sys.argv[2])
 ok = leakyext.ok
-t = time.perf_counter()
+t = _bench.start()
 for _ in itertools.repeat(None, n):  # no int objects per iteration
     ok(64)
-print(f"LOOP_SECONDS={time.perf_counter() - t:.6f}", flush=True)
+_bench.done(time.perf_counter() - t)

@@ -6,9 +6,11 @@ import itertools
 import sys
 import time
 
+import _bench  # noqa: E402
+
 
 def loop(n):
-    t = time.perf_counter()
+    t = _bench.start()
     for _ in itertools.repeat(None, n):  # no int objects per iteration
         object()
     return time.perf_counter() - t
@@ -20,4 +22,4 @@ def dive(depth, n):
     return dive(depth - 1, n)
 
 
-print(f"LOOP_SECONDS={dive(18, int(sys.argv[2])):.6f}", flush=True)
+_bench.done(dive(18, int(sys.argv[2])))

@@ -5,8 +5,10 @@ import sys
 import itertools
 import time
 
+import _bench  # noqa: E402
+
 n = int(sys.argv[2])
-t = time.perf_counter()
+t = _bench.start()
 for _ in itertools.repeat(None, n):  # no int objects per iteration
     object()
-print(f"LOOP_SECONDS={time.perf_counter() - t:.6f}", flush=True)
+_bench.done(time.perf_counter() - t)

@@ -8,6 +8,8 @@ import json
 import sys
 import time
 
+import _bench  # noqa: E402
+
 _kept = []
 
 
@@ -23,7 +25,7 @@ def handle(i):
 
 
 if __name__ == "__main__":
-    t = time.perf_counter()
+    t = _bench.start()
     if sys.argv[2] == "--seconds":
         end = t + float(sys.argv[3])
         i = 0
@@ -36,4 +38,4 @@ if __name__ == "__main__":
     else:
         for i in range(int(sys.argv[2])):
             handle(i)
-    print(f"LOOP_SECONDS={time.perf_counter() - t:.6f}", flush=True)
+    _bench.done(time.perf_counter() - t)

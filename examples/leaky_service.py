@@ -8,7 +8,7 @@ Everything else is allocated and freed per request, as a healthy service does.
 
 It serves for a few seconds, so the trace has intervals to tell a leak from a cache.
 
-Usage: leaky_service.py [DIR_WITH_LEAKYEXT] [SECONDS (default 4)]
+Usage: leaky_service.py [DIR_WITH_LEAKYEXT] [SECONDS (default 6)]
 """
 import json
 import sys
@@ -51,5 +51,5 @@ def serve(seconds):
 
 
 if __name__ == "__main__":
-    n = serve(float(sys.argv[2]) if len(sys.argv) > 2 else 4.0)
+    n = serve(float(sys.argv[2]) if len(sys.argv) > 2 else 6.0)
     print(f"served {n} requests; {len(_responses)} responses remembered")

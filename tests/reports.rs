@@ -92,7 +92,7 @@ fn a_capture_renders_every_format_for_its_real_consumer() {
     let py = pyenv_python();
     let dir = tempfile::tempdir().unwrap();
     let cap = dir.path().join("trace.ltc");
-    let argv = example(&py, "4");
+    let argv = example(&py, "6");
     let mut args = vec!["run", "--top", "20", "-o", cap.to_str().unwrap(), "--"];
     args.extend(argv.iter().map(|s| s.as_str()));
     let live = leaktrace(&args);

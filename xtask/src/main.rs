@@ -131,7 +131,7 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Bench { quick } => {
-            setup::setup(false)?;
+            setup::setup(true)?;
             let bin = build()?;
             bench::bench(&bin, quick)
         }

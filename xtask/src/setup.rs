@@ -37,9 +37,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The pyenv CPython the project is developed against.
 pub const PYENV_PYTHON: &str = "3.11.7";
 
-pub fn setup(_bench: bool) -> Result<()> {
+/// What the benchmarks compare against, beyond the test dependencies.
+const APT_BENCH: &[(&str, &str)] = &[("valgrind", "/usr/bin/valgrind")];
+
+pub fn setup(bench: bool) -> Result<()> {
+    let extra = if bench { APT_BENCH } else { &[] };
     let missing: Vec<&str> = APT
         .iter()
+        .chain(extra)
         .filter(|(_, marker)| !Path::new(marker).exists())
         .map(|(pkg, _)| *pkg)
         .collect();
@@ -55,7 +60,29 @@ pub fn setup(_bench: bool) -> Result<()> {
     mount_tracefs();
     let py = pyenv_python()?;
     ensure_numpy(&py)?;
+    if bench && !has_memray(&py) {
+        eprintln!("xtask setup: installing memray for {}", py.display());
+        run(Command::new(&py).args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "memray",
+        ]))
+        .context("pip install memray")?;
+    }
     Ok(())
+}
+
+/// Whether `python` can run `memray` (a benchmark comparison, from PyPI).
+pub fn has_memray(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import memray"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// Real numpy for the native-stack tests (a PyPI wheel: built without frame pointers).

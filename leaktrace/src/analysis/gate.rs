@@ -59,10 +59,10 @@ fn frame_texts(e: &StackEntry) -> (String, String) {
                 frame.line.map(|l| l.to_string()).unwrap_or_default(),
                 frame.function
             ),
-            frame.function.clone(),
+            frame.function.to_string(),
         ),
         StackEntry::Native { frame, .. } => {
-            let func = frame.function.clone().unwrap_or_default();
+            let func = frame.function.as_deref().unwrap_or_default().to_string();
             let module = frame
                 .module
                 .as_deref()

@@ -55,18 +55,27 @@ pub fn svg(lines: &[String], title: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// The title of a flamegraph of report `r`.
+/// The title of a flamegraph of report `r` (the command shortened to fit its width).
 pub fn title(r: &Report, growth_since: Option<f64>) -> String {
+    let mut cmd: String = r
+        .target
+        .command
+        .split_whitespace()
+        .map(|w| w.rsplit('/').next().unwrap_or(w))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if cmd.chars().count() > 48 {
+        cmd = cmd.chars().take(47).collect::<String>() + "…";
+    }
     match growth_since {
         Some(t) => format!(
-            "Bytes gained from {t:.0} s to {:.0} s — pid {} ({})",
-            r.duration_s, r.target.pid, r.target.command
+            "Bytes gained from {t:.0} s to {:.0} s — pid {} ({cmd})",
+            r.duration_s, r.target.pid
         ),
         None => format!(
-            "Unfreed memory: {} — pid {} ({}), {} mode, {:.0} s",
+            "Unfreed memory: {} — pid {} ({cmd}), {} mode, {:.0} s",
             human_bytes(r.totals.unfreed_bytes),
             r.target.pid,
-            r.target.command,
             r.mode,
             r.duration_s
         ),

@@ -42,8 +42,8 @@ pub fn shown(site: &SiteReport, all: bool) -> Vec<Named> {
         .filter(|e| all || !e.hidden())
         .map(|e| match e {
             StackEntry::Python { frame } => Named {
-                function: frame.function.clone(),
-                file: Some(frame.filename.clone()),
+                function: frame.function.to_string(),
+                file: Some(frame.filename.to_string()),
                 line: frame.line,
                 python: true,
                 module: None,
@@ -54,13 +54,13 @@ pub fn shown(site: &SiteReport, all: bool) -> Vec<Named> {
                     .as_deref()
                     .map(|m| m.rsplit('/').next().unwrap_or(m).to_string());
                 let function = match (&frame.function, frame.file_offset) {
-                    (Some(f), _) => frame.inlined.last().unwrap_or(f).clone(),
+                    (Some(f), _) => frame.inlined.last().unwrap_or(f).to_string(),
                     (None, Some(off)) => format!("{off:#x}"),
                     (None, None) => format!("{:#x}", frame.address),
                 };
                 Named {
                     function,
-                    file: frame.file.clone(),
+                    file: frame.file.as_deref().map(str::to_string),
                     line: frame.line,
                     python: false,
                     module,
@@ -85,7 +85,7 @@ pub fn short_name(site: &SiteReport) -> String {
     let native = site
         .native_stack
         .last()
-        .and_then(|f| f.function.clone())
+        .and_then(|f| f.function.as_deref().map(str::to_string))
         .unwrap_or_else(|| site.allocator.clone());
     match py {
         Some(p) => format!("{p} → {native}"),

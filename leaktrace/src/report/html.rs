@@ -222,4 +222,4 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border-bottom:1px solid #ddd;
 text-align:left;vertical-align:top}.kv th{width:10em}tr.suspect{background:#fde8e8}\
 li.py{color:#1a5fb4}li.c{color:#555}ol{margin:.3em 0;font-family:monospace;font-size:12px}\
 .note{color:#8a4b00}.ev,.types{font-size:12px;color:#333}summary{cursor:pointer}\
-#flamegraph svg{width:100%;height:auto}";
+#flamegraph svg{width:100%;height:auto}#sites td:nth-child(-n+4){white-space:nowrap}";

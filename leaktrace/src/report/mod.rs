@@ -68,6 +68,18 @@ pub struct Report {
     pub heap_vs_rss: HeapVsRss,
     /// Live Python objects by type, and their growth since early in the trace.
     pub type_census: Option<TypeCensus>,
+    /// What tracing cost leaktrace itself (absent in reports rendered from a capture).
+    pub tracer: Option<TracerCost>,
+}
+
+/// leaktrace's own CPU and memory over the trace.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct TracerCost {
+    pub cpu_seconds: f64,
+    pub peak_rss_bytes: u64,
+    /// Seconds from the end of tracing to the report being built (reading what is left,
+    /// naming frames, the census, grouping stacks).
+    pub report_seconds: f64,
 }
 
 /// RSS and the live traced heap over the trace, and whether they disagree.
@@ -286,33 +298,28 @@ enum KeyFrame {
     Python(PyFrame),
 }
 
-/// A kernel site with its merged stack (frames placed, not yet named).
-struct Merged<'a> {
-    site: &'a Site,
-    stack: Vec<StackEntry>,
+/// A site's merged stack (frames placed, not yet named).
+fn merged(site: &Site, sym: &mut dyn FrameSource, interpreter: Option<&str>) -> Vec<StackEntry> {
+    let native: Vec<Frame> = site
+        .native
+        .iter()
+        .zip(&site.native_eval)
+        .map(|(pc, eval)| Frame {
+            eval: *eval,
+            ..sym.return_address(site.pid, *pc)
+        })
+        .collect();
+    merge(&native, &site.python, &site.python_entry, interpreter)
 }
 
-impl<'a> Merged<'a> {
-    fn of(site: &'a Site, sym: &mut dyn FrameSource, interpreter: Option<&str>) -> Self {
-        let native: Vec<Frame> = site
-            .native
-            .iter()
-            .zip(&site.native_eval)
-            .map(|(pc, eval)| Frame {
-                eval: *eval,
-                ..sym.return_address(site.pid, *pc)
-            })
-            .collect();
-        let stack = merge(&native, &site.python, &site.python_entry, interpreter);
-        Self { site, stack }
-    }
-
-    fn key(&self, all: bool) -> StackKey {
+impl StackKey {
+    fn of(site: &Site, stack: &[StackEntry], all: bool) -> StackKey {
         StackKey {
-            pid: self.site.pid,
-            func: self.site.func as u8,
-            frames: self
-                .stack
+            pid: site.pid,
+            func: site.func as u8,
+            // Collected from a borrow: collecting from the owned stack would keep its (much
+            // larger) buffer alive in every key.
+            frames: stack
                 .iter()
                 .filter(|e| all || !e.hidden())
                 .map(|e| match e {
@@ -324,14 +331,21 @@ impl<'a> Merged<'a> {
     }
 }
 
-impl SiteReport {
-    /// One report line from kernel sites with the same stack.
-    fn of(g: Vec<Merged<'_>>) -> Self {
-        // The fullest record stands for the group.
-        let best = g
+/// Kernel sites with the same stack, and what sorting them needs. Only the groups a report
+/// keeps get their stacks merged again and named: a busy process has thousands.
+struct Group<'a> {
+    sites: Vec<&'a Site>,
+    /// The fullest record, which stands for the group.
+    best: &'a Site,
+    unfreed_bytes: u64,
+    analysis: Verdict,
+}
+
+impl<'a> Group<'a> {
+    fn of(sites: Vec<&'a Site>) -> Self {
+        let best = *sites
             .iter()
-            .max_by_key(|m| {
-                let s = m.site;
+            .max_by_key(|s| {
                 (
                     s.native_end == UnwindEnd::Complete,
                     s.native.len(),
@@ -340,47 +354,66 @@ impl SiteReport {
                 )
             })
             .expect("groups are not empty");
-        let b = best.site;
-        let sum = |f: fn(&Site) -> u64| g.iter().map(|m| f(m.site)).fold(0u64, u64::wrapping_add);
         // The kernel site holding the most speaks for the line; growth adds up.
-        let main = g
+        let main = sites
             .iter()
-            .map(|m| m.site)
             .max_by_key(|s| (s.stats.live_bytes, std::cmp::Reverse(s.id)))
             .expect("groups are not empty");
         let mut analysis = classify(&main.trend, &main.stats);
-        analysis.growth_bytes_per_s = g.iter().map(|m| m.site.trend.slope()).sum::<f64>().round();
+        analysis.growth_bytes_per_s = sites.iter().map(|s| s.trend.slope()).sum::<f64>().round();
+        Group {
+            unfreed_bytes: sites
+                .iter()
+                .fold(0u64, |a, s| a.wrapping_add(s.stats.live_bytes)),
+            sites,
+            best,
+            analysis,
+        }
+    }
+
+    fn sum(&self, f: fn(&Site) -> u64) -> u64 {
+        self.sites
+            .iter()
+            .map(|s| f(s))
+            .fold(0u64, u64::wrapping_add)
+    }
+}
+
+impl SiteReport {
+    /// One report line from a group of kernel sites with the same stack.
+    fn of(g: Group<'_>, sym: &mut dyn FrameSource, interpreter: Option<&str>) -> Self {
+        let b = g.best;
+        let stack = merged(b, sym, interpreter);
         SiteReport {
             id: format!("{:016x}", b.id),
             pid: b.pid,
             allocator: b.func.symbol().to_string(),
             family: family_name(b.func.family()).to_string(),
-            unfreed_bytes: sum(|s| s.stats.live_bytes),
-            unfreed_count: sum(|s| s.stats.live_count),
-            allocs: sum(|s| s.stats.allocs),
-            alloc_bytes: sum(|s| s.stats.alloc_bytes),
-            frees: sum(|s| s.stats.frees),
-            kernel_sites: g.len(),
+            unfreed_bytes: g.unfreed_bytes,
+            unfreed_count: g.sum(|s| s.stats.live_count),
+            allocs: g.sum(|s| s.stats.allocs),
+            alloc_bytes: g.sum(|s| s.stats.alloc_bytes),
+            frees: g.sum(|s| s.stats.frees),
+            kernel_sites: g.sites.len(),
             caller: Frame {
                 address: b.caller,
                 ..Frame::default()
             },
-            stack: best.stack.clone(),
-            native_stack: best
-                .stack
+            native_stack: stack
                 .iter()
                 .filter_map(|e| match e {
                     StackEntry::Native { frame, .. } => Some(frame.clone()),
                     StackEntry::Python { .. } => None,
                 })
                 .collect(),
+            stack,
             native_unwind: b.native_end.name().into(),
             python_stack: b.python.iter().rev().cloned().collect(),
             python_status: python_status_name(b.python_status).into(),
             python_truncated: b.python_truncated,
-            analysis,
+            analysis: g.analysis,
             types: Vec::new(),
-            kernel_site_ids: g.iter().map(|m| m.site.id).collect(),
+            kernel_site_ids: g.sites.iter().map(|s| s.id).collect(),
         }
     }
 }
@@ -415,34 +448,28 @@ impl Report {
         opts: ReportOptions,
     ) -> Report {
         let interpreter = meta.interpreter.as_deref();
-        let mut groups: HashMap<StackKey, Vec<Merged<'_>>> = HashMap::new();
+        let mut groups: HashMap<StackKey, Vec<&Site>> = HashMap::new();
         for s in heap
             .sites()
             .filter(|s| s.stats.live_bytes > 0 && s.stats.live_bytes < (1 << 62))
         {
-            let m = Merged::of(s, sym, interpreter);
-            groups
-                .entry(m.key(opts.all_native_frames))
-                .or_default()
-                .push(m);
+            let key = StackKey::of(s, &merged(s, sym, interpreter), opts.all_native_frames);
+            groups.entry(key).or_default().push(s);
         }
         // A site whose stack copy never came knows only the frames the kernel walked: when a
         // site with the same Python stack extends them, it is the same call path, seen before
         // its rows were learned.
         let partial: Vec<StackKey> = groups
             .iter()
-            .filter(|(_, g)| {
-                g.iter()
-                    .all(|m| m.site.native_end == UnwindEnd::NoStackCopy)
-            })
+            .filter(|(_, g)| g.iter().all(|s| s.native_end == UnwindEnd::NoStackCopy))
             .map(|(k, _)| k.clone())
             .collect();
         for k in partial {
-            let Some(p) = groups.get(&k).and_then(|g| g.first()).map(|m| m.site) else {
+            let Some(p) = groups.get(&k).and_then(|g| g.first()).copied() else {
                 continue;
             };
             let target = groups.iter().find_map(|(o, g)| {
-                let q = g.first()?.site;
+                let q = g.first()?;
                 (*o != k
                     && q.pid == p.pid
                     && q.func == p.func
@@ -456,27 +483,43 @@ impl Report {
                 groups.entry(t).or_default().extend(moved);
             }
         }
-        let mut sites: Vec<SiteReport> = groups
+        let mut all: Vec<Group<'_>> = groups
             .into_values()
-            .map(SiteReport::of)
-            .filter(|s| s.unfreed_bytes >= opts.min_size)
+            .map(Group::of)
+            .filter(|g| g.unfreed_bytes >= opts.min_size)
             .collect();
         // Leak suspects first, then by unfreed bytes.
-        sites.sort_by(|a, b| {
+        all.sort_by(|a, b| {
             (b.analysis.is_suspect(), b.unfreed_bytes)
                 .cmp(&(a.analysis.is_suspect(), a.unfreed_bytes))
-                .then(a.id.cmp(&b.id))
+                .then(a.best.id.cmp(&b.best.id))
         });
-        let suspects = sites.iter().filter(|s| s.analysis.is_suspect()).count();
-        let suspect_bytes = sites
+        let suspects = all.iter().filter(|g| g.analysis.is_suspect()).count();
+        let suspect_bytes = all
             .iter()
-            .filter(|s| s.analysis.is_suspect())
-            .map(|s| s.unfreed_bytes)
+            .filter(|g| g.analysis.is_suspect())
+            .map(|g| g.unfreed_bytes)
             .sum();
-        // Only the sites reported are named.
-        // Every leak suspect is listed (they come first), whatever `--top` says.
+        let totals = Totals {
+            unfreed_bytes: all.iter().map(|g| g.unfreed_bytes).sum(),
+            unfreed_count: all.iter().map(|g| g.sum(|s| s.stats.live_count)).sum(),
+            allocs: meta.counter(Counter::Allocs),
+            frees: meta.counter(Counter::Frees),
+        };
+        let sites_without_stack = all
+            .iter()
+            .filter(|g| g.best.python_status.is_none())
+            .count();
+        // Every leak suspect is listed (they come first), whatever `--top` says; only the
+        // sites reported are merged and named.
         let keep = opts.top.max(suspects);
-        for s in sites.iter_mut().take(keep) {
+        let omitted = all.len().saturating_sub(keep);
+        all.truncate(keep);
+        let mut sites: Vec<SiteReport> = all
+            .into_iter()
+            .map(|g| SiteReport::of(g, sym, interpreter))
+            .collect();
+        for s in sites.iter_mut() {
             for e in s.stack.iter_mut() {
                 if let StackEntry::Native { frame, .. } = e {
                     sym.resolve(s.pid, frame);
@@ -489,18 +532,6 @@ impl Report {
                 s.caller = c.clone();
             }
         }
-        let totals = Totals {
-            unfreed_bytes: sites.iter().map(|s| s.unfreed_bytes).sum(),
-            unfreed_count: sites.iter().map(|s| s.unfreed_count).sum(),
-            allocs: meta.counter(Counter::Allocs),
-            frees: meta.counter(Counter::Frees),
-        };
-        let omitted = sites.len().saturating_sub(keep);
-        let sites_without_stack = sites
-            .iter()
-            .filter(|s| s.python_status == "unknown")
-            .count();
-        sites.truncate(keep);
         // Shutdown teardown frees what the figures freeze at shutdown: RSS after it says nothing.
         let before: Vec<Sample> = heap
             .series()
@@ -530,6 +561,7 @@ impl Report {
             series: heap.series().to_vec(),
             heap_vs_rss: HeapVsRss::of(&before),
             type_census: None,
+            tracer: None,
         };
         if let Some(end) = &meta.census_end {
             let base = meta.census_base.as_ref().map(|(t, c)| (*t, c));

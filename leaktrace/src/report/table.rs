@@ -146,6 +146,15 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             .collect();
         let _ = writeln!(o, "  DROPS: {} ({})", r.dropped, list.join(", "));
     }
+    if let (true, Some(c)) = (verbose, &r.tracer) {
+        let _ = writeln!(
+            o,
+            "  leaktrace itself: {:.2} s CPU, {} peak RSS; report built in {:.2} s",
+            c.cpu_seconds,
+            human_bytes(c.peak_rss_bytes),
+            c.report_seconds
+        );
+    }
     let _ = writeln!(o);
     if r.sites.is_empty() {
         let _ = writeln!(

@@ -30,7 +30,7 @@ use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
 use crate::probes::plan::{Families, ProbePlan};
-use crate::report::{Report, ReportMeta, ReportOptions, TargetInfo};
+use crate::report::{Report, ReportMeta, ReportOptions, TargetInfo, TracerCost};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
@@ -387,6 +387,7 @@ pub async fn trace_live(
         }
     };
     let duration = s.start.elapsed().as_secs_f64();
+    let ended = Instant::now();
     if s.live_progress {
         eprint!("\r\x1b[K");
     }
@@ -461,7 +462,15 @@ pub async fn trace_live(
             }
         }
     }
-    let report = Report::build(&s.heap, &mut s.sym, meta, opts.report);
+    let mut report = Report::build(&s.heap, &mut s.sym, meta, opts.report);
+    let me = Process {
+        pid: std::process::id(),
+    };
+    report.tracer = Some(TracerCost {
+        cpu_seconds: me.cpu_seconds().unwrap_or(0.0),
+        peak_rss_bytes: me.peak_rss_bytes().unwrap_or(0),
+        report_seconds: ended.elapsed().as_secs_f64(),
+    });
     log::debug!("report built");
     if let Some(path) = &opts.json {
         std::fs::write(path, report.to_json()).map_err(|source| Error::Read {

@@ -122,7 +122,7 @@ mod tests {
             .filter(|e| all || !e.hidden())
             .map(|e| match e {
                 StackEntry::Python { frame } => format!("py:{}", frame.function),
-                StackEntry::Native { frame, .. } => frame.function.clone().unwrap(),
+                StackEntry::Native { frame, .. } => frame.function.as_deref().unwrap().to_string(),
             })
             .collect()
     }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
@@ -14,21 +15,22 @@ use serde::{Deserialize, Serialize};
 use crate::target::maps::{host_path, Mapping, ModuleMap};
 use crate::target::Process;
 
-/// A symbolized native frame.
+/// A symbolized native frame. Names are shared: a report repeats the same frames thousands of
+/// times.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frame {
     /// The runtime address (a return address for callers).
     pub address: u64,
     /// The mapped file, as the process sees it.
-    pub module: Option<String>,
+    pub module: Option<Arc<str>>,
     pub file_offset: Option<u64>,
-    pub function: Option<String>,
+    pub function: Option<Arc<str>>,
     /// Offset of `address` from the start of `function`.
     pub function_offset: u64,
-    pub file: Option<String>,
+    pub file: Option<Arc<str>>,
     pub line: Option<u32>,
     /// Functions inlined at this address, outermost first.
-    pub inlined: Vec<String>,
+    pub inlined: Vec<Arc<str>>,
     /// The interpreter's eval loop: where Python frames go when stacks are merged.
     #[serde(skip)]
     pub eval: bool,
@@ -83,7 +85,7 @@ pub struct Symbolizer {
     /// (pid, address) → placed frame.
     cache: HashMap<(u32, u64), Frame>,
     /// (module, file offset) → symbolized frame.
-    resolved: HashMap<(String, u64), Frame>,
+    resolved: HashMap<(Arc<str>, u64), Frame>,
 }
 
 impl Default for Symbolizer {
@@ -147,7 +149,7 @@ impl Symbolizer {
             ..Frame::default()
         };
         if let Some(m) = mapping {
-            frame.module = Some(m.path.clone());
+            frame.module = Some(Arc::from(m.path.as_str()));
             frame.file_offset = Some(m.file_offset(addr));
             // Only cache what is final: an address whose module was not mapped yet may be later.
             self.cache.insert((pid, addr), frame.clone());
@@ -188,17 +190,17 @@ impl Symbolizer {
         let Some(Symbolized::Sym(sym)) = syms.first() else {
             return;
         };
-        frame.function = Some(sym.name.to_string());
+        frame.function = Some(Arc::from(&*sym.name));
         frame.function_offset = sym.offset as u64 + 1;
         if let Some(ci) = &sym.code_info {
             let file = match &ci.dir {
                 Some(d) => d.join(&*ci.file).to_string_lossy().into_owned(),
                 None => ci.file.to_string_lossy().into_owned(),
             };
-            frame.file = Some(file);
+            frame.file = Some(file.into());
             frame.line = ci.line;
         }
-        frame.inlined = sym.inlined.iter().map(|i| i.name.to_string()).collect();
+        frame.inlined = sym.inlined.iter().map(|i| Arc::from(&*i.name)).collect();
     }
 }
 

@@ -138,6 +138,20 @@ impl Process {
         Some(pages * page_size())
     }
 
+    /// Peak resident set size in bytes (`VmHWM`).
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(self.proc_dir().join("status")).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
     /// CPU time (user + system) the process has used, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let stat = std::fs::read_to_string(self.proc_dir().join("stat")).ok()?;

@@ -269,7 +269,7 @@ mod tests {
             .map(|pc| {
                 let mut f = sym.return_address(std::process::id(), *pc);
                 sym.resolve(std::process::id(), &mut f);
-                f.function.unwrap_or_default()
+                f.function.as_deref().unwrap_or_default().to_string()
             })
             .collect();
         assert!(

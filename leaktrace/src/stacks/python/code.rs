@@ -2,6 +2,7 @@
 //! an instruction from the 3.11+ location table (`Objects/locations.md` in CPython).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::layout::PyLayout;
 use super::remote::{word, Remote};
@@ -9,8 +10,8 @@ use super::remote::{word, Remote};
 /// What a code object says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CodeInfo {
-    pub filename: String,
-    pub qualname: String,
+    pub filename: Arc<str>,
+    pub qualname: Arc<str>,
     pub firstlineno: u32,
     /// Length of the bytecode in code units (`Py_SIZE` of a code object).
     pub code_units: u64,
@@ -149,8 +150,8 @@ impl CodeCache {
                 linetable.as_ref().map(|l| l.len())
             );
             let info = CodeInfo {
-                filename: filename?,
-                qualname: qualname?,
+                filename: filename?.into(),
+                qualname: qualname?.into(),
                 firstlineno,
                 code_units: field(OB_SIZE)?,
                 check: fingerprint[2],

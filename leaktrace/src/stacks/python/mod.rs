@@ -6,6 +6,8 @@ pub mod layout;
 pub mod objects;
 pub mod remote;
 
+use std::sync::Arc;
+
 use leaktrace_ebpf::{PyFrameRec, PyOffsets};
 use serde::Serialize;
 
@@ -17,12 +19,13 @@ use code::CodeCache;
 use layout::{PyLayout, DEBUG_OFFSETS_READ};
 use remote::Remote;
 
-/// One decoded Python frame.
+/// One decoded Python frame. Names are shared with the code object they came from: thousands
+/// of sites repeat the same few hundred frames.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 pub struct PyFrame {
-    pub filename: String,
+    pub filename: Arc<str>,
     /// The qualified name (`Class.method`), `<module>` for module code.
-    pub function: String,
+    pub function: Arc<str>,
     /// The line being executed; `None` when the instruction has no line (or before the first).
     pub line: Option<u32>,
 }
