@@ -276,6 +276,15 @@ fn fragmentation_shows_as_rss_above_live_bytes() {
     let live = h["live_last"].as_u64().unwrap() - h["live_first"].as_u64().unwrap();
     assert!(rss > live * 3 / 2, "rss +{rss}, live +{live}");
     assert!(r.stdout.contains("HEAP VS RSS"));
+    // pymalloc's arenas, read from the interpreter: every arena the blocks filled is still
+    // held by the half that lives — what RSS shows, not what is live.
+    let arenas = h["arenas_last"].as_u64().unwrap() - h["arenas_first"].as_u64().unwrap();
+    assert!(
+        arenas > live * 3 / 2 && arenas > 80 << 20,
+        "arenas +{arenas}, live +{live}"
+    );
+    assert!(h["note"].as_str().unwrap().contains("arenas grew"), "{h}");
+    assert!(r.stdout.contains("pymalloc arenas"), "{}", r.stdout);
 }
 
 /// After a second and a half (past the baseline census), keeps `argv[1]` instances of a class

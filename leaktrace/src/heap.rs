@@ -62,6 +62,9 @@ pub struct Sample {
     pub frees: u64,
     pub drops: u64,
     pub rss_bytes: Option<u64>,
+    /// Memory in pymalloc's arenas (Python targets whose arena count leaktrace can read).
+    #[serde(default)]
+    pub arena_bytes: Option<u64>,
 }
 
 /// Every site seen, and the series.
@@ -156,7 +159,13 @@ impl Heap {
     }
 
     /// Appends a point to the time series from the current counters.
-    pub fn sample(&mut self, t: f64, counters: &Counters, rss_bytes: Option<u64>) -> Sample {
+    pub fn sample(
+        &mut self,
+        t: f64,
+        counters: &Counters,
+        rss_bytes: Option<u64>,
+        arena_bytes: Option<u64>,
+    ) -> Sample {
         let (live_bytes, live_count) = self.sites.values().fold((0u64, 0u64), |(b, c), s| {
             (
                 b.wrapping_add(s.stats.live_bytes),
@@ -171,6 +180,7 @@ impl Heap {
             frees: counters.get(leaktrace_ebpf::Counter::Frees),
             drops: counters.drops(),
             rss_bytes,
+            arena_bytes,
         };
         self.push_sample(s);
         s

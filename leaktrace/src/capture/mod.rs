@@ -118,6 +118,9 @@ pub struct Tick {
     /// Seconds since tracing began.
     pub t: f64,
     pub rss: Option<u64>,
+    /// pymalloc's arenas, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arenas: Option<u64>,
     pub live_bytes: u64,
     pub live_count: u64,
     pub allocs: u64,

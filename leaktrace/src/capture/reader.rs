@@ -236,6 +236,7 @@ impl Capture {
                         frees: t.frees,
                         drops: t.drops,
                         rss_bytes: t.rss,
+                        arena_bytes: t.arenas,
                     });
                 }
                 // The counters at the end, not as of `until`.

@@ -98,11 +98,18 @@ pub fn render(path: &Path, o: RenderOptions) -> Result<Vec<u8>> {
                         .collect(),
                 },
             ];
+            if cap.heap.series().iter().any(|p| p.arena_bytes.is_some()) {
+                lines.push(html::Line {
+                    name: "pymalloc arenas".into(),
+                    color: html::COLORS[6],
+                    values: cap.heap.series().iter().map(|p| p.arena_bytes).collect(),
+                });
+            }
             let top: Vec<&SiteReport> = r
                 .sites
                 .iter()
                 .filter(|s| s.analysis.is_suspect())
-                .take(html::COLORS.len() - 2)
+                .take(html::COLORS.len() - 3)
                 .collect();
             for (i, (site, v)) in columns(&cap, top).into_iter().enumerate() {
                 lines.push(html::Line {

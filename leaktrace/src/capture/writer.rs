@@ -159,6 +159,7 @@ impl CaptureWriter {
         self.put(&Record::Tick(Tick {
             t: point.t,
             rss: point.rss_bytes,
+            arenas: point.arena_bytes,
             live_bytes: point.live_bytes,
             live_count: point.live_count,
             allocs: point.allocs,

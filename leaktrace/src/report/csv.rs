@@ -9,17 +9,26 @@ use crate::heap::Sample;
 
 /// Renders the series; `stacks` are the columns: (site, its live bytes at each point).
 pub fn render(series: &[Sample], stacks: &[(&super::SiteReport, Vec<u64>)]) -> String {
-    let mut o = String::from("t_s,rss_bytes,live_bytes,live_objects,allocs,frees,drops");
+    let mut o = String::from(
+        "t_s,rss_bytes,live_bytes,live_objects,pymalloc_arena_bytes,allocs,frees,drops",
+    );
     for (site, _) in stacks {
         let _ = write!(o, ",{}", quote(&short_name(site)));
     }
     o.push('\n');
     for (i, p) in series.iter().enumerate() {
-        let rss = p.rss_bytes.map(|r| r.to_string()).unwrap_or_default();
+        let opt = |v: Option<u64>| v.map(|r| r.to_string()).unwrap_or_default();
         let _ = write!(
             o,
-            "{:.3},{rss},{},{},{},{},{}",
-            p.t, p.live_bytes, p.live_count, p.allocs, p.frees, p.drops
+            "{:.3},{},{},{},{},{},{},{}",
+            p.t,
+            opt(p.rss_bytes),
+            p.live_bytes,
+            p.live_count,
+            opt(p.arena_bytes),
+            p.allocs,
+            p.frees,
+            p.drops
         );
         for (_, v) in stacks {
             let _ = write!(o, ",{}", v.get(i).copied().unwrap_or(0));

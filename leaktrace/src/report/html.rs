@@ -14,9 +14,9 @@ pub struct Line {
     pub values: Vec<Option<u64>>,
 }
 
-/// Colours of the chart's lines: RSS, live bytes, then the suspects.
-pub const COLORS: [&str; 6] = [
-    "#444444", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd",
+/// Colours of the chart's lines: RSS, live bytes, the suspects, and pymalloc's arenas last.
+pub const COLORS: [&str; 7] = [
+    "#444444", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b",
 ];
 
 /// Escapes text for HTML.

@@ -89,6 +89,9 @@ pub struct HeapVsRss {
     pub rss_last: Option<u64>,
     pub live_first: u64,
     pub live_last: u64,
+    /// pymalloc's arenas (Python ≤ 3.11, where their count is a static leaktrace can read).
+    pub arenas_first: Option<u64>,
+    pub arenas_last: Option<u64>,
     /// Said when RSS grew well beyond the live bytes: the usual false "leak".
     pub note: Option<String>,
 }
@@ -106,6 +109,8 @@ impl HeapVsRss {
             rss_last: last.rss_bytes,
             live_first: first.live_bytes,
             live_last: last.live_bytes,
+            arenas_first: first.arena_bytes,
+            arenas_last: last.arena_bytes,
             note: None,
         };
         if let (Some(a), Some(b)) = (first.rss_bytes, last.rss_bytes) {
@@ -114,11 +119,20 @@ impl HeapVsRss {
             // Allocator metadata and interpreter state make RSS grow a little faster than the
             // heap; a gap of half again plus 4 MiB is something else.
             if d_rss > 4 << 20 && d_rss > d_live + d_live / 2 + (4 << 20) {
+                let arenas = match (first.arena_bytes, last.arena_bytes) {
+                    (Some(a), Some(b)) if b > a => format!(
+                        "; pymalloc's arenas grew {} (to {}): freed Python objects whose \
+                         arenas a few live ones keep from being released",
+                        human_bytes(b - a),
+                        human_bytes(b)
+                    ),
+                    _ => String::new(),
+                };
                 h.note = Some(format!(
                     "RSS grew {} while live traced memory grew {}: the difference is not held by \
                      any stack — heap fragmentation (freed blocks the allocator cannot give \
                      back), pymalloc arenas kept by a few live objects, allocator caches, or \
-                     memory not allocated through malloc or the Python allocator (mmap)",
+                     memory not allocated through malloc or the Python allocator (mmap){arenas}",
                     human_bytes(d_rss as u64),
                     human_bytes(d_live as u64)
                 ));

@@ -57,6 +57,13 @@ pub fn encode_metrics(r: &Report, p: &Sample, usage: TracerUsage) -> String {
             rss as i64,
         ));
     }
+    if let Some(a) = p.arena_bytes {
+        put(gauge(
+            "pymalloc_arena_bytes",
+            "Memory in pymalloc's arenas",
+            a as i64,
+        ));
+    }
     put(gauge(
         "live_bytes",
         "Traced memory allocated and not yet freed",

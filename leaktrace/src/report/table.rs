@@ -116,7 +116,24 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             );
         }
     }
-    if let Some(n) = &r.heap_vs_rss.note {
+    let h = &r.heap_vs_rss;
+    if let (Some(a), Some(b)) = (h.rss_first, h.rss_last) {
+        let arenas = match (h.arenas_first, h.arenas_last) {
+            (Some(x), Some(y)) => {
+                format!("; pymalloc arenas {} → {}", human_bytes(x), human_bytes(y))
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "  memory: RSS {} → {}; live traced {} → {}{arenas}",
+            human_bytes(a),
+            human_bytes(b),
+            human_bytes(h.live_first),
+            human_bytes(h.live_last)
+        );
+    }
+    if let Some(n) = &h.note {
         let _ = writeln!(o, "  HEAP VS RSS: {n}");
     }
     if !growth {

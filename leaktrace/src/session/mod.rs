@@ -597,7 +597,10 @@ impl Session<'_> {
         self.heap.update(&mut self.sym, self.tracer.sites()?);
         let counters = self.tracer.counters()?;
         let t = self.start.elapsed().as_secs_f64();
-        let point = self.heap.sample(t, &counters, self.proc.rss_bytes());
+        let arenas = self.py.as_ref().and_then(|py| py.arena_bytes());
+        let point = self
+            .heap
+            .sample(t, &counters, self.proc.rss_bytes(), arenas);
         if let Some(w) = &mut self.capture {
             let failed = w.failure().is_some();
             w.tick(&self.heap, &mut self.sym, &point);

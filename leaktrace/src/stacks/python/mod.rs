@@ -63,7 +63,13 @@ pub struct PythonProcess {
     codes: CodeCache,
     /// Absolute address of `PyType_Type`, the type of types: how an object's type is checked.
     pub type_type: Option<u64>,
+    /// Absolute address of obmalloc's `narenas_currently_allocated` (a static up to 3.11; 3.12
+    /// moved it into interpreter state that `_Py_DebugOffsets` does not describe).
+    arenas: Option<u64>,
 }
+
+/// Bytes per pymalloc arena on 64-bit builds (`ARENA_BITS` 20 since 3.10).
+const ARENA_SIZE: u64 = 1 << 20;
 
 impl PythonProcess {
     /// Finds `_PyRuntime` and the version's layout (built-in for 3.11/3.12, the target's own
@@ -82,6 +88,10 @@ impl PythonProcess {
             .ok_or_else(|| unsupported(format!("{} is not mapped", info.module)))?;
         let runtime = sym.wrapping_add(bias);
         let type_type = elf.data_symbol("PyType_Type").map(|a| a.wrapping_add(bias));
+        let arenas = elf
+            .data_symbol("narenas_currently_allocated")
+            .filter(|_| (major, minor) <= (3, 11))
+            .map(|a| a.wrapping_add(bias));
         let mem = Remote { pid };
         let layout = match layout::builtin(major, minor) {
             Some(l) => l,
@@ -104,7 +114,15 @@ impl PythonProcess {
             mem,
             codes: CodeCache::default(),
             type_type,
+            arenas,
         })
+    }
+
+    /// Memory held in pymalloc's arenas now, when the interpreter says where it counts them.
+    pub fn arena_bytes(&self) -> Option<u64> {
+        let n = self.mem.u64(self.arenas?)?;
+        // A count no process could hold means the read went wrong.
+        (n < 1 << 24).then_some(n * ARENA_SIZE)
     }
 
     /// The main interpreter, once the runtime has one.
