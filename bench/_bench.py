@@ -22,7 +22,13 @@ def start():
 
 def done(loop_seconds):
     cpu = time.process_time() - _cpu
+    # VmHWM, not ru_maxrss: ru_maxrss keeps the high-water mark from before exec, which under
+    # a tracer that forked this process is the tracer's own.
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                rss_kb = int(line.split()[1])
     print(f"LOOP_SECONDS={loop_seconds:.6f}", flush=True)
     print(f"CPU_SECONDS={cpu:.6f}", flush=True)
     print(f"MAXRSS_KB={rss_kb}", flush=True)

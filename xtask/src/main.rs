@@ -43,6 +43,10 @@ enum Cmd {
         /// A short run (fewer iterations and repetitions).
         #[arg(long)]
         quick: bool,
+        /// Run only the parts whose name contains TEXT: a workload's script name
+        /// (`numpy_leak`), `tracemalloc` or `scale`.
+        #[arg(long, value_name = "TEXT")]
+        only: Option<String>,
     },
 }
 
@@ -130,10 +134,10 @@ fn main() -> Result<()> {
                 .env("LEAKTRACE_BIN", bin);
             run(&mut c)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, only } => {
             setup::setup(true)?;
             let bin = build()?;
-            bench::bench(&bin, quick)
+            bench::bench(&bin, quick, only.as_deref())
         }
     }
 }

@@ -60,7 +60,7 @@ pub fn found(tool: Tool, m: &Measure, python: &Path, truth: &Truth) -> Result<Op
             }
             f
         }
-        Tool::Memray => {
+        Tool::Memray(_) => {
             let o = Command::new(python)
                 .arg(root().join("bench/tools/memray_leaks.py"))
                 .arg(out)
@@ -108,9 +108,9 @@ pub fn found(tool: Tool, m: &Measure, python: &Path, truth: &Truth) -> Result<Op
     }))
 }
 
-/// leaktrace's unfreed bytes per Python line (innermost frame, Python allocator) in `script`,
-/// from its JSON report.
-pub fn leaktrace_lines(json: &Path, script: &str) -> Result<BTreeMap<String, u64>> {
+/// leaktrace's unfreed bytes per Python line (innermost frame, Python allocator) in the files
+/// `keep` accepts, from its JSON report.
+pub fn leaktrace_lines(json: &Path, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, u64>> {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
     let mut lines = BTreeMap::new();
     for s in v["sites"].as_array().into_iter().flatten() {
@@ -121,7 +121,7 @@ pub fn leaktrace_lines(json: &Path, script: &str) -> Result<BTreeMap<String, u64
             continue;
         };
         let file = inner["filename"].as_str().unwrap_or("");
-        if !file.ends_with(script) {
+        if !keep(file) {
             continue;
         }
         let key = format!("{file}:{}", inner["line"]);
@@ -130,13 +130,16 @@ pub fn leaktrace_lines(json: &Path, script: &str) -> Result<BTreeMap<String, u64
     Ok(lines)
 }
 
-/// tracemalloc's per-line figures written by `bench/_bench.py`, for lines of `script`.
-pub fn tracemalloc_lines(path: &Path, script: &str) -> Result<BTreeMap<String, u64>> {
+/// tracemalloc's per-line figures written by `bench/_bench.py`, for the files `keep` accepts.
+pub fn tracemalloc_lines(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<BTreeMap<String, u64>> {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
     Ok(v.as_object()
         .into_iter()
         .flatten()
-        .filter(|(k, _)| k.rsplit_once(':').is_some_and(|(f, _)| f.ends_with(script)))
+        .filter(|(k, _)| k.rsplit_once(':').is_some_and(|(f, _)| keep(f)))
         .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
         .collect())
 }

@@ -13,8 +13,8 @@ pub enum Tool {
     Untraced,
     /// `leaktrace run` with these flags.
     Leaktrace(&'static [&'static str]),
-    /// `memray run --native` (PyPI).
-    Memray,
+    /// `memray run --native` (PyPI), with these extra flags.
+    Memray(&'static [&'static str]),
     /// `valgrind --leak-check=full` with `PYTHONMALLOC=malloc`.
     Valgrind,
 }
@@ -46,9 +46,15 @@ pub const CONFIGS: &[Config] = &[
         name: "growth",
         tool: Tool::Leaktrace(&["--mode", "growth"]),
     },
+    // By default memray sees pymalloc only where it calls malloc for a new arena: every
+    // Python allocation is seen only with --trace-python-allocators, as leaktrace sees them.
     Config {
         name: "memray --native",
-        tool: Tool::Memray,
+        tool: Tool::Memray(&[]),
+    },
+    Config {
+        name: "memray --native --trace-python-allocators",
+        tool: Tool::Memray(&["--trace-python-allocators"]),
     },
     Config {
         name: "valgrind memcheck",
@@ -110,10 +116,12 @@ pub fn run(
                 .arg(python);
             (c, Some(json))
         }
-        Tool::Memray => {
+        Tool::Memray(flags) => {
             let bin = scratch.join("memray.bin");
             let mut c = Command::new(python);
-            c.args(["-m", "memray", "run", "--native", "-q", "--force", "-o"])
+            c.args(["-m", "memray", "run", "--native", "-q", "--force"])
+                .args(flags)
+                .arg("-o")
                 .arg(&bin);
             (c, Some(bin))
         }
