@@ -30,10 +30,20 @@ impl Census {
         for ((_, size, site), kind) in blocks.iter().zip(kinds) {
             match kind {
                 BlockKind::Object(name) => {
-                    let e = c.by_type.entry(name.clone()).or_default();
+                    // Keys are made once per type, not once per block.
+                    let e = match c.by_type.get_mut(&*name) {
+                        Some(e) => e,
+                        None => c.by_type.entry(name.to_string()).or_default(),
+                    };
                     e.0 += 1;
                     e.1 += size;
-                    *c.by_site.entry(*site).or_default().entry(name).or_default() += 1;
+                    let per_site = c.by_site.entry(*site).or_default();
+                    match per_site.get_mut(&*name) {
+                        Some(n) => *n += 1,
+                        None => {
+                            per_site.insert(name.to_string(), 1);
+                        }
+                    }
                 }
                 BlockKind::NotAnObject => {
                     c.not_objects.0 += 1;

@@ -9,6 +9,7 @@
 //! offset, and its instances fit in the block. Anything else is "not an object", never guessed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::remote::{word, Remote};
 
@@ -26,7 +27,7 @@ pub const HEAD_READ: usize = 48;
 /// A checked type.
 #[derive(Clone, Debug)]
 struct TypeInfo {
-    name: String,
+    name: Arc<str>,
     basicsize: u64,
     /// Bytes before the object: GC header and pre-header.
     presize: u64,
@@ -44,7 +45,8 @@ pub struct TypeReader {
 /// What a block holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockKind {
-    Object(String),
+    /// The type's name, shared by every block of that type.
+    Object(Arc<str>),
     NotAnObject,
     Unreadable,
 }
@@ -62,19 +64,20 @@ impl TypeReader {
 
     /// The kinds of many blocks, `(address, size)`, read in batches.
     pub fn classify(&mut self, blocks: &[(u64, u64)]) -> Vec<BlockKind> {
-        let ranges: Vec<(u64, usize)> = blocks
-            .iter()
-            .map(|(a, s)| (*a, (*s as usize).clamp(16, HEAD_READ)))
-            .collect();
-        let heads = self.mem.read_many(&ranges);
-        blocks
-            .iter()
-            .zip(heads)
-            .map(|((_, size), head)| match head {
+        let mut kinds = Vec::with_capacity(blocks.len());
+        // In chunks: the heads read for a million blocks would otherwise all be held at once.
+        for chunk in blocks.chunks(8192) {
+            let ranges: Vec<(u64, usize)> = chunk
+                .iter()
+                .map(|(a, s)| (*a, (*s as usize).clamp(16, HEAD_READ)))
+                .collect();
+            let heads = self.mem.read_many(&ranges);
+            kinds.extend(chunk.iter().zip(heads).map(|((_, size), head)| match head {
                 None => BlockKind::Unreadable,
                 Some(h) => self.kind(&h, *size),
-            })
-            .collect()
+            }));
+        }
+        kinds
     }
 
     fn kind(&mut self, head: &[u8], size: u64) -> BlockKind {
@@ -137,7 +140,7 @@ impl TypeReader {
         let presize = if flags & TPFLAGS_HAVE_GC != 0 { 16 } else { 0 }
             + if flags & pre_flags != 0 { 16 } else { 0 };
         Some(TypeInfo {
-            name: name.to_string(),
+            name: name.into(),
             basicsize,
             presize,
         })
