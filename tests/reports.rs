@@ -321,6 +321,13 @@ fn a_capture_survives_a_killed_tracer() {
 
 #[test]
 fn report_rejects_what_is_not_a_capture() {
+    // A capture that cannot be written stops `run` before the command starts.
+    let out = Command::new(leaktrace_bin())
+        .args(["run", "-o", "/nonexistent-dir/x.ltc", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write /nonexistent-dir/x.ltc"));
     let (code, _, err) = report(&["/nonexistent.ltc"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read /nonexistent.ltc"), "{err}");

@@ -69,10 +69,8 @@ pub struct CaptureWriter {
 impl CaptureWriter {
     /// Creates (truncates) `path` and writes the header.
     pub fn create(path: &Path, header: Header) -> Result<Self> {
-        let file = File::create(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = File::create(path)
+            .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))?;
         let mut w = Self {
             out: GzEncoder::new(
                 BufWriter::with_capacity(1 << 16, file),

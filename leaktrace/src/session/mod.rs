@@ -165,6 +165,11 @@ pub async fn trace_live(
         Process::open(pid)?;
     }
     check_privileges()?;
+    // A capture that cannot be written is a usage error found before anything starts.
+    if let Some(path) = &opts.capture {
+        std::fs::File::create(path)
+            .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))?;
+    }
     let exporter = match opts.prometheus {
         Some(addr) => Some(Exporter::start(addr).await?),
         None => None,
