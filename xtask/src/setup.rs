@@ -59,43 +59,29 @@ pub fn setup(bench: bool) -> Result<()> {
     ensure_bpf_linker()?;
     mount_tracefs();
     let py = pyenv_python()?;
-    ensure_numpy(&py)?;
-    if bench && !has_memray(&py) {
-        eprintln!("xtask setup: installing memray for {}", py.display());
-        run(Command::new(&py).args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--root-user-action=ignore",
-            "memray",
-        ]))
-        .context("pip install memray")?;
+    ensure_module(&py, "numpy")?;
+    if bench {
+        ensure_module(&py, "memray")?;
     }
     Ok(())
 }
 
-/// Whether `python` can run `memray` (a benchmark comparison, from PyPI).
-pub fn has_memray(python: &Path) -> bool {
+/// Whether `python` can import `module`.
+pub fn has_module(python: &Path, module: &str) -> bool {
     Command::new(python)
-        .args(["-c", "import memray"])
+        .args(["-c", &format!("import {module}")])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
 
-/// Real numpy for the native-stack tests (a PyPI wheel: built without frame pointers).
-fn ensure_numpy(python: &Path) -> Result<()> {
-    let have = Command::new(python)
-        .args(["-c", "import numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if have {
+/// Installs `module` from PyPI for `python` unless it imports already: real numpy for the
+/// native-stack tests (a wheel built without frame pointers), memray for the benchmarks.
+fn ensure_module(python: &Path, module: &str) -> Result<()> {
+    if has_module(python, module) {
         return Ok(());
     }
-    eprintln!("xtask setup: installing numpy for {}", python.display());
+    eprintln!("xtask setup: installing {module} for {}", python.display());
     run(Command::new(python).args([
         "-m",
         "pip",
@@ -103,9 +89,9 @@ fn ensure_numpy(python: &Path) -> Result<()> {
         "-q",
         "--disable-pip-version-check",
         "--root-user-action=ignore",
-        "numpy",
+        module,
     ]))
-    .context("pip install numpy")
+    .with_context(|| format!("pip install {module}"))
 }
 
 fn cargo_bin() -> PathBuf {

@@ -2,6 +2,7 @@
 //! leaktrace's per-line Python figures against tracemalloc's.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
@@ -61,19 +62,15 @@ pub fn found(tool: Tool, m: &Measure, python: &Path, truth: &Truth) -> Result<Op
             f
         }
         Tool::Memray(_) => {
-            let o = Command::new(python)
-                .arg(root().join("bench/tools/memray_leaks.py"))
-                .arg(out)
-                .args([truth.python_fn, truth.native_fn])
-                .output()
-                .context("memray_leaks.py")?;
-            let s = String::from_utf8_lossy(&o.stdout);
-            let get = |k: &str| -> u64 {
-                s.split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
+            let get = helper(
+                python,
+                "memray_leaks.py",
+                &[
+                    out.as_os_str(),
+                    truth.python_fn.as_ref(),
+                    truth.native_fn.as_ref(),
+                ],
+            )?;
             let bytes = get("BYTES=");
             Found {
                 bytes,
@@ -83,19 +80,11 @@ pub fn found(tool: Tool, m: &Measure, python: &Path, truth: &Truth) -> Result<Op
             }
         }
         Tool::Valgrind => {
-            let o = Command::new(python)
-                .arg(root().join("bench/tools/valgrind_leaks.py"))
-                .arg(out)
-                .arg(truth.native_fn)
-                .output()
-                .context("valgrind_leaks.py")?;
-            let s = String::from_utf8_lossy(&o.stdout);
-            let get = |k: &str| -> u64 {
-                s.split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
+            let get = helper(
+                python,
+                "valgrind_leaks.py",
+                &[out.as_os_str(), truth.native_fn.as_ref()],
+            )?;
             let (d, p, r) = (get("DEFINITELY="), get("POSSIBLY="), get("REACHABLE="));
             Found {
                 bytes: d + p + r,
@@ -106,6 +95,23 @@ pub fn found(tool: Tool, m: &Measure, python: &Path, truth: &Truth) -> Result<Op
             }
         }
     }))
+}
+
+/// Runs `bench/tools/SCRIPT ARGS` and gives a reader of the `KEY=<number>` words it printed
+/// (0 for a key it did not print).
+fn helper(python: &Path, script: &str, args: &[&OsStr]) -> Result<impl Fn(&str) -> u64> {
+    let o = Command::new(python)
+        .arg(root().join("bench/tools").join(script))
+        .args(args)
+        .output()
+        .with_context(|| script.to_string())?;
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    Ok(move |key: &str| {
+        said.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// leaktrace's unfreed bytes per Python line (innermost frame, Python allocator) in the files

@@ -145,7 +145,7 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     let ext = build_extension(&python)?;
     let reps = if quick { 3 } else { 5 };
     let valgrind_reps = if quick { 1 } else { 2 };
-    let have_memray = setup::has_memray(&python);
+    let have_memray = setup::has_module(&python, "memray");
     let have_valgrind = Path::new("/usr/bin/valgrind").exists();
     println!(
         "`cargo xtask bench{}` — {} repetitions ({} under Valgrind), configurations alternating; \
