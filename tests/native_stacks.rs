@@ -161,23 +161,18 @@ fn library_loaded_after_tracing_began_unwinds_and_symbolizes() {
          __attribute__((noinline)) void *late_outer(size_t n) { void *p = late_inner(n + 1); keep = p; return p; }\n",
     )
     .unwrap();
-    let out = std::process::Command::new("gcc")
-        .args([
-            "-shared",
-            "-fPIC",
-            "-O2",
-            "-g",
-            "-fomit-frame-pointer",
-            "-o",
-        ])
-        .arg(&lib)
-        .arg(&src)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        std::process::Command::new("gcc")
+            .args([
+                "-shared",
+                "-fPIC",
+                "-O2",
+                "-g",
+                "-fomit-frame-pointer",
+                "-o",
+            ])
+            .arg(&lib)
+            .arg(&src),
     );
     let s = script(
         "import sys, time, ctypes\ntime.sleep(1.5)\n\

@@ -47,42 +47,31 @@ fn artifacts() -> PathBuf {
     d
 }
 
-/// Headless Chromium: the page's DOM after its scripts ran.
-fn chromium_dom(file: &Path) -> String {
+/// Headless Chromium on a file, with a fresh profile; `extra` says what to make of it.
+fn chromium(file: &Path, extra: &[&str]) -> std::process::Output {
     let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("file://{}", file.display()))
-        .output()
-        .expect("chromium (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    succeed(
+        Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu"])
+            .args(extra)
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("file://{}", file.display())),
+    )
+}
+
+/// The page's DOM after its scripts ran.
+fn chromium_dom(file: &Path) -> String {
+    String::from_utf8_lossy(&chromium(file, &["--dump-dom"]).stdout).into_owned()
 }
 
 fn chromium_screenshot(file: &Path, png: &Path) {
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
+    chromium(
+        file,
+        &[
             "--hide-scrollbars",
             "--window-size=1280,2000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("--screenshot={}", png.display()))
-        .arg(format!("file://{}", file.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            &format!("--screenshot={}", png.display()),
+        ],
     );
 }
 
@@ -216,28 +205,23 @@ fn a_capture_renders_every_format_for_its_real_consumer() {
         report(&[c, "-f", "pprof", "-o", prof.to_str().unwrap()]).0,
         0
     );
-    let out = Command::new("go")
-        .args(["tool", "pprof", "-top", "-sample_index=inuse_space"])
-        .arg(&prof)
-        .output()
-        .expect("go (cargo xtask setup installs golang-go)");
-    let top = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new("go")
+            .args(["tool", "pprof", "-top", "-sample_index=inuse_space"])
+            .arg(&prof),
     );
+    let top = String::from_utf8_lossy(&out.stdout);
     let first = top
         .lines()
         .skip_while(|l| !l.trim_start().starts_with("flat"))
         .nth(1)
         .unwrap_or("");
     assert!(first.trim_end().ends_with("leak_malloc"), "{top}");
-    let out = Command::new("go")
-        .args(["tool", "pprof", "-traces"])
-        .arg(&prof)
-        .output()
-        .unwrap();
+    let out = succeed(
+        Command::new("go")
+            .args(["tool", "pprof", "-traces"])
+            .arg(&prof),
+    );
     let traces = String::from_utf8_lossy(&out.stdout);
     assert!(
         traces.contains("handle_upload") && traces.contains("<module>"),
@@ -449,25 +433,17 @@ fn top_view_sorts_and_quits_under_tmux() {
         done.display()
     );
     tmux(&["kill-session", "-t", &session]);
-    let out = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &session,
-            "-x",
-            "200",
-            "-y",
-            "40",
-            &cmd,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(Command::new("tmux").args([
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "200",
+        "-y",
+        "40",
+        &cmd,
+    ]));
     let pane = || tmux(&["capture-pane", "-p", "-t", &session]);
     let shown = wait_for(20, || {
         let p = pane();

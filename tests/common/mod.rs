@@ -14,6 +14,20 @@ use serde_json::Value;
 
 /// The leaktrace binary under test: `LEAKTRACE_BIN` (`cargo xtask test` points it at the release
 /// build users run), else the one cargo built for the tests.
+/// Runs `cmd` to completion and returns its output, failing the test with its stderr if it
+/// could not start or did not succeed.
+pub fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("{cmd:?} could not start: {e} (`cargo xtask setup` installs what tests run)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     // Tests that trace for seconds on a 2-core machine run one at a time: timing stays sane.
     static SERIAL: Mutex<()> = Mutex::new(());
@@ -65,12 +79,7 @@ pub fn ext_dir(python: &Path) -> PathBuf {
         return d.clone();
     }
     let q = |code: &str| -> String {
-        let out = Command::new(python).args(["-c", code]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = succeed(Command::new(python).args(["-c", code]));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
     let include = q("import sysconfig; print(sysconfig.get_paths()['include'])");
@@ -83,18 +92,13 @@ pub fn ext_dir(python: &Path) -> PathBuf {
     );
     let dir = workspace().join("target/test-ext").join(tag);
     std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new("gcc")
-        .args(["-shared", "-fPIC", "-O2", "-g", "-fomit-frame-pointer"])
-        .arg(format!("-I{include}"))
-        .arg(workspace().join("tests/fixtures/leakyext.c"))
-        .arg("-o")
-        .arg(dir.join(format!("leakyext{suffix}")))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "gcc: {}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O2", "-g", "-fomit-frame-pointer"])
+            .arg(format!("-I{include}"))
+            .arg(workspace().join("tests/fixtures/leakyext.c"))
+            .arg("-o")
+            .arg(dir.join(format!("leakyext{suffix}"))),
     );
     built.insert(python.to_path_buf(), dir.clone());
     dir
@@ -106,17 +110,12 @@ pub fn compile_c(source: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let src = dir.path().join("prog.c");
     std::fs::write(&src, source).unwrap();
     let bin = dir.path().join("prog");
-    let out = Command::new("gcc")
-        .args(flags)
-        .arg("-o")
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "gcc: {}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new("gcc")
+            .args(flags)
+            .arg("-o")
+            .arg(&bin)
+            .arg(&src),
     );
     (dir, bin)
 }

@@ -13,6 +13,7 @@ pub mod writer;
 use serde::{Deserialize, Serialize};
 
 use crate::report::ReportMeta;
+use crate::session::TraceMode;
 use crate::stacks::native::UnwindEnd;
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::Frame;
@@ -84,6 +85,32 @@ pub struct Header {
     pub interval_s: f64,
     /// The interpreter's module, where Python frames go in native stacks.
     pub interpreter: Option<String>,
+}
+
+impl Header {
+    /// The header of a capture of process `pid` starting now.
+    pub fn new(
+        pid: u32,
+        command: &str,
+        mode: TraceMode,
+        interval: std::time::Duration,
+        interpreter: Option<String>,
+    ) -> Header {
+        Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            leaktrace: env!("CARGO_PKG_VERSION").into(),
+            started_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            pid,
+            command: command.into(),
+            mode: mode.name().into(),
+            sample_rate: mode.sample_rate(),
+            interval_s: interval.as_secs_f64(),
+            interpreter,
+        }
+    }
 }
 
 /// An allocation site as recorded: its stacks by their innermost call-tree nodes.

@@ -5,6 +5,7 @@ pub mod csv;
 pub mod diff;
 pub mod flamegraph;
 pub mod frames;
+mod group;
 pub mod html;
 pub mod pprof;
 pub mod prometheus;
@@ -17,14 +18,15 @@ use leaktrace_ebpf::{Counter, Family};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::census::{Census, TypeCensus};
-use crate::analysis::classify::{classify, Verdict};
-use crate::heap::{Heap, Sample, Site};
+use crate::analysis::classify::Verdict;
+use crate::heap::{Heap, Sample};
 use crate::probes::plan::{ProbePlan, PythonCoverage};
-use crate::stacks::merge::{merge, StackEntry};
-use crate::stacks::native::{UnwindEnd, UnwindStats};
+use crate::stacks::merge::StackEntry;
+use crate::stacks::native::UnwindStats;
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::{Frame, FrameSource};
 use crate::target::death::Death;
+use group::Group;
 
 /// Version of the JSON schema (docs/json-schema.md).
 pub const SCHEMA_VERSION: u32 = 2;
@@ -295,155 +297,6 @@ pub struct ReportOptions {
     pub all_native_frames: bool,
 }
 
-/// What makes two kernel sites the same in a report: process, allocator, and the frames the
-/// report shows (every frame with `--native-frames all`) — native ones by return address, which
-/// within one process is the same code. Two paths that differ only in hidden interpreter frames
-/// (a call the adaptive interpreter specialized after a few runs) are one report line.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct StackKey {
-    pid: u32,
-    func: u8,
-    frames: Vec<KeyFrame>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum KeyFrame {
-    Native(u64),
-    Python(PyFrame),
-}
-
-/// A site's merged stack (frames placed, not yet named).
-fn merged(site: &Site, sym: &mut dyn FrameSource, interpreter: Option<&str>) -> Vec<StackEntry> {
-    let native: Vec<Frame> = site
-        .native
-        .iter()
-        .zip(&site.native_eval)
-        .map(|(pc, eval)| Frame {
-            eval: *eval,
-            ..sym.return_address(site.pid, *pc)
-        })
-        .collect();
-    merge(&native, &site.python, &site.python_entry, interpreter)
-}
-
-impl StackKey {
-    fn of(site: &Site, stack: &[StackEntry], all: bool) -> StackKey {
-        StackKey {
-            pid: site.pid,
-            func: site.func as u8,
-            // Collected from a borrow: collecting from the owned stack would keep its (much
-            // larger) buffer alive in every key.
-            frames: stack
-                .iter()
-                .filter(|e| all || !e.hidden())
-                .map(|e| match e {
-                    StackEntry::Native { frame, .. } => KeyFrame::Native(frame.address),
-                    StackEntry::Python { frame } => KeyFrame::Python(frame.clone()),
-                })
-                .collect(),
-        }
-    }
-}
-
-/// Kernel sites with the same stack, and what sorting them needs. Only the groups a report
-/// keeps get their stacks merged again and named: a busy process has thousands.
-struct Group<'a> {
-    sites: Vec<&'a Site>,
-    /// The fullest record, which stands for the group.
-    best: &'a Site,
-    unfreed_bytes: u64,
-    analysis: Verdict,
-}
-
-impl<'a> Group<'a> {
-    fn of(sites: Vec<&'a Site>) -> Self {
-        let best = *sites
-            .iter()
-            .max_by_key(|s| {
-                (
-                    s.native_end == UnwindEnd::Complete,
-                    s.native.len(),
-                    s.python_status.is_some(),
-                    std::cmp::Reverse(s.id),
-                )
-            })
-            .expect("groups are not empty");
-        // The kernel site holding the most speaks for the line; growth adds up.
-        let main = sites
-            .iter()
-            .max_by_key(|s| (s.stats.live_bytes, std::cmp::Reverse(s.id)))
-            .expect("groups are not empty");
-        let mut analysis = classify(&main.trend, &main.stats);
-        analysis.growth_bytes_per_s = sites.iter().map(|s| s.trend.slope()).sum::<f64>().round();
-        Group {
-            unfreed_bytes: sites
-                .iter()
-                .fold(0u64, |a, s| a.wrapping_add(s.stats.live_bytes)),
-            sites,
-            best,
-            analysis,
-        }
-    }
-
-    fn sum(&self, f: fn(&Site) -> u64) -> u64 {
-        self.sites
-            .iter()
-            .map(|s| f(s))
-            .fold(0u64, u64::wrapping_add)
-    }
-}
-
-impl SiteReport {
-    /// One report line from a group of kernel sites with the same stack.
-    fn of(g: Group<'_>, sym: &mut dyn FrameSource, interpreter: Option<&str>) -> Self {
-        let b = g.best;
-        let stack = merged(b, sym, interpreter);
-        SiteReport {
-            id: format!("{:016x}", b.id),
-            pid: b.pid,
-            allocator: b.func.symbol().to_string(),
-            family: family_name(b.func.family()).to_string(),
-            unfreed_bytes: g.unfreed_bytes,
-            unfreed_count: g.sum(|s| s.stats.live_count),
-            allocs: g.sum(|s| s.stats.allocs),
-            alloc_bytes: g.sum(|s| s.stats.alloc_bytes),
-            frees: g.sum(|s| s.stats.frees),
-            kernel_sites: g.sites.len(),
-            caller: Frame {
-                address: b.caller,
-                ..Frame::default()
-            },
-            native_stack: stack
-                .iter()
-                .filter_map(|e| match e {
-                    StackEntry::Native { frame, .. } => Some(frame.clone()),
-                    StackEntry::Python { .. } => None,
-                })
-                .collect(),
-            stack,
-            native_unwind: b.native_end.name().into(),
-            python_stack: b.python.iter().rev().cloned().collect(),
-            python_status: python_status_name(b.python_status).into(),
-            python_truncated: b.python_truncated,
-            analysis: g.analysis,
-            types: Vec::new(),
-            kernel_site_ids: g.sites.iter().map(|s| s.id).collect(),
-        }
-    }
-}
-
-fn python_status_name(s: Option<u8>) -> &'static str {
-    use leaktrace_ebpf::py_status::*;
-    match s {
-        Some(OK) => "ok",
-        Some(NOT_PYTHON) => "not_python",
-        Some(NO_THREAD_STATE) => "no_thread_state",
-        Some(READ_ERROR) => "read_error",
-        Some(OVERFLOW) => "overflow",
-        _ => "unknown",
-    }
-}
-
 fn family_name(f: Family) -> &'static str {
     match f {
         Family::Libc => "libc",
@@ -462,44 +315,8 @@ impl Report {
         opts: ReportOptions,
     ) -> Report {
         let interpreter = meta.interpreter.as_deref();
-        let mut groups: HashMap<StackKey, Vec<&Site>> = HashMap::new();
-        for s in heap
-            .sites()
-            .filter(|s| s.stats.live_bytes > 0 && s.stats.live_bytes < (1 << 62))
-        {
-            let key = StackKey::of(s, &merged(s, sym, interpreter), opts.all_native_frames);
-            groups.entry(key).or_default().push(s);
-        }
-        // A site whose stack copy never came knows only the frames the kernel walked: when a
-        // site with the same Python stack extends them, it is the same call path, seen before
-        // its rows were learned.
-        let partial: Vec<StackKey> = groups
-            .iter()
-            .filter(|(_, g)| g.iter().all(|s| s.native_end == UnwindEnd::NoStackCopy))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in partial {
-            let Some(p) = groups.get(&k).and_then(|g| g.first()).copied() else {
-                continue;
-            };
-            let target = groups.iter().find_map(|(o, g)| {
-                let q = g.first()?;
-                (*o != k
-                    && q.pid == p.pid
-                    && q.func == p.func
-                    && q.python == p.python
-                    && q.native.len() > p.native.len()
-                    && q.native.starts_with(&p.native))
-                .then(|| o.clone())
-            });
-            if let Some(t) = target {
-                let moved = groups.remove(&k).unwrap_or_default();
-                groups.entry(t).or_default().extend(moved);
-            }
-        }
-        let mut all: Vec<Group<'_>> = groups
-            .into_values()
-            .map(Group::of)
+        let mut all: Vec<Group<'_>> = group::group(heap, sym, interpreter, opts.all_native_frames)
+            .into_iter()
             .filter(|g| g.unfreed_bytes >= opts.min_size)
             .collect();
         // Leak suspects first, then by unfreed bytes.

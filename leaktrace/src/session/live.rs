@@ -97,13 +97,9 @@ impl Session<'_> {
                 ..TargetInfo::default()
             },
             mode: self.opts.mode.name().into(),
-            sample_rate: (self.opts.mode.rate() > 0).then_some(self.opts.mode.rate()),
+            sample_rate: self.opts.mode.sample_rate(),
             duration_s: t,
-            counters: self
-                .tracer
-                .counters()
-                .map(|c| c.named())
-                .unwrap_or_default(),
+            counters: self.counters.named(),
             interpreter: self.plan.python.as_ref().map(|p| p.module.clone()),
             ..ReportMeta::default()
         };

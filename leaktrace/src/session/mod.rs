@@ -23,12 +23,12 @@ use leaktrace_ebpf::{native_end, py_status, AllocFn};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::capture::{self, writer::CaptureWriter, Header};
+use crate::capture::{writer::CaptureWriter, Header};
 use crate::cli::PyMallocMode;
 use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
-use crate::probes::loader::{check_privileges, LoadOptions, Tracer};
+use crate::probes::loader::{check_privileges, Counters, LoadOptions, Tracer};
 use crate::probes::plan::{Families, ProbePlan};
 use crate::report::{Report, ReportMeta, ReportOptions, TargetInfo, TracerCost};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
@@ -68,6 +68,11 @@ impl TraceMode {
             TraceMode::Exact => 0,
             TraceMode::Sampled { rate } | TraceMode::Growth { rate } => rate,
         }
+    }
+
+    /// Bytes per sample, `None` for exact.
+    pub fn sample_rate(self) -> Option<u64> {
+        (self.rate() > 0).then_some(self.rate())
     }
 
     /// The name shown in reports.
@@ -148,6 +153,8 @@ struct Session<'a> {
     live_progress: bool,
     /// The metrics endpoint (`--prometheus`).
     exporter: Option<Exporter>,
+    /// The kernel's counters as the last interval read them.
+    counters: Counters,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts.
@@ -225,6 +232,7 @@ pub async fn trace_live(
         capture: None,
         live_progress: opts.interval.is_none() && live.is_none() && std::io::stderr().is_terminal(),
         exporter: None,
+        counters: Counters::default(),
     };
     // In `run`, leaktrace is the child's tracer: it can pause the interpreter at shutdown and
     // swallow that stop, so every Python stack is decoded before finalization frees code.
@@ -260,23 +268,9 @@ pub async fn trace_live(
     s.start = Instant::now();
     s.exporter = exporter;
     if let Some(path) = &opts.capture {
-        let header = Header {
-            format: capture::FORMAT.into(),
-            version: capture::VERSION,
-            leaktrace: env!("CARGO_PKG_VERSION").into(),
-            started_unix_s: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-            pid,
-            command: command.clone(),
-            mode: opts.mode.name().into(),
-            sample_rate: (opts.mode.rate() > 0).then_some(opts.mode.rate()),
-            interval_s: opts
-                .interval
-                .unwrap_or(Duration::from_secs(1))
-                .as_secs_f64(),
-            interpreter: s.plan.python.as_ref().map(|p| p.module.clone()),
-        };
+        let interval = opts.interval.unwrap_or(Duration::from_secs(1));
+        let interpreter = s.plan.python.as_ref().map(|p| p.module.clone());
+        let header = Header::new(pid, &command, opts.mode, interval, interpreter);
         match CaptureWriter::create(path, header) {
             Ok(w) => s.capture = Some(w),
             Err(e) => {
@@ -432,7 +426,7 @@ pub async fn trace_live(
         processes: s.processes(&target),
         target,
         mode: opts.mode.name().into(),
-        sample_rate: (opts.mode.rate() > 0).then_some(opts.mode.rate()),
+        sample_rate: opts.mode.sample_rate(),
         duration_s: duration,
         probes: ReportMeta::probes_of(&s.plan),
         python_coverage: s.plan.python_coverage,
@@ -600,12 +594,12 @@ impl Session<'_> {
         }
         self.heap.place_pending(&mut self.sym);
         self.heap.update(&mut self.sym, self.tracer.sites()?);
-        let counters = self.tracer.counters()?;
+        self.counters = self.tracer.counters()?;
         let t = self.start.elapsed().as_secs_f64();
         let arenas = self.py.as_ref().and_then(|py| py.arena_bytes());
         let point = self
             .heap
-            .sample(t, &counters, self.proc.rss_bytes(), arenas);
+            .sample(t, &self.counters, self.proc.rss_bytes(), arenas);
         if let Some(w) = &mut self.capture {
             let failed = w.failure().is_some();
             w.tick(&self.heap, &mut self.sym, &point);
