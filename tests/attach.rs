@@ -193,3 +193,47 @@ fn sigkill_of_leaktrace_leaves_no_probe_behind() {
     }
     assert!(alive(target.id()), "the target survives its tracer's death");
 }
+
+/// Prints READY, waits for the file `argv[1]`, then keeps 3,000 instances of a class and exits;
+/// its shutdown takes a moment, as a service's does (attach reads the census while it runs: it
+/// cannot pause a process it did not start).
+const EXITS_ON_CUE: &str = r#"
+import atexit, os, sys, time
+class Kept:
+    pass
+atexit.register(time.sleep, 0.3)
+print("READY", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+kept = [Kept() for _ in range(3000)]
+"#;
+
+#[test]
+fn a_target_exiting_inside_the_window_still_gets_its_type_census() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let py = pyenv_python();
+    let s = script(EXITS_ON_CUE);
+    let dir = tempfile::tempdir().unwrap();
+    let cue = dir.path().join("go");
+    let target = start_ready(&py, &s, &[cue.to_str().unwrap()]);
+    let (lt, _) = attach_in_background(target.id());
+    // Tracing is under way (the probes are placed): let the target make its objects and exit.
+    std::fs::write(&cue, "").unwrap();
+    let out = lt.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "the target exited in the window"
+    );
+    let _ = target;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("growth since when tracing began"),
+        "no census in:\n{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.trim_end().ends_with(" Kept"))
+        .unwrap_or_else(|| panic!("no Kept row in:\n{table}"));
+    assert!(row.trim_start().starts_with("+3000 "), "{row}");
+}

@@ -335,13 +335,17 @@ pub struct ForkEvent {
 pub const EVENT_NEW_SITE: u32 = 1;
 /// The interpreter of a traced process began shutting down (`Py_FinalizeEx`).
 pub const EVENT_FINALIZE: u32 = 2;
+/// The interpreter of a traced process finished starting up (the `site` import and `.pth`
+/// files included) and is about to run the main module, `-c` or `-m` (`Py_RunMain`).
+pub const EVENT_MAIN: u32 = 6;
 
-/// Ring-buffer record sent when a traced interpreter starts finalizing: from then on its
-/// allocations and frees are no longer counted, so the report shows what the program still held
-/// when it finished, before the interpreter's teardown freed module globals.
+/// Ring-buffer record sent at an interpreter's lifecycle points (`EVENT_MAIN`,
+/// `EVENT_FINALIZE`): the type census's baseline is taken when the main module starts, and from
+/// finalization on allocations and frees are no longer counted, so the report shows what the
+/// program still held when it finished, before the interpreter's teardown freed module globals.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct FinalizeEvent {
+pub struct LifecycleEvent {
     pub kind: u32,
     pub tgid: u32,
     pub ts_ns: u64,
@@ -407,15 +411,31 @@ impl Default for NewSiteEvent {
 pub const TARGET_TRACED: u32 = 1;
 /// Set by the kernel when the process's interpreter began finalizing: accounting stops.
 pub const TARGET_FROZEN: u32 = 2;
-/// Stop the process (SIGSTOP) when its interpreter begins finalizing, so userspace can decode
-/// every Python stack while the code objects still exist (`run`, where leaktrace is the tracer
-/// and swallows that stop).
-pub const TARGET_STOP_AT_FINALIZE: u32 = 4;
+/// Pause the process (SIGSTOP to the thread) at its interpreter's lifecycle points (main
+/// module start, shutdown), so userspace takes the type census there and decodes every Python
+/// stack while the code objects still exist. Only for `run`'s own child: leaktrace is its ptrace
+/// tracer and swallows that stop (a tracer's death resumes a tracee in a signal stop and drops
+/// the signal, so the pause never outlives leaktrace).
+pub const TARGET_PAUSE: u32 = 4;
 /// Children the process forks are traced too (`--follow-forks`).
 pub const TARGET_FOLLOW_FORKS: u32 = 8;
 /// A child followed since its fork: stopped again at exec, so userspace decides whether to
 /// follow the new program before it runs.
 pub const TARGET_FORKED_CHILD: u32 = 16;
+/// The kernel stopped this process with a real SIGSTOP (a followed child at its fork or exec)
+/// and userspace has not let it go yet: whoever ends the session clears it and sends SIGCONT.
+pub const TARGET_HELD: u32 = 32;
+
+/// Set by the kernel when the process's interpreter entered `Py_RunMain`: its start-up is over.
+pub const TARGET_MAIN_STARTED: u32 = 64;
+
+/// Name of the map of traced processes (tgid → `TARGET_*` flags).
+pub const MAP_TARGETS: &str = "TARGETS";
+/// Name of the session's control word (`Array<u32>`, one entry, `CONTROL_*` bits).
+pub const MAP_CONTROL: &str = "CONTROL";
+/// Set when the session ends (or leaktrace dies, by its guardian): the kernel stops no process
+/// any more, so nothing can be held with no one left to let it go.
+pub const CONTROL_HOLDS_OFF: u32 = 1;
 
 /// The start of a site id: a 64-bit mix of the process and the allocator function. Native
 /// return addresses are folded in with `site_id_add_pc`, Python frames with
@@ -465,7 +485,7 @@ mod pod {
     unsafe impl aya::Pod for LiveAlloc {}
     unsafe impl aya::Pod for SiteStats {}
     unsafe impl aya::Pod for NewSiteEvent {}
-    unsafe impl aya::Pod for FinalizeEvent {}
+    unsafe impl aya::Pod for LifecycleEvent {}
     unsafe impl aya::Pod for DeathInfo {}
     unsafe impl aya::Pod for ForkEvent {}
     unsafe impl aya::Pod for PyOffsets {}

@@ -22,10 +22,10 @@ use aya_ebpf::{
 };
 use leaktrace_ebpf::{
     native_end, py_status, site_id_add_pc, site_id_finish, site_id_start, AllocFn, Counter,
-    DeathInfo, FinalizeEvent, FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec,
-    PyOffsets, Shape, SiteStats, StackEvent, UnwindKey, UnwindRow, EVENT_FINALIZE, EVENT_NEW_SITE,
-    MAX_NATIVE_FRAMES, MAX_NATIVE_WALK, MAX_PY_FRAMES, NUM_COUNTERS, PY_FRAME_READ, TARGET_FROZEN,
-    TARGET_STOP_AT_FINALIZE,
+    DeathInfo, FrameRegs, LifecycleEvent, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyFrameRec,
+    PyOffsets, Shape, SiteStats, StackEvent, UnwindKey, UnwindRow, CONTROL_HOLDS_OFF,
+    EVENT_FINALIZE, EVENT_MAIN, EVENT_NEW_SITE, MAX_NATIVE_FRAMES, MAX_NATIVE_WALK, MAX_PY_FRAMES,
+    NUM_COUNTERS, PY_FRAME_READ, TARGET_FROZEN, TARGET_MAIN_STARTED, TARGET_PAUSE,
 };
 
 /// Allocations smaller than this are not tracked (`--min-size`).
@@ -120,6 +120,17 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// How traced processes ended (tgid → death), for the post-mortem report.
 #[map]
 static DEATHS: HashMap<u32, DeathInfo> = HashMap::with_max_entries(1024, 0);
+
+/// The session's control word (`CONTROL_*` bits), set by userspace at the session's end and by
+/// leaktrace's guardian process if leaktrace dies.
+#[map]
+static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether the kernel may still stop a process for userspace: not once the session is ending.
+#[inline(always)]
+fn holds_allowed() -> bool {
+    CONTROL.get(0).is_none_or(|c| *c & CONTROL_HOLDS_OFF == 0)
+}
 
 /// Event and drop counters, per CPU (summed by userspace).
 #[map]
@@ -341,30 +352,45 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Entry of `Py_FinalizeEx`: freeze the process's accounting and tell userspace.
+/// Entry of an interpreter lifecycle function; the attach cookie is the event kind:
+/// `Py_RunMain` (`EVENT_MAIN`: start-up is over, the main module is about to run) or
+/// `Py_FinalizeEx` (`EVENT_FINALIZE`: shutdown begins, the process's accounting freezes).
+/// Userspace is told, and `run`'s child is paused there.
 #[uprobe]
-pub fn finalize_enter(_ctx: ProbeContext) -> u32 {
+pub fn lifecycle_enter(ctx: ProbeContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let Some(flags) = TARGETS.get_ptr_mut(&tgid) else {
         return 0;
     };
+    // SAFETY: a uprobe context.
+    let kind = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    if kind != EVENT_MAIN && kind != EVENT_FINALIZE {
+        return 0;
+    }
     // SAFETY: a live map value.
-    let stop = unsafe {
-        *flags |= TARGET_FROZEN;
-        *flags & TARGET_STOP_AT_FINALIZE != 0
+    let pause = unsafe {
+        // Flags too, read by userspace when the ring buffer had no room for the record.
+        *flags |= if kind == EVENT_FINALIZE {
+            TARGET_FROZEN
+        } else {
+            TARGET_MAIN_STARTED
+        };
+        *flags & TARGET_PAUSE != 0
     };
-    let ev = FinalizeEvent {
-        kind: EVENT_FINALIZE,
+    let ev = LifecycleEvent {
+        kind,
         tgid,
+        // SAFETY: a helper with no arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
     };
-    if EVENTS.output::<FinalizeEvent>(&ev, 0).is_err() {
+    if EVENTS.output::<LifecycleEvent>(&ev, 0).is_err() {
         bump(Counter::RingbufFull);
     }
-    if stop {
-        // Delivered on the way back to user space, before finalization frees anything. To this
+    if pause && holds_allowed() {
+        // Delivered on the way back to user space, before the next line of Python runs. To this
         // thread, which leaktrace traces and whose stop it swallows: a process-wide SIGSTOP could
         // be taken by an untraced thread (numpy's BLAS workers) and stop it for good.
+        // SAFETY: a helper signalling the current thread.
         unsafe { bpf_send_signal_thread(SIGSTOP) };
     }
     0

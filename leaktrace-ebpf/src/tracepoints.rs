@@ -14,11 +14,12 @@ use aya_ebpf::{
 };
 use leaktrace_ebpf::{
     death, AllocFn, Counter, DeathInfo, ForkEvent, FrameRegs, EVENT_EXEC, EVENT_FORK,
-    TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE,
+    TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_FROZEN, TARGET_HELD, TARGET_PAUSE,
 };
 
 use crate::{
-    admit, bump, live::retire_if_live, record_alloc, traced_tgid, DEATHS, EVENTS, SIGSTOP, TARGETS,
+    admit, bump, holds_allowed, live::retire_if_live, record_alloc, traced_tgid, DEATHS, EVENTS,
+    SIGSTOP, TARGETS,
 };
 
 /// Tasks a followed process just created, until each first returns to user space
@@ -299,9 +300,15 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
     let Some(flags) = (unsafe { TARGETS.get(&parent) }).copied() else {
         return 0;
     };
-    // Only `run`'s own child is stopped at shutdown (leaktrace is its tracer and takes that
-    // stop); the child starts unfrozen whatever its parent's state.
-    let flags = (flags & !(TARGET_STOP_AT_FINALIZE | TARGET_FROZEN)) | TARGET_FORKED_CHILD;
+    // Only `run`'s own child is paused at its lifecycle points (leaktrace is its tracer and
+    // takes that stop); the child starts unfrozen whatever its parent's state. It is held
+    // (stopped) until userspace has attached its probes, unless the session is ending: nobody
+    // would let it go.
+    let hold = holds_allowed();
+    let mut flags = (flags & !(TARGET_PAUSE | TARGET_FROZEN | TARGET_HELD)) | TARGET_FORKED_CHILD;
+    if hold {
+        flags |= TARGET_HELD;
+    }
     if TARGETS.insert(&tgid, &flags, 0).is_err() {
         bump(Counter::ForksMissed);
         return 0;
@@ -312,10 +319,16 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
         child: tgid,
         _pad: 0,
     };
-    if EVENTS.output::<ForkEvent>(&ev, 0).is_ok() {
-        unsafe { bpf_send_signal_thread(SIGSTOP) };
-    } else {
+    if EVENTS.output::<ForkEvent>(&ev, 0).is_err() {
         bump(Counter::ForksMissed);
+        // Nobody will hear of it: not held.
+        if let Some(f) = TARGETS.get_ptr_mut(&tgid) {
+            // SAFETY: a live map value.
+            unsafe { *f &= !TARGET_HELD };
+        }
+    } else if hold {
+        // SAFETY: a helper signalling the current thread.
+        unsafe { bpf_send_signal_thread(SIGSTOP) };
     }
     0
 }
@@ -327,9 +340,11 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(flags) = (unsafe { TARGETS.get(&tgid) }) else {
+    let Some(flags) = TARGETS.get_ptr_mut(&tgid) else {
         return 0;
     };
+    // SAFETY: a live map value.
+    let flags = unsafe { &mut *flags };
     if *flags & TARGET_FOLLOW_FORKS == 0 {
         return 0;
     }
@@ -341,7 +356,9 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     };
     if EVENTS.output::<ForkEvent>(&ev, 0).is_err() {
         bump(Counter::ForksMissed);
-    } else if *flags & TARGET_FORKED_CHILD != 0 {
+    } else if *flags & TARGET_FORKED_CHILD != 0 && holds_allowed() {
+        *flags |= TARGET_HELD;
+        // SAFETY: a helper signalling the current thread.
         unsafe { bpf_send_signal_thread(SIGSTOP) };
     }
     0

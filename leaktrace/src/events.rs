@@ -2,8 +2,8 @@
 
 use aya::maps::{MapData, RingBuf};
 use leaktrace_ebpf::{
-    FinalizeEvent, ForkEvent, FrameRegs, NewSiteEvent, StackEvent, EVENT_EXEC, EVENT_FINALIZE,
-    EVENT_FORK, EVENT_NEW_SITE, EVENT_STACK, STACK_EVENT_HEADER,
+    ForkEvent, FrameRegs, LifecycleEvent, NewSiteEvent, StackEvent, EVENT_EXEC, EVENT_FINALIZE,
+    EVENT_FORK, EVENT_MAIN, EVENT_NEW_SITE, EVENT_STACK, STACK_EVENT_HEADER,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -15,7 +15,10 @@ use crate::error::{Error, Result};
 pub enum Event<'a> {
     NewSite(Box<NewSiteEvent>),
     Stack(StackCopy<'a>),
-    Finalize(FinalizeEvent),
+    /// The interpreter finished starting up and is about to run the main module.
+    MainStart(LifecycleEvent),
+    /// The interpreter began shutting down.
+    Finalize(LifecycleEvent),
     /// A followed process forked a child, stopped until its probes are attached.
     Fork(ForkEvent),
     /// A followed child exec'd (`child`).
@@ -88,7 +91,8 @@ pub fn parse(bytes: &[u8]) -> Option<Event<'_>> {
     let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match kind {
         EVENT_NEW_SITE => read_new_site(bytes).map(|e| Event::NewSite(Box::new(e))),
-        EVENT_FINALIZE => read_pod::<FinalizeEvent>(bytes).map(Event::Finalize),
+        EVENT_FINALIZE => read_pod::<LifecycleEvent>(bytes).map(Event::Finalize),
+        EVENT_MAIN => read_pod::<LifecycleEvent>(bytes).map(Event::MainStart),
         EVENT_STACK => read_stack(bytes).map(Event::Stack),
         EVENT_FORK => read_pod::<ForkEvent>(bytes).map(Event::Fork),
         EVENT_EXEC => read_pod::<ForkEvent>(bytes).map(Event::Exec),

@@ -8,6 +8,14 @@ use leaktrace::session::{trace_live, LiveView, TargetSpec};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if std::env::args().nth(1).as_deref() == Some(leaktrace::probes::holds::GUARDIAN_ARG) {
+        // leaktrace's own guardian (probes/holds.rs), not a user's command.
+        if let Err(e) = leaktrace::probes::holds::guardian_main() {
+            eprintln!("leaktrace guardian: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     if let Command::Diff {
         old,

@@ -47,6 +47,19 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// pyenv's CPython 3.11.7, 3.12.1 and 3.13.0 (shared libpython, full symbol tables), which the
+/// machine image provides: the real binaries, not the shims.
+pub fn pyenv_interpreters() -> Vec<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let mut v = vec![pyenv_python()];
+    for extra in ["3.12.1/bin/python3.12", "3.13.0/bin/python3.13"] {
+        let p = Path::new(&home).join(".pyenv/versions").join(extra);
+        assert!(p.exists(), "{} missing from this machine", p.display());
+        v.push(p);
+    }
+    v
+}
+
 /// pyenv's CPython 3.11.7 (shared libpython, full symbol table): the real binary, not the shim.
 pub fn pyenv_python() -> PathBuf {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());

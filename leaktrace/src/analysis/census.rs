@@ -66,7 +66,7 @@ pub struct TypeCount {
     pub name: String,
     pub count: u64,
     pub bytes: u64,
-    /// Since the baseline (the first interval): how many more, how many more bytes.
+    /// Since the baseline (the main module's start): how many more, how many more bytes.
     pub growth_count: i64,
     pub growth_bytes: i64,
 }
@@ -76,6 +76,8 @@ pub struct TypeCount {
 pub struct TypeCensus {
     /// Seconds into the trace when the baseline was taken (`None`: no baseline).
     pub baseline_t: Option<f64>,
+    /// What growth is measured from, in words.
+    pub baseline: Option<String>,
     /// Types by growth in bytes, then by bytes (the first 30).
     pub types: Vec<TypeCount>,
     pub objects: u64,
@@ -85,7 +87,7 @@ pub struct TypeCensus {
 
 impl TypeCensus {
     /// Compares the end census with the baseline.
-    pub fn of(end: &Census, baseline: Option<(f64, &Census)>) -> TypeCensus {
+    pub fn of(end: &Census, baseline: Option<(f64, &Census)>, since: Option<String>) -> TypeCensus {
         let mut types: Vec<TypeCount> = end
             .by_type
             .iter()
@@ -109,6 +111,7 @@ impl TypeCensus {
         types.truncate(30);
         TypeCensus {
             baseline_t: baseline.map(|(t, _)| t),
+            baseline: since,
             types,
             objects,
             not_objects: end.not_objects.0,

@@ -4,16 +4,18 @@ use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::os::unix::fs::MetadataExt;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::UProbeLinkId;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
 use aya::programs::{RawTracePoint, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
     Counter, DeathInfo, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow,
-    NUM_COUNTERS, TARGET_FOLLOW_FORKS, TARGET_FROZEN, TARGET_STOP_AT_FINALIZE, TARGET_TRACED,
+    MAP_CONTROL, MAP_TARGETS, NUM_COUNTERS, TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_HELD,
+    TARGET_PAUSE, TARGET_TRACED,
 };
 
+use super::holds::{self, Guardian};
 use super::plan::ProbePlan;
 use crate::error::{Error, Result};
 
@@ -112,6 +114,10 @@ pub struct Tracer {
     follow_forks: bool,
     /// Why the kernel cannot say how a traced process died, if it cannot.
     pub deaths_unavailable: Option<String>,
+    /// With `--follow-forks`: the process that lets held children go if leaktrace dies.
+    guardian: Option<Guardian>,
+    /// Holds are off and every held process was let go (`end_holds`).
+    holds_ended: bool,
 }
 
 /// Tracepoints that record how traced processes die: (program, category, event).
@@ -197,6 +203,8 @@ pub fn check_privileges() -> Result<()> {
 impl Tracer {
     /// Loads the BPF object and its programs (nothing is attached yet).
     pub fn load(opts: LoadOptions) -> Result<Self> {
+        // Opened before any probe's descriptor (see `holds`).
+        let wake = opts.follow_forks.then(holds::WakePipe::low).transpose()?;
         let floor = u8::from(opts.floor);
         let max_sites = opts.max_sites.max(8);
         // A quarter of the site table is kept for stacks folded into their native caller.
@@ -216,7 +224,7 @@ impl Tracer {
             .map_max_entries("SITES", max_sites)
             .load(BPF_OBJECT)
             .map_err(|e| bpf_err("loading the BPF object", e))?;
-        for name in ["alloc_enter", "alloc_exit", "free_enter", "finalize_enter"] {
+        for name in ["alloc_enter", "alloc_exit", "free_enter", "lifecycle_enter"] {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
@@ -246,7 +254,19 @@ impl Tracer {
             taught: HashSet::new(),
             follow_forks: opts.follow_forks,
             deaths_unavailable: None,
+            guardian: None,
+            holds_ended: false,
         };
+        if let Some(wake) = wake {
+            // Only followed children are held with a real SIGSTOP (`run`'s own child is held
+            // through ptrace, which its tracer's death undoes).
+            tracer.guardian = Some(Guardian::start(
+                wake,
+                holds::WakePipe::high()?,
+                tracer.map(MAP_TARGETS)?,
+                tracer.map(MAP_CONTROL)?,
+            )?);
+        }
         // Without these only `run` can name a cause of death (it waits for its child): say so,
         // but trace anyway.
         if let Err(e) = tracer.attach_tracepoints(&DEATH_TRACEPOINTS) {
@@ -294,19 +314,24 @@ impl Tracer {
         deaths.get(&tgid, 0).ok()
     }
 
-    /// Marks a process as traced (the programs ignore every other process).
-    pub fn add_target(&mut self, tgid: u32, stop_at_finalize: bool) -> Result<()> {
+    /// Marks a process as traced (the programs ignore every other process); `pause`: stop it
+    /// at its interpreter's lifecycle points (`run`'s child, which leaktrace ptraces).
+    pub fn add_target(&mut self, tgid: u32, pause: bool) -> Result<()> {
         let mut flags = TARGET_TRACED;
-        if stop_at_finalize {
-            flags |= TARGET_STOP_AT_FINALIZE;
+        if pause {
+            flags |= TARGET_PAUSE;
         }
         if self.follow_forks {
             flags |= TARGET_FOLLOW_FORKS;
         }
         let mut targets: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(self.map_mut("TARGETS")?).map_err(|e| bpf_err("TARGETS", e))?;
+            BpfHashMap::try_from(self.map_mut(MAP_TARGETS)?)
+                .map_err(|e| bpf_err(MAP_TARGETS, e))?;
+        // A child the kernel already took in (forked while leaktrace was setting up) keeps what
+        // the kernel knows of it: held, and followed since its fork.
+        let kept = targets.get(&tgid, 0).unwrap_or(0) & (TARGET_HELD | TARGET_FORKED_CHILD);
         targets
-            .insert(tgid, flags, 0)
+            .insert(tgid, flags | kept, 0)
             .map_err(|e| bpf_err("adding the target", e))
     }
 
@@ -314,7 +339,8 @@ impl Tracer {
     /// until leaktrace detaches, but the programs ignore it.
     pub fn remove_target(&mut self, tgid: u32) -> Result<()> {
         let mut targets: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(self.map_mut("TARGETS")?).map_err(|e| bpf_err("TARGETS", e))?;
+            BpfHashMap::try_from(self.map_mut(MAP_TARGETS)?)
+                .map_err(|e| bpf_err(MAP_TARGETS, e))?;
         targets
             .remove(&tgid)
             .map_err(|e| bpf_err("removing a target", e))
@@ -329,18 +355,16 @@ impl Tracer {
             .map_err(|e| bpf_err("setting the program break", e))
     }
 
-    /// Whether the kernel froze process `tgid`'s accounting: its interpreter began shutting
-    /// down. Read from the map, so it holds even when the ring buffer had no room to say so.
-    pub fn frozen(&self, tgid: u32) -> bool {
-        let Ok(map) = self.map("TARGETS") else {
-            return false;
+    /// Process `tgid`'s `TARGET_*` flags (0 when it is not traced). Read from the map, so they
+    /// hold even when the ring buffer had no room to announce what set them.
+    pub fn flags(&self, tgid: u32) -> u32 {
+        let Ok(map) = self.map(MAP_TARGETS) else {
+            return 0;
         };
         let Ok(targets) = BpfHashMap::<&MapData, u32, u32>::try_from(map) else {
-            return false;
+            return 0;
         };
-        targets
-            .get(&tgid, 0)
-            .is_ok_and(|flags| flags & TARGET_FROZEN != 0)
+        targets.get(&tgid, 0).unwrap_or(0)
     }
 
     /// Attaches every point of the plan not attached yet, scoped to process `pid`.
@@ -396,7 +420,7 @@ impl Tracer {
                 self.attached += 1;
             }
         }
-        if let Some(f) = &plan.finalize {
+        for f in &plan.lifecycle {
             let meta = std::fs::metadata(&f.host_path).map_err(|source| Error::Read {
                 path: f.host_path.clone(),
                 source,
@@ -407,16 +431,21 @@ impl Tracer {
             {
                 let prog: &mut UProbe = self
                     .ebpf
-                    .program_mut("finalize_enter")
+                    .program_mut("lifecycle_enter")
                     .expect("loaded in Tracer::load")
                     .try_into()
-                    .map_err(|e| bpf_err("finalize_enter", e))?;
-                prog.attach(
-                    UProbeAttachLocation::AbsoluteOffset(f.file_offset),
-                    &f.host_path,
-                    scope,
-                )
-                .map_err(|e| bpf_err(&format!("attaching to Py_FinalizeEx in {}", f.module), e))?;
+                    .map_err(|e| bpf_err("lifecycle_enter", e))?;
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(f.file_offset),
+                    cookie: Some(u64::from(f.kind.event_kind())),
+                };
+                let id = prog.attach(point, &f.host_path, scope).map_err(|e| {
+                    bpf_err(
+                        &format!("attaching to {} in {}", f.kind.symbol(), f.module),
+                        e,
+                    )
+                })?;
+                self.links.push(("lifecycle_enter", id));
                 self.attached += 1;
             }
         }
@@ -537,6 +566,35 @@ impl Tracer {
         drop(owned);
     }
 
+    /// Lets process `pid` go if the kernel holds it stopped (a followed child at fork or exec).
+    pub fn release(&mut self, pid: u32) {
+        if let Ok(mut targets) = BpfHashMap::<&mut MapData, u32, u32>::try_from(
+            self.ebpf.map_mut(MAP_TARGETS).expect("in the object"),
+        ) {
+            holds::release(&mut targets, pid);
+        }
+    }
+
+    /// The session is ending: the kernel stops no process any more, and every process it holds
+    /// is let go. Done before the slow detach, while forks may still happen.
+    pub fn end_holds(&mut self) {
+        if !self.follow_forks || self.holds_ended {
+            return;
+        }
+        self.holds_ended = true;
+        let [targets, control] = self.ebpf.maps_disjoint_mut([MAP_TARGETS, MAP_CONTROL]);
+        let (Some(targets), Some(control)) = (targets, control) else {
+            return;
+        };
+        match (
+            BpfHashMap::<&mut MapData, u32, u32>::try_from(targets),
+            Array::<&mut MapData, u32>::try_from(control),
+        ) {
+            (Ok(mut t), Ok(mut c)) => holds::end_holds(&mut t, &mut c),
+            _ => log::warn!("cannot open {MAP_TARGETS} and {MAP_CONTROL} to let held children go"),
+        }
+    }
+
     /// Number of uprobe links attached.
     pub fn attached(&self) -> usize {
         self.attached
@@ -612,6 +670,7 @@ impl Tracer {
 
 impl Drop for Tracer {
     fn drop(&mut self) {
+        self.end_holds();
         self.detach();
         log::debug!("links detached");
     }

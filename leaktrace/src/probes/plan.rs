@@ -51,9 +51,38 @@ pub enum PythonCoverage {
     None,
 }
 
-/// The interpreter's shutdown entry (`Py_FinalizeEx`), where accounting freezes.
+/// A point in the interpreter's life that leaktrace acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// `Py_RunMain`: start-up (the `site` import, `.pth` files) is over and the main module,
+    /// `-c` or `-m` is about to run. The type census's baseline is taken here.
+    MainStart,
+    /// `Py_FinalizeEx`: shutdown begins; accounting freezes.
+    Finalize,
+}
+
+impl Lifecycle {
+    /// The function probed.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Lifecycle::MainStart => "Py_RunMain",
+            Lifecycle::Finalize => "Py_FinalizeEx",
+        }
+    }
+
+    /// The ring-buffer record kind the kernel sends there (the probe's cookie).
+    pub fn event_kind(self) -> u32 {
+        match self {
+            Lifecycle::MainStart => leaktrace_ebpf::EVENT_MAIN,
+            Lifecycle::Finalize => leaktrace_ebpf::EVENT_FINALIZE,
+        }
+    }
+}
+
+/// Where one lifecycle function of the interpreter is probed.
 #[derive(Clone, Debug)]
-pub struct FinalizePoint {
+pub struct LifecyclePoint {
+    pub kind: Lifecycle,
     pub module: String,
     pub host_path: PathBuf,
     pub file_offset: u64,
@@ -65,8 +94,9 @@ pub struct ProbePlan {
     pub points: Vec<ProbePoint>,
     pub python: Option<PythonInfo>,
     pub python_coverage: PythonCoverage,
-    /// Where the interpreter starts shutting down, if found.
-    pub finalize: Option<FinalizePoint>,
+    /// Where the interpreter starts running the main module and where it starts shutting down,
+    /// those found.
+    pub lifecycle: Vec<LifecyclePoint>,
     /// The libc (or static executable) whose allocator is probed.
     pub libc: Option<String>,
     /// Functions that share an address with one already probed: (alias, probed as).
@@ -187,12 +217,20 @@ pub fn plan(
 
     if let Some(py) = &python {
         let elf = ElfFile::open(&py.host_path)?;
-        if let Some(f) = elf.functions(&["Py_FinalizeEx"])?.get("Py_FinalizeEx") {
-            plan.finalize = elf.file_offset(f.vaddr).map(|file_offset| FinalizePoint {
-                module: py.module.clone(),
-                host_path: py.host_path.clone(),
-                file_offset,
-            });
+        let kinds = [Lifecycle::MainStart, Lifecycle::Finalize];
+        let found = elf.functions(&kinds.map(Lifecycle::symbol))?;
+        for kind in kinds {
+            let Some(f) = found.get(kind.symbol()) else {
+                continue;
+            };
+            if let Some(file_offset) = elf.file_offset(f.vaddr) {
+                plan.lifecycle.push(LifecyclePoint {
+                    kind,
+                    module: py.module.clone(),
+                    host_path: py.host_path.clone(),
+                    file_offset,
+                });
+            }
         }
     }
     let raw_malloc = python.is_some() && python_malloc_is_raw(pid);
@@ -291,7 +329,7 @@ impl ProbePlan {
             points: Vec::new(),
             python: None,
             python_coverage: PythonCoverage::None,
-            finalize: None,
+            lifecycle: Vec::new(),
             libc: None,
             aliases: Vec::new(),
             missing: Vec::new(),

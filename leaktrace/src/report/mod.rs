@@ -46,6 +46,11 @@ pub struct Report {
     /// Bytes per sample in sampled and growth modes.
     pub sample_rate: Option<u64>,
     pub duration_s: f64,
+    /// Seconds into the trace when the interpreter finished starting up and began running the
+    /// main module (`run` of a Python program).
+    pub main_started_s: Option<f64>,
+    /// Seconds into the trace when the interpreter began shutting down; figures freeze there.
+    pub finalized_s: Option<f64>,
     pub probes: Vec<ProbeInfo>,
     pub python_coverage: PythonCoverage,
     pub notes: Vec<String>,
@@ -68,7 +73,8 @@ pub struct Report {
     pub series: Vec<Sample>,
     /// RSS against live traced bytes over the trace.
     pub heap_vs_rss: HeapVsRss,
-    /// Live Python objects by type, and their growth since early in the trace.
+    /// Live Python objects by type, and their growth since the main module started (`run`) or
+    /// tracing began (`attach`).
     pub type_census: Option<TypeCensus>,
     /// What tracing cost leaktrace itself (absent in reports rendered from a capture).
     pub tracer: Option<TracerCost>,
@@ -191,7 +197,14 @@ pub struct ReportMeta {
     /// Seconds into the trace when the interpreter began shutting down: RSS after it says
     /// nothing about the figures, which freeze there.
     pub finalized_at: Option<f64>,
-    /// Type censuses early in the trace (with its time) and at the end.
+    /// Seconds into the trace when the interpreter began running the main module.
+    #[serde(default)]
+    pub main_at: Option<f64>,
+    /// What the census's growth is measured from, in words (the main module's start, the
+    /// start of an `attach`).
+    #[serde(default)]
+    pub census_baseline: Option<String>,
+    /// Type censuses when the main module started (with its time) and at the end.
     pub census_base: Option<(f64, Census)>,
     pub census_end: Option<Census>,
 }
@@ -378,6 +391,8 @@ impl Report {
             mode: meta.mode,
             sample_rate: meta.sample_rate,
             duration_s: meta.duration_s,
+            main_started_s: meta.main_at,
+            finalized_s: meta.finalized_at,
             probes: meta.probes,
             python_coverage: meta.python_coverage,
             notes: meta.notes,
@@ -396,14 +411,14 @@ impl Report {
         };
         if let Some(end) = &meta.census_end {
             let base = meta.census_base.as_ref().map(|(t, c)| (*t, c));
-            report.census_into(end, base);
+            report.census_into(end, base, meta.census_baseline.clone());
         }
         report
     }
 
     /// Puts a census into the report: overall, and the top types of each site shown.
-    fn census_into(&mut self, end: &Census, base: Option<(f64, &Census)>) {
-        self.type_census = Some(TypeCensus::of(end, base));
+    fn census_into(&mut self, end: &Census, base: Option<(f64, &Census)>, since: Option<String>) {
+        self.type_census = Some(TypeCensus::of(end, base, since));
         for site in self.sites.iter_mut() {
             let mut types: HashMap<&str, u64> = HashMap::new();
             for id in &site.kernel_site_ids {

@@ -279,10 +279,11 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
         let _ = writeln!(o, "… and {} more sites (raise --top)", r.sites_omitted);
     }
     if let Some(c) = &r.type_census {
-        let since = c
-            .baseline_t
-            .map(|t| format!("growth since {t:.1} s"))
-            .unwrap_or_else(|| "no baseline: growth is the whole count".into());
+        let since = match (&c.baseline, c.baseline_t) {
+            (Some(words), _) => format!("growth since {words}"),
+            (None, Some(t)) => format!("growth since {t:.1} s"),
+            (None, None) => "no baseline: growth is the whole count".into(),
+        };
         let _ = writeln!(
             o,
             "\nLive Python objects by type ({} objects; {since}; {} blocks hold no object, {} \

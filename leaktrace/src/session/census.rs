@@ -1,8 +1,13 @@
-//! The session's type censuses: a baseline early in the trace and one at the end (at
-//! interpreter shutdown for `run`, while every object is intact).
+//! The session's type censuses and the interpreter's lifecycle points they hang on: the baseline
+//! when the main module starts (`run`: the child is paused there, so nothing the program made is
+//! in it and nothing of start-up is outside it, however long start-up took), and the end census at
+//! interpreter shutdown, while every object is intact.
+
+use leaktrace_ebpf::{TARGET_FROZEN, TARGET_MAIN_STARTED};
 
 use super::{Session, TraceMode};
 use crate::analysis::census::Census;
+use crate::probes::plan::Lifecycle;
 use crate::stacks::python::objects::TypeReader;
 
 impl Session<'_> {
@@ -24,16 +29,89 @@ impl Session<'_> {
         Some(Census::take(&mut reader, &blocks))
     }
 
-    /// Takes the baseline once the trace has run its first second.
-    pub(super) fn baseline_census(&mut self) {
-        if self.census_base.is_some() || self.census_end.is_some() {
-            return;
-        }
+    /// The target's interpreter reached a lifecycle point (its record on the ring buffer).
+    pub(super) fn lifecycle(&mut self, kind: Lifecycle) {
         let t = self.start.elapsed().as_secs_f64();
-        if t >= 1.0 {
-            if let Some(c) = self.take_census() {
-                self.census_base = Some((t, c));
+        match kind {
+            Lifecycle::MainStart => {
+                self.main_at.get_or_insert(t);
+            }
+            Lifecycle::Finalize => {
+                if self.finalized_at.is_some() {
+                    return;
+                }
+                self.finalized_at = Some(t);
+                if self.opts.verbose {
+                    eprintln!("leaktrace: interpreter shutdown began; accounting frozen");
+                }
+                if self.paused.is_none() && self.census_end.is_none() {
+                    // `attach` cannot pause the interpreter: read the objects now, while
+                    // shutdown runs its atexit handlers and before it frees module globals.
+                    self.census_end = self.take_census();
+                    if self.census_end.is_none() {
+                        self.census_missing = Some(
+                            "no type census: the interpreter was gone before its objects could be \
+                             read"
+                                .into(),
+                        );
+                    }
+                }
             }
         }
     }
+
+    /// `run`'s child stopped with SIGSTOP (the ring buffer has been read): whether the stop is
+    /// leaktrace's own pause at a lifecycle point. If it is, the census of that point is taken
+    /// while the child waits.
+    pub(super) fn take_pause(&mut self) -> bool {
+        let Some(taken) = self.paused.as_mut() else {
+            return false;
+        };
+        let flags = self.tracer.flags(self.proc.pid);
+        let t = self.start.elapsed().as_secs_f64();
+        // Each point pauses once, in order; its flag is set even when its record was lost.
+        let point = if !taken.main && (self.main_at.is_some() || flags & TARGET_MAIN_STARTED != 0) {
+            taken.main = true;
+            self.main_at.get_or_insert(t);
+            Lifecycle::MainStart
+        } else if !taken.finalize && (self.finalized_at.is_some() || flags & TARGET_FROZEN != 0) {
+            taken.finalize = true;
+            self.finalized_at.get_or_insert(t);
+            Lifecycle::Finalize
+        } else {
+            return false;
+        };
+        match point {
+            Lifecycle::MainStart => {
+                let at = self.main_at.unwrap_or(t);
+                self.census_base = self.take_census().map(|c| (at, c));
+            }
+            // Stopped where shutdown begins: every object is still intact.
+            Lifecycle::Finalize => self.census_end = self.take_census(),
+        }
+        true
+    }
+
+    /// What the census's growth is measured from, in words.
+    pub(super) fn census_baseline(&self) -> String {
+        match (&self.census_base, self.paused.is_some()) {
+            (Some((t, _)), _) => format!(
+                "when the main module started ({t:.1} s into the trace, after the interpreter's \
+                 start-up)"
+            ),
+            (None, false) => {
+                "when tracing began (attach counts the objects allocated since)".into()
+            }
+            (None, true) => "none: the interpreter never entered Py_RunMain (an embedded \
+                             interpreter?), so growth counts everything since it started"
+                .into(),
+        }
+    }
+}
+
+/// Which of `run`'s pauses have been taken.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Pauses {
+    main: bool,
+    finalize: bool,
 }

@@ -72,7 +72,7 @@ impl Session<'_> {
             let mut plan = plan(pid, &modules, proc.exe().as_deref(), self.opts.families)?;
             if let TraceMode::Growth { .. } = self.opts.mode {
                 plan.points.clear();
-                plan.finalize = None;
+                plan.lifecycle.clear();
                 seed_brk(&mut self.tracer, pid);
             }
             self.tracer.attach(&plan, pid)?;
@@ -91,8 +91,9 @@ impl Session<'_> {
         let command = proc.cmdline();
         let exe = exe_id(pid);
         self.sym.refresh(pid);
-        // SAFETY: plain syscall; the child waits in the stop the kernel gave it.
-        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        // The kernel holds a new child in a stop (unless holds were off): let it go. A process
+        // that was there before leaktrace came was never held, and is not touched.
+        self.tracer.release(pid);
         let (py, failed) = match result {
             Ok(py) => (py, None),
             Err(e) => {
@@ -154,8 +155,7 @@ impl Session<'_> {
                 }
             }
         }
-        // SAFETY: plain syscall.
-        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        self.tracer.release(pid);
     }
 
     /// After an exec: finds a followed child's interpreter once its libraries are mapped, and

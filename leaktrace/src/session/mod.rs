@@ -5,11 +5,14 @@ mod census;
 mod forks;
 pub mod live;
 mod setup;
+mod signals;
 mod waiting;
 
 use forks::Forked;
 use live::Exporter;
 pub use live::LiveView;
+use nix::sys::signal::Signal;
+use signals::Interrupt;
 pub use waiting::progress_line;
 use waiting::{child_event, open_pidfd, pid_exit, python_malloc_env, reply, sleep_until};
 
@@ -29,7 +32,7 @@ use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::probes::loader::{check_privileges, Counters, LoadOptions, Tracer};
-use crate::probes::plan::{Families, ProbePlan};
+use crate::probes::plan::{Families, Lifecycle, ProbePlan};
 use crate::report::{Report, ReportMeta, ReportOptions, TargetInfo, TracerCost};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
@@ -115,9 +118,6 @@ pub struct Outcome {
     pub probes: Tracer,
 }
 
-/// How long `run` waits for the child to exit after Ctrl-C before reporting anyway.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
-
 /// The spawner thread's control channel and its events.
 type Child = Option<(Sender<Control>, UnboundedReceiver<SpawnEvent>)>;
 
@@ -133,8 +133,12 @@ struct Session<'a> {
     start: Instant,
     /// Seconds into the trace when the interpreter began shutting down.
     finalized_at: Option<f64>,
-    /// The stop leaktrace asked for at shutdown has been swallowed.
-    finalize_stop_taken: bool,
+    /// Seconds into the trace when the interpreter started running the main module.
+    main_at: Option<f64>,
+    /// `run`: the child is paused at its lifecycle points; which pauses were taken.
+    paused: Option<census::Pauses>,
+    /// Why the report has no type census, when it has none for a reason worth saying.
+    census_missing: Option<String>,
     notes_shown: HashSet<String>,
     /// The target's interpreter, when it is Python and its version is supported.
     py: Option<PythonProcess>,
@@ -144,7 +148,7 @@ struct Session<'a> {
     threads_refreshed: Option<Instant>,
     /// Processes forked by traced ones and followed (`--follow-forks`), by pid.
     forked: BTreeMap<u32, Forked>,
-    /// Type censuses: early in the trace, and at its end.
+    /// Type censuses: when the main module starts, and at the end.
     census_base: Option<(f64, crate::analysis::census::Census)>,
     census_end: Option<crate::analysis::census::Census>,
     /// The capture being written (`-o`).
@@ -221,7 +225,9 @@ pub async fn trace_live(
         unwinder: Unwinder::default(),
         start: Instant::now(),
         finalized_at: None,
-        finalize_stop_taken: false,
+        main_at: None,
+        paused: child.is_some().then(census::Pauses::default),
+        census_missing: None,
         notes_shown: HashSet::new(),
         py: None,
         py_ready: false,
@@ -234,12 +240,12 @@ pub async fn trace_live(
         exporter: None,
         counters: Counters::default(),
     };
-    // In `run`, leaktrace is the child's tracer: it can pause the interpreter at shutdown and
-    // swallow that stop, so every Python stack is decoded before finalization frees code.
-    let stop_at_finalize = child.is_some();
+    // In `run`, leaktrace is the child's tracer: it can pause the interpreter when the main
+    // module starts (the census baseline) and at shutdown (the end census, and every Python
+    // stack decoded before finalization frees code), and swallow those stops.
     let setup = s
         .tracer
-        .add_target(pid, stop_at_finalize)
+        .add_target(pid, s.paused.is_some())
         .and_then(|_| s.setup_probes());
     if let Err(e) = setup {
         if let Some((ctl, _)) = &child {
@@ -284,11 +290,11 @@ pub async fn trace_live(
 
     let mut tick = tokio::time::interval(opts.interval.unwrap_or(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut interrupts = signals::Interrupts::default();
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::Usage(e.to_string()))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::Usage(e.to_string()))?;
     let mut exit_code = 0;
-    let mut interrupted = false;
     // Set when the target died: `run`'s wait status, if it had one.
     let mut died: Option<Option<ExitKind>> = None;
     let end: String = loop {
@@ -301,7 +307,6 @@ pub async fn trace_live(
             }
             _ = tick.tick() => {
                 let sample = s.refresh()?;
-                s.baseline_census();
                 s.publish(&sample, &live);
                 if opts.interval.is_some() {
                     eprintln!("{}", progress_line(&sample));
@@ -315,22 +320,19 @@ pub async fn trace_live(
                 }
             }
             _ = sleep_until(deadline) => {
-                break if interrupted {
-                    "interrupted; still running when leaktrace stopped".to_string()
-                } else {
-                    "still running; detached at the end of the window".to_string()
-                };
+                break "still running; detached at the end of the window".to_string();
             }
             _ = sigint.recv() => {
-                if child.is_some() && !interrupted {
-                    // The child got the terminal's Ctrl-C too: give it a moment to exit.
-                    interrupted = true;
-                    deadline = Some(tokio::time::Instant::now() + INTERRUPT_GRACE);
-                } else {
-                    break "still running; detached on Ctrl-C".to_string();
+                if let Interrupt::Detach(why) = interrupts.received(Signal::SIGINT, child.is_some()) {
+                    break why;
                 }
             }
-            _ = sigterm.recv() => break "still running; detached on SIGTERM".to_string(),
+            _ = sigterm.recv() => {
+                if let Interrupt::Detach(why) = interrupts.received(Signal::SIGTERM, child.is_some()) {
+                    break why;
+                }
+            }
+            _ = sleep_until(interrupts.due()) => interrupts.pass_on(pid),
             _ = quit_requested(&mut quit) => break "still running; detached (quit from the live view)".to_string(),
             _ = pid_exit(&pidfd) => {
                 exit_code = EXIT_TARGET_EXITED_DURING_TRACE;
@@ -346,21 +348,10 @@ pub async fn trace_live(
                     reply(&child, Control::Release);
                 }
                 Some(SpawnEvent::Stopped) => {
-                    // Ours if the interpreter just began shutting down (its announcement is in
-                    // the ring buffer ahead of the stop); anyone else's is passed on.
+                    // Ours if the interpreter just reached a lifecycle point (its announcement
+                    // is in the ring buffer ahead of the stop); anyone else's is passed on.
                     s.catch_up(&mut reader)?;
-                    if s.finalized_at.is_none() && s.tracer.frozen(pid) {
-                        // The ring buffer had no room for the announcement; the flag says it.
-                        s.finalized_at = Some(s.start.elapsed().as_secs_f64());
-                    }
-                    // The announcement may have been read before this stop arrived: what makes
-                    // the stop ours is that shutdown began and its one stop is not yet taken.
-                    let ours = s.finalized_at.is_some() && !s.finalize_stop_taken;
-                    s.finalize_stop_taken |= ours;
-                    if ours {
-                        // Stopped where shutdown begins: every object is still intact.
-                        s.census_end = s.take_census();
-                    }
+                    let ours = s.take_pause();
                     reply(&child, if ours { Control::Release } else { Control::Deliver });
                 }
                 Some(SpawnEvent::Exec) => {
@@ -372,10 +363,14 @@ pub async fn trace_live(
                     s.sym.forget_process(pid);
                     s.sym.refresh(pid);
                     command = s.proc.cmdline();
-                    let replanned = s.setup_probes();
+                    // A new interpreter starts and ends afresh: its pauses are still to come.
+                    s.paused = Some(census::Pauses::default());
+                    (s.main_at, s.finalized_at, s.census_base) = (None, None, None);
+                    let replanned = s.tracer.add_target(pid, true).and_then(|_| s.setup_probes());
                     reply(&child, Control::Go);
                     replanned?;
                 }
+                Some(SpawnEvent::Signal(sig)) => interrupts.child_took(sig),
                 Some(SpawnEvent::Exited(kind)) => {
                     died = Some(Some(kind));
                     break kind.to_string();
@@ -385,6 +380,8 @@ pub async fn trace_live(
             },
         }
     };
+    // Nothing may be held stopped once nobody listens for forks.
+    s.tracer.end_holds();
     let duration = s.start.elapsed().as_secs_f64();
     let ended = Instant::now();
     if s.live_progress {
@@ -435,9 +432,18 @@ pub async fn trace_live(
         native_unwind: s.unwinder.stats.clone(),
         interpreter: s.plan.python.as_ref().map(|p| p.module.clone()),
         finalized_at: s.finalized_at,
+        main_at: s.main_at,
+        census_baseline: Some(s.census_baseline()),
         census_base: s.census_base.take(),
         census_end: s.census_end.take(),
     };
+    if meta.census_end.is_none() && s.py.is_some() && !matches!(opts.mode, TraceMode::Growth { .. })
+    {
+        meta.notes.push(s.census_missing.take().unwrap_or_else(|| {
+            "no type census: the target was gone before its objects could be read".into()
+        }));
+    }
+    meta.notes.extend(interrupts.note());
     if let Some(why) = &s.tracer.deaths_unavailable {
         meta.notes
             .push(format!("how the target dies cannot be named: {why}"));
@@ -561,14 +567,13 @@ impl Session<'_> {
                 }
                 Event::Fork(f) => self.follow(f.parent, f.child),
                 Event::Exec(e) => self.child_exec(e.child),
-                Event::Finalize(f) => {
-                    if f.tgid == self.proc.pid && self.finalized_at.is_none() {
-                        self.finalized_at = Some(self.start.elapsed().as_secs_f64());
-                        if self.opts.verbose {
-                            eprintln!("leaktrace: interpreter shutdown began; accounting frozen");
-                        }
-                    }
+                Event::Finalize(f) if f.tgid == self.proc.pid => {
+                    self.lifecycle(Lifecycle::Finalize)
                 }
+                Event::MainStart(f) if f.tgid == self.proc.pid => {
+                    self.lifecycle(Lifecycle::MainStart)
+                }
+                Event::Finalize(_) | Event::MainStart(_) => {}
             }
         }
     }

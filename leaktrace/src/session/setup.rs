@@ -25,7 +25,7 @@ impl Session<'_> {
             // Page faults stand in for the allocator: nothing to probe, nothing to freeze at
             // shutdown. The plan still says where the interpreter is, for Python stacks.
             plan.points.clear();
-            plan.finalize = None;
+            plan.lifecycle.clear();
             seed_brk(&mut self.tracer, pid);
         }
         self.tracer.attach(&plan, pid)?;

@@ -6,9 +6,13 @@
 //! dynamic loader has mapped every `DT_NEEDED` library by then. And `PTRACE_O_TRACEEXIT` stops it
 //! at exit while its memory maps still exist, so the sites it announced last are symbolized
 //! before it disappears. A wrapper that execs the real program (a pyenv shim, `env python3`) is
-//! followed the same way: stopped at the new program's entry so its libraries get probed. `PTRACE_O_EXITKILL` means the child never outlives a killed leaktrace
-//! holding it stopped. Every ptrace request must come from the thread that spawned the child,
-//! hence one dedicated thread talking to the async session through channels.
+//! followed the same way: stopped at the new program's entry so its libraries get probed.
+//!
+//! The child never dies with leaktrace: there is no `PTRACE_O_EXITKILL`. When a tracer dies
+//! the kernel resumes a tracee held in any of these stops and drops the signal that stopped it
+//! (checked on this kernel for SIGSTOP, SIGTRAP and others), so a killed leaktrace leaves its
+//! child running, untraced. Every ptrace request must come from the thread that spawned the
+//! child, hence one dedicated thread talking to the async session through channels.
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -33,6 +37,8 @@ pub enum SpawnEvent {
     /// job-control stop. Reply `Control::Release` (the pause is swallowed) or
     /// `Control::Deliver` (a real stop: pass it on).
     Stopped,
+    /// The child is taking a signal (passed on to it at once; no reply).
+    Signal(Signal),
     /// The child is about to exit; its maps are still readable. Reply `Control::Release`.
     Exiting,
     /// The child is gone.
@@ -131,9 +137,7 @@ fn run(
     }
     ptrace::setoptions(
         pid,
-        ptrace::Options::PTRACE_O_TRACEEXIT
-            | ptrace::Options::PTRACE_O_TRACEEXEC
-            | ptrace::Options::PTRACE_O_EXITKILL,
+        ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACEEXEC,
     )
     .map_err(|e| spawn_error(argv, format!("ptrace options: {e}")))?;
     if let Err(e) = run_to_entry(pid) {
@@ -187,6 +191,7 @@ fn run(
             }
             Ok(WaitStatus::Stopped(_, sig)) => {
                 // A signal for the child: deliver it.
+                let _ = events.send(SpawnEvent::Signal(sig));
                 let _ = ptrace::cont(pid, Some(sig));
             }
             Ok(_) => {

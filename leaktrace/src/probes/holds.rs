@@ -1,0 +1,235 @@
+//! Processes the kernel stops for leaktrace, and the guarantee that none stays stopped.
+//!
+//! With `--follow-forks` the kernel stops a followed child with a real SIGSTOP at its fork and
+//! at its exec (`TARGET_HELD`), so userspace can attach its probes before it runs; userspace
+//! clears the flag and sends SIGCONT. Such a stop is not a ptrace stop: if nobody sends SIGCONT
+//! the child stays stopped for good. So:
+//! - at the end of a session, `CONTROL_HOLDS_OFF` is set first (the kernel stops nothing more)
+//!   and every process still held is let go, before the slow detach of the probes;
+//! - a guardian process, started with the map descriptors it needs, wakes when leaktrace's end
+//!   of either of two pipes closes, and does the same. A dying process's descriptors are
+//!   released one by one, each uprobe link waiting for an RCU grace period (seconds in all), and
+//!   the order is the kernel's to choose (on 6.18 the highest-numbered goes first, the reverse of
+//!   `close_files`' walk): one pipe end sits at the lowest descriptor leaktrace opens, the other
+//!   at the highest it may, so whichever end the kernel takes first wakes the guardian at the
+//!   start of leaktrace's exit, SIGKILL included. It runs in its own session, so a terminal's
+//!   Ctrl-C does not reach it.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use leaktrace_ebpf::{CONTROL_HOLDS_OFF, MAP_CONTROL, MAP_TARGETS, TARGET_HELD};
+
+use crate::error::{Error, Result};
+
+/// The hidden subcommand that runs the guardian.
+pub const GUARDIAN_ARG: &str = "__guardian";
+
+/// Where the guardian finds its two pipes and the two maps.
+const GUARDIAN_FDS: [RawFd; 4] = [3, 4, 5, 6];
+
+/// After holds are switched off, a stop the kernel was already sending can still land: look
+/// again after these pauses.
+const RELEASE_ROUNDS: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+];
+
+/// Switches holds off: from now on the kernel stops no process for leaktrace.
+pub fn holds_off<T: std::borrow::BorrowMut<MapData>>(control: &mut Array<T, u32>) -> Result<()> {
+    let now = control.get(&0, 0).unwrap_or(0);
+    control
+        .set(0, now | CONTROL_HOLDS_OFF, 0)
+        .map_err(|e| Error::Bpf(format!("switching holds off: {e}")))
+}
+
+/// Lets process `pid` go if the kernel holds it: clears its `TARGET_HELD` flag, then sends
+/// SIGCONT. Returns whether it was held.
+pub fn release<T: std::borrow::BorrowMut<MapData>>(
+    targets: &mut BpfHashMap<T, u32, u32>,
+    pid: u32,
+) -> bool {
+    let Ok(flags) = targets.get(&pid, 0) else {
+        return false;
+    };
+    if flags & TARGET_HELD == 0 {
+        return false;
+    }
+    // A held process runs no code, so no program updates its flags meanwhile.
+    let _ = targets.insert(pid, flags & !TARGET_HELD, 0);
+    // SAFETY: a plain syscall.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    true
+}
+
+/// Lets every held process go; returns how many were.
+pub fn release_all<T: std::borrow::BorrowMut<MapData>>(
+    targets: &mut BpfHashMap<T, u32, u32>,
+) -> usize {
+    let held: Vec<u32> = targets
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, flags)| flags & TARGET_HELD != 0)
+        .map(|(pid, _)| pid)
+        .collect();
+    held.into_iter().filter(|p| release(targets, *p)).count()
+}
+
+/// Switches holds off and lets every held process go, looking again a few times for stops
+/// that were already on their way.
+pub fn end_holds<A, B>(targets: &mut BpfHashMap<A, u32, u32>, control: &mut Array<B, u32>)
+where
+    A: std::borrow::BorrowMut<MapData>,
+    B: std::borrow::BorrowMut<MapData>,
+{
+    if let Err(e) = holds_off(control) {
+        log::warn!("{e}");
+    }
+    for pause in RELEASE_ROUNDS {
+        std::thread::sleep(pause);
+        let n = release_all(targets);
+        if n > 0 {
+            log::debug!("let {n} held processes go");
+        }
+    }
+}
+
+/// The descriptor of a hash or array map.
+fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
+    match map {
+        Map::HashMap(d) | Map::Array(d) => Some(d.fd().as_fd()),
+        _ => None,
+    }
+}
+
+/// A pipe whose write end is leaktrace's: the guardian wakes when it closes.
+pub struct WakePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl WakePipe {
+    /// A pipe at the lowest free descriptors: open it before any probe is attached.
+    pub fn low() -> Result<Self> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::Bpf(format!("creating the guardian's pipe: {e}")))?;
+        Ok(Self { read, write })
+    }
+
+    /// A pipe whose write end sits at the highest descriptor this process may open.
+    pub fn high() -> Result<Self> {
+        let pipe = Self::low()?;
+        // SAFETY: getrlimit writes the struct it is given.
+        let limit = unsafe {
+            let mut r: libc::rlimit = std::mem::zeroed();
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+            r.rlim_cur
+        };
+        let top = limit.saturating_sub(1).min(i32::MAX as u64) as i32;
+        // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
+        let fd = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top) };
+        if fd < 0 {
+            // Taken or over the limit: the low end still wakes the guardian, later.
+            return Ok(pipe);
+        }
+        // SAFETY: a descriptor just returned to us, owned by nobody else.
+        let write = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self {
+            read: pipe.read,
+            write,
+        })
+    }
+}
+
+/// leaktrace's ends of the guardian's pipes: when either closes, the guardian lets every held
+/// process go.
+pub struct Guardian {
+    _wake: [OwnedFd; 2],
+}
+
+impl Guardian {
+    /// Starts the guardian with the two pipes (`low` opened before any probe) and the two maps.
+    pub fn start(low: WakePipe, high: WakePipe, targets: &Map, control: &Map) -> Result<Self> {
+        let fds = [
+            low.read.as_raw_fd(),
+            high.read.as_raw_fd(),
+            map_fd(targets)
+                .ok_or_else(|| Error::Bpf(format!("{MAP_TARGETS} is not a hash map")))?
+                .as_raw_fd(),
+            map_fd(control)
+                .ok_or_else(|| Error::Bpf(format!("{MAP_CONTROL} is not an array")))?
+                .as_raw_fd(),
+        ];
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg(GUARDIAN_ARG)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                // Move the descriptors out of the way first: a source may sit on a target.
+                let mut high = [0; 4];
+                for (i, fd) in fds.iter().enumerate() {
+                    high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (src, dst) in high.iter().zip(GUARDIAN_FDS) {
+                    // dup2 clears close-on-exec on the copy.
+                    if libc::dup2(*src, dst) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Bpf(format!("starting leaktrace's guardian: {e}")))?;
+        log::debug!("guardian {} started", child.id());
+        Ok(Self {
+            _wake: [low.write, high.write],
+        })
+    }
+}
+
+/// The guardian itself: waits for leaktrace's end of the pipe to close, then switches holds off
+/// and lets every held process go.
+pub fn guardian_main() -> Result<()> {
+    // SAFETY: these descriptors were put there by `Guardian::start` and are owned by nobody
+    // else in this process.
+    let [low, high, targets_fd, control_fd] =
+        GUARDIAN_FDS.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let open = |fd: OwnedFd, name: &str| -> Result<Map> {
+        MapData::from_fd(fd)
+            .and_then(Map::from_map_data)
+            .map_err(|e| Error::Bpf(format!("guardian: opening {name}: {e}")))
+    };
+    let mut targets: BpfHashMap<MapData, u32, u32> =
+        BpfHashMap::try_from(open(targets_fd, MAP_TARGETS)?)
+            .map_err(|e| Error::Bpf(format!("guardian: {MAP_TARGETS}: {e}")))?;
+    let mut control: Array<MapData, u32> = Array::try_from(open(control_fd, MAP_CONTROL)?)
+        .map_err(|e| Error::Bpf(format!("guardian: {MAP_CONTROL}: {e}")))?;
+    // Blocks until either pipe's writer is gone: leaktrace is exiting or let go of the session.
+    // Nothing is ever written, so readiness means a hang-up.
+    let mut fds = [low.as_raw_fd(), high.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd for the call's duration.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n > 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+    end_holds(&mut targets, &mut control);
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The target is never harmed: never left stopped, never killed by leaktrace, whatever happens
+//! to leaktrace — SIGTERM, a second signal, a terminal's Ctrl-C, SIGKILL — with `run` and with
+//! `attach --follow-forks`, whose new children the kernel holds stopped until their probes are
+//! attached.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Installs SIGTERM and SIGINT handlers that count, writes `ready` in the directory `argv[1]`,
+/// then lives 12 s unless it has taken `argv[2]` signals. Writes what happened to `log`.
+const HANDLES_SIGNALS: &str = r#"
+import atexit, os, signal, sys, time
+d, need = sys.argv[1], int(sys.argv[2])
+got = []
+def log(line):
+    with open(os.path.join(d, "log"), "a") as f:
+        f.write(line + "\n")
+def handler(sig, frame):
+    got.append(sig)
+    log(f"handler {signal.Signals(sig).name}")
+    if len(got) >= need:
+        sys.exit(3)
+signal.signal(signal.SIGTERM, handler)
+signal.signal(signal.SIGINT, handler)
+atexit.register(lambda: log("atexit"))
+open(os.path.join(d, "ready"), "w").close()
+for _ in range(240):
+    time.sleep(0.05)
+log("lived to the end")
+"#;
+
+/// Starts `leaktrace run` on HANDLES_SIGNALS in a process group of its own, and waits until the
+/// script's handlers are installed.
+fn run_signal_script(dir: &Path, need: &str) -> (Child, PathBuf, tempfile::TempPath) {
+    let py = pyenv_python();
+    let s = script(HANDLES_SIGNALS);
+    let json = dir.join("report.json");
+    let lt = Command::new(leaktrace_bin())
+        .args(["run", "--json", json.to_str().unwrap(), "--"])
+        .arg(&py)
+        .arg(&s)
+        .arg(dir)
+        .arg(need)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(60, || dir.join("ready").exists()),
+        "the traced script never became ready"
+    );
+    (lt, json, s)
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+}
+
+fn report_of(json: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(json).expect("a JSON report")).unwrap()
+}
+
+#[test]
+fn run_passes_sigterm_on_and_traces_the_child_to_its_end() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut lt, json, _s) = run_signal_script(dir.path(), "1");
+    kill(lt.id(), libc::SIGTERM);
+    let status = lt.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    // The child's own handler and atexit ran: it ended the way it chose to.
+    assert_eq!(log_of(dir.path()), "handler SIGTERM\natexit\n");
+    let r = report_of(&json);
+    let end = r["target"]["end"].as_str().unwrap();
+    assert!(end.contains("exited with code 3"), "{end}");
+    assert!(
+        r["notes"].to_string().contains("passed on the SIGTERM"),
+        "{}",
+        r["notes"]
+    );
+}
+
+#[test]
+fn a_terminal_ctrl_c_reaches_the_child_once() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // Two signals would end it: one Ctrl-C must not.
+    let (mut lt, json, _s) = run_signal_script(dir.path(), "2");
+    // What a terminal does: SIGINT to the whole foreground process group.
+    // SAFETY: plain syscall, to leaktrace's own group.
+    unsafe { libc::kill(-(lt.id() as i32), libc::SIGINT) };
+    let status = lt.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        log_of(dir.path()),
+        "handler SIGINT\nlived to the end\natexit\n",
+        "the child took Ctrl-C once and lived on"
+    );
+    let r = report_of(&json);
+    assert!(r["target"]["end"]
+        .as_str()
+        .unwrap()
+        .contains("exited with code 0"));
+    assert!(!r["notes"].to_string().contains("passed on"));
+}
+
+#[test]
+fn a_second_signal_detaches_and_the_child_runs_on() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut lt, json, _s) = run_signal_script(dir.path(), "5");
+    kill(lt.id(), libc::SIGTERM);
+    assert!(wait_for(10, || log_of(dir.path()).contains("handler SIGTERM")));
+    kill(lt.id(), libc::SIGTERM);
+    let status = lt.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let r = report_of(&json);
+    let end = r["target"]["end"].as_str().unwrap();
+    assert!(end.contains("detached on a second SIGTERM"), "{end}");
+    // Untraced now, it lives to the end of its own accord.
+    assert!(
+        wait_for(30, || log_of(dir.path()).contains("atexit")),
+        "{}",
+        log_of(dir.path())
+    );
+    assert_eq!(
+        log_of(dir.path()),
+        "handler SIGTERM\nlived to the end\natexit\n"
+    );
+}
+
+/// Forks `argv[1]` children, one every 0.15 s; each allocates, sleeps 0.4 s and exits. Prints
+/// READY first and `done` once every child has been waited for.
+const FORKER: &str = r#"
+import os, sys, time
+print("READY", flush=True)
+kids = []
+for i in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        keep = [bytearray(1000) for _ in range(20)]
+        time.sleep(0.4)
+        os._exit(0)
+    kids.append(pid)
+    time.sleep(0.15)
+for k in kids:
+    os.waitpid(k, 0)
+print("done", flush=True)
+"#;
+
+/// Process state letters of `pid`'s children.
+fn children_states(pid: u32) -> HashMap<u32, char> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.insert(child, f[0].chars().next().unwrap_or('?'));
+        }
+    }
+    out
+}
+
+/// Attaches with `--follow-forks` to a process that forks all along, sends leaktrace `sig`
+/// while it traces, and checks that no child stays stopped and the target finishes.
+fn no_child_left_stopped(sig: i32) {
+    let _g = serial();
+    let py = pyenv_python();
+    let s = script(FORKER);
+    let mut target = Command::new(&py)
+        .arg(&s)
+        .arg("30")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(target.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(line.contains("READY"));
+    let pid = target.id();
+    let mut lt = Command::new(leaktrace_bin())
+        .args(["attach", "-p", &pid.to_string(), "--follow-forks"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Signal it once it has followed a few children: tracing is under way.
+    assert!(
+        wait_for(60, || children_states(pid).len() >= 2),
+        "the target forked no children"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    kill(lt.id(), sig);
+    // A child the kernel held when the signal came is let go at once; none is held after.
+    let mut stopped_since: HashMap<u32, Instant> = HashMap::new();
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(4) {
+        let states = children_states(pid);
+        stopped_since.retain(|p, _| states.get(p) == Some(&'T'));
+        for (p, st) in states {
+            if st == 'T' {
+                let since = *stopped_since.entry(p).or_insert_with(Instant::now);
+                assert!(
+                    since.elapsed() < Duration::from_secs(1),
+                    "child {p} of {pid} stayed stopped after leaktrace got signal {sig}"
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The target waits for every child: it finishes only if none was left stopped.
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(rest.contains("done"), "{rest}");
+    assert!(target.wait().unwrap().success());
+    let status = lt.wait().unwrap();
+    if sig == libc::SIGTERM {
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+#[test]
+fn sigterm_of_attach_follow_forks_leaves_no_child_stopped() {
+    no_child_left_stopped(libc::SIGTERM);
+}
+
+#[test]
+fn sigkill_of_attach_follow_forks_leaves_no_child_stopped() {
+    no_child_left_stopped(libc::SIGKILL);
+}
