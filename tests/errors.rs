@@ -22,6 +22,43 @@ fn missing_pid() {
     );
 }
 
+/// A PID that names no live user-space process — a kernel thread, a zombie — is refused with
+/// exit 4 and says why.
+#[test]
+fn kernel_threads_and_zombies_are_refused_with_a_reason() {
+    // kthreadd is PID 2 in every PID namespace that has kernel threads.
+    let comm = std::fs::read_to_string("/proc/2/comm").unwrap_or_default();
+    assert_eq!(comm.trim(), "kthreadd", "this machine's PID 2");
+    let r = leaktrace(&["attach", "-p", "2", "-d", "1"]);
+    no_panic(&r);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("kernel thread"), "{}", r.stderr);
+
+    // A child that exited and is not reaped while the parent sleeps.
+    let mut parent = Command::new("python3")
+        .args([
+            "-c",
+            "import os, time\npid = os.fork()\nif pid == 0: os._exit(0)\nprint(pid, flush=True)\ntime.sleep(30)",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(parent.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let zombie = line.trim().to_string();
+    assert!(wait_for(10, || !alive(zombie.parse().unwrap())));
+    let r = leaktrace(&["attach", "-p", &zombie, "-d", "1"]);
+    let _ = parent.kill();
+    let _ = parent.wait();
+    no_panic(&r);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("zombie"), "{}", r.stderr);
+}
+
 #[test]
 fn missing_privileges() {
     let out = Command::new("setpriv")
@@ -111,6 +148,22 @@ fn bad_arguments_are_usage_errors() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // Values that overflow a deadline, flood the terminal or leave no room: usage errors with
+    // a message, never a panic (exit 101).
+    for args in [
+        &["attach", "-p", "1", "--duration", "1e30"][..],
+        &["attach", "-p", "1", "--duration", "18446744073709551616"],
+        &["attach", "-p", "1", "--interval", "1e30"],
+        &["attach", "-p", "1", "--interval", "1e-9"],
+        &["attach", "-p", "1", "--max-live", "0"],
+        &["attach", "-p", "1", "--max-sites", "0"],
+        &["attach", "-p", "1", "--top", "0"],
+    ] {
+        let out = Command::new(leaktrace_bin()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
 }
 
 /// A full site table keeps counting: new Python stacks fold into their native caller, the

@@ -163,11 +163,22 @@ pub enum NativeFrames {
     All,
 }
 
+/// The longest `--duration` or `--interval` accepted, in seconds.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// A count that must be at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, not {s:?}")),
+    }
+}
+
 /// Options shared by `run` and `attach`.
 #[derive(Debug, Args)]
 pub struct CommonOpts {
     /// Show the N sites with the most unfreed bytes.
-    #[arg(long, default_value_t = 20, value_name = "N")]
+    #[arg(long, default_value_t = 20, value_name = "N", value_parser = at_least_one)]
     pub top: usize,
     /// Ignore allocations smaller than this (bytes; k/M/G and KiB/MiB/GiB suffixes accepted).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
@@ -192,11 +203,11 @@ pub struct CommonOpts {
     #[arg(short, long)]
     pub verbose: bool,
     /// Capacity of the kernel's live-allocation table; allocations beyond it are counted as dropped.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_live: u32,
     /// Capacity of the kernel's site table (distinct allocator × caller × Python stack); when it
     /// is full, new stacks are counted under their native caller alone, and that is shown.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sites: u32,
     /// Python frames to record per site (1–128); deeper stacks are cut and marked.
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
@@ -275,12 +286,12 @@ impl CommonOpts {
         duration: Option<f64>,
     ) -> Result<TraceOptions, String> {
         let mode = self.trace_mode(attach, duration)?;
-        let secs = |v: f64, what: &str| {
-            if v.is_finite() && v > 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(format!("{what} must be a positive number of seconds"))
-            }
+        // Bounded so that no value can overflow a deadline or flood the terminal.
+        let secs = |v: f64, what: &str, min: f64| match Duration::try_from_secs_f64(v) {
+            Ok(d) if v >= min && v <= MAX_SECONDS => Ok(d),
+            _ => Err(format!(
+                "{what} must be a number of seconds from {min} to {MAX_SECONDS} (a year), not {v}"
+            )),
         };
         Ok(TraceOptions {
             families: if self.libc_only {
@@ -303,8 +314,11 @@ impl CommonOpts {
                 follow_forks: self.follow_forks,
             },
             mode,
-            duration: duration.map(|d| secs(d, "--duration")).transpose()?,
-            interval: self.interval.map(|d| secs(d, "--interval")).transpose()?,
+            duration: duration.map(|d| secs(d, "--duration", 0.01)).transpose()?,
+            interval: self
+                .interval
+                .map(|d| secs(d, "--interval", 0.1))
+                .transpose()?,
             verbose: self.verbose,
             report: ReportOptions {
                 top: self.top,

@@ -12,6 +12,19 @@ pub enum Error {
     NoPrivileges(String),
     #[error("no process with PID {0} (is it still running?)")]
     NoSuchProcess(u32),
+    #[error("process {pid} cannot be traced: {why}")]
+    NotAProcess { pid: u32, why: String },
+    #[error(
+        "the kernel refuses leaktrace access to process {pid} ({path}: {source}): it may run in \
+         another user namespace or be marked not dumpable; leaktrace needs the access a debugger \
+         has (ptrace) to the target"
+    )]
+    Denied {
+        pid: u32,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("process {pid} exited while leaktrace was attaching: {detail}")]
     TargetExited { pid: u32, detail: String },
     #[error("process {0} is not a Python process (no libpython and no Python interpreter symbols in its mappings); drop --python-only to trace its libc allocations")]
@@ -43,8 +56,8 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
-            Error::NoPrivileges(_) => 3,
-            Error::NoSuchProcess(_) => 4,
+            Error::NoPrivileges(_) | Error::Denied { .. } => 3,
+            Error::NoSuchProcess(_) | Error::NotAProcess { .. } => 4,
             Error::TargetExited { .. } => 5,
             Error::NotPython(_) => 6,
             Error::NoAllocatorSymbols { .. } => 7,

@@ -123,8 +123,15 @@ fn main() {
                     code = EXIT_LEAKS_OVER_LIMIT;
                 }
             }
-            // Detach before exiting: the target keeps running, unharmed.
-            drop(outcome.probes);
+            // Detach before exiting: the target keeps running, unharmed. `run`'s child is gone:
+            // its breakpoints are removed in the background while leaktrace returns.
+            let phase = leaktrace::session::Phases::new(verbose);
+            if matches!(cli.command, Command::Run { .. }) {
+                outcome.probes.detach_in_background();
+            } else {
+                drop(outcome.probes);
+            }
+            phase.done("detach");
             std::process::exit(code);
         }
         Err(e) => {

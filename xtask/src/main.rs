@@ -44,7 +44,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Run only the parts whose name contains TEXT: a workload's script name
-        /// (`numpy_leak`), `tracemalloc` or `scale`.
+        /// (`numpy_leak`), `tracemalloc`, `scale` or `fixed-cost` (with `LEAKTRACE_COMPARE=BIN`,
+        /// another build's rows beside this one's).
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
     },

@@ -55,7 +55,8 @@ pub struct Report {
     pub python_coverage: PythonCoverage,
     pub notes: Vec<String>,
     pub counters: BTreeMap<String, u64>,
-    /// Sum of the drop counters: allocations or announcements leaktrace lost.
+    /// Everything leaktrace lost: the drop counters, plus the sites whose stack record never
+    /// arrived (their bytes are counted, their stack is not known).
     pub dropped: u64,
     pub totals: Totals,
     /// Sites with unfreed bytes, largest first (after `--min-size` and `--top`).
@@ -385,7 +386,7 @@ impl Report {
             .collect();
         let mut report = Report {
             schema_version: SCHEMA_VERSION,
-            dropped: meta.drops(),
+            dropped: meta.drops() + sites_without_stack as u64,
             processes: meta.processes,
             target: meta.target,
             mode: meta.mode,
@@ -459,6 +460,39 @@ pub fn human_bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stacks::symbolize::Symbolizer;
+    use leaktrace_ebpf::SiteStats;
+
+    /// A site whose record the full ring buffer swallowed keeps its bytes but has no stack:
+    /// that is a loss, counted in `dropped` and shown, never "drops: none".
+    #[test]
+    fn a_site_that_lost_its_stack_record_is_a_drop() {
+        let mut heap = Heap::default();
+        let mut sym = Symbolizer::new();
+        let stats = SiteStats {
+            live_bytes: 4096,
+            live_count: 1,
+            allocs: 1,
+            alloc_bytes: 4096,
+            tgid: 4_194_400,
+            caller: 0x1234,
+            ..SiteStats::default()
+        };
+        heap.update(&mut sym, vec![(7, stats)]);
+        let mut meta = ReportMeta::default();
+        meta.counters.insert("ringbuf_full".into(), 3);
+        let options = ReportOptions {
+            top: 20,
+            min_size: 0,
+            all_native_frames: false,
+        };
+        let r = Report::build(&heap, &mut sym, meta, options);
+        assert_eq!(r.sites_without_stack, 1);
+        assert_eq!(r.dropped, 1);
+        let text = table::render(&r, false, false);
+        assert!(!text.contains("drops: none"), "{text}");
+        assert!(text.contains("DROPS: 1 (1 sites with unfreed bytes lost their stack record: the ring buffer was full 3 times)"), "{text}");
+    }
 
     #[test]
     fn human_units() {

@@ -145,22 +145,23 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             human_bytes(r.suspect_bytes)
         );
     }
-    if r.sites_without_stack > 0 {
-        let _ = writeln!(
-            o,
-            "  {} sites with unfreed bytes lost their stack record (ring buffer full)",
-            r.sites_without_stack
-        );
-    }
     if r.dropped == 0 {
         let _ = writeln!(o, "  drops: none");
     } else {
-        let list: Vec<String> = r
+        let mut list: Vec<String> = r
             .counters
             .iter()
             .filter(|(k, v)| **v > 0 && is_drop_name(k))
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
+        if r.sites_without_stack > 0 {
+            let full = r.counters.get("ringbuf_full").copied().unwrap_or(0);
+            list.push(format!(
+                "{} sites with unfreed bytes lost their stack record: the ring buffer was \
+                 full {full} times",
+                r.sites_without_stack
+            ));
+        }
         let _ = writeln!(o, "  DROPS: {} ({})", r.dropped, list.join(", "));
     }
     if let (true, Some(c)) = (verbose, &r.tracer) {
@@ -305,6 +306,18 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
                 group(ty.count),
                 group(ty.bytes),
                 ty.name
+            );
+        }
+        let recycled = ["dict", "list", "tuple", "float"];
+        if c.types
+            .iter()
+            .take(12)
+            .any(|t| recycled.contains(&t.name.as_str()))
+        {
+            let _ = writeln!(
+                o,
+                "  (dicts, lists, tuples and floats that CPython's free lists hand out again never \
+                 reach the allocator: up to ~80 of each are not counted; docs/analysis.md)"
             );
         }
     }

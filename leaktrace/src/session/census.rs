@@ -7,6 +7,8 @@ use leaktrace_ebpf::{TARGET_FROZEN, TARGET_MAIN_STARTED};
 
 use super::{Session, TraceMode};
 use crate::analysis::census::Census;
+use crate::error::Result;
+use crate::events::EventReader;
 use crate::probes::plan::Lifecycle;
 use crate::stacks::python::objects::TypeReader;
 
@@ -60,12 +62,14 @@ impl Session<'_> {
         }
     }
 
-    /// `run`'s child stopped with SIGSTOP (the ring buffer has been read): whether the stop is
-    /// leaktrace's own pause at a lifecycle point. If it is, the census of that point is taken
-    /// while the child waits.
-    pub(super) fn take_pause(&mut self) -> bool {
+    /// `run`'s child stopped with SIGSTOP: whether the stop is leaktrace's own pause at a
+    /// lifecycle point. If it is, what that point needs is done while the child waits: at the
+    /// main module's start, the baseline census alone (start-up's new sites are read as tracing
+    /// goes on, not while the program waits); at shutdown, every pending record is read and
+    /// named while the code objects exist, then the end census.
+    pub(super) fn take_pause(&mut self, reader: &mut EventReader) -> Result<bool> {
         let Some(taken) = self.paused.as_mut() else {
-            return false;
+            return Ok(false);
         };
         let flags = self.tracer.flags(self.proc.pid);
         let t = self.start.elapsed().as_secs_f64();
@@ -79,7 +83,7 @@ impl Session<'_> {
             self.finalized_at.get_or_insert(t);
             Lifecycle::Finalize
         } else {
-            return false;
+            return Ok(false);
         };
         match point {
             Lifecycle::MainStart => {
@@ -87,9 +91,12 @@ impl Session<'_> {
                 self.census_base = self.take_census().map(|c| (at, c));
             }
             // Stopped where shutdown begins: every object is still intact.
-            Lifecycle::Finalize => self.census_end = self.take_census(),
+            Lifecycle::Finalize => {
+                self.catch_up(reader)?;
+                self.census_end = self.take_census();
+            }
         }
-        true
+        Ok(true)
     }
 
     /// What the census's growth is measured from, in words.

@@ -127,8 +127,9 @@ impl Session<'_> {
     /// kernel installs them as the loader maps each library; its interpreter is found once it
     /// exists. Anything else is let go untraced. The child is let go whatever happens.
     pub(super) fn child_exec(&mut self, pid: u32) {
-        // The target itself is not stopped at exec (`run` follows its exec through ptrace).
+        // The target itself is not held at exec (`run` follows its exec through ptrace).
         let Some(f) = self.forked.get_mut(&pid) else {
+            self.tracer.release(pid);
             return;
         };
         {
@@ -150,9 +151,12 @@ impl Session<'_> {
                 if f.failed.is_none() {
                     f.failed = Some(format!("exec'd {new}; traced until then"));
                 }
+                // Let go while its hold is still recorded in `TARGETS`, then forget it.
+                self.tracer.release(pid);
                 if let Err(e) = self.tracer.remove_target(pid) {
                     log::debug!("{e}");
                 }
+                return;
             }
         }
         self.tracer.release(pid);

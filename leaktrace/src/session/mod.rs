@@ -189,7 +189,9 @@ pub async fn trace_live(
         let (_, rx) = unbounded_channel();
         std::mem::replace(&mut l.quit, rx)
     });
+    let phase = Phases::new(opts.verbose);
     let mut tracer = Tracer::load(opts.load)?;
+    phase.done("load the BPF object");
     log::debug!("BPF object loaded");
     let mut reader = EventReader::new(tracer.take_events()?)?;
 
@@ -254,6 +256,7 @@ pub async fn trace_live(
         return Err(e);
     }
     log::debug!("probes attached");
+    phase.done("start the target, plan and attach the probes");
     if opts.load.follow_forks && child.is_none() {
         // Workers the target forked before leaktrace came are followed like new ones.
         for (pid, parent) in s.proc.descendants() {
@@ -348,10 +351,9 @@ pub async fn trace_live(
                     reply(&child, Control::Release);
                 }
                 Some(SpawnEvent::Stopped) => {
-                    // Ours if the interpreter just reached a lifecycle point (its announcement
-                    // is in the ring buffer ahead of the stop); anyone else's is passed on.
-                    s.catch_up(&mut reader)?;
-                    let ours = s.take_pause();
+                    // Ours if the interpreter just reached a lifecycle point (the kernel set its
+                    // flag before stopping it); anyone else's is passed on.
+                    let ours = s.take_pause(&mut reader)?;
                     reply(&child, if ours { Control::Release } else { Control::Deliver });
                 }
                 Some(SpawnEvent::Exec) => {
@@ -383,6 +385,7 @@ pub async fn trace_live(
     // Nothing may be held stopped once nobody listens for forks.
     s.tracer.end_holds();
     let duration = s.start.elapsed().as_secs_f64();
+    phase.done("trace");
     let ended = Instant::now();
     if s.live_progress {
         eprint!("\r\x1b[K");
@@ -477,6 +480,7 @@ pub async fn trace_live(
         report_seconds: ended.elapsed().as_secs_f64(),
     });
     log::debug!("report built");
+    phase.done("read the last records, the census and build the report");
     if let Some(path) = &opts.json {
         std::fs::write(path, report.to_json()).map_err(|source| Error::Read {
             path: path.clone(),
@@ -613,6 +617,31 @@ impl Session<'_> {
             }
         }
         Ok(point)
+    }
+}
+
+/// `--verbose`: how long each phase of a session took, printed as each ends.
+pub struct Phases {
+    last: std::cell::Cell<Option<Instant>>,
+}
+
+impl Phases {
+    /// Starts the clock when `verbose`; otherwise every call does nothing.
+    pub fn new(verbose: bool) -> Self {
+        Self {
+            last: std::cell::Cell::new(verbose.then(Instant::now)),
+        }
+    }
+
+    /// Prints the time since the previous phase ended, and starts the next.
+    pub fn done(&self, what: &str) {
+        if let Some(t) = self.last.get() {
+            eprintln!(
+                "leaktrace: phase: {what}: {:.3} s",
+                t.elapsed().as_secs_f64()
+            );
+            self.last.set(Some(Instant::now()));
+        }
     }
 }
 

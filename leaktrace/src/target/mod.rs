@@ -24,6 +24,26 @@ impl Process {
         if pid == 0 || !p.proc_dir().exists() {
             return Err(Error::NoSuchProcess(pid));
         }
+        let stat = std::fs::read_to_string(p.proc_dir().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised command: state (3rd field), …, flags (9th).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let not = |why: &str| {
+            Err(Error::NotAProcess {
+                pid,
+                why: why.into(),
+            })
+        };
+        if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+            return not("it is a zombie: it has exited and its parent has not reaped it yet");
+        }
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+        if flags & PF_KTHREAD != 0 {
+            return not("it is a kernel thread, with no user-space memory to trace");
+        }
         Ok(p)
     }
 
@@ -47,7 +67,13 @@ impl Process {
     pub fn maps(&self) -> Result<Vec<maps::Mapping>> {
         let path = self.proc_dir().join("maps");
         let text = std::fs::read_to_string(&path).map_err(|source| {
-            if self.alive() {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                Error::Denied {
+                    pid: self.pid,
+                    path,
+                    source,
+                }
+            } else if self.alive() {
                 Error::Read { path, source }
             } else {
                 Error::TargetExited {

@@ -8,6 +8,7 @@
 //! reported. It prints numbers, never a verdict.
 
 mod accuracy;
+mod fixed;
 mod scale;
 mod tools;
 
@@ -309,6 +310,9 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("scale") {
         scale::run(&env, quick, &scratch)?;
+    }
+    if wanted("fixed-cost") {
+        fixed::fixed_cost(leaktrace, &python, reps, &scratch)?;
     }
     println!("\n### Headline ratios\n");
     for h in headline {
