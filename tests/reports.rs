@@ -304,6 +304,13 @@ fn a_capture_survives_a_killed_tracer() {
         table.contains("leak_malloc") && table.contains("in handle"),
         "{table}"
     );
+    // The header reads as a sentence and says what is known: a Python target, its allocations.
+    assert!(
+        table.contains("target state unknown: the capture stops at"),
+        "{table}"
+    );
+    assert!(!table.contains("not a Python process"), "{table}");
+    assert!(!table.contains(" 0 allocations"), "{table}");
 }
 
 #[test]

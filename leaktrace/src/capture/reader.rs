@@ -6,7 +6,7 @@ use std::path::Path;
 
 use flate2::read::MultiGzDecoder;
 
-use leaktrace_ebpf::{AllocFn, SiteStats};
+use leaktrace_ebpf::{AllocFn, Counter, SiteStats};
 
 use super::{Header, Record, FORMAT, VERSION};
 use crate::analysis::trend::Trend;
@@ -300,22 +300,38 @@ impl Capture {
         let h = &self.header;
         let t = self.duration_s();
         let end = format!(
-            "the capture stops at {t:.1} s: leaktrace ended before finishing it (killed or \
-             crashed); figures are as of its last interval"
+            "state unknown: the capture stops at {t:.1} s, where leaktrace ended before \
+             finishing it (killed or crashed); figures are as of its last interval"
         );
+        let mut notes = vec![end.clone()];
+        // The last interval's totals; the drop counters by kind are written only at the end.
+        let mut counters = std::collections::BTreeMap::new();
+        if let Some(last) = self.heap.series().last() {
+            counters.insert(Counter::Allocs.name().to_string(), last.allocs);
+            counters.insert(Counter::Frees.name().to_string(), last.frees);
+            if last.drops > 0 {
+                notes.push(format!(
+                    "{} allocations or records were dropped by then (their kinds are written \
+                     only when a capture ends)",
+                    last.drops
+                ));
+            }
+        }
         ReportMeta {
             target: TargetInfo {
                 pid: h.pid,
                 command: h.command.clone(),
+                python: h.interpreter.as_deref().map(python_version_of),
                 python_module: h.interpreter.clone(),
-                end: end.clone(),
+                end,
                 ..TargetInfo::default()
             },
             mode: h.mode.clone(),
             sample_rate: h.sample_rate,
             duration_s: t,
             interpreter: h.interpreter.clone(),
-            notes: vec![end],
+            counters,
+            notes,
             ..ReportMeta::default()
         }
     }
@@ -336,5 +352,34 @@ impl Capture {
                 .push("the capture's last line was cut short and was skipped".into());
         }
         Report::build(&self.heap, &mut self.frames, meta, opts)
+    }
+}
+
+/// The Python version in an interpreter's file name (`libpython3.11.so.1.0` → `3.11`), or `?`.
+fn python_version_of(module: &str) -> String {
+    let name = module.rsplit('/').next().unwrap_or(module);
+    name.find("python3.")
+        .map(|i| {
+            let v = &name[i + "python".len()..];
+            let end = v[2..]
+                .find(|c: char| !c.is_ascii_digit())
+                .map_or(v.len(), |e| e + 2);
+            v[..end].to_string()
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_version_from_the_interpreter_file() {
+        use super::python_version_of as v;
+        assert_eq!(
+            v("/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"),
+            "3.11"
+        );
+        assert_eq!(v("/usr/bin/python3.13"), "3.13");
+        assert_eq!(v("/usr/bin/python3.14t"), "3.14");
+        assert_eq!(v("/opt/app/bin/app"), "?");
     }
 }

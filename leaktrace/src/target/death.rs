@@ -24,11 +24,20 @@ impl Death {
     pub fn of(info: Option<DeathInfo>, waited: Option<ExitKind>) -> Option<Death> {
         let info = info.unwrap_or_default();
         let oom = info.flags & death::OOM_VICTIM != 0;
+        let signaled = info.flags & death::SIGNALED != 0;
+        let exited = info.flags & death::EXITED != 0;
+        // `exit_group` ends the other threads with SIGKILL, which the kernel shows as delivered:
+        // that is an exit. And a fatal signal nobody handles (SIGTERM, SIGINT, SIGHUP…) is turned
+        // by the kernel into a SIGKILL of the whole group before any thread takes it: the
+        // signal that was sent is the cause.
+        let sigkill = signaled && info.signal == 9;
         let (signal, exit_code) = match waited {
             Some(ExitKind::Signal(s)) => (Some(s as u32), None),
             Some(ExitKind::Code(c)) => (None, Some(c)),
-            None if info.flags & death::SIGNALED != 0 => (Some(info.signal), None),
-            None if info.flags & death::EXITED != 0 => (None, Some(info.exit_code)),
+            None if sigkill && exited && !oom => (None, Some(info.exit_code)),
+            None if sigkill && info.sent_signal != 0 && !oom => (Some(info.sent_signal), None),
+            None if signaled => (Some(info.signal), None),
+            None if exited => (None, Some(info.exit_code)),
             None if oom => (Some(9), None),
             None => return None,
         };
@@ -128,6 +137,39 @@ mod tests {
         assert_eq!(
             Death::of(Some(exit), None).unwrap().describe(),
             "exited with code 3"
+        );
+        // SIGTERM with no handler: the kernel delivers it as a group SIGKILL.
+        let term = DeathInfo {
+            flags: death::SIGNALED,
+            signal: 9,
+            sender_tgid: 42,
+            sent_signal: 15,
+            sender_comm: comm("bash"),
+            ..Default::default()
+        };
+        assert_eq!(
+            Death::of(Some(term), None).unwrap().describe(),
+            "killed by SIGTERM from pid 42 (bash)"
+        );
+        // A threaded process calling exit_group: its other threads take SIGKILL.
+        let threaded_exit = DeathInfo {
+            flags: death::EXITED | death::SIGNALED,
+            signal: 9,
+            exit_code: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            Death::of(Some(threaded_exit), None).unwrap().describe(),
+            "exited with code 0"
+        );
+        // A real SIGKILL is still one.
+        let kill9 = DeathInfo {
+            sent_signal: 9,
+            ..term
+        };
+        assert_eq!(
+            Death::of(Some(kill9), None).unwrap().describe(),
+            "killed by SIGKILL from pid 42 (bash)"
         );
         // `run`'s wait status wins; the kernel adds the OOM killer.
         let d = Death::of(Some(oom), Some(ExitKind::Signal(9))).unwrap();
