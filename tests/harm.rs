@@ -210,17 +210,19 @@ fn no_child_left_stopped(sig: i32) {
     );
     std::thread::sleep(Duration::from_millis(1500));
     kill(lt.id(), sig);
-    // A child the kernel held when the signal came is let go at once; none is held after.
+    // A child the kernel held when the signal came is let go as soon as leaktrace has finished
+    // attaching the one in hand (well under a second, more on a loaded machine); none is held
+    // after.
     let mut stopped_since: HashMap<u32, Instant> = HashMap::new();
     let watch = Instant::now();
-    while watch.elapsed() < Duration::from_secs(4) {
+    while watch.elapsed() < Duration::from_secs(6) {
         let states = children_states(pid);
         stopped_since.retain(|p, _| states.get(p) == Some(&'T'));
         for (p, st) in states {
             if st == 'T' {
                 let since = *stopped_since.entry(p).or_insert_with(Instant::now);
                 assert!(
-                    since.elapsed() < Duration::from_secs(1),
+                    since.elapsed() < Duration::from_secs(3),
                     "child {p} of {pid} stayed stopped after leaktrace got signal {sig}"
                 );
             }

@@ -66,6 +66,11 @@ impl Session<'_> {
     /// pid), give the kernel its interpreter, and let it run. It is let go whatever happens.
     pub(super) fn follow(&mut self, parent: u32, pid: u32) {
         let proc = Process { pid };
+        if self.ending {
+            // Announced as tracing ended: attaching its probes would only keep it waiting.
+            self.tracer.release(pid);
+            return;
+        }
         let mut python_info = None;
         let result = (|| -> Result<Option<PythonProcess>> {
             let modules = proc.module_map()?;

@@ -159,6 +159,8 @@ struct Session<'a> {
     exporter: Option<Exporter>,
     /// The kernel's counters as the last interval read them.
     counters: Counters,
+    /// Tracing has ended: children announced from now on are let go, not probed.
+    ending: bool,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts.
@@ -241,6 +243,7 @@ pub async fn trace_live(
         live_progress: opts.interval.is_none() && live.is_none() && std::io::stderr().is_terminal(),
         exporter: None,
         counters: Counters::default(),
+        ending: false,
     };
     // In `run`, leaktrace is the child's tracer: it can pause the interpreter when the main
     // module starts (the census baseline) and at shutdown (the end census, and every Python
@@ -383,6 +386,7 @@ pub async fn trace_live(
         }
     };
     // Nothing may be held stopped once nobody listens for forks.
+    s.ending = true;
     s.tracer.end_holds();
     let duration = s.start.elapsed().as_secs_f64();
     phase.done("trace");
