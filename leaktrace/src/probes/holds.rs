@@ -20,6 +20,8 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+
+use super::loader::Tracer;
 use leaktrace_ebpf::{CONTROL_HOLDS_OFF, MAP_CONTROL, MAP_TARGETS, TARGET_HELD};
 
 use crate::error::{Error, Result};
@@ -232,4 +234,76 @@ pub fn guardian_main() -> Result<()> {
     }
     end_holds(&mut targets, &mut control);
     Ok(())
+}
+
+impl Tracer {
+    /// Lets process `pid` go if the kernel holds it stopped (a followed child at fork or exec).
+    pub fn release(&mut self, pid: u32) {
+        if let Ok(mut targets) = BpfHashMap::<&mut MapData, u32, u32>::try_from(
+            self.ebpf.map_mut(MAP_TARGETS).expect("in the object"),
+        ) {
+            release(&mut targets, pid);
+        }
+    }
+
+    /// The session is ending: the kernel stops no process any more, and every process it holds
+    /// is let go. Done before the slow detach, while forks may still happen.
+    pub fn end_holds(&mut self) {
+        if !self.follow_forks || self.holds_ended {
+            return;
+        }
+        self.holds_ended = true;
+        let [targets, control] = self.ebpf.maps_disjoint_mut([MAP_TARGETS, MAP_CONTROL]);
+        let (Some(targets), Some(control)) = (targets, control) else {
+            return;
+        };
+        match (
+            BpfHashMap::<&mut MapData, u32, u32>::try_from(targets),
+            Array::<&mut MapData, u32>::try_from(control),
+        ) {
+            (Ok(mut t), Ok(mut c)) => end_holds(&mut t, &mut c),
+            _ => log::warn!("cannot open {MAP_TARGETS} and {MAP_CONTROL} to let held children go"),
+        }
+    }
+
+    /// Detaches in a process of its own, so that leaktrace can exit now: removing a uprobe
+    /// waits for RCU grace periods (≈2 s for a full set, more per followed child), which only
+    /// matters to processes that still run. Every process is first dropped from `TARGETS`, so
+    /// the programs return at once until the kernel has removed the breakpoints. For `run`,
+    /// whose child has exited (or runs on untraced after a second signal).
+    pub fn detach_in_background(mut self) {
+        self.end_holds();
+        if let Ok(mut targets) = BpfHashMap::<&mut MapData, u32, u32>::try_from(
+            self.ebpf.map_mut(MAP_TARGETS).expect("in the object"),
+        ) {
+            let all: Vec<u32> = targets.keys().filter_map(|k| k.ok()).collect();
+            for pid in all {
+                let _ = targets.remove(&pid);
+            }
+        }
+        // SAFETY: the child of a multi-threaded process calls only async-signal-safe functions
+        // (close, getppid, nanosleep, _exit). It owns a copy of every descriptor and exits only
+        // once leaktrace is gone (it is reparented only after leaktrace's exit released every
+        // file): its exit is then the last close of each link and takes the grace periods, and
+        // leaktrace's own exit closes nothing slow. It lets go of standard input, output and
+        // error first, so whoever reads leaktrace's output sees it end with leaktrace.
+        let parent = std::process::id() as libc::pid_t;
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                libc::close(0);
+                libc::close(1);
+                libc::close(2);
+                let pause = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 10_000_000,
+                };
+                while libc::getppid() == parent {
+                    libc::nanosleep(&pause, std::ptr::null_mut());
+                }
+                libc::_exit(0)
+            },
+            -1 => drop(self),
+            _ => std::mem::forget(self),
+        }
+    }
 }

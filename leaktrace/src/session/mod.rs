@@ -4,6 +4,7 @@
 mod census;
 mod forks;
 pub mod live;
+mod phases;
 mod setup;
 mod signals;
 mod waiting;
@@ -12,6 +13,7 @@ use forks::Forked;
 use live::Exporter;
 pub use live::LiveView;
 use nix::sys::signal::Signal;
+pub use phases::Phases;
 use signals::Interrupt;
 pub use waiting::progress_line;
 use waiting::{child_event, open_pidfd, pid_exit, python_malloc_env, reply, sleep_until};
@@ -621,31 +623,6 @@ impl Session<'_> {
             }
         }
         Ok(point)
-    }
-}
-
-/// `--verbose`: how long each phase of a session took, printed as each ends.
-pub struct Phases {
-    last: std::cell::Cell<Option<Instant>>,
-}
-
-impl Phases {
-    /// Starts the clock when `verbose`; otherwise every call does nothing.
-    pub fn new(verbose: bool) -> Self {
-        Self {
-            last: std::cell::Cell::new(verbose.then(Instant::now)),
-        }
-    }
-
-    /// Prints the time since the previous phase ended, and starts the next.
-    pub fn done(&self, what: &str) {
-        if let Some(t) = self.last.get() {
-            eprintln!(
-                "leaktrace: phase: {what}: {:.3} s",
-                t.elapsed().as_secs_f64()
-            );
-            self.last.set(Some(Instant::now()));
-        }
     }
 }
 
