@@ -8,12 +8,12 @@
 //!   and every process still held is let go, before the slow detach of the probes;
 //! - a guardian process, started with the map descriptors it needs, wakes when leaktrace's end
 //!   of either of two pipes closes, and does the same. A dying process's descriptors are
-//!   released one by one, each uprobe link waiting for an RCU grace period (seconds in all), and
-//!   the order is the kernel's to choose (on 6.18 the highest-numbered goes first, the reverse of
-//!   `close_files`' walk): one pipe end sits at the lowest descriptor leaktrace opens, the other
-//!   at the highest it may, so whichever end the kernel takes first wakes the guardian at the
-//!   start of leaktrace's exit, SIGKILL included. It runs in its own session, so a terminal's
-//!   Ctrl-C does not reach it.
+//!   released one by one, each uprobe link waiting for an RCU grace period (seconds in all), in
+//!   an order that is the kernel's to choose (on 6.18 a pipe end at leaktrace's lowest
+//!   descriptor was released last: a guardian woken by it alone woke 150 s late). One pipe end
+//!   sits at the lowest descriptor leaktrace opens, the other at the highest it may, so
+//!   whichever the kernel releases first wakes the guardian at the start of leaktrace's exit,
+//!   SIGKILL included. It runs in its own session, so a terminal's Ctrl-C does not reach it.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
