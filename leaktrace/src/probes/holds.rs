@@ -239,10 +239,11 @@ pub fn guardian_main() -> Result<()> {
 impl Tracer {
     /// Lets process `pid` go if the kernel holds it stopped (a followed child at fork or exec).
     pub fn release(&mut self, pid: u32) {
-        if let Ok(mut targets) = BpfHashMap::<&mut MapData, u32, u32>::try_from(
-            self.ebpf.map_mut(MAP_TARGETS).expect("in the object"),
-        ) {
-            release(&mut targets, pid);
+        match self.targets_mut() {
+            Ok(mut targets) => {
+                release(&mut targets, pid);
+            }
+            Err(e) => log::warn!("cannot let process {pid} go: {e}"),
         }
     }
 
@@ -273,9 +274,7 @@ impl Tracer {
     /// whose child has exited (or runs on untraced after a second signal).
     pub fn detach_in_background(mut self) {
         self.end_holds();
-        if let Ok(mut targets) = BpfHashMap::<&mut MapData, u32, u32>::try_from(
-            self.ebpf.map_mut(MAP_TARGETS).expect("in the object"),
-        ) {
+        if let Ok(mut targets) = self.targets_mut() {
             let all: Vec<u32> = targets.keys().filter_map(|k| k.ok()).collect();
             for pid in all {
                 let _ = targets.remove(&pid);

@@ -324,9 +324,7 @@ impl Tracer {
         if self.follow_forks {
             flags |= TARGET_FOLLOW_FORKS;
         }
-        let mut targets: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(self.map_mut(MAP_TARGETS)?)
-                .map_err(|e| bpf_err(MAP_TARGETS, e))?;
+        let mut targets = self.targets_mut()?;
         // A child the kernel already took in (forked while leaktrace was setting up) keeps what
         // the kernel knows of it: held, and followed since its fork.
         let kept = targets.get(&tgid, 0).unwrap_or(0) & (TARGET_HELD | TARGET_FORKED_CHILD);
@@ -338,10 +336,7 @@ impl Tracer {
     /// Stops tracing process `tgid` (a followed child that exec'd): its probes stay attached
     /// until leaktrace detaches, but the programs ignore it.
     pub fn remove_target(&mut self, tgid: u32) -> Result<()> {
-        let mut targets: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(self.map_mut(MAP_TARGETS)?)
-                .map_err(|e| bpf_err(MAP_TARGETS, e))?;
-        targets
+        self.targets_mut()?
             .remove(&tgid)
             .map_err(|e| bpf_err("removing a target", e))
     }
@@ -353,6 +348,11 @@ impl Tracer {
             BpfHashMap::try_from(self.map_mut("BRKS")?).map_err(|e| bpf_err("BRKS", e))?;
         m.insert(tgid, brk, 0)
             .map_err(|e| bpf_err("setting the program break", e))
+    }
+
+    /// The map of traced processes (tgid → `TARGET_*` flags), for changing.
+    pub(super) fn targets_mut(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
+        BpfHashMap::try_from(self.map_mut(MAP_TARGETS)?).map_err(|e| bpf_err(MAP_TARGETS, e))
     }
 
     /// Process `tgid`'s `TARGET_*` flags (0 when it is not traced). Read from the map, so they
@@ -371,83 +371,68 @@ impl Tracer {
     pub fn attach(&mut self, plan: &ProbePlan, pid: u32) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess(pid))?);
         for p in &plan.points {
-            let meta = std::fs::metadata(&p.host_path).map_err(|source| Error::Read {
-                path: p.host_path.clone(),
-                source,
-            })?;
-            if !self
-                .points
-                .insert((pid, meta.dev(), meta.ino(), p.file_offset))
-            {
-                continue;
-            }
-            let progs: &[&str] = if p.func.shape() == Shape::Free {
+            let progs: &[&'static str] = if p.func.shape() == Shape::Free {
                 &["free_enter"]
             } else {
                 &["alloc_enter", "alloc_exit"]
             };
-            for name in progs {
-                let prog: &mut UProbe = self
-                    .ebpf
-                    .program_mut(name)
-                    .expect("loaded in Tracer::load")
-                    .try_into()
-                    .map_err(|e| bpf_err(name, e))?;
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
-                    cookie: Some(p.func as u64),
-                };
-                let id = prog.attach(point, &p.host_path, scope).map_err(|e| {
-                    let alive = crate::target::Process { pid }.alive();
-                    if !alive {
-                        Error::TargetExited {
-                            pid,
-                            detail: "before its probes were attached".into(),
-                        }
-                    } else {
-                        bpf_err(
-                            &format!(
-                                "attaching {name} to {}+{} in {}",
-                                p.func.symbol(),
-                                p.placement.offset,
-                                p.module
-                            ),
-                            e,
-                        )
-                    }
-                })?;
-                self.links.push((name, id));
-                self.attached += 1;
-            }
+            let what = || format!("{}+{} in {}", p.func.symbol(), p.placement.offset, p.module);
+            let at = (&p.host_path, p.file_offset, p.func as u64);
+            self.attach_point(pid, scope, progs, at, what)?;
         }
         for f in &plan.lifecycle {
-            let meta = std::fs::metadata(&f.host_path).map_err(|source| Error::Read {
-                path: f.host_path.clone(),
-                source,
+            let what = || format!("{} in {}", f.kind.symbol(), f.module);
+            let at = (&f.host_path, f.file_offset, u64::from(f.kind.event_kind()));
+            self.attach_point(pid, scope, &["lifecycle_enter"], at, what)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches programs `progs` at (file, offset), with `cookie`, unless this process has them
+    /// there already (uprobes live on files: a program that execs into another one mapping the
+    /// same libc keeps them).
+    fn attach_point(
+        &mut self,
+        pid: u32,
+        scope: UProbeScope,
+        progs: &[&'static str],
+        (path, file_offset, cookie): (&std::path::PathBuf, u64, u64),
+        what: impl Fn() -> String,
+    ) -> Result<()> {
+        let meta = std::fs::metadata(path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if !self
+            .points
+            .insert((pid, meta.dev(), meta.ino(), file_offset))
+        {
+            return Ok(());
+        }
+        for name in progs {
+            let prog: &mut UProbe = self
+                .ebpf
+                .program_mut(name)
+                .expect("loaded in Tracer::load")
+                .try_into()
+                .map_err(|e| bpf_err(name, e))?;
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(file_offset),
+                cookie: Some(cookie),
+            };
+            let id = prog.attach(point, path, scope).map_err(|e| {
+                let alive = crate::target::Process { pid }.alive();
+                if alive {
+                    bpf_err(&format!("attaching {name} to {}", what()), e)
+                } else {
+                    Error::TargetExited {
+                        pid,
+                        detail: "before its probes were attached".into(),
+                    }
+                }
             })?;
-            if self
-                .points
-                .insert((pid, meta.dev(), meta.ino(), f.file_offset))
-            {
-                let prog: &mut UProbe = self
-                    .ebpf
-                    .program_mut("lifecycle_enter")
-                    .expect("loaded in Tracer::load")
-                    .try_into()
-                    .map_err(|e| bpf_err("lifecycle_enter", e))?;
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(f.file_offset),
-                    cookie: Some(u64::from(f.kind.event_kind())),
-                };
-                let id = prog.attach(point, &f.host_path, scope).map_err(|e| {
-                    bpf_err(
-                        &format!("attaching to {} in {}", f.kind.symbol(), f.module),
-                        e,
-                    )
-                })?;
-                self.links.push(("lifecycle_enter", id));
-                self.attached += 1;
-            }
+            self.links.push((name, id));
+            self.attached += 1;
         }
         Ok(())
     }

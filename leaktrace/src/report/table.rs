@@ -155,7 +155,11 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         if r.sites_without_stack > 0 {
-            let full = r.counters.get("ringbuf_full").copied().unwrap_or(0);
+            let full = r
+                .counters
+                .get(leaktrace_ebpf::Counter::RingbufFull.name())
+                .copied()
+                .unwrap_or(0);
             list.push(format!(
                 "{} sites with unfreed bytes lost their stack record: the ring buffer was \
                  full {full} times",

@@ -68,33 +68,26 @@ impl Session<'_> {
     /// goes on, not while the program waits); at shutdown, every pending record is read and
     /// named while the code objects exist, then the end census.
     pub(super) fn take_pause(&mut self, reader: &mut EventReader) -> Result<bool> {
-        let Some(taken) = self.paused.as_mut() else {
+        let Some(mut taken) = self.paused else {
             return Ok(false);
         };
         let flags = self.tracer.flags(self.proc.pid);
         let t = self.start.elapsed().as_secs_f64();
         // Each point pauses once, in order; its flag is set even when its record was lost.
-        let point = if !taken.main && (self.main_at.is_some() || flags & TARGET_MAIN_STARTED != 0) {
+        if !taken.main && (self.main_at.is_some() || flags & TARGET_MAIN_STARTED != 0) {
             taken.main = true;
-            self.main_at.get_or_insert(t);
-            Lifecycle::MainStart
+            self.paused = Some(taken);
+            let at = *self.main_at.get_or_insert(t);
+            self.census_base = self.take_census().map(|c| (at, c));
         } else if !taken.finalize && (self.finalized_at.is_some() || flags & TARGET_FROZEN != 0) {
             taken.finalize = true;
+            self.paused = Some(taken);
             self.finalized_at.get_or_insert(t);
-            Lifecycle::Finalize
+            // Stopped where shutdown begins: every object is still intact.
+            self.catch_up(reader)?;
+            self.census_end = self.take_census();
         } else {
             return Ok(false);
-        };
-        match point {
-            Lifecycle::MainStart => {
-                let at = self.main_at.unwrap_or(t);
-                self.census_base = self.take_census().map(|c| (at, c));
-            }
-            // Stopped where shutdown begins: every object is still intact.
-            Lifecycle::Finalize => {
-                self.catch_up(reader)?;
-                self.census_end = self.take_census();
-            }
         }
         Ok(true)
     }
