@@ -173,7 +173,7 @@ fn full_site_table_folds_stacks_and_keeps_the_leak() {
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script("import sys\nsys.path.insert(0, sys.argv[1])\nimport json, leakyext\nfor i in range(2000): json.dumps({'k%d' % i: [i] * (i % 7)})\nfor i in range(500): leakyext.leak_malloc(1000)\n");
-    let r = run_python(&["--max-sites", "3000"], &py, &s, &[ext.to_str().unwrap()]);
+    let r = run_python(&["--max-sites", "300"], &py, &s, &[ext.to_str().unwrap()]);
     no_panic(&r);
     assert_eq!(r.code, 0);
     assert!(r.counter("sites_coarsened") > 0, "{}", r.stdout);

@@ -91,7 +91,16 @@ fn names_file_function_and_line_on_every_interpreter() {
     let path = s.to_str().unwrap().to_string();
     for py in interpreters() {
         eprintln!("=== {}", py.display());
-        let r = leaktrace(&["run", "--top", "100000", "--", py.to_str().unwrap(), &path]);
+        // Every Python-allocator call, each with its own line.
+        let r = leaktrace(&[
+            "run",
+            "--python-allocators",
+            "--top",
+            "100000",
+            "--",
+            py.to_str().unwrap(),
+            &path,
+        ]);
         assert_eq!(r.code, 0);
         let j = r.json.as_ref().unwrap();
         let exported_only = j["python_coverage"] == "exported_api_only";
@@ -240,7 +249,7 @@ fn python_allocator_bytes_per_line_match_tracemalloc() {
     let s = script(&tracemalloc_workload(true));
     let path = s.to_str().unwrap().to_string();
     let py = pyenv_python();
-    let r = run_python(&[], &py, &s, &[out.to_str().unwrap()]);
+    let r = run_python(&["--python-allocators"], &py, &s, &[out.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     let truth: HashMap<String, u64> =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
@@ -258,7 +267,7 @@ fn stripped_interpreter_is_complete_under_pymalloc_auto() {
     let s = script(&tracemalloc_workload(false));
     let path = s.to_str().unwrap().to_string();
     let py = debian_python();
-    let r = run_python(&[], &py, &s, &[out.to_str().unwrap()]);
+    let r = run_python(&["--python-allocators"], &py, &s, &[out.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     assert_eq!(r.json.as_ref().unwrap()["python_coverage"], "raw_malloc");
     assert!(r.stderr.contains("PYTHONMALLOC=malloc"));
@@ -266,7 +275,12 @@ fn stripped_interpreter_is_complete_under_pymalloc_auto() {
     assert_matches(&truth, &bytes_per_line(&r, &path, &["python", "libc"]));
 
     // Left alone, the exported API misses most of it.
-    let r = run_python(&["--pymalloc", "keep"], &py, &s, &[out.to_str().unwrap()]);
+    let r = run_python(
+        &["--pymalloc", "keep", "--python-allocators"],
+        &py,
+        &s,
+        &[out.to_str().unwrap()],
+    );
     assert_eq!(
         r.json.as_ref().unwrap()["python_coverage"],
         "exported_api_only"

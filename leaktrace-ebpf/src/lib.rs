@@ -47,6 +47,13 @@ pub enum AllocFn {
     /// Not a function: a page of memory touched for the first time (growth mode, from the
     /// page-fault tracepoints), so the process's resident memory grew.
     PageFault = 22,
+    /// pymalloc's arena allocator (`_PyObject_ArenaMmap(ctx, size)` up to 3.11,
+    /// `_PyMem_ArenaAlloc(ctx, size)` from 3.12): one 1 MiB arena, reached through the
+    /// allocator table. The default coverage sees small Python objects this way: one call per
+    /// 1 MiB of pymalloc's growth, instead of one per object.
+    PyArenaAlloc = 23,
+    /// `_PyObject_ArenaMunmap(ctx, ptr, size)` / `_PyMem_ArenaFree(ctx, ptr, size)`.
+    PyArenaFree = 24,
 }
 
 /// How a function takes and returns its memory; decides which registers a probe reads.
@@ -75,11 +82,13 @@ pub enum Family {
     Python,
     /// Resident pages (growth mode).
     Pages,
+    /// pymalloc's arenas: the memory small Python objects live in, 1 MiB at a time.
+    Arena,
 }
 
 impl AllocFn {
     /// Every function, in discriminant order.
-    pub const ALL: [AllocFn; 23] = [
+    pub const ALL: [AllocFn; 25] = [
         AllocFn::Malloc,
         AllocFn::Calloc,
         AllocFn::Realloc,
@@ -103,6 +112,8 @@ impl AllocFn {
         AllocFn::PyMemRealloc,
         AllocFn::PyMemFree,
         AllocFn::PageFault,
+        AllocFn::PyArenaAlloc,
+        AllocFn::PyArenaFree,
     ];
 
     /// Decodes an attach cookie or a stored discriminant.
@@ -141,6 +152,27 @@ impl AllocFn {
             AllocFn::PyMemRealloc => "PyMem_Realloc",
             AllocFn::PyMemFree => "PyMem_Free",
             AllocFn::PageFault => "page fault",
+            AllocFn::PyArenaAlloc => "_PyObject_ArenaMmap",
+            AllocFn::PyArenaFree => "_PyObject_ArenaMunmap",
+        }
+    }
+
+    /// The name the function has in other CPython versions (3.12 renamed the arena functions).
+    pub fn other_symbol(self) -> Option<&'static str> {
+        match self {
+            AllocFn::PyArenaAlloc => Some("_PyMem_ArenaAlloc"),
+            AllocFn::PyArenaFree => Some("_PyMem_ArenaFree"),
+            _ => None,
+        }
+    }
+
+    /// The name reports give the allocator: its symbol, or what it stands for when the symbol
+    /// differs between versions.
+    pub fn label(self) -> &'static str {
+        match self {
+            AllocFn::PyArenaAlloc => "pymalloc arena",
+            AllocFn::PyArenaFree => "pymalloc arena free",
+            _ => self.symbol(),
         }
     }
 
@@ -154,6 +186,7 @@ impl AllocFn {
             | AllocFn::PyObjectMallocImpl
             | AllocFn::PyObjectMalloc
             | AllocFn::PyMemMalloc
+            | AllocFn::PyArenaAlloc
             | AllocFn::PageFault => Shape::Malloc,
             AllocFn::Calloc
             | AllocFn::PyObjectCallocImpl
@@ -169,7 +202,8 @@ impl AllocFn {
             AllocFn::Free
             | AllocFn::PyObjectFreeImpl
             | AllocFn::PyObjectFree
-            | AllocFn::PyMemFree => Shape::Free,
+            | AllocFn::PyMemFree
+            | AllocFn::PyArenaFree => Shape::Free,
         }
     }
 
@@ -181,19 +215,40 @@ impl AllocFn {
             AllocFn::PyObjectMallocImpl
             | AllocFn::PyObjectCallocImpl
             | AllocFn::PyObjectReallocImpl
-            | AllocFn::PyObjectFreeImpl => 1,
+            | AllocFn::PyObjectFreeImpl
+            | AllocFn::PyArenaAlloc
+            | AllocFn::PyArenaFree => 1,
             _ => 0,
         }
     }
 
     /// Which allocator the function belongs to.
     pub fn family(self) -> Family {
-        if self == AllocFn::PageFault {
-            Family::Pages
-        } else if (self as u8) >= AllocFn::PyObjectMallocImpl as u8 {
-            Family::Python
-        } else {
-            Family::Libc
+        match self {
+            AllocFn::Malloc
+            | AllocFn::Calloc
+            | AllocFn::Realloc
+            | AllocFn::Reallocarray
+            | AllocFn::PosixMemalign
+            | AllocFn::AlignedAlloc
+            | AllocFn::Memalign
+            | AllocFn::Valloc
+            | AllocFn::Pvalloc
+            | AllocFn::Free => Family::Libc,
+            AllocFn::PyObjectMallocImpl
+            | AllocFn::PyObjectCallocImpl
+            | AllocFn::PyObjectReallocImpl
+            | AllocFn::PyObjectFreeImpl
+            | AllocFn::PyObjectMalloc
+            | AllocFn::PyObjectCalloc
+            | AllocFn::PyObjectRealloc
+            | AllocFn::PyObjectFree
+            | AllocFn::PyMemMalloc
+            | AllocFn::PyMemCalloc
+            | AllocFn::PyMemRealloc
+            | AllocFn::PyMemFree => Family::Python,
+            AllocFn::PageFault => Family::Pages,
+            AllocFn::PyArenaAlloc | AllocFn::PyArenaFree => Family::Arena,
         }
     }
 
@@ -600,5 +655,8 @@ mod tests {
         assert_eq!(AllocFn::PyObjectMalloc.first_arg(), 0);
         assert_eq!(AllocFn::PyObjectFreeImpl.family(), Family::Python);
         assert_eq!(AllocFn::Free.family(), Family::Libc);
+        assert_eq!(AllocFn::PyArenaAlloc.first_arg(), 1);
+        assert_eq!(AllocFn::PyArenaFree.ptr_arg(), 1);
+        assert_eq!(AllocFn::PyArenaFree.family(), Family::Arena);
     }
 }

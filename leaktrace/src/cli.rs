@@ -26,10 +26,10 @@ pub enum Command {
     Run {
         #[command(flatten)]
         opts: CommonOpts,
-        /// Python allocator for the command: `auto` starts a Python whose pymalloc functions
-        /// are not in a symbol table (stripped, LTO builds such as Debian's) with
-        /// PYTHONMALLOC=malloc, so every allocation is seen; `keep` never changes it; `malloc`
-        /// always sets it.
+        /// Python allocator for the command: with `--python-allocators`, `auto` starts a Python
+        /// whose pymalloc functions are not in a symbol table (stripped, LTO builds such as
+        /// Debian's) with PYTHONMALLOC=malloc, so every allocation is seen; `keep` never changes
+        /// it; `malloc` always sets it.
         #[arg(long, value_enum, default_value_t = PyMallocMode::Auto)]
         pymalloc: PyMallocMode,
         /// The command and its arguments (after `--`).
@@ -187,11 +187,17 @@ pub struct CommonOpts {
     #[arg(long, value_name = "SECONDS")]
     pub interval: Option<f64>,
     /// Trace only libc's allocator.
-    #[arg(long, conflicts_with = "python_only")]
+    #[arg(long, conflicts_with_all = ["python_only", "python_allocators"])]
     pub libc_only: bool,
-    /// Trace only the Python allocator (fails on non-Python targets).
+    /// Trace only the Python allocator, every call (fails on non-Python targets).
     #[arg(long)]
     pub python_only: bool,
+    /// Trace every call of Python's allocator too (pymalloc: objects of 512 B or less). By
+    /// default those are seen as the 1 MiB arenas they fill and counted by type in the census,
+    /// which costs nothing per object; this shows each object's own stack and exact bytes, at
+    /// one trap per call (several times slower on object-heavy programs).
+    #[arg(long)]
+    pub python_allocators: bool,
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -298,8 +304,10 @@ impl CommonOpts {
                 Families::LibcOnly
             } else if self.python_only {
                 Families::PythonOnly
+            } else if self.python_allocators {
+                Families::LibcAndPythonCalls
             } else {
-                Families::All
+                Families::LibcAndArenas
             },
             load: LoadOptions {
                 min_size: self.min_size,

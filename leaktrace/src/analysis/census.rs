@@ -19,6 +19,10 @@ pub struct Census {
     /// read (the process is gone): (blocks, bytes).
     pub not_objects: (u64, u64),
     pub unreadable: (u64, u64),
+    /// pymalloc pools skipped because their header and free list disagreed (read while the
+    /// target ran).
+    #[serde(default)]
+    pub torn_pools: u64,
 }
 
 impl Census {
@@ -28,36 +32,60 @@ impl Census {
         let kinds = reader.classify(&addrs);
         let mut c = Census::default();
         for ((_, size, site), kind) in blocks.iter().zip(kinds) {
-            match kind {
-                BlockKind::Object(name) => {
-                    // Keys are made once per type, not once per block.
-                    let e = match c.by_type.get_mut(&*name) {
-                        Some(e) => e,
-                        None => c.by_type.entry(name.to_string()).or_default(),
-                    };
-                    e.0 += 1;
-                    e.1 += size;
-                    let per_site = c.by_site.entry(*site).or_default();
-                    match per_site.get_mut(&*name) {
-                        Some(n) => *n += 1,
-                        None => {
-                            per_site.insert(name.to_string(), 1);
-                        }
-                    }
-                }
-                BlockKind::NotAnObject => {
-                    c.not_objects.0 += 1;
-                    c.not_objects.1 += size;
-                }
-                BlockKind::Unreadable => {
-                    c.unreadable.0 += 1;
-                    c.unreadable.1 += size;
-                }
-            }
+            c.count(kind, *size, *site);
         }
         c
     }
+
+    /// Adds blocks whose bytes are at hand (a pymalloc pool read whole: `data` holds the
+    /// memory from `base` on), all credited to `site`.
+    pub fn add_local(
+        &mut self,
+        reader: &mut TypeReader,
+        site: u64,
+        base: u64,
+        data: &[u8],
+        blocks: &[(u64, u64)],
+    ) {
+        let kinds = reader.classify_local(base, data, blocks);
+        for ((_, size), kind) in blocks.iter().zip(kinds) {
+            self.count(kind, *size, site);
+        }
+    }
+
+    /// Counts one block.
+    fn count(&mut self, kind: BlockKind, size: u64, site: u64) {
+        match kind {
+            BlockKind::Object(name) => {
+                // Keys are made once per type, not once per block.
+                let e = match self.by_type.get_mut(&*name) {
+                    Some(e) => e,
+                    None => self.by_type.entry(name.to_string()).or_default(),
+                };
+                e.0 += 1;
+                e.1 += size;
+                let per_site = self.by_site.entry(site).or_default();
+                match per_site.get_mut(&*name) {
+                    Some(n) => *n += 1,
+                    None => {
+                        per_site.insert(name.to_string(), 1);
+                    }
+                }
+            }
+            BlockKind::NotAnObject => {
+                self.not_objects.0 += 1;
+                self.not_objects.1 += size;
+            }
+            BlockKind::Unreadable => {
+                self.unreadable.0 += 1;
+                self.unreadable.1 += size;
+            }
+        }
+    }
 }
+
+/// Types a report keeps: those that grew most, then the largest (the table shows 12).
+pub const MAX_TYPES: usize = 200;
 
 /// One type in the report's census.
 #[derive(Clone, Debug, Serialize)]
@@ -78,7 +106,7 @@ pub struct TypeCensus {
     pub baseline_t: Option<f64>,
     /// What growth is measured from, in words.
     pub baseline: Option<String>,
-    /// Types by growth in bytes, then by bytes (the first 30).
+    /// Types by growth in bytes, then by bytes (the first `MAX_TYPES`).
     pub types: Vec<TypeCount>,
     pub objects: u64,
     pub not_objects: u64,
@@ -108,7 +136,7 @@ impl TypeCensus {
             (b.growth_bytes, b.bytes, &a.name).cmp(&(a.growth_bytes, a.bytes, &b.name))
         });
         let objects = types.iter().map(|t| t.count).sum();
-        types.truncate(30);
+        types.truncate(MAX_TYPES);
         TypeCensus {
             baseline_t: baseline.map(|(t, _)| t),
             baseline: since,

@@ -10,9 +10,9 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope
 use aya::programs::{RawTracePoint, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
-    Counter, DeathInfo, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow,
-    MAP_CONTROL, MAP_TARGETS, NUM_COUNTERS, TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_HELD,
-    TARGET_PAUSE, TARGET_TRACED,
+    AllocFn, Counter, DeathInfo, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey,
+    UnwindRow, MAP_CONTROL, MAP_TARGETS, NUM_COUNTERS, TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD,
+    TARGET_HELD, TARGET_PAUSE, TARGET_TRACED,
 };
 
 use super::holds::{self, Guardian};
@@ -198,6 +198,16 @@ pub fn check_privileges() -> Result<()> {
             unsafe { libc::geteuid() }
         )))
     }
+}
+
+/// One block of the kernel's live table.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveBlock {
+    pub addr: u64,
+    pub size: u64,
+    pub site: u64,
+    /// The function that allocated it (`None`: an unknown value).
+    pub func: Option<AllocFn>,
 }
 
 impl Tracer {
@@ -592,14 +602,19 @@ impl Tracer {
     }
 
     /// The live blocks of process `tgid`: (address, size, site id).
-    pub fn live_blocks(&self, tgid: u32) -> Result<Vec<(u64, u64, u64)>> {
+    pub fn live_blocks(&self, tgid: u32) -> Result<Vec<LiveBlock>> {
         let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
             BpfHashMap::try_from(self.map("LIVE")?).map_err(|e| bpf_err("LIVE", e))?;
         Ok(map
             .iter()
             .filter_map(|item| item.ok())
             .filter(|(k, _)| k.tgid == tgid)
-            .map(|(k, v)| (k.addr, v.size, v.site_id))
+            .map(|(k, v)| LiveBlock {
+                addr: k.addr,
+                size: v.size,
+                site: v.site_id,
+                func: AllocFn::from_u8(v.func),
+            })
             .collect())
     }
 

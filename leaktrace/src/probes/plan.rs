@@ -12,13 +12,31 @@ use crate::target::elf::{ElfFile, SymbolTable};
 use crate::target::maps::{host_path, ModuleMap};
 use crate::target::python::{self, PythonInfo};
 
-/// Which allocator families to trace.
+/// Which allocator families to trace, and how closely (docs/coverage.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Families {
+    /// libc's allocator call by call, pymalloc arena by arena: every block over 512 B and every
+    /// native buffer exactly, small Python objects by the arenas they fill (and by type in the
+    /// census), at one trap per libc call and none per small object.
     #[default]
-    All,
+    LibcAndArenas,
+    /// libc's allocator and every call of Python's (`--python-allocators`).
+    LibcAndPythonCalls,
+    /// libc's allocator alone (`--libc-only`).
     LibcOnly,
+    /// Every call of Python's allocator alone (`--python-only`).
     PythonOnly,
+}
+
+impl Families {
+    fn libc(self) -> bool {
+        self != Families::PythonOnly
+    }
+
+    /// Whether every call of Python's allocator is probed.
+    pub fn python_calls(self) -> bool {
+        matches!(self, Families::LibcAndPythonCalls | Families::PythonOnly)
+    }
 }
 
 /// One function to probe.
@@ -46,6 +64,12 @@ pub enum PythonCoverage {
     /// The process runs with `PYTHONMALLOC=malloc`: every Python allocation reaches libc's
     /// malloc, which is probed.
     RawMalloc,
+    /// pymalloc's arenas (the default): objects over 512 B come from libc's malloc, probed
+    /// call by call; smaller ones are seen as the 1 MiB arenas they fill.
+    Arenas,
+    /// Objects over 512 B through libc's malloc; pymalloc's arena functions were not found, so
+    /// smaller objects are seen only in the type census.
+    LargeObjectsOnly,
     /// No Python allocator probed.
     #[default]
     None,
@@ -127,6 +151,8 @@ const PY_IMPL_FNS: &[AllocFn] = &[
     AllocFn::PyObjectFreeImpl,
 ];
 
+const PY_ARENA_FNS: &[AllocFn] = &[AllocFn::PyArenaAlloc, AllocFn::PyArenaFree];
+
 const PY_EXPORTED_FNS: &[AllocFn] = &[
     AllocFn::PyObjectMalloc,
     AllocFn::PyObjectCalloc,
@@ -197,7 +223,7 @@ pub fn plan(
         return Err(Error::NotPython(pid));
     }
 
-    if families != Families::PythonOnly {
+    if families.libc() {
         // A static executable carries its own malloc: fall back to the executable.
         let libc = modules
             .files()
@@ -234,34 +260,24 @@ pub fn plan(
         }
     }
     let raw_malloc = python.is_some() && python_malloc_is_raw(pid);
-    if families != Families::LibcOnly {
-        if let Some(py) = &python {
-            let elf = ElfFile::open(&py.host_path)?;
-            let impls =
-                elf.functions(&PY_IMPL_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
-            if impls.len() == PY_IMPL_FNS.len() {
-                add_points(&mut plan, &elf, &py.module, PY_IMPL_FNS)?;
-                plan.python_coverage = PythonCoverage::PymallocImpl;
-            } else if raw_malloc && families == Families::All {
-                // Exported entry points still name Python allocations where they are called.
+    match (&python, families) {
+        (_, Families::LibcOnly) => {}
+        (Some(py), _) if raw_malloc && families != Families::PythonOnly => {
+            // Every Python allocation reaches malloc; the exported entry points still name
+            // Python allocations where they are called, when they are asked for.
+            if families.python_calls() {
+                let elf = ElfFile::open(&py.host_path)?;
                 add_points(&mut plan, &elf, &py.module, PY_EXPORTED_FNS)?;
-                plan.python_coverage = PythonCoverage::RawMalloc;
-            } else {
-                add_points(&mut plan, &elf, &py.module, PY_EXPORTED_FNS)?;
-                plan.python_coverage = PythonCoverage::ExportedApiOnly;
-                plan.notes.push(format!(
-                    "{} has no symbol table (stripped): probing the exported PyObject_*/PyMem_* API; \
-                     allocations that LTO inlined into the interpreter are not seen, so Python-allocator \
-                     figures are partial",
-                    py.module
-                ));
             }
-        } else if families == Families::All {
-            plan.notes.push(
-                "not a Python process (no libpython, no interpreter symbols): tracing libc allocations only"
-                    .into(),
-            );
+            plan.python_coverage = PythonCoverage::RawMalloc;
         }
+        (Some(py), _) if families.python_calls() => plan_python_calls(&mut plan, py, families)?,
+        (Some(py), _) => plan_arenas(&mut plan, py)?,
+        (None, Families::LibcAndArenas | Families::LibcAndPythonCalls) => plan.notes.push(
+            "not a Python process (no libpython, no interpreter symbols): tracing libc allocations only"
+                .into(),
+        ),
+        (None, _) => {}
     }
 
     if !plan
@@ -282,12 +298,70 @@ pub fn plan(
     Ok(plan)
 }
 
+/// Every call of Python's allocator: pymalloc's implementation functions when the symbol table
+/// has them, else the exported API (partial under LTO).
+fn plan_python_calls(plan: &mut ProbePlan, py: &PythonInfo, families: Families) -> Result<()> {
+    let elf = ElfFile::open(&py.host_path)?;
+    let impls = elf.functions(&PY_IMPL_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
+    if impls.len() == PY_IMPL_FNS.len() {
+        add_points(plan, &elf, &py.module, PY_IMPL_FNS)?;
+        plan.python_coverage = PythonCoverage::PymallocImpl;
+        return Ok(());
+    }
+    add_points(plan, &elf, &py.module, PY_EXPORTED_FNS)?;
+    plan.python_coverage = PythonCoverage::ExportedApiOnly;
+    let restart = if families == Families::PythonOnly {
+        ""
+    } else {
+        " (`run` starts such an interpreter with PYTHONMALLOC=malloc, which sees them all)"
+    };
+    plan.notes.push(format!(
+        "{} has no symbol table (stripped): probing the exported PyObject_*/PyMem_* API; \
+         allocations that LTO inlined into the interpreter are not seen, so Python-allocator \
+         figures are partial{restart}",
+        py.module
+    ));
+    Ok(())
+}
+
+/// The default: pymalloc's arena functions, one call per 1 MiB arena. They are called through
+/// the allocator table, so even an LTO build keeps them as functions; a stripped one has no name
+/// for them.
+fn plan_arenas(plan: &mut ProbePlan, py: &PythonInfo) -> Result<()> {
+    let elf = ElfFile::open(&py.host_path)?;
+    let before = plan.points.len();
+    add_points(plan, &elf, &py.module, PY_ARENA_FNS)?;
+    let found = &plan.points[before..];
+    if found.iter().any(|p| p.func == AllocFn::PyArenaAlloc)
+        && found.iter().any(|p| p.func == AllocFn::PyArenaFree)
+    {
+        plan.python_coverage = PythonCoverage::Arenas;
+        return Ok(());
+    }
+    plan.points.truncate(before);
+    plan.missing
+        .retain(|f| f.family() != leaktrace_ebpf::Family::Arena);
+    plan.python_coverage = PythonCoverage::LargeObjectsOnly;
+    plan.notes.push(format!(
+        "{} has no symbol table (stripped): pymalloc's arenas are not probed, so Python objects \
+         of 512 B or less are seen only in the type census (--python-allocators traces them)",
+        py.module
+    ));
+    Ok(())
+}
+
 fn add_points(plan: &mut ProbePlan, elf: &ElfFile, module: &str, funcs: &[AllocFn]) -> Result<()> {
-    let names: Vec<&str> = funcs.iter().map(|f| f.symbol()).collect();
+    let names: Vec<&str> = funcs
+        .iter()
+        .flat_map(|f| std::iter::once(f.symbol()).chain(f.other_symbol()))
+        .collect();
     let syms = elf.functions(&names)?;
     let mut by_addr: HashMap<u64, AllocFn> = HashMap::new();
     for &func in funcs {
-        let Some(sym) = syms.get(func.symbol()) else {
+        let sym = syms
+            .get(func.symbol())
+            .or_else(|| func.other_symbol().and_then(|o| syms.get(o)));
+        let Some(sym) = sym else {
             plan.missing.push(func);
             continue;
         };
@@ -358,7 +432,7 @@ mod tests {
     fn plans_libc_for_a_non_python_process() {
         let me = Process::open(std::process::id()).unwrap();
         let mm = me.module_map().unwrap();
-        let plan = plan(me.pid, &mm, me.exe().as_deref(), Families::All).unwrap();
+        let plan = plan(me.pid, &mm, me.exe().as_deref(), Families::default()).unwrap();
         assert!(plan.python.is_none());
         assert!(plan.points.iter().any(|p| p.func == AllocFn::Malloc));
         assert!(plan.points.iter().any(|p| p.func == AllocFn::Free));

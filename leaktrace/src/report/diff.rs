@@ -26,14 +26,35 @@ pub struct DiffRow {
     pub change: String,
 }
 
+/// One type of the two reports' censuses.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TypeDiff {
+    #[serde(rename = "type")]
+    pub name: String,
+    pub old_count: u64,
+    pub new_count: u64,
+    pub delta_count: i64,
+    pub delta_bytes: i64,
+}
+
 /// The comparison of two reports.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Diff {
     pub old_unfreed_bytes: u64,
     pub new_unfreed_bytes: u64,
-    /// Every stack, largest growth first.
+    /// Every stack of an allocator seen call by call, largest growth first.
     pub rows: Vec<DiffRow>,
+    /// pymalloc's arenas by the stack that took each (the default coverage), apart: which
+    /// call happens to take a new 1 MiB arena differs from run to run, so these rows move by
+    /// whole arenas between stacks. `types` says what the arenas hold.
+    pub arena_rows: Vec<DiffRow>,
+    /// Live Python objects per type in each report's census, largest change first (types in
+    /// only one report's top list count as 0 in the other).
+    pub types: Vec<TypeDiff>,
 }
+
+/// What reports name pymalloc's arena allocations.
+const ARENA: &str = "pymalloc arena";
 
 /// Compares two JSON reports (schema 2).
 pub fn diff(old: &Value, new: &Value) -> Result<Diff, String> {
@@ -83,12 +104,59 @@ pub fn diff(old: &Value, new: &Value) -> Result<Diff, String> {
             .cmp(&a.delta_bytes)
             .then(a.stack.cmp(&b.stack))
     });
+    let (arena_rows, rows): (Vec<DiffRow>, Vec<DiffRow>) =
+        rows.into_iter().partition(|r| r.allocator == ARENA);
     let total = |r: &Value| r["totals"]["unfreed_bytes"].as_u64().unwrap_or(0);
     Ok(Diff {
         old_unfreed_bytes: total(old),
         new_unfreed_bytes: total(new),
         rows,
+        arena_rows,
+        types: type_diff(old, new),
     })
+}
+
+/// The censuses' types compared, largest change in count first.
+fn type_diff(old: &Value, new: &Value) -> Vec<TypeDiff> {
+    let mut by: BTreeMap<String, TypeDiff> = BTreeMap::new();
+    for (report, is_new) in [(old, false), (new, true)] {
+        let types = report["type_census"]["types"].as_array().cloned();
+        for t in types.unwrap_or_default() {
+            let Some(name) = t["type"].as_str() else {
+                continue;
+            };
+            let row = by.entry(name.to_string()).or_insert_with(|| TypeDiff {
+                name: name.to_string(),
+                ..TypeDiff::default()
+            });
+            let (count, bytes) = (
+                t["count"].as_u64().unwrap_or(0),
+                t["bytes"].as_u64().unwrap_or(0) as i64,
+            );
+            if is_new {
+                row.new_count = count;
+                row.delta_bytes += bytes;
+            } else {
+                row.old_count = count;
+                row.delta_bytes -= bytes;
+            }
+        }
+    }
+    let mut v: Vec<TypeDiff> = by
+        .into_values()
+        .map(|mut t| {
+            t.delta_count = t.new_count as i64 - t.old_count as i64;
+            t
+        })
+        .filter(|t| t.delta_count != 0)
+        .collect();
+    v.sort_by(|a, b| {
+        b.delta_count
+            .abs()
+            .cmp(&a.delta_count.abs())
+            .then(a.name.cmp(&b.name))
+    });
+    v
 }
 
 /// A site's identity across runs, outermost first: its Python frames as `file:line in
@@ -150,7 +218,13 @@ pub fn render(d: &Diff, top: usize) -> String {
         human_bytes(d.new_unfreed_bytes),
         d.new_unfreed_bytes as i64 - d.old_unfreed_bytes as i64
     );
-    let count = |c: &str| d.rows.iter().filter(|r| r.change == c).count();
+    let count = |c: &str| {
+        d.rows
+            .iter()
+            .chain(&d.arena_rows)
+            .filter(|r| r.change == c)
+            .count()
+    };
     let _ = writeln!(
         o,
         "  {} stacks grown, {} shrunk, {} new, {} vanished, {} unchanged\n",
@@ -165,7 +239,35 @@ pub fn render(d: &Diff, top: usize) -> String {
         "{:>14} {:>14} {:>14}  {:<8} STACK (innermost last)",
         "OLD", "NEW", "CHANGE", ""
     );
-    for r in d.rows.iter().filter(|r| r.change != "same").take(top) {
+    rows(&mut o, &d.rows, top);
+    if d.arena_rows.iter().any(|r| r.change != "same") {
+        let _ = writeln!(
+            o,
+            "\npymalloc arenas by the stack that took each (1 MiB apiece; which call takes a new \
+             arena varies from run to run: the types below say what they hold)"
+        );
+        rows(&mut o, &d.arena_rows, top);
+    }
+    if !d.types.is_empty() {
+        let _ = writeln!(o, "\nLive Python objects by type (type census):");
+        let _ = writeln!(o, "{:>12} {:>12} {:>12}  TYPE", "OLD", "NEW", "CHANGE");
+        for t in d.types.iter().take(top) {
+            let _ = writeln!(
+                o,
+                "{:>12} {:>12} {:>12}  {}",
+                t.old_count,
+                t.new_count,
+                format!("{:+}", t.delta_count),
+                t.name
+            );
+        }
+    }
+    o
+}
+
+/// The rows that changed, at most `top`.
+fn rows(o: &mut String, rows: &[DiffRow], top: usize) {
+    for r in rows.iter().filter(|r| r.change != "same").take(top) {
         let _ = writeln!(
             o,
             "{:>14} {:>14} {:>14}  {:<8} {}",
@@ -179,7 +281,6 @@ pub fn render(d: &Diff, top: usize) -> String {
             let _ = writeln!(o, "{:>56}{f}", "");
         }
     }
-    o
 }
 
 #[cfg(test)]
@@ -222,5 +323,34 @@ mod tests {
         );
         assert!(render(&d, 10).contains("1 new, 1 vanished, 1 unchanged"));
         assert!(diff(&json!({}), &new).is_err());
+    }
+
+    #[test]
+    fn arenas_and_types_are_compared_apart() {
+        let mut arena = site(1 << 20, "a", 3, 0x1000);
+        arena["allocator"] = json!(ARENA);
+        let census = |n: u64| {
+            json!({"types": [
+            {"type": "Rec", "count": n, "bytes": n * 48},
+            {"type": "str", "count": 10, "bytes": 500}]})
+        };
+        let old = json!({"totals": {"unfreed_bytes": 1000}, "sites": [site(1000, "a", 3, 0x1000)],
+            "type_census": census(5)});
+        let new = json!({"totals": {"unfreed_bytes": 1049576},
+            "sites": [site(1000, "a", 3, 0x1000), arena], "type_census": census(20005)});
+        let d = diff(&old, &new).unwrap();
+        assert_eq!(d.rows.len(), 1, "the exact stack alone");
+        assert_eq!(d.rows[0].change, "same");
+        assert_eq!(d.arena_rows.len(), 1);
+        assert_eq!(d.arena_rows[0].change, "new");
+        assert_eq!(d.types.len(), 1, "unchanged types are left out");
+        assert_eq!(
+            (d.types[0].name.as_str(), d.types[0].delta_count),
+            ("Rec", 20000)
+        );
+        assert_eq!(d.types[0].delta_bytes, 960_000);
+        let text = render(&d, 10);
+        assert!(text.contains("pymalloc arenas by the stack"), "{text}");
+        assert!(text.contains("+20000  Rec"), "{text}");
     }
 }

@@ -117,7 +117,7 @@ impl SiteReport {
         SiteReport {
             id: format!("{:016x}", b.id),
             pid: b.pid,
-            allocator: b.func.symbol().to_string(),
+            allocator: b.func.label().to_string(),
             family: family_name(b.func.family()).to_string(),
             unfreed_bytes: g.unfreed_bytes,
             unfreed_count: g.sum(|s| s.stats.live_count),

@@ -216,7 +216,7 @@ impl ReportMeta {
         plan.points
             .iter()
             .map(|p| ProbeInfo {
-                function: p.func.symbol().into(),
+                function: p.func.label().into(),
                 family: family_name(p.func.family()).into(),
                 module: p.module.clone(),
                 offset: p.placement.offset,
@@ -316,6 +316,35 @@ fn family_name(f: Family) -> &'static str {
         Family::Libc => "libc",
         Family::Python => "python",
         Family::Pages => "pages",
+        Family::Arena => "pymalloc_arena",
+    }
+}
+
+impl SiteReport {
+    /// Names the site after the first native frame outside CPython's allocator layer (the
+    /// constructor that asked for the memory, not `_PyObject_Malloc`) and hides the layer's
+    /// frames below it unless every frame is shown.
+    fn hide_python_allocator_layer(&mut self) {
+        let Some(innermost) = self.native_stack.last() else {
+            return;
+        };
+        let site = self
+            .native_stack
+            .iter()
+            .rposition(|f| !f.in_python_allocator())
+            .unwrap_or(self.native_stack.len() - 1);
+        self.caller = self.native_stack.get(site).unwrap_or(innermost).clone();
+        let layer = self.native_stack.len() - 1 - site;
+        let mut left = layer;
+        for e in self.stack.iter_mut().rev() {
+            if left == 0 {
+                break;
+            }
+            if let StackEntry::Native { hidden, .. } = e {
+                *hidden = true;
+                left -= 1;
+            }
+        }
     }
 }
 
@@ -373,9 +402,7 @@ impl Report {
             for f in s.native_stack.iter_mut() {
                 sym.resolve(s.pid, f);
             }
-            if let Some(c) = s.native_stack.last() {
-                s.caller = c.clone();
-            }
+            s.hide_python_allocator_layer();
         }
         // Shutdown teardown frees what the figures freeze at shutdown: RSS after it says nothing.
         let before: Vec<Sample> = heap

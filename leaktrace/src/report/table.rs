@@ -52,6 +52,14 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
                 PythonCoverage::RawMalloc => {
                     "complete (PYTHONMALLOC=malloc: every Python allocation goes through libc)"
                 }
+                PythonCoverage::Arenas => {
+                    "objects over 512 B call by call (through libc), smaller ones by pymalloc arena \
+                     (1 MiB) and by type in the census; --python-allocators traces every call"
+                }
+                PythonCoverage::LargeObjectsOnly => {
+                    "objects over 512 B call by call (through libc), smaller ones only by type in \
+                     the census (arenas not found); --python-allocators traces every call"
+                }
                 PythonCoverage::None => "none (--libc-only)",
             };
             let _ = writeln!(o, "  python {v} in {m}; python allocator coverage: {cov}");

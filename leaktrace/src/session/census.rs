@@ -3,7 +3,7 @@
 //! in it and nothing of start-up is outside it, however long start-up took), and the end census at
 //! interpreter shutdown, while every object is intact.
 
-use leaktrace_ebpf::{TARGET_FROZEN, TARGET_MAIN_STARTED};
+use leaktrace_ebpf::{AllocFn, TARGET_FROZEN, TARGET_MAIN_STARTED};
 
 use super::{Session, TraceMode};
 use crate::analysis::census::Census;
@@ -11,6 +11,8 @@ use crate::error::Result;
 use crate::events::EventReader;
 use crate::probes::plan::Lifecycle;
 use crate::stacks::python::objects::TypeReader;
+use crate::stacks::python::pools::scan;
+use crate::stacks::python::remote::Remote;
 
 impl Session<'_> {
     /// Counts the target's live Python objects by type (`None` for growth mode, a process that
@@ -20,15 +22,49 @@ impl Session<'_> {
             return None;
         }
         let py = self.py.as_ref()?;
+        let started = std::time::Instant::now();
         let mut reader = TypeReader::new(self.proc.pid, py.type_type?, py.layout.version);
-        let blocks = match self.tracer.live_blocks(self.proc.pid) {
+        let live = match self.tracer.live_blocks(self.proc.pid) {
             Ok(b) => b,
             Err(e) => {
                 log::warn!("reading live blocks for the type census: {e}");
                 return None;
             }
         };
-        Some(Census::take(&mut reader, &blocks))
+        let (arenas, blocks): (Vec<_>, Vec<_>) = live
+            .into_iter()
+            .partition(|b| b.func == Some(AllocFn::PyArenaAlloc));
+        let blocks: Vec<(u64, u64, u64)> =
+            blocks.iter().map(|b| (b.addr, b.size, b.site)).collect();
+        let mut census = Census::take(&mut reader, &blocks);
+        if !self.opts.families.python_calls() {
+            // Small objects are not traced one by one: find them in pymalloc's pools, each
+            // credited to the traced arena it lies in (site 0: an arena made before tracing).
+            let mut arenas: Vec<(u64, u64, u64)> =
+                arenas.iter().map(|a| (a.addr, a.size, a.site)).collect();
+            arenas.sort_unstable();
+            let site_of = |pool: u64| {
+                let i = arenas.partition_point(|a| a.0 <= pool);
+                i.checked_sub(1)
+                    .map(|i| arenas[i])
+                    .filter(|a| pool < a.0 + a.1)
+                    .map_or(0, |a| a.2)
+            };
+            let mem = Remote { pid: self.proc.pid };
+            let regions = anonymous_regions(self.proc.pid);
+            let totals = scan(&mem, &regions, |at, data, used| {
+                census.add_local(&mut reader, site_of(at), at, data, used)
+            });
+            census.torn_pools += totals.torn_pools;
+        }
+        if self.opts.verbose {
+            eprintln!(
+                "leaktrace: type census: {} objects read in {:.3} s",
+                census.by_type.values().map(|(n, _)| n).sum::<u64>(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Some(census)
     }
 
     /// The target's interpreter reached a lifecycle point (its record on the ring buffer).
@@ -95,7 +131,10 @@ impl Session<'_> {
     /// What the census's growth is measured from, in words.
     pub(super) fn census_baseline(&self) -> String {
         match (&self.census_base, self.paused.is_some()) {
-            (Some((t, _)), _) => format!(
+            (Some(_), false) => "when tracing began (small objects: every one then, found in \
+                                 pymalloc's pools; larger ones: those allocated since)"
+                .into(),
+            (Some((t, _)), true) => format!(
                 "when the main module started ({t:.1} s into the trace, after the interpreter's \
                  start-up)"
             ),
@@ -114,4 +153,30 @@ impl Session<'_> {
 pub(super) struct Pauses {
     main: bool,
     finalize: bool,
+}
+
+/// The anonymous private read-write mappings of `pid`, where pymalloc's arenas are: `(start,
+/// end)`.
+fn anonymous_regions(pid: u32) -> Vec<(u64, u64)> {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            let perms = f.next()?;
+            let (_off, _dev, inode) = (f.next()?, f.next()?, f.next()?);
+            let path = f.next().unwrap_or("");
+            let anonymous = inode == "0" && (path.is_empty() || path.starts_with("[anon"));
+            if !perms.starts_with("rw") || !perms.ends_with('p') || !anonymous {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .collect()
 }

@@ -202,7 +202,7 @@ pub async fn trace_live(
     let (pid, mut child): (u32, Child) = match &spec {
         TargetSpec::Pid(pid) => (*pid, None),
         TargetSpec::Command { argv, pymalloc } => {
-            let env = python_malloc_env(argv, *pymalloc);
+            let env = python_malloc_env(argv, *pymalloc, opts.families.python_calls());
             if let Some((k, v)) = &env {
                 eprintln!(
                     "leaktrace: {} has no pymalloc symbols; starting it with {k}={v} so every Python \

@@ -28,6 +28,27 @@ impl Session<'_> {
             plan.lifecycle.clear();
             seed_brk(&mut self.tracer, pid);
         }
+        self.py = None;
+        self.py_ready = false;
+        if let Some(info) = &plan.python {
+            match PythonProcess::new(pid, info, &modules) {
+                Ok(py) => self.py = Some(py),
+                Err(e) => {
+                    let note = e.to_string();
+                    if self.notes_shown.insert(note.clone()) {
+                        eprintln!("leaktrace: {note}");
+                    }
+                    self.plan.notes.push(note);
+                }
+            }
+        }
+        if self.paused.is_none() && self.census_base.is_none() && !self.opts.families.python_calls()
+        {
+            // `attach`: small objects are counted from pymalloc's pools, so every one already
+            // there is in this baseline; taken before the probes go in, so that nothing made
+            // after them is taken for old.
+            self.census_base = self.take_census().map(|c| (0.0, c));
+        }
         self.tracer.attach(&plan, pid)?;
         if self.opts.verbose {
             eprintln!(
@@ -64,20 +85,6 @@ impl Session<'_> {
         for n in &plan.notes {
             if self.notes_shown.insert(n.clone()) {
                 eprintln!("leaktrace: {n}");
-            }
-        }
-        self.py = None;
-        self.py_ready = false;
-        if let Some(info) = &plan.python {
-            match PythonProcess::new(pid, info, &modules) {
-                Ok(py) => self.py = Some(py),
-                Err(e) => {
-                    let note = e.to_string();
-                    if self.notes_shown.insert(note.clone()) {
-                        eprintln!("leaktrace: {note}");
-                    }
-                    self.plan.notes.push(note);
-                }
             }
         }
         let notes = std::mem::take(&mut self.plan.notes);

@@ -19,15 +19,23 @@ pub(super) fn reply(child: &Child, c: Control) {
     }
 }
 
-/// The environment `run` adds for Python's allocator, if any.
-pub(super) fn python_malloc_env(argv: &[String], mode: PyMallocMode) -> Option<(String, String)> {
+/// The environment `run` adds for Python's allocator, if any: `auto` restarts a stripped
+/// interpreter on libc's allocator only when every Python allocation was asked for
+/// (`--python-allocators`), since that sends each small object through a probed malloc.
+pub(super) fn python_malloc_env(
+    argv: &[String],
+    mode: PyMallocMode,
+    python_calls: bool,
+) -> Option<(String, String)> {
     if std::env::var_os("PYTHONMALLOC").is_some() {
         return None; // the user's own choice stands
     }
     let set = match mode {
         PyMallocMode::Keep => false,
         PyMallocMode::Malloc => true,
-        PyMallocMode::Auto => resolve_command(&argv[0]).is_some_and(|p| needs_raw_malloc(&p)),
+        PyMallocMode::Auto => {
+            python_calls && resolve_command(&argv[0]).is_some_and(|p| needs_raw_malloc(&p))
+        }
     };
     set.then(|| ("PYTHONMALLOC".to_string(), "malloc".to_string()))
 }

@@ -36,7 +36,48 @@ pub struct Frame {
     pub eval: bool,
 }
 
+/// CPython's allocator layer: the functions between an object's constructor and libc's malloc
+/// or pymalloc's arena (Objects/obmalloc.c). A report's site is the first frame outside them,
+/// so an allocation reads the same whether the Python allocator was probed call by call or
+/// reached through libc.
+const PYTHON_ALLOCATOR_LAYER: &[&str] = &[
+    "PyObject_Malloc",
+    "PyObject_Calloc",
+    "PyObject_Realloc",
+    "PyMem_Malloc",
+    "PyMem_Calloc",
+    "PyMem_Realloc",
+    "PyMem_RawMalloc",
+    "PyMem_RawCalloc",
+    "PyMem_RawRealloc",
+    "_PyObject_Malloc",
+    "_PyObject_Calloc",
+    "_PyObject_Realloc",
+    "_PyMem_RawMalloc",
+    "_PyMem_RawCalloc",
+    "_PyMem_RawRealloc",
+    "_PyObject_ArenaMmap",
+    "_PyMem_ArenaAlloc",
+    "pymalloc_alloc",
+    "pymalloc_realloc",
+    "allocate_from_new_pool",
+    "new_arena",
+];
+
 impl Frame {
+    /// Whether the frame is in CPython's allocator layer (`obmalloc.c`), not a caller of it.
+    pub fn in_python_allocator(&self) -> bool {
+        if self
+            .file
+            .as_deref()
+            .is_some_and(|f| f.ends_with("/obmalloc.c") || f == "obmalloc.c")
+        {
+            return true;
+        }
+        let innermost = self.inlined.last().or(self.function.as_ref());
+        innermost.is_some_and(|f| PYTHON_ALLOCATOR_LAYER.contains(&&**f))
+    }
+
     /// `leak_malloc+0x1f (leaky.c:12) in leaky.so`, or `0x7f…` when nothing is known.
     pub fn display(&self) -> String {
         let mut s = match &self.function {

@@ -4,6 +4,7 @@
 pub mod code;
 pub mod layout;
 pub mod objects;
+pub mod pools;
 pub mod remote;
 
 use std::sync::Arc;

@@ -80,7 +80,38 @@ impl TypeReader {
         kinds
     }
 
+    /// The kinds of blocks whose bytes are at hand: `data` holds the memory from `base` on
+    /// (an arena read whole), so nothing more is read but the types.
+    pub fn classify_local(
+        &mut self,
+        base: u64,
+        data: &[u8],
+        blocks: &[(u64, u64)],
+    ) -> Vec<BlockKind> {
+        blocks
+            .iter()
+            .map(|(a, size)| {
+                let start = a.wrapping_sub(base) as usize;
+                let end = start.saturating_add((*size as usize).min(HEAD_READ));
+                match data.get(start..end) {
+                    Some(head) => self.kind(head, *size),
+                    None => BlockKind::Unreadable,
+                }
+            })
+            .collect()
+    }
+
     fn kind(&mut self, head: &[u8], size: u64) -> BlockKind {
+        // Types already known first: a GC object's header words at offset 0 point at other
+        // objects, and reading each such pointer as a candidate type would cost a system call.
+        for off in [0u64, 16, 32] {
+            let Some(t) = word(head, off + 8) else { break };
+            if let Some(Some(info)) = self.types.get(&t) {
+                if info.presize == off && off + info.basicsize <= size.max(info.basicsize) {
+                    return BlockKind::Object(info.name.clone());
+                }
+            }
+        }
         for off in [0u64, 16, 32] {
             let Some(t) = word(head, off + 8) else { break };
             if t == 0 || t % 8 != 0 {
