@@ -5,6 +5,7 @@
 
 mod bench;
 mod ext;
+mod real_leaks;
 mod setup;
 
 use std::path::{Path, PathBuf};

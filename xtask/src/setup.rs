@@ -60,6 +60,7 @@ pub fn setup(bench: bool) -> Result<()> {
     mount_tracefs();
     let py = pyenv_python()?;
     ensure_module(&py, "numpy")?;
+    crate::real_leaks::ensure_venvs(&py)?;
     if bench {
         ensure_module(&py, "memray")?;
     }

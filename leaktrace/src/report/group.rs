@@ -178,29 +178,91 @@ pub(super) fn group<'a>(
     // A site whose stack copy never came knows only the frames the kernel walked: when a
     // site with the same Python stack extends them, it is the same call path, seen before
     // its rows were learned.
-    let partial: Vec<StackKey> = groups
-        .iter()
-        .filter(|(_, g)| g.iter().all(|s| s.native_end == UnwindEnd::NoStackCopy))
-        .map(|(k, _)| k.clone())
-        .collect();
-    for k in partial {
-        let Some(p) = groups.get(&k).and_then(|g| g.first()).copied() else {
-            continue;
-        };
-        let target = groups.iter().find_map(|(o, g)| {
-            let q = g.first()?;
-            (*o != k
-                && q.pid == p.pid
-                && q.func == p.func
-                && q.python == p.python
-                && q.native.len() > p.native.len()
-                && q.native.starts_with(&p.native))
-            .then(|| o.clone())
-        });
-        if let Some(t) = target {
-            let moved = groups.remove(&k).unwrap_or_default();
-            groups.entry(t).or_default().extend(moved);
+    // Candidates are looked up by process, allocator and Python stack: a scan of every group
+    // for each partial one took minutes with hundreds of thousands of sites (PyTorch's import).
+    let mut by_python: HashMap<(u32, u8, &[PyFrame]), Vec<(&StackKey, &'a Site)>> = HashMap::new();
+    for (k, g) in &groups {
+        if let Some(q) = g.first() {
+            by_python
+                .entry((q.pid, q.func as u8, q.python.as_slice()))
+                .or_default()
+                .push((k, *q));
         }
     }
+    let mut moves: Vec<(StackKey, StackKey)> = Vec::new();
+    for (k, g) in &groups {
+        if !g.iter().all(|s| s.native_end == UnwindEnd::NoStackCopy) {
+            continue;
+        }
+        let Some(p) = g.first() else { continue };
+        let candidates = by_python.get(&(p.pid, p.func as u8, p.python.as_slice()));
+        let target = candidates.into_iter().flatten().find(|(o, q)| {
+            *o != k && q.native.len() > p.native.len() && q.native.starts_with(&p.native)
+        });
+        if let Some((t, _)) = target {
+            moves.push((k.clone(), (*t).clone()));
+        }
+    }
+    drop(by_python);
+    // A target that is partial too goes on to its own target: follow the chain to its end (it
+    // ends: each step is a longer native stack).
+    let next: HashMap<StackKey, StackKey> = moves.iter().cloned().collect();
+    for (k, mut t) in moves {
+        while let Some(further) = next.get(&t) {
+            t = further.clone();
+        }
+        let moved = groups.remove(&k).unwrap_or_default();
+        groups.entry(t).or_default().extend(moved);
+    }
     groups.into_values().map(Group::of).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stacks::native::NativeStack;
+    use crate::stacks::symbolize::Symbolizer;
+    use leaktrace_ebpf::{AllocFn, SiteStats};
+
+    /// Sites whose stack copy never came (the kernel's few frames) fold into the site whose
+    /// fuller stack they begin, through a chain of such sites; a site of another process or
+    /// allocator does not.
+    #[test]
+    fn partial_stacks_fold_into_the_path_they_begin() {
+        let mut heap = Heap::default();
+        let mut sym = Symbolizer::new();
+        let pid = 4_194_301;
+        let sites: [(u64, AllocFn, &[u64], UnwindEnd); 4] = [
+            (1, AllocFn::Malloc, &[0x10], UnwindEnd::NoStackCopy),
+            (2, AllocFn::Malloc, &[0x10, 0x20], UnwindEnd::NoStackCopy),
+            (3, AllocFn::Malloc, &[0x10, 0x20, 0x30], UnwindEnd::Complete),
+            (4, AllocFn::Calloc, &[0x10], UnwindEnd::NoStackCopy),
+        ];
+        let mut stats = Vec::new();
+        for (id, func, pcs, end) in sites {
+            heap.announce(id, pid, func, pcs[0], None);
+            let stack = NativeStack {
+                pcs: pcs.to_vec(),
+                eval: vec![false; pcs.len()],
+                end,
+            };
+            heap.set_native(&mut sym, id, &stack);
+            stats.push((
+                id,
+                SiteStats {
+                    live_bytes: 100 * id,
+                    live_count: 1,
+                    tgid: pid,
+                    func: func as u8,
+                    caller: pcs[0],
+                    ..SiteStats::default()
+                },
+            ));
+        }
+        heap.update(&mut sym, stats);
+        let mut groups = group(&heap, &mut sym, None, false);
+        groups.sort_by_key(|g| g.unfreed_bytes);
+        let bytes: Vec<u64> = groups.iter().map(|g| g.unfreed_bytes).collect();
+        assert_eq!(bytes, vec![400, 600], "1 and 2 fold into 3; calloc's stays apart");
+    }
 }

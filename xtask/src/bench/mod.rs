@@ -9,6 +9,7 @@
 
 mod accuracy;
 mod fixed;
+mod real;
 mod scale;
 mod tools;
 
@@ -310,6 +311,9 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("scale") {
         scale::run(&env, quick, &scratch)?;
+    }
+    if wanted("real-leaks") {
+        real::run(leaktrace, reps, &scratch)?;
     }
     if wanted("fixed-cost") {
         fixed::fixed_cost(leaktrace, &python, reps, &scratch)?;
