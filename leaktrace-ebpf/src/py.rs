@@ -81,4 +81,9 @@ pub struct PyOffsets {
     /// eval-loop run with a skipped shim frame instead.
     pub fr_is_entry: u16,
     pub _pad2: [u8; 4],
+    /// The target's PID namespace (`st_dev` and inode of `/proc/PID/ns/pid`) when it is not
+    /// leaktrace's own, else 0: `PyThreadState.native_thread_id` holds the thread's id in that
+    /// namespace (a container's), which the kernel must compare against, not the host's.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
 }

@@ -1,7 +1,8 @@
 //! The kernel side of Python stacks: finding the thread's `PyThreadState` and walking its
 //! `_PyInterpreterFrame` chain, with the parameters userspace put in `PYPROCS`.
 
-use aya_ebpf::helpers::generated::bpf_loop;
+use aya_ebpf::bindings::bpf_pidns_info;
+use aya_ebpf::helpers::generated::{bpf_get_ns_current_pid_tgid, bpf_loop};
 use leaktrace_ebpf::{
     py_status, site_id_add_frame, PyFrameRec, PyOffsets, MAX_PY_FRAMES, PY_FRAME_READ,
 };
@@ -13,8 +14,27 @@ use crate::{read_global, read_user_u64, PYPROCS, PY_MAX_DEPTH, SCRATCH, THREADS}
 /// stale pointer is never walked as this thread's.
 #[inline(always)]
 fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
+    // The id the interpreter knows this thread by: the host's, or the container's.
+    let own = if off.pidns_ino != 0 {
+        let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+        // SAFETY: the helper writes `size_of::<bpf_pidns_info>()` bytes into `ns`.
+        let rc = unsafe {
+            bpf_get_ns_current_pid_tgid(
+                off.pidns_dev,
+                off.pidns_ino,
+                &mut ns,
+                core::mem::size_of::<bpf_pidns_info>() as u32,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        ns.pid
+    } else {
+        tid
+    };
     let matches = |t: u64| {
-        t != 0 && read_user_u64(t + off.ts_native_thread_id as u64).map(|v| v as u32) == Some(tid)
+        t != 0 && read_user_u64(t + off.ts_native_thread_id as u64).map(|v| v as u32) == Some(own)
     };
     if off.holder_addr != 0 {
         if let Some(t) = read_user_u64(off.holder_addr) {
@@ -35,7 +55,7 @@ fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
     let first = read_user_u64(head + off.is_threads_head as u64)?;
     let mut search = ThreadSearch {
         tstate: first,
-        tid,
+        tid: own,
         native_off: off.ts_native_thread_id,
         next_off: off.ts_next,
         found: 0,

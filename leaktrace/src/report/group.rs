@@ -263,6 +263,10 @@ mod tests {
         let mut groups = group(&heap, &mut sym, None, false);
         groups.sort_by_key(|g| g.unfreed_bytes);
         let bytes: Vec<u64> = groups.iter().map(|g| g.unfreed_bytes).collect();
-        assert_eq!(bytes, vec![400, 600], "1 and 2 fold into 3; calloc's stays apart");
+        assert_eq!(
+            bytes,
+            vec![400, 600],
+            "1 and 2 fold into 3; calloc's stays apart"
+        );
     }
 }

@@ -225,3 +225,36 @@ mod tests {
         assert!(matches!(Process::open(0), Err(Error::NoSuchProcess(0))));
     }
 }
+
+/// The PID namespace of `pid` as `(st_dev, inode)` of `/proc/PID/ns/pid`, when it is not
+/// leaktrace's own (a container's, seen from the host).
+pub fn foreign_pidns(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then(|| (theirs.dev(), theirs.ino()))
+}
+
+/// The threads of `pid`: id in its innermost PID namespace → id in leaktrace's (`NSpid`).
+pub fn ns_thread_ids(pid: u32) -> std::collections::HashMap<u32, u32> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let Some(line) = status.lines().find(|l| l.starts_with("NSpid:")) else {
+            continue;
+        };
+        let ids: Vec<u32> = line[6..]
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if let (Some(ours), Some(inner)) = (ids.first(), ids.last()) {
+            out.insert(*inner, *ours);
+        }
+    }
+    out
+}

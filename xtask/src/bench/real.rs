@@ -37,14 +37,19 @@ fn found(json: &Path, leak: &RealLeak) -> Option<(u64, usize)> {
         .filter(|s| {
             s["python_stack"].as_array().is_some_and(|p| {
                 p.iter().any(|f| {
-                    f["filename"].as_str().is_some_and(|n| n.ends_with(leak.script))
+                    f["filename"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with(leak.script))
                         && f["line"] == leak.line
                 })
             })
         })
         .collect();
     Some((
-        sites.iter().filter_map(|s| s["unfreed_bytes"].as_u64()).sum(),
+        sites
+            .iter()
+            .filter_map(|s| s["unfreed_bytes"].as_u64())
+            .sum(),
         sites.len(),
     ))
 }

@@ -67,6 +67,8 @@ pub struct PythonProcess {
     /// Absolute address of obmalloc's `narenas_currently_allocated` (a static up to 3.11; 3.12
     /// moved it into interpreter state that `_Py_DebugOffsets` does not describe).
     arenas: Option<u64>,
+    /// The process's PID namespace `(st_dev, inode)` when it is not leaktrace's.
+    pidns: Option<(u64, u64)>,
 }
 
 /// Bytes per pymalloc arena on 64-bit builds (`ARENA_BITS` 20 since 3.10).
@@ -116,6 +118,7 @@ impl PythonProcess {
             codes: CodeCache::default(),
             type_type,
             arenas,
+            pidns: crate::target::foreign_pidns(pid),
         })
     }
 
@@ -165,11 +168,27 @@ impl PythonProcess {
             co_check: narrow(l.co_linetable),
             fr_is_entry: l.fr_is_entry.map(narrow).unwrap_or(u16::MAX),
             _pad2: [0; 4],
+            pidns_dev: self.pidns.map_or(0, |n| n.0),
+            pidns_ino: self.pidns.map_or(0, |n| n.1),
         })
     }
 
-    /// Every Python thread of every interpreter: (native thread id, `PyThreadState*`).
+    /// Every Python thread of every interpreter: (thread id as leaktrace's PID namespace
+    /// numbers it, `PyThreadState*`).
     pub fn thread_states(&self) -> Vec<(u32, u64)> {
+        let own = self.interpreter_thread_states();
+        if self.pidns.is_none() {
+            return own;
+        }
+        // A container's interpreter knows its threads by the container's ids.
+        let ids = crate::target::ns_thread_ids(self.mem.pid);
+        own.into_iter()
+            .filter_map(|(tid, t)| ids.get(&tid).map(|host| (*host, t)))
+            .collect()
+    }
+
+    /// Every Python thread of every interpreter: (`native_thread_id`, `PyThreadState*`).
+    fn interpreter_thread_states(&self) -> Vec<(u32, u64)> {
         let l = &self.layout;
         let mut out = Vec::new();
         let mut interp = self
