@@ -160,6 +160,10 @@ fn python_status_name(s: Option<u8>) -> &'static str {
     }
 }
 
+/// A site's process, allocator and Python stack: what a partial stack must share with the
+/// fuller one it folds into.
+type PythonPath<'a> = (u32, u8, &'a [PyFrame]);
+
 /// The live sites of `heap` grouped into report lines (`all`: every native frame counts).
 pub(super) fn group<'a>(
     heap: &'a Heap,
@@ -180,7 +184,7 @@ pub(super) fn group<'a>(
     // its rows were learned.
     // Candidates are looked up by process, allocator and Python stack: a scan of every group
     // for each partial one took minutes with hundreds of thousands of sites (PyTorch's import).
-    let mut by_python: HashMap<(u32, u8, &[PyFrame]), Vec<(&StackKey, &'a Site)>> = HashMap::new();
+    let mut by_python: HashMap<PythonPath<'_>, Vec<(&StackKey, &'a Site)>> = HashMap::new();
     for (k, g) in &groups {
         if let Some(q) = g.first() {
             by_python

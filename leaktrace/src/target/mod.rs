@@ -201,31 +201,6 @@ fn page_size() -> u64 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_process_is_alive_with_libc_mapped() {
-        let me = Process::open(std::process::id()).unwrap();
-        assert!(me.alive());
-        let mm = me.module_map().unwrap();
-        assert!(mm.files().iter().any(|f| f.contains("libc")));
-        assert!(me.rss_bytes().unwrap() > 0);
-        assert!(!me.cmdline().is_empty());
-    }
-
-    #[test]
-    fn missing_pid_is_a_clear_error() {
-        // PID max is at most 2^22 on Linux; this one cannot exist.
-        assert!(matches!(
-            Process::open(0x7fff_fff0),
-            Err(Error::NoSuchProcess(_))
-        ));
-        assert!(matches!(Process::open(0), Err(Error::NoSuchProcess(0))));
-    }
-}
-
 /// The PID namespace of `pid` as `(st_dev, inode)` of `/proc/PID/ns/pid`, when it is not
 /// leaktrace's own (a container's, seen from the host).
 pub fn foreign_pidns(pid: u32) -> Option<(u64, u64)> {
@@ -257,4 +232,29 @@ pub fn ns_thread_ids(pid: u32) -> std::collections::HashMap<u32, u32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_with_libc_mapped() {
+        let me = Process::open(std::process::id()).unwrap();
+        assert!(me.alive());
+        let mm = me.module_map().unwrap();
+        assert!(mm.files().iter().any(|f| f.contains("libc")));
+        assert!(me.rss_bytes().unwrap() > 0);
+        assert!(!me.cmdline().is_empty());
+    }
+
+    #[test]
+    fn missing_pid_is_a_clear_error() {
+        // PID max is at most 2^22 on Linux; this one cannot exist.
+        assert!(matches!(
+            Process::open(0x7fff_fff0),
+            Err(Error::NoSuchProcess(_))
+        ));
+        assert!(matches!(Process::open(0), Err(Error::NoSuchProcess(0))));
+    }
 }
