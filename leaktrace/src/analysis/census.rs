@@ -111,6 +111,9 @@ pub struct TypeCensus {
     pub objects: u64,
     pub not_objects: u64,
     pub unreadable: u64,
+    /// pymalloc pools skipped because their header and free list disagreed.
+    #[serde(default)]
+    pub torn_pools: u64,
 }
 
 impl TypeCensus {
@@ -144,6 +147,7 @@ impl TypeCensus {
             objects,
             not_objects: end.not_objects.0,
             unreadable: end.unreadable.0,
+            torn_pools: end.torn_pools,
         }
     }
 }

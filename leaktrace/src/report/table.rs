@@ -300,10 +300,18 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
         let _ = writeln!(
             o,
             "\nLive Python objects by type ({} objects; {since}; {} blocks hold no object, {} \
-             unreadable):",
+             unreadable{}):",
             group(c.objects),
             group(c.not_objects),
-            group(c.unreadable)
+            group(c.unreadable),
+            if c.torn_pools > 0 {
+                format!(
+                    ", {} pymalloc pools skipped as torn (read while the target ran)",
+                    group(c.torn_pools)
+                )
+            } else {
+                String::new()
+            }
         );
         let _ = writeln!(
             o,
