@@ -63,6 +63,9 @@ pub enum Command {
     },
     /// Render a capture (`-o FILE`) as a table, JSON, flamegraph, HTML, pprof or CSV.
     Report(ReportArgs),
+    /// Count a running process's live small Python objects (512 B or less) by type, from
+    /// outside, those made before too: no probe, no pause. With `--count`, growth per type.
+    Snapshot(SnapshotArgs),
     /// Compare two JSON reports (`--json`), e.g. of an old and a new version: unfreed memory
     /// per stack in each, matched by symbolized frames, largest growth first.
     Diff {
@@ -77,6 +80,34 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+}
+
+/// Options of `leaktrace snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The process to read.
+    #[arg(short, long)]
+    pub pid: u32,
+    /// Snapshots to take; with more than one, growth per type from the first to the last.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub count: u32,
+    /// Seconds between snapshots.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
+    pub interval: f64,
+    /// Types listed in the table.
+    #[arg(long, default_value_t = 30, value_name = "N", value_parser = at_least_one)]
+    pub top: usize,
+    /// Also write the snapshot as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// A snapshot interval: from 0.01 s to a day.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.01..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected seconds from 0.01 to 86400, not {s:?}")),
+    }
 }
 
 /// Options of `leaktrace report`.
@@ -433,7 +464,9 @@ mod tests {
                 Command::Run { opts, .. } => opts.trace_mode(false, None),
                 Command::Attach { opts, duration, .. } => opts.trace_mode(true, duration),
                 Command::Top { opts, .. } => opts.trace_mode(true, None),
-                Command::Diff { .. } | Command::Report(_) => panic!("not a tracing command"),
+                Command::Diff { .. } | Command::Report(_) | Command::Snapshot(_) => {
+                    panic!("not a tracing command")
+                }
             }
         };
         assert_eq!(mode(&["leaktrace", "run", "x"]), Ok(TraceMode::Exact));

@@ -17,5 +17,6 @@ pub mod report;
 pub mod session;
 pub mod stacks;
 pub mod target;
+pub mod units;
 
 pub use error::{Error, Result};

@@ -29,6 +29,9 @@ fn main() {
     if let Command::Report(args) = &cli.command {
         std::process::exit(run_report(args));
     }
+    if let Command::Snapshot(args) = &cli.command {
+        std::process::exit(run_snapshot(args));
+    }
     let (spec, opts) = match &cli.command {
         Command::Run {
             opts,
@@ -47,13 +50,17 @@ fn main() {
             opts,
         } => (TargetSpec::Pid(*pid), opts.trace_options(true, *duration)),
         Command::Top { pid, opts } => (TargetSpec::Pid(*pid), opts.trace_options(true, None)),
-        Command::Diff { .. } | Command::Report(_) => unreachable!("handled above"),
+        Command::Diff { .. } | Command::Report(_) | Command::Snapshot(_) => {
+            unreachable!("handled above")
+        }
     };
     let common = match &cli.command {
         Command::Run { opts, .. } | Command::Attach { opts, .. } | Command::Top { opts, .. } => {
             opts
         }
-        Command::Diff { .. } | Command::Report(_) => unreachable!("handled above"),
+        Command::Diff { .. } | Command::Report(_) | Command::Snapshot(_) => {
+            unreachable!("handled above")
+        }
     };
     let verbose = common.verbose;
     // Read before tracing: a bad file is a usage error, not a lost trace.
@@ -189,20 +196,40 @@ fn run_diff(
         .and_then(|o| read(new).map(|n| (o, n)))
         .and_then(|(o, n)| diff::diff(&o, &n));
     match result {
-        Ok(d) => {
-            print!("{}", diff::render(&d, top));
-            if let Some(path) = json {
-                let text = serde_json::to_string_pretty(&d).expect("diff serializes");
-                if let Err(e) = std::fs::write(path, text) {
-                    eprintln!("leaktrace: cannot write {}: {e}", path.display());
-                    return 1;
-                }
-            }
-            0
-        }
+        Ok(d) => print_and_save(&diff::render(&d, top), &d, json),
         Err(e) => {
             eprintln!("leaktrace: {e}");
             2
         }
     }
+}
+
+/// `leaktrace snapshot`: prints the table (and writes the JSON); returns the exit status.
+fn run_snapshot(args: &leaktrace::cli::SnapshotArgs) -> i32 {
+    use leaktrace::analysis::snapshot;
+    let interval = std::time::Duration::from_secs_f64(args.interval);
+    match snapshot::take(args.pid, args.count, interval) {
+        Ok(s) => print_and_save(&snapshot::render(&s, args.top), &s, args.json.as_deref()),
+        Err(e) => {
+            eprintln!("leaktrace: error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Prints `table`, writes `value` as JSON to `json` if asked; the exit status (1: not written).
+fn print_and_save(
+    table: &str,
+    value: &impl serde::Serialize,
+    json: Option<&std::path::Path>,
+) -> i32 {
+    print!("{table}");
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(value).expect("reports serialize");
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("leaktrace: cannot write {}: {e}", path.display());
+            return 1;
+        }
+    }
+    0
 }

@@ -99,6 +99,20 @@ pub struct TypeCount {
     pub growth_bytes: i64,
 }
 
+impl TypeCount {
+    /// `      +20000       20,671      1,322,944  dict`: the census tables' row.
+    pub fn growth_row(&self) -> String {
+        use crate::units::group;
+        format!(
+            "{:>12} {:>12} {:>14}  {}",
+            format!("{:+}", self.growth_count),
+            group(self.count),
+            group(self.bytes),
+            self.name
+        )
+    }
+}
+
 /// The report's census.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TypeCensus {

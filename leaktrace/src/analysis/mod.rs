@@ -4,4 +4,5 @@
 pub mod census;
 pub mod classify;
 pub mod gate;
+pub mod snapshot;
 pub mod trend;

@@ -319,14 +319,7 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             "GROWTH", "OBJECTS", "BYTES"
         );
         for ty in c.types.iter().take(12) {
-            let _ = writeln!(
-                o,
-                "{:>12} {:>12} {:>14}  {}",
-                format!("{:+}", ty.growth_count),
-                group(ty.count),
-                group(ty.bytes),
-                ty.name
-            );
+            let _ = writeln!(o, "{}", ty.growth_row());
         }
         let recycled = ["dict", "list", "tuple", "float"];
         if c.types
@@ -350,18 +343,7 @@ fn is_drop_name(name: &str) -> bool {
         .any(|c| c.is_drop() && c.name() == name)
 }
 
-/// `4096000` → `4,096,000`.
-pub fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
+pub use crate::units::group;
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,7 @@ use crate::probes::plan::Lifecycle;
 use crate::stacks::python::objects::TypeReader;
 use crate::stacks::python::pools::scan;
 use crate::stacks::python::remote::Remote;
+use crate::target::maps::anonymous_regions;
 
 impl Session<'_> {
     /// Counts the target's live Python objects by type (`None` for growth mode, a process that
@@ -153,30 +154,4 @@ impl Session<'_> {
 pub(super) struct Pauses {
     main: bool,
     finalize: bool,
-}
-
-/// The anonymous private read-write mappings of `pid`, where pymalloc's arenas are: `(start,
-/// end)`.
-fn anonymous_regions(pid: u32) -> Vec<(u64, u64)> {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    maps.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let range = f.next()?;
-            let perms = f.next()?;
-            let (_off, _dev, inode) = (f.next()?, f.next()?, f.next()?);
-            let path = f.next().unwrap_or("");
-            let anonymous = inode == "0" && (path.is_empty() || path.starts_with("[anon"));
-            if !perms.starts_with("rw") || !perms.ends_with('p') || !anonymous {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            ))
-        })
-        .collect()
 }

@@ -1,0 +1,149 @@
+//! `leaktrace snapshot`: the live small Python objects of a running process by type, read from
+//! outside — pymalloc's pools found in its memory and walked (stacks/python/pools.rs), every
+//! block's type checked (stacks/python/objects.rs). No probe, no ptrace, nothing loaded into
+//! the target: objects allocated before leaktrace came are counted too. Objects over 512 B live
+//! in malloc's heap, which has no such structure to walk: `attach` traces those.
+
+use std::fmt::Write;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::census::{Census, TypeCensus};
+use crate::error::{Error, Result};
+use crate::stacks::python::objects::TypeReader;
+use crate::stacks::python::pools::scan;
+use crate::stacks::python::remote::Remote;
+use crate::stacks::python::PythonProcess;
+use crate::target::maps::anonymous_regions;
+use crate::target::python;
+use crate::target::Process;
+use crate::units::group;
+
+/// One snapshot, or the growth between the first and the last of several.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub pid: u32,
+    /// `3.11.7` (or `3.12` when the interpreter's file gives no patch level).
+    pub python: String,
+    /// How many snapshots were taken, and the seconds from the first to the last.
+    pub snapshots: u32,
+    pub span_s: f64,
+    /// Seconds the last walk took (the target ran meanwhile).
+    pub walk_s: f64,
+    /// pymalloc pools walked in the last snapshot.
+    pub pools: u64,
+    pub census: TypeCensus,
+}
+
+/// Takes `count` snapshots of `pid`, `interval` apart: counts per type in the last, growth
+/// since the first.
+pub fn take(pid: u32, count: u32, interval: Duration) -> Result<Snapshot> {
+    let proc = Process::open(pid)?;
+    let modules = proc.module_map()?;
+    let info = python::detect(pid, &modules, proc.exe().as_deref()).ok_or(Error::NotPython(pid))?;
+    let py = PythonProcess::new(pid, &info, &modules)?;
+    let type_type = py
+        .type_type
+        .ok_or_else(|| Error::Usage(format!("{}: no PyType_Type symbol", info.module)))?;
+    let mut reader = TypeReader::new(pid, type_type, py.layout.version);
+    let start = Instant::now();
+    let mut first: Option<Census> = None;
+    let mut last = (Census::default(), 0, 0.0);
+    for i in 0..count.max(1) {
+        if i > 0 {
+            std::thread::sleep(interval);
+        }
+        if !proc.alive() {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        let t = Instant::now();
+        let mut census = Census::default();
+        let mem = Remote { pid };
+        let totals = scan(&mem, &anonymous_regions(pid), |at, data, used| {
+            census.add_local(&mut reader, 0, at, data, used)
+        });
+        census.torn_pools = totals.torn_pools;
+        if first.is_none() {
+            first = Some(census.clone());
+        }
+        last = (census, totals.pools, t.elapsed().as_secs_f64());
+    }
+    let span_s = start.elapsed().as_secs_f64() - last.2;
+    let since = (count > 1).then(|| format!("the first snapshot, {span_s:.1} s before"));
+    let base = first.as_ref().filter(|_| count > 1).map(|c| (0.0, c));
+    // A patch level of 255 is one the interpreter's file did not say.
+    let version = match info.version {
+        Some((a, b, c)) if c != 255 => format!("{a}.{b}.{c}"),
+        Some((a, b, _)) => format!("{a}.{b}"),
+        None => "3".into(),
+    };
+    Ok(Snapshot {
+        pid,
+        python: version,
+        snapshots: count.max(1),
+        span_s,
+        walk_s: last.2,
+        pools: last.1,
+        census: TypeCensus::of(&last.0, base, since),
+    })
+}
+
+/// The snapshot as a table: the `top` types, by growth when there is one, else by bytes.
+pub fn render(s: &Snapshot, top: usize) -> String {
+    let c = &s.census;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "leaktrace snapshot — pid {} (Python {}): {} live small objects (≤ 512 B) in {} pymalloc \
+         pools, read in {:.2} s without stopping the target",
+        s.pid,
+        s.python,
+        group(c.objects),
+        group(s.pools),
+        s.walk_s
+    );
+    let _ = writeln!(
+        o,
+        "  objects over 512 B live in malloc's heap and are not listed (`leaktrace attach` traces \
+         them); {} blocks hold no object, {} pools skipped as torn",
+        group(c.not_objects),
+        group(c.torn_pools)
+    );
+    let growth = s.snapshots > 1;
+    if growth {
+        let _ = writeln!(
+            o,
+            "  growth over {} snapshots, {:.1} s apart in all",
+            s.snapshots, s.span_s
+        );
+    }
+    let _ = writeln!(o);
+    if growth {
+        let _ = writeln!(
+            o,
+            "{:>12} {:>12} {:>14}  TYPE",
+            "GROWTH", "OBJECTS", "BYTES"
+        );
+    } else {
+        let _ = writeln!(o, "{:>12} {:>14}  TYPE", "OBJECTS", "BYTES");
+    }
+    let mut types: Vec<_> = c.types.iter().collect();
+    if !growth {
+        types.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.name.cmp(&b.name)));
+    }
+    for t in types.into_iter().take(top) {
+        if growth {
+            let _ = writeln!(o, "{}", t.growth_row());
+        } else {
+            let _ = writeln!(
+                o,
+                "{:>12} {:>14}  {}",
+                group(t.count),
+                group(t.bytes),
+                t.name
+            );
+        }
+    }
+    o
+}
