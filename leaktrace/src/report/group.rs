@@ -179,6 +179,10 @@ pub(super) fn group<'a>(
         let key = StackKey::of(s, &merged(s, sym, interpreter), all);
         groups.entry(key).or_default().push(s);
     }
+    // The same grouping live and from a capture: nothing below may depend on hash order.
+    for g in groups.values_mut() {
+        g.sort_unstable_by_key(|s| s.id);
+    }
     // A site whose stack copy never came knows only the frames the kernel walked: when a
     // site with the same Python stack extends them, it is the same call path, seen before
     // its rows were learned.
@@ -200,9 +204,14 @@ pub(super) fn group<'a>(
         }
         let Some(p) = g.first() else { continue };
         let candidates = by_python.get(&(p.pid, p.func as u8, p.python.as_slice()));
-        let target = candidates.into_iter().flatten().find(|(o, q)| {
-            *o != k && q.native.len() > p.native.len() && q.native.starts_with(&p.native)
-        });
+        // The fullest path it begins, the lowest site id among equals.
+        let target = candidates
+            .into_iter()
+            .flatten()
+            .filter(|(o, q)| {
+                *o != k && q.native.len() > p.native.len() && q.native.starts_with(&p.native)
+            })
+            .max_by_key(|(_, q)| (q.native.len(), std::cmp::Reverse(q.id)));
         if let Some((t, _)) = target {
             moves.push((k.clone(), (*t).clone()));
         }
