@@ -82,10 +82,12 @@ pub fn shown(site: &SiteReport, all: bool) -> Vec<Named> {
 /// the allocator (`app.py:12 in handle → leak_malloc`).
 pub fn short_name(site: &SiteReport) -> String {
     let py = site.python_stack.last().map(|f| f.display());
+    // The site's caller: the first frame outside CPython's allocator layer.
     let native = site
-        .native_stack
-        .last()
-        .and_then(|f| f.function.as_deref().map(str::to_string))
+        .caller
+        .function
+        .as_deref()
+        .map(str::to_string)
         .unwrap_or_else(|| site.allocator.clone());
     match py {
         Some(p) => format!("{p} → {native}"),

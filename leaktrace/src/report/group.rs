@@ -227,7 +227,13 @@ pub(super) fn group<'a>(
         let moved = groups.remove(&k).unwrap_or_default();
         groups.entry(t).or_default().extend(moved);
     }
-    groups.into_values().map(Group::of).collect()
+    groups
+        .into_values()
+        .map(|mut g| {
+            g.sort_unstable_by_key(|s| s.id);
+            Group::of(g)
+        })
+        .collect()
 }
 
 #[cfg(test)]

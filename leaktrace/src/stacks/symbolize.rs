@@ -62,20 +62,28 @@ const PYTHON_ALLOCATOR_LAYER: &[&str] = &[
     "pymalloc_realloc",
     "allocate_from_new_pool",
     "new_arena",
+    "arena_map_mark_used",
 ];
 
 impl Frame {
     /// Whether the frame is in CPython's allocator layer (`obmalloc.c`), not a caller of it.
+    /// The function the code belongs to decides, not what was inlined into it: under LTO a
+    /// constructor (`PyUnicode_New`) has `PyObject_Malloc` inlined at its call, and stays the
+    /// site.
     pub fn in_python_allocator(&self) -> bool {
         if self
-            .file
+            .function
             .as_deref()
-            .is_some_and(|f| f.ends_with("/obmalloc.c") || f == "obmalloc.c")
+            .is_some_and(|f| PYTHON_ALLOCATOR_LAYER.contains(&f))
         {
             return true;
         }
-        let innermost = self.inlined.last().or(self.function.as_ref());
-        innermost.is_some_and(|f| PYTHON_ALLOCATOR_LAYER.contains(&&**f))
+        // Where the location is the function's own (nothing inlined), its file says it too.
+        self.inlined.is_empty()
+            && self
+                .file
+                .as_deref()
+                .is_some_and(|f| f.ends_with("/obmalloc.c") || f == "obmalloc.c")
     }
 
     /// `leak_malloc+0x1f (leaky.c:12) in leaky.so`, or `0x7f…` when nothing is known.
