@@ -7,6 +7,9 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::stacks::python::objects::{BlockKind, TypeReader};
+use crate::stacks::python::pools::scan;
+use crate::stacks::python::remote::Remote;
+use crate::target::maps::anonymous_regions;
 
 /// Live blocks by what they hold.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
@@ -51,6 +54,23 @@ impl Census {
         for ((_, size), kind) in blocks.iter().zip(kinds) {
             self.count(kind, *size, site);
         }
+    }
+
+    /// Adds the small objects found in `pid`'s pymalloc pools, each pool's credited to
+    /// `site_of(pool address)`; returns the pools walked (torn ones are counted in the census).
+    pub fn add_pools(
+        &mut self,
+        reader: &mut TypeReader,
+        pid: u32,
+        site_of: impl Fn(u64) -> u64,
+    ) -> u64 {
+        let totals = scan(
+            &Remote { pid },
+            &anonymous_regions(pid),
+            |at, data, used| self.add_local(reader, site_of(at), at, data, used),
+        );
+        self.torn_pools += totals.torn_pools;
+        totals.pools
     }
 
     /// Counts one block.

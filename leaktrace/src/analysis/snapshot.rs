@@ -12,10 +12,7 @@ use serde::Serialize;
 use super::census::{Census, TypeCensus};
 use crate::error::{Error, Result};
 use crate::stacks::python::objects::TypeReader;
-use crate::stacks::python::pools::scan;
-use crate::stacks::python::remote::Remote;
 use crate::stacks::python::PythonProcess;
-use crate::target::maps::anonymous_regions;
 use crate::target::python;
 use crate::target::Process;
 use crate::units::group;
@@ -59,15 +56,11 @@ pub fn take(pid: u32, count: u32, interval: Duration) -> Result<Snapshot> {
         }
         let t = Instant::now();
         let mut census = Census::default();
-        let mem = Remote { pid };
-        let totals = scan(&mem, &anonymous_regions(pid), |at, data, used| {
-            census.add_local(&mut reader, 0, at, data, used)
-        });
-        census.torn_pools = totals.torn_pools;
+        let pools = census.add_pools(&mut reader, pid, |_| 0);
         if first.is_none() {
             first = Some(census.clone());
         }
-        last = (census, totals.pools, t.elapsed().as_secs_f64());
+        last = (census, pools, t.elapsed().as_secs_f64());
     }
     let span_s = start.elapsed().as_secs_f64() - last.2;
     let since = (count > 1).then(|| format!("the first snapshot, {span_s:.1} s before"));

@@ -53,8 +53,10 @@ pub struct Diff {
     pub types: Vec<TypeDiff>,
 }
 
-/// What reports name pymalloc's arena allocations.
-const ARENA: &str = "pymalloc arena";
+/// What reports name pymalloc's arena allocations: the label the report itself gave them.
+fn arena_label() -> &'static str {
+    leaktrace_ebpf::AllocFn::PyArenaAlloc.label()
+}
 
 /// Compares two JSON reports (schema 2).
 pub fn diff(old: &Value, new: &Value) -> Result<Diff, String> {
@@ -105,7 +107,7 @@ pub fn diff(old: &Value, new: &Value) -> Result<Diff, String> {
             .then(a.stack.cmp(&b.stack))
     });
     let (arena_rows, rows): (Vec<DiffRow>, Vec<DiffRow>) =
-        rows.into_iter().partition(|r| r.allocator == ARENA);
+        rows.into_iter().partition(|r| r.allocator == arena_label());
     let total = |r: &Value| r["totals"]["unfreed_bytes"].as_u64().unwrap_or(0);
     Ok(Diff {
         old_unfreed_bytes: total(old),
@@ -328,7 +330,7 @@ mod tests {
     #[test]
     fn arenas_and_types_are_compared_apart() {
         let mut arena = site(1 << 20, "a", 3, 0x1000);
-        arena["allocator"] = json!(ARENA);
+        arena["allocator"] = json!(arena_label());
         let census = |n: u64| {
             json!({"types": [
             {"type": "Rec", "count": n, "bytes": n * 48},

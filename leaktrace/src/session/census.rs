@@ -11,9 +11,6 @@ use crate::error::Result;
 use crate::events::EventReader;
 use crate::probes::plan::Lifecycle;
 use crate::stacks::python::objects::TypeReader;
-use crate::stacks::python::pools::scan;
-use crate::stacks::python::remote::Remote;
-use crate::target::maps::anonymous_regions;
 
 impl Session<'_> {
     /// Counts the target's live Python objects by type (`None` for growth mode, a process that
@@ -51,12 +48,7 @@ impl Session<'_> {
                     .filter(|a| pool < a.0 + a.1)
                     .map_or(0, |a| a.2)
             };
-            let mem = Remote { pid: self.proc.pid };
-            let regions = anonymous_regions(self.proc.pid);
-            let totals = scan(&mem, &regions, |at, data, used| {
-                census.add_local(&mut reader, site_of(at), at, data, used)
-            });
-            census.torn_pools += totals.torn_pools;
+            census.add_pools(&mut reader, self.proc.pid, site_of);
         }
         if self.opts.verbose {
             eprintln!(
