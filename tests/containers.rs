@@ -1,6 +1,7 @@
-//! Targets in containers: a process in its own PID namespace (`unshare --pid --fork
-//! --mount-proc`, as a container runtime starts one), attached from the host by its host PID.
-//! The interpreter knows its threads by the container's ids, the kernel by the host's.
+//! Containers: a target in its own PID namespace (`unshare --pid --fork --mount-proc`, as a
+//! container runtime starts one) attached from the host by its host PID, and leaktrace itself
+//! running inside a PID namespace (a privileged container, a sidecar). The interpreter knows its
+//! threads by the container's ids, the kernel by the host's.
 
 mod common;
 
@@ -98,4 +99,78 @@ fn attach_by_host_pid_names_python_frames_in_a_pid_namespace() {
         .collect();
     assert!(outer.len() >= 2, "one thread's stacks only: {outer:?}");
     assert!(alive(pid), "the target runs on after the window");
+}
+
+/// Leaks 2,000 bytearrays of 5,000 bytes on line 6, forks a child that keeps 30 of 70,000 on
+/// line 10, then is sent SIGTERM by a shell it started.
+const LEAK_FORK_AND_DIE: &str = r#"
+import os, subprocess, time
+keep = []
+def grow():
+    for _ in range(2000):
+        keep.append(bytearray(5000))
+grow()
+pid = os.fork()
+if pid == 0:
+    held = [bytearray(70000) for _ in range(30)]
+    time.sleep(0.3)
+    os._exit(0)
+os.waitpid(pid, 0)
+subprocess.Popen(["sh", "-c", "sleep 0.3; kill -TERM %d" % os.getpid()])
+time.sleep(30)
+"#;
+
+#[test]
+fn run_inside_a_pid_namespace_traces_its_child_forks_and_death() {
+    let py = pyenv_python();
+    let s = script(LEAK_FORK_AND_DIE);
+    let r = leaktrace_under(
+        &["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"],
+        &[
+            "run",
+            "--follow-forks",
+            "--top",
+            "1000",
+            "--",
+            py.to_str().unwrap(),
+            s.to_str().unwrap(),
+        ],
+    );
+    let json = r.json.as_ref().expect("a JSON report from inside the namespace");
+    // Inside, `unshare`'s child is 1 and leaktrace's own child a small number.
+    let pid = json["target"]["pid"].as_u64().unwrap();
+    assert!(pid < 100, "the target's pid is the namespace's: {pid}");
+    let path = s.to_str().unwrap();
+    let on_line = |line: u64| -> Vec<&serde_json::Value> {
+        json["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|site| {
+                // The bytearrays' buffers, not the list growing beside them.
+                site["caller"]["function"] == "PyByteArray_Resize"
+                    && site["python_stack"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|f| f["filename"] == path && f["line"] == line)
+            })
+            .collect()
+    };
+    let sum = |sites: &[&serde_json::Value], key: &str| -> u64 {
+        sites.iter().map(|s| s[key].as_u64().unwrap()).sum()
+    };
+    let grown = on_line(6);
+    assert_eq!(sum(&grown, "unfreed_count"), 2000, "{}", r.stdout);
+    assert_eq!(sum(&grown, "unfreed_bytes"), 2000 * 5001);
+    let child = on_line(10);
+    assert_eq!(sum(&child, "unfreed_count"), 30, "the forked child: {}", r.stdout);
+    assert!(child.iter().all(|s| s["pid"].as_u64() != Some(pid)));
+    let death = &json["target"]["death"];
+    assert_eq!(death["cause"], "signal", "{death}");
+    assert_eq!(death["signal"], "SIGTERM", "{death}");
+    assert!(
+        death["sender"].as_str().is_some_and(|s| s.contains("(sh)")),
+        "the sender, as the namespace knows it: {death}"
+    );
 }

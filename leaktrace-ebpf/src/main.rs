@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{bpf_get_attach_cookie, bpf_loop, bpf_send_signal_thread},
     },
     macros::{map, uprobe, uretprobe},
@@ -162,16 +162,15 @@ fn read_global<T: Copy>(g: &T) -> T {
 
 #[inline(always)]
 fn traced_tgid() -> Option<(u32, u32)> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
     if read_global(&FLOOR_MODE) != 0 {
         return None;
     }
+    let (tgid, tid) = ids::current()?;
     let flags = unsafe { TARGETS.get(&tgid) }?;
     if *flags & TARGET_FROZEN != 0 {
         return None;
     }
-    Some((tgid, pid_tgid as u32))
+    Some((tgid, tid))
 }
 
 /// The first four integer arguments, shifted so index 0 is the function's first real argument.
@@ -358,7 +357,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 /// Userspace is told, and `run`'s child is paused there.
 #[uprobe]
 pub fn lifecycle_enter(ctx: ProbeContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = ids::current_tgid();
     let Some(flags) = TARGETS.get_ptr_mut(&tgid) else {
         return 0;
     };
@@ -398,6 +397,7 @@ pub fn lifecycle_enter(ctx: ProbeContext) -> u32 {
 
 const SIGSTOP: u32 = 19;
 
+mod ids;
 mod live;
 mod python;
 mod sampler;

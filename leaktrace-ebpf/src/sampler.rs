@@ -27,7 +27,6 @@ static SAMPLING: Array<u32> = Array::with_max_entries(SAMPLE_TABLE_LEN, 0);
 #[map]
 static SAMPLER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-#[inline(always)]
 /// Whether an allocation of `size` bytes is recorded, and the bytes and blocks it then stands
 /// for (`--min-size`, then sampling). Decided before anything else is read, so an allocation
 /// passed over costs little.
@@ -80,5 +79,5 @@ fn draw_countdown(rate: u64) -> u64 {
 
 #[inline(always)]
 fn table(i: u32) -> u64 {
-    unsafe { SAMPLING.get(i) }.map_or(0, |v| u64::from(*v))
+    SAMPLING.get(i).map_or(0, |v| u64::from(*v))
 }

@@ -5,11 +5,11 @@
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_send_signal_thread, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::HashMap,
+    maps::{HashMap, LruHashMap},
     programs::{RawTracePointContext, TracePointContext},
 };
 use leaktrace_ebpf::{
@@ -18,7 +18,7 @@ use leaktrace_ebpf::{
 };
 
 use crate::{
-    admit, bump, holds_allowed, live::retire_if_live, record_alloc, traced_tgid, DEATHS, EVENTS,
+    admit, bump, ids, holds_allowed, live::retire_if_live, record_alloc, traced_tgid, DEATHS, EVENTS,
     SIGSTOP, TARGETS,
 };
 
@@ -26,6 +26,25 @@ use crate::{
 /// (tid → parent tgid): only then can the kernel tell a new process from a new thread.
 #[map]
 static FORKED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Fatal signals sent while leaktrace translates ids (it runs in a PID namespace of its own):
+/// the tracepoints that see them name the target by its initial-namespace pid, which cannot be
+/// translated there. Kept here (that pid → who sent what) until the target itself takes the
+/// signal, in its own context, where its id is known.
+#[map]
+static SIGNALLED: LruHashMap<u32, SignalFrom> = LruHashMap::with_max_entries(256, 0);
+
+/// A fatal signal on its way to a process (see `SIGNALLED`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SignalFrom {
+    sender_tgid: u32,
+    signal: u32,
+    /// `death::OOM_VICTIM` when the OOM killer chose the process.
+    flags: u32,
+    _pad: u32,
+    comm: [u8; 16],
+}
 
 /// Error-code bit of a page fault caused by a write.
 const PF_WRITE: u64 = 2;
@@ -214,7 +233,16 @@ fn fatal_by_default(sig: u32) -> bool {
 #[tracepoint]
 pub fn oom_victim(ctx: TracePointContext) -> u32 {
     let pid: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
-    if let Some(d) = death_of(pid as u32) {
+    if ids::translated() {
+        let from = SignalFrom {
+            sender_tgid: 0,
+            signal: 0,
+            flags: death::OOM_VICTIM,
+            _pad: 0,
+            comm: [0; 16],
+        };
+        let _ = SIGNALLED.insert(&(pid as u32), &from, 0);
+    } else if let Some(d) = death_of(pid as u32) {
         d.flags |= death::OOM_VICTIM;
     }
     0
@@ -230,10 +258,23 @@ pub fn signal_generate(ctx: TracePointContext) -> u32 {
     if result != 0 || !fatal_by_default(sig as u32) {
         return 0;
     }
-    if let Some(d) = death_of(pid as u32) {
-        d.sender_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let sender_tgid = ids::current_tgid();
+    let comm = bpf_get_current_comm().unwrap_or_default();
+    if ids::translated() {
+        // SAFETY: a value of an LRU map, read at once.
+        let flags = unsafe { SIGNALLED.get(&(pid as u32)) }.map_or(0, |f| f.flags);
+        let from = SignalFrom {
+            sender_tgid,
+            signal: sig as u32,
+            flags,
+            _pad: 0,
+            comm,
+        };
+        let _ = SIGNALLED.insert(&(pid as u32), &from, 0);
+    } else if let Some(d) = death_of(pid as u32) {
+        d.sender_tgid = sender_tgid;
         d.sent_signal = sig as u32;
-        d.sender_comm = bpf_get_current_comm().unwrap_or_default();
+        d.sender_comm = comm;
     }
     0
 }
@@ -242,7 +283,7 @@ pub fn signal_generate(ctx: TracePointContext) -> u32 {
 /// handler) a fatal one ends it.
 #[tracepoint]
 pub fn signal_deliver(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = ids::current_tgid();
     let sig: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
     let handler: u64 = unsafe { ctx.read_at(24) }.unwrap_or(1);
     // SIG_DFL is 0.
@@ -252,6 +293,21 @@ pub fn signal_deliver(ctx: TracePointContext) -> u32 {
     if let Some(d) = death_of(tgid) {
         d.flags |= death::SIGNALED;
         d.signal = sig as u32;
+        if ids::translated() {
+            // `kill` names the process (its leader's pid); `tgkill` a thread, maybe this one.
+            // SAFETY: values of an LRU map, read at once.
+            let from = unsafe {
+                SIGNALLED
+                    .get(&ids::global_tgid())
+                    .or_else(|| SIGNALLED.get(&ids::global_tid()))
+            };
+            if let Some(from) = from {
+                d.flags |= from.flags;
+                d.sender_tgid = from.sender_tgid;
+                d.sent_signal = from.signal;
+                d.sender_comm = from.comm;
+            }
+        }
     }
     0
 }
@@ -259,7 +315,7 @@ pub fn signal_deliver(ctx: TracePointContext) -> u32 {
 /// `syscalls:sys_enter_exit_group`: a traced process exits with a status.
 #[tracepoint]
 pub fn exit_group(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = ids::current_tgid();
     let code: u64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
     if let Some(d) = death_of(tgid) {
         d.flags |= death::EXITED;
@@ -271,13 +327,14 @@ pub fn exit_group(ctx: TracePointContext) -> u32 {
 /// `sched:sched_process_fork` (in the parent): remember tasks that followed processes create.
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = ids::current_tgid();
     let Some(flags) = (unsafe { TARGETS.get(&tgid) }) else {
         return 0;
     };
     if *flags & TARGET_FOLLOW_FORKS == 0 {
         return 0;
     }
+    // The child's pid in the initial namespace, as `fork_return` looks it up.
     let child: i32 = unsafe { ctx.read_at(20) }.unwrap_or(0);
     let _ = FORKED.insert(&(child as u32), &tgid, 0);
     0
@@ -288,12 +345,14 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
 /// stopped and announced, and userspace attaches its probes and lets it go.
 #[tracepoint]
 pub fn fork_return(_ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(parent) = (unsafe { FORKED.get(&tid) }).copied() else {
+    let global = ids::global_tid();
+    let Some(parent) = (unsafe { FORKED.get(&global) }).copied() else {
         return 0;
     };
-    let _ = FORKED.remove(&tid);
+    let _ = FORKED.remove(&global);
+    let Some((tgid, tid)) = ids::current() else {
+        return 0;
+    };
     if tid != tgid {
         return 0; // a new thread of a traced process, already covered
     }
@@ -339,7 +398,7 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
 /// through ptrace instead.)
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = ids::current_tgid();
     let Some(flags) = TARGETS.get_ptr_mut(&tgid) else {
         return 0;
     };

@@ -201,12 +201,25 @@ impl Run {
 
 /// Runs leaktrace with `args`, asking for a JSON report.
 pub fn leaktrace(args: &[&str]) -> Run {
+    leaktrace_under(&[], args)
+}
+
+/// Runs leaktrace with `args` under a wrapper command (`unshare …`), asking for a JSON report.
+pub fn leaktrace_under(wrapper: &[&str], args: &[&str]) -> Run {
     let json = tempfile::NamedTempFile::new().unwrap().into_temp_path();
     let (head, tail) = match args.iter().position(|a| *a == "--") {
         Some(i) => (&args[..i], &args[i..]),
         None => (args, &[][..]),
     };
-    let out = Command::new(leaktrace_bin())
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(leaktrace_bin());
+            c
+        }
+        None => Command::new(leaktrace_bin()),
+    };
+    let out = cmd
         .args(head)
         .arg("--json")
         .arg(&*json)

@@ -221,7 +221,10 @@ impl Tracer {
         let soft_limit = u64::from(max_sites - max_sites / 4);
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| Error::Bpf(format!("counting CPUs ({what}): {e}")))?;
+        let (pidns_dev, pidns_ino) = crate::target::own_pidns().unwrap_or((0, 0));
         let mut ebpf = EbpfLoader::new()
+            .override_global("TRACER_PIDNS_DEV", &pidns_dev, true)
+            .override_global("TRACER_PIDNS_INO", &pidns_ino, true)
             .override_global("STACK_COPY", &opts.stack_copy, true)
             .override_global("NATIVE_DEPTH", &opts.native_depth, true)
             .map_max_entries("STACKBUF", cpus.max(1) as u32)

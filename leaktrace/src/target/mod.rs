@@ -210,6 +210,17 @@ pub fn foreign_pidns(pid: u32) -> Option<(u64, u64)> {
     (theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then(|| (theirs.dev(), theirs.ino()))
 }
 
+/// Inode of the initial PID namespace (the kernel's `PROC_PID_INIT_INO`).
+const INITIAL_PIDNS_INO: u64 = 0xEFFF_FFFC;
+
+/// leaktrace's own PID namespace (nsfs device, inode) when it is not the initial one: the
+/// kernel then has to translate the ids it sees into the ones leaktrace knows targets by.
+pub fn own_pidns() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (ours.ino() != INITIAL_PIDNS_INO).then(|| (ours.dev(), ours.ino()))
+}
+
 /// The threads of `pid`: id in its innermost PID namespace → id in leaktrace's (`NSpid`).
 pub fn ns_thread_ids(pid: u32) -> std::collections::HashMap<u32, u32> {
     let mut out = std::collections::HashMap::new();
