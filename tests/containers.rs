@@ -1,7 +1,9 @@
 //! Containers: a target in its own PID namespace (`unshare --pid --fork --mount-proc`, as a
 //! container runtime starts one) attached from the host by its host PID, and leaktrace itself
 //! running inside a PID namespace (a privileged container, a sidecar). The interpreter knows its
-//! threads by the container's ids, the kernel by the host's.
+//! threads by the container's ids, the kernel by the host's. And targets whose files are named
+//! from another root: a `chroot` inside a mount namespace, and a `pivot_root` into a root built
+//! here, with the interpreter at a path the host does not have.
 
 mod common;
 
@@ -173,4 +175,104 @@ fn run_inside_a_pid_namespace_traces_its_child_forks_and_death() {
         death["sender"].as_str().is_some_and(|s| s.contains("(sh)")),
         "the sender, as the namespace knows it: {death}"
     );
+}
+
+/// Starts `PYTHON SCRIPT` (the interpreter's prefix bind-mounted at /opt/python) in a new mount
+/// and PID namespace whose root is a tmpfs at `$1` holding the host's /usr and /etc, entered
+/// with `chroot` or `pivot_root` (`$4`). Args: ROOT PREFIX SCRIPT MODE.
+const ENTER_ROOT: &str = r#"set -e
+R=$1
+mount --make-rprivate /
+mount -t tmpfs tmpfs "$R"
+mkdir -p "$R/usr" "$R/etc" "$R/proc" "$R/tmp" "$R/dev" "$R/opt/python" "$R/old"
+ln -s usr/lib "$R/lib"; ln -s usr/lib64 "$R/lib64"; ln -s usr/bin "$R/bin"
+mount --bind /usr "$R/usr"; mount --bind /etc "$R/etc"; mount --rbind /dev "$R/dev"
+mount --bind "$2" "$R/opt/python"
+cp "$3" "$R/tmp/app.py"
+export LD_LIBRARY_PATH=/opt/python/lib
+if [ "$4" = chroot ]; then
+    mount -t proc proc "$R/proc"
+    exec chroot "$R" /opt/python/bin/python3 /tmp/app.py
+fi
+cd "$R"
+pivot_root . old
+mount -t proc proc /proc
+umount -l /old
+exec /opt/python/bin/python3 /tmp/app.py
+"#;
+
+/// Keeps a 4,000-byte bytearray every 2 ms on line 6, for at most a minute.
+const KEEP_GROWING: &str = r#"
+import time
+keep = []
+print("READY", flush=True)
+for _ in range(30000):
+    keep.append(bytearray(4000))
+    time.sleep(0.002)
+"#;
+
+fn attach_inside_another_root(mode: &str) {
+    let py = pyenv_python();
+    let prefix = py.parent().unwrap().parent().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let enter = script(ENTER_ROOT);
+    let app = script(KEEP_GROWING);
+    let mut unshare = Command::new("unshare")
+        .args(["--mount", "--pid", "--fork", "--kill-child", "sh"])
+        .arg(&*enter)
+        .arg(root.path())
+        .arg(prefix)
+        .arg(&*app)
+        .arg(mode)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux) is needed for the container tests");
+    let mut lines = BufReader::new(unshare.stdout.take().unwrap()).lines();
+    assert!(
+        lines.next().is_some_and(|l| l.unwrap().contains("READY")),
+        "the target never became ready in its {mode} root"
+    );
+    std::thread::spawn(move || for _ in lines {});
+    let target = Target(unshare);
+    let pid = child_of(target.id());
+    // The host has no /opt/python: its files are found through the target's root or mappings.
+    assert!(!std::path::Path::new("/opt/python/bin/python3").exists());
+
+    let r = leaktrace(&["attach", "-p", &pid.to_string(), "-d", "2", "--mode", "exact"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let json = r.json.as_ref().unwrap();
+    assert!(
+        json["target"]["python_module"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("/opt/python/lib/libpython3.11.so.1.0")),
+        "the interpreter in the {mode} root: {}",
+        json["target"]
+    );
+    let kept: u64 = json["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|site| {
+            site["caller"]["function"] == "PyByteArray_Resize"
+                && site["python_stack"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["filename"] == "/tmp/app.py" && f["line"] == 6)
+        })
+        .map(|site| site["unfreed_count"].as_u64().unwrap())
+        .sum();
+    // 2 s at one per 2 ms (plus sleep overshoot): hundreds, named down to the line.
+    assert!(kept >= 200, "{kept} blocks under app.py:6 in the {mode} root");
+    assert!(alive(pid), "the target runs on after the window");
+}
+
+#[test]
+fn attach_to_a_chrooted_target_in_its_own_mount_namespace() {
+    attach_inside_another_root("chroot");
+}
+
+#[test]
+fn attach_to_a_target_that_pivoted_into_another_root() {
+    attach_inside_another_root("pivot");
 }

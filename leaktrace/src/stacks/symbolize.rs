@@ -5,7 +5,6 @@
 //! functions: the files outlive the process.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use blazesym::symbolize::source::{Elf, Source};
@@ -226,13 +225,7 @@ impl Symbolizer {
     }
 
     fn symbolize_into(&self, frame: &mut Frame, pid: u32, path: &str, lookup: u64) {
-        let via_root = host_path(pid, path);
-        let file = if via_root.exists() {
-            via_root
-        } else {
-            Path::new(path).to_path_buf()
-        };
-        let src = Source::Elf(Elf::new(file));
+        let src = Source::Elf(Elf::new(host_path(pid, path)));
         let Ok(syms) = self.blazesym.symbolize(&src, Input::FileOffset(&[lookup])) else {
             return;
         };

@@ -95,11 +95,36 @@ impl ModuleMap {
     }
 }
 
-/// The host path of a file as the process sees it (through `/proc/PID/root`, so files inside a
-/// container's mount namespace resolve).
+/// A path leaktrace can open for a file `pid` maps, named as `/proc/PID/maps` names it.
+///
+/// That name is not always relative to the process's root: the kernel writes it relative to
+/// the *reader's* root when it can reach the file from there (a chroot in leaktrace's mount
+/// namespace: `/srv/root/usr/lib/libc.so.6`), else relative to the root of the process's mount
+/// namespace (a chroot inside a container's). So the candidates are tried in turn and the first
+/// that is the mapped inode wins: through `/proc/PID/root` (containers), the mapping itself
+/// (`/proc/PID/map_files`, which also opens a deleted file), the name as it stands. When nothing
+/// can be checked (the process or its mapping is gone), the first of those that exists.
 pub fn host_path(pid: u32, path: &str) -> PathBuf {
-    let via_root = Path::new("/proc").join(pid.to_string()).join("root");
-    via_root.join(path.trim_start_matches('/'))
+    use std::os::unix::fs::MetadataExt;
+    let proc = Path::new("/proc").join(pid.to_string());
+    let via_root = proc.join("root").join(path.trim_start_matches('/'));
+    let Some(mapping) = std::fs::read_to_string(proc.join("maps"))
+        .ok()
+        .and_then(|text| parse_maps(&text).into_iter().find(|m| m.path == path))
+    else {
+        return if via_root.exists() {
+            via_root
+        } else {
+            PathBuf::from(path)
+        };
+    };
+    let via_mapping = proc
+        .join("map_files")
+        .join(format!("{:x}-{:x}", mapping.start, mapping.end));
+    [via_root.clone(), via_mapping, PathBuf::from(path)]
+        .into_iter()
+        .find(|p| std::fs::metadata(p).is_ok_and(|md| md.ino() == mapping.inode))
+        .unwrap_or(via_root)
 }
 
 /// The anonymous private read-write mappings of `pid`, where pymalloc's arenas are: `(start,
@@ -170,9 +195,48 @@ mod tests {
 
     #[test]
     fn host_paths_go_through_proc_root() {
+        let me = std::process::id();
+        let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+        let libc = maps.iter().find(|m| m.path.contains("libc.so")).unwrap();
+        let expect = PathBuf::from(format!("/proc/{me}/root")).join(&libc.path[1..]);
+        assert_eq!(host_path(me, &libc.path), expect);
+    }
+
+    #[test]
+    fn a_deleted_mapped_file_opens_through_its_mapping() {
+        use std::os::fd::AsRawFd;
+        let me = std::process::id();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), b"still here").unwrap();
+        let f = std::fs::File::open(file.path()).unwrap();
+        // SAFETY: a fresh private read-only mapping of a file we opened, unmapped below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        let name = file.path().to_str().unwrap().to_string();
+        file.close().unwrap();
+        let p = host_path(me, &format!("{name} (deleted)"));
+        let read = std::fs::read(&p);
+        // SAFETY: the mapping made above, used by nothing else.
+        unsafe { libc::munmap(at, 4096) };
+        assert!(p.to_str().unwrap().contains("/map_files/"), "{p:?}");
+        assert_eq!(read.unwrap(), b"still here");
+    }
+
+    #[test]
+    fn a_gone_process_names_the_file_as_given() {
+        // PIDs above pid_max never exist.
         assert_eq!(
-            host_path(42, "/usr/lib/libc.so.6"),
-            PathBuf::from("/proc/42/root/usr/lib/libc.so.6")
+            host_path(u32::MAX, "/usr/lib/libc.so.6"),
+            PathBuf::from("/usr/lib/libc.so.6")
         );
     }
 }

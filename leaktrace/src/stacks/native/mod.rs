@@ -4,7 +4,6 @@
 pub mod cfi;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::time::Instant;
 
 use leaktrace_ebpf::{native_end, unwind_flags, FrameRegs, UnwindRow};
@@ -233,13 +232,7 @@ impl Unwinder {
     fn module(&mut self, pid: u32, path: &str) -> Option<&mut ModuleCfi> {
         let modules = self.modules.entry(pid).or_default();
         if !modules.contains_key(path) {
-            let host = host_path(pid, path);
-            let file = if host.exists() {
-                host
-            } else {
-                PathBuf::from(path)
-            };
-            let cfi = ModuleCfi::load(&file)
+            let cfi = ModuleCfi::load(&host_path(pid, path))
                 .map_err(|e| log::debug!("no CFI for {path}: {e}"))
                 .ok();
             modules.insert(path.to_string(), cfi);
