@@ -79,6 +79,37 @@ fn missing_privileges() {
     assert!(!stderr.contains("panicked"));
 }
 
+/// CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE without root: the programs load, the kernel refuses
+/// the uprobe. The message gives the system call, its errno and what is missing.
+#[test]
+fn capabilities_without_sys_admin() {
+    // A copy nobody can execute (the build folder's parents may be private).
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("leaktrace");
+    std::fs::copy(leaktrace_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let caps = "+bpf,+perfmon,+sys_ptrace";
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .arg(&bin)
+        .args(["run", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if out.status.code() == Some(0) {
+        // A kernel that lets CAP_PERFMON create uprobes: nothing to explain.
+        return;
+    }
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("perf_event_open"), "{stderr}");
+    assert!(stderr.contains("os error 13") || stderr.contains("os error 1)"), "{stderr}");
+    assert!(stderr.contains("CAP_SYS_ADMIN"), "{stderr}");
+}
+
 #[test]
 fn command_that_does_not_exist() {
     let r = leaktrace(&["run", "--", "/nonexistent/leaky-program"]);

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "leaktrace needs root, or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE, to load BPF programs and \
-         attach uprobes ({0}); run it with sudo"
+        "leaktrace needs root, or CAP_SYS_ADMIN + CAP_SYS_PTRACE, to load BPF programs and attach \
+         uprobes ({0}); run it with sudo. CAP_BPF + CAP_PERFMON load the programs, but kernels \
+         may refuse a uprobe without CAP_SYS_ADMIN (6.18 does)"
     )]
     NoPrivileges(String),
     #[error("no process with PID {0} (is it still running?)")]

@@ -148,15 +148,21 @@ const FORK_TRACEPOINTS: [(&str, &str, &str); 6] = [
 /// Where the kernel's tracepoints are listed; a fresh machine may not have it mounted.
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-fn bpf_err(what: &str, e: impl std::fmt::Display) -> Error {
-    let text = e.to_string();
-    if text.contains("Operation not permitted")
-        || text.contains("EPERM")
-        || text.contains("permission")
-    {
-        Error::NoPrivileges(format!("{what}: {text}"))
-    } else {
-        Error::Bpf(format!("{what}: {text}"))
+fn bpf_err(what: &str, e: impl std::error::Error) -> Error {
+    // aya's errors put the system call's errno in a source, not in their own text.
+    let mut text = e.to_string();
+    let mut errno = None;
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            errno = errno.or(io.raw_os_error());
+        }
+        source = s.source();
+    }
+    match errno {
+        Some(libc::EPERM | libc::EACCES) => Error::NoPrivileges(format!("{what}: {text}")),
+        _ => Error::Bpf(format!("{what}: {text}")),
     }
 }
 
