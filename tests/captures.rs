@@ -78,7 +78,11 @@ fn a_capture_renders_the_live_report_site_for_site() {
     let (cap, live) = capture(dir.path());
     let off: Value = serde_json::from_slice(&render(&cap, options(Format::Json)).unwrap()).unwrap();
     let sites = live["sites"].as_array().unwrap();
-    assert!(sites.len() > 50, "a workload of many sites: {}", sites.len());
+    assert!(
+        sites.len() > 50,
+        "a workload of many sites: {}",
+        sites.len()
+    );
     assert!(
         sites.iter().any(|s| s["pid"] != live["target"]["pid"]),
         "the forked child's sites"
@@ -132,7 +136,11 @@ fn damage() -> impl Strategy<Value = Damage> {
 }
 
 fn apply(d: &Damage, gz: &[u8], text: &[u8]) -> Vec<u8> {
-    let mut bytes = if d.gzipped { gz.to_vec() } else { text.to_vec() };
+    let mut bytes = if d.gzipped {
+        gz.to_vec()
+    } else {
+        text.to_vec()
+    };
     for &(at, bit) in &d.flips {
         let i = ((bytes.len() as f64) * at) as usize;
         if let Some(b) = bytes.get_mut(i) {
@@ -189,5 +197,8 @@ fn the_capture_reader_survives_truncation_and_bit_flips() {
     eprintln!("damaged captures: {rendered} rendered, {refused} refused");
     result.unwrap();
     // Both paths were taken: damage the reader recovers from, and damage it refuses.
-    assert!(rendered > 0 && refused > 0, "{rendered} rendered, {refused} refused");
+    assert!(
+        rendered > 0 && refused > 0,
+        "{rendered} rendered, {refused} refused"
+    );
 }

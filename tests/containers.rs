@@ -3,7 +3,8 @@
 //! running inside a PID namespace (a privileged container, a sidecar). The interpreter knows its
 //! threads by the container's ids, the kernel by the host's. And targets whose files are named
 //! from another root: a `chroot` inside a mount namespace, and a `pivot_root` into a root built
-//! here, with the interpreter at a path the host does not have.
+//! here, with the interpreter at a path the host does not have. And a real runtime: an OCI
+//! container run by runc, attached from the host.
 
 mod common;
 
@@ -138,7 +139,10 @@ fn run_inside_a_pid_namespace_traces_its_child_forks_and_death() {
             s.to_str().unwrap(),
         ],
     );
-    let json = r.json.as_ref().expect("a JSON report from inside the namespace");
+    let json = r
+        .json
+        .as_ref()
+        .expect("a JSON report from inside the namespace");
     // Inside, `unshare`'s child is 1 and leaktrace's own child a small number.
     let pid = json["target"]["pid"].as_u64().unwrap();
     assert!(pid < 100, "the target's pid is the namespace's: {pid}");
@@ -166,7 +170,12 @@ fn run_inside_a_pid_namespace_traces_its_child_forks_and_death() {
     assert_eq!(sum(&grown, "unfreed_count"), 2000, "{}", r.stdout);
     assert_eq!(sum(&grown, "unfreed_bytes"), 2000 * 5001);
     let child = on_line(10);
-    assert_eq!(sum(&child, "unfreed_count"), 30, "the forked child: {}", r.stdout);
+    assert_eq!(
+        sum(&child, "unfreed_count"),
+        30,
+        "the forked child: {}",
+        r.stdout
+    );
     assert!(child.iter().all(|s| s["pid"].as_u64() != Some(pid)));
     let death = &json["target"]["death"];
     assert_eq!(death["cause"], "signal", "{death}");
@@ -238,7 +247,15 @@ fn attach_inside_another_root(mode: &str) {
     // The host has no /opt/python: its files are found through the target's root or mappings.
     assert!(!std::path::Path::new("/opt/python/bin/python3").exists());
 
-    let r = leaktrace(&["attach", "-p", &pid.to_string(), "-d", "2", "--mode", "exact"]);
+    let r = leaktrace(&[
+        "attach",
+        "-p",
+        &pid.to_string(),
+        "-d",
+        "2",
+        "--mode",
+        "exact",
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let json = r.json.as_ref().unwrap();
     assert!(
@@ -263,7 +280,10 @@ fn attach_inside_another_root(mode: &str) {
         .map(|site| site["unfreed_count"].as_u64().unwrap())
         .sum();
     // 2 s at one per 2 ms (plus sleep overshoot): hundreds, named down to the line.
-    assert!(kept >= 200, "{kept} blocks under app.py:6 in the {mode} root");
+    assert!(
+        kept >= 200,
+        "{kept} blocks under app.py:6 in the {mode} root"
+    );
     assert!(alive(pid), "the target runs on after the window");
 }
 
@@ -275,4 +295,138 @@ fn attach_to_a_chrooted_target_in_its_own_mount_namespace() {
 #[test]
 fn attach_to_a_target_that_pivoted_into_another_root() {
     attach_inside_another_root("pivot");
+}
+
+/// A container runc runs: `rootfs` holds only mount points; the host's /usr and /etc and the
+/// interpreter's prefix (at /opt/python) are bound read-only, the script is copied in.
+struct RuncContainer {
+    id: String,
+    bundle: tempfile::TempDir,
+    _run: Target,
+}
+
+impl RuncContainer {
+    fn start(prefix: &std::path::Path, script: &str) -> (Self, std::process::ChildStdout) {
+        let bundle = tempfile::tempdir().unwrap();
+        let rootfs = bundle.path().join("rootfs");
+        for d in [
+            "usr",
+            "etc",
+            "proc",
+            "dev",
+            "sys",
+            "tmp",
+            "opt/python",
+            "app",
+        ] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        for (link, to) in [
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+            ("bin", "usr/bin"),
+        ] {
+            std::os::unix::fs::symlink(to, rootfs.join(link)).unwrap();
+        }
+        std::fs::write(rootfs.join("app/app.py"), script).unwrap();
+        succeed(Command::new("runc").arg("spec").current_dir(bundle.path()));
+        let path = bundle.path().join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = serde_json::json!(["/opt/python/bin/python3", "/app/app.py"]);
+        spec["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push("LD_LIBRARY_PATH=/opt/python/lib".into());
+        let mounts = spec["mounts"].as_array_mut().unwrap();
+        for (src, dst) in [
+            ("/usr", "/usr"),
+            ("/etc", "/etc"),
+            (prefix.to_str().unwrap(), "/opt/python"),
+        ] {
+            mounts.push(serde_json::json!({
+                "destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"]
+            }));
+        }
+        std::fs::write(&path, spec.to_string()).unwrap();
+        let id = format!("leaktrace-test-{}", std::process::id());
+        let mut run = Command::new("runc")
+            .args(["run", &id])
+            .current_dir(bundle.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("runc is needed for the container tests (cargo xtask setup installs it)");
+        let out = run.stdout.take().unwrap();
+        (
+            Self {
+                id,
+                bundle,
+                _run: Target(run),
+            },
+            out,
+        )
+    }
+
+    /// The container's init process, by its host PID.
+    fn pid(&self) -> u32 {
+        let out = succeed(Command::new("runc").args(["state", &self.id]));
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        state["pid"].as_u64().unwrap() as u32
+    }
+}
+
+impl Drop for RuncContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("runc")
+            .args(["delete", "--force", &self.id])
+            .current_dir(self.bundle.path())
+            .output();
+    }
+}
+
+#[test]
+fn attach_by_host_pid_to_a_runc_container() {
+    let py = pyenv_python();
+    let prefix = py.parent().unwrap().parent().unwrap();
+    let (container, out) = RuncContainer::start(prefix, IN_A_CONTAINER);
+    let mut lines = BufReader::new(out).lines();
+    assert!(
+        lines.next().is_some_and(|l| l.unwrap().contains("READY")),
+        "the container's target never became ready"
+    );
+    std::thread::spawn(move || for _ in lines {});
+    let pid = container.pid();
+    let r = leaktrace(&[
+        "attach",
+        "-p",
+        &pid.to_string(),
+        "-d",
+        "2",
+        "--mode",
+        "exact",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let json = r.json.as_ref().unwrap();
+    assert!(
+        json["target"]["python_module"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("/opt/python/lib/libpython3.11.so.1.0")),
+        "{}",
+        json["target"]
+    );
+    // Both threads' stacks, down to the line, as on the host.
+    let outer: std::collections::HashSet<String> = json["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|site| {
+            site["python_stack"].as_array().unwrap().iter().any(|f| {
+                f["filename"] == "/app/app.py" && f["line"] == 6 && f["function"] == "tick"
+            })
+        })
+        .map(|site| site["python_stack"][0]["function"].to_string())
+        .collect();
+    assert!(outer.len() >= 2, "one thread's stacks only: {outer:?}");
+    assert!(alive(pid), "the container runs on after the window");
 }

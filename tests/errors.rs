@@ -106,7 +106,10 @@ fn capabilities_without_sys_admin() {
     }
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("perf_event_open"), "{stderr}");
-    assert!(stderr.contains("os error 13") || stderr.contains("os error 1)"), "{stderr}");
+    assert!(
+        stderr.contains("os error 13") || stderr.contains("os error 1)"),
+        "{stderr}"
+    );
     assert!(stderr.contains("CAP_SYS_ADMIN"), "{stderr}");
 }
 

@@ -113,7 +113,10 @@ fn watch_until_gone(root: u32, what: &str) {
     let mut stopped: std::collections::HashMap<u32, Instant> = Default::default();
     let deadline = Instant::now() + Duration::from_secs(60);
     while state(root).is_some() {
-        assert!(Instant::now() < deadline, "{what}: the target never finished");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the target never finished"
+        );
         let now = tree(root);
         stopped.retain(|p, _| now.iter().any(|&(q, st)| q == *p && st == 'T' || st == 't'));
         for (p, st) in now {
@@ -174,7 +177,11 @@ fn kill_at(mode: Mode, after: Duration, py: &Path, s: &Path, expected: &str) {
             target = Some(Target(t));
         }
     }
-    let mut lt = lt.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lt = lt
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(after);
     kill(lt.id(), libc::SIGKILL);
     let _ = lt.wait();

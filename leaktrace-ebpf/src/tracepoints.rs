@@ -18,8 +18,8 @@ use leaktrace_ebpf::{
 };
 
 use crate::{
-    admit, bump, ids, holds_allowed, live::retire_if_live, record_alloc, traced_tgid, DEATHS, EVENTS,
-    SIGSTOP, TARGETS,
+    admit, bump, holds_allowed, ids, live::retire_if_live, record_alloc, traced_tgid, DEATHS,
+    EVENTS, SIGSTOP, TARGETS,
 };
 
 /// Tasks a followed process just created, until each first returns to user space

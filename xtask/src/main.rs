@@ -45,8 +45,10 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Run only the parts whose name contains TEXT: a workload's script name
-        /// (`numpy_leak`), `tracemalloc`, `scale` or `fixed-cost` (with `LEAKTRACE_COMPARE=BIN`,
-        /// another build's rows beside this one's).
+        /// (`numpy_leak`), `tracemalloc`, `scale`, `real-leaks` or `fixed-cost` (with
+        /// `LEAKTRACE_COMPARE=BIN`, another build's rows beside this one's); `soak` (30 minutes
+        /// of `attach --mode sampled`; `LEAKTRACE_SOAK_MINUTES` sets the length) runs only when
+        /// named.
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
     },

@@ -30,6 +30,8 @@ const APT: &[(&str, &str)] = &[
     ("golang-go", "/usr/bin/go"),
     ("prometheus", "/usr/bin/promtool"),
     ("tmux", "/usr/bin/tmux"),
+    // Tests: a real container runtime (OCI bundles run with runc) for targets in containers.
+    ("runc", "/usr/sbin/runc"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

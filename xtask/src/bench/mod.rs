@@ -11,6 +11,7 @@ mod accuracy;
 mod fixed;
 mod real;
 mod scale;
+mod soak;
 mod tools;
 
 use std::path::Path;
@@ -317,6 +318,10 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("fixed-cost") {
         fixed::fixed_cost(leaktrace, &python, reps, &scratch)?;
+    }
+    // Half an hour: only when asked for by name.
+    if only == Some("soak") {
+        soak::run(leaktrace, &python, &scratch)?;
     }
     println!("\n### Headline ratios\n");
     for h in headline {
