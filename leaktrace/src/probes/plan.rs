@@ -46,7 +46,6 @@ pub struct ProbePoint {
     /// The file as the process sees it.
     pub module: String,
     pub host_path: PathBuf,
-    pub symbol_vaddr: u64,
     pub table: SymbolTable,
     pub placement: Placement,
     /// File offset of the probe (symbol + placement), what the kernel attaches to.
@@ -387,7 +386,6 @@ fn add_points(plan: &mut ProbePlan, elf: &ElfFile, module: &str, funcs: &[AllocF
             func,
             module: module.to_string(),
             host_path: elf.path().to_path_buf(),
-            symbol_vaddr: sym.vaddr,
             table: sym.table,
             placement,
             file_offset,

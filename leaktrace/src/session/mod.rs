@@ -165,12 +165,8 @@ struct Session<'a> {
     ending: bool,
 }
 
-/// Traces `spec` until it exits, the window ends, or the user interrupts.
-pub async fn trace(spec: TargetSpec, opts: &TraceOptions) -> Result<Outcome> {
-    trace_live(spec, opts, None).await
-}
-
-/// `trace`, feeding a live view each interval until it quits.
+/// Traces `spec` until it exits, the window ends, or the user interrupts; with `view`, feeds
+/// a live view each interval until it quits.
 pub async fn trace_live(
     spec: TargetSpec,
     opts: &TraceOptions,

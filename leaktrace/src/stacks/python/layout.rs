@@ -335,11 +335,6 @@ impl PyLayout {
             )))
         }
     }
-
-    /// Whether code pointers in frames are tagged (3.14's `_PyStackRef`).
-    pub fn tagged_code(&self) -> bool {
-        self.code_mask != !0
-    }
 }
 
 #[cfg(test)]
