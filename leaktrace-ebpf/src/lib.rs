@@ -8,10 +8,12 @@
 #![no_std]
 
 mod counters;
+mod names;
 mod native;
 mod py;
 mod sample;
 pub use counters::*;
+pub use names::*;
 pub use native::*;
 pub use py::*;
 pub use sample::*;
@@ -484,10 +486,6 @@ pub const TARGET_HELD: u32 = 32;
 /// Set by the kernel when the process's interpreter entered `Py_RunMain`: its start-up is over.
 pub const TARGET_MAIN_STARTED: u32 = 64;
 
-/// Name of the map of traced processes (tgid → `TARGET_*` flags).
-pub const MAP_TARGETS: &str = "TARGETS";
-/// Name of the session's control word (`Array<u32>`, one entry, `CONTROL_*` bits).
-pub const MAP_CONTROL: &str = "CONTROL";
 /// Set when the session ends (or leaktrace dies, by its guardian): the kernel stops no process
 /// any more, so nothing can be held with no one left to let it go.
 pub const CONTROL_HOLDS_OFF: u32 = 1;

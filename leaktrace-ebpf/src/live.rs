@@ -8,6 +8,7 @@ use crate::{add, bump, LIVE, SITES};
 
 #[inline(always)]
 pub(crate) fn remove_stale(key: &LiveKey) {
+    // SAFETY: plain integers, copied at once: a slot reused concurrently reads as garbage only.
     if let Some(old) = unsafe { LIVE.get(key) } {
         let old = *old;
         if LIVE.remove(key).is_ok() {
@@ -25,6 +26,7 @@ pub(crate) fn retire_if_live(tgid: u32, addr: u64) -> bool {
         _pad: 0,
         addr,
     };
+    // SAFETY: plain integers, copied at once: a slot reused concurrently reads as garbage only.
     let Some(rec) = (unsafe { LIVE.get(&key) }) else {
         return false;
     };
@@ -42,6 +44,7 @@ pub(crate) fn remove_live(tgid: u32, addr: u64) {
         _pad: 0,
         addr,
     };
+    // SAFETY: plain integers, copied at once: a slot reused concurrently reads as garbage only.
     let Some(rec) = (unsafe { LIVE.get(&key) }) else {
         bump(Counter::FreesUnknown);
         return;
@@ -57,11 +60,13 @@ pub(crate) fn remove_live(tgid: u32, addr: u64) {
 #[inline(always)]
 fn retire(rec: &LiveAlloc, freed: bool) {
     if let Some(s) = SITES.get_ptr_mut(&rec.site_id) {
+        // SAFETY: a live SITES value; other CPUs update it too, so counters change by atomic adds.
         let s = unsafe { &mut *s };
         add(&mut s.live_count, u64::from(rec.count).wrapping_neg());
         add(&mut s.live_bytes, rec.weight.wrapping_neg());
         if freed {
             add(&mut s.frees, u64::from(rec.count));
+            // SAFETY: a helper with no arguments that only reads the clock.
             let age = unsafe { bpf_ktime_get_ns() }.wrapping_sub(rec.ts_ns);
             if age > OLD_BLOCK_NS {
                 add(&mut s.frees_old, u64::from(rec.count));

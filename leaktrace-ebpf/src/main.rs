@@ -142,6 +142,7 @@ const BPF_NOEXIST: u64 = 1;
 #[inline(always)]
 fn bump(c: Counter) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: this CPU's own counter slot, live for the program's run; no other CPU writes it.
         unsafe { *p += 1 };
     }
 }
@@ -157,6 +158,7 @@ fn add(p: &mut u64, v: u64) {
 #[inline(always)]
 fn read_global<T: Copy>(g: &T) -> T {
     // A plain read of a `static` is constant-folded to its default; the loader overrides it.
+    // SAFETY: `g` is a reference, so the pointer is valid, aligned and initialized for `T`.
     unsafe { core::ptr::read_volatile(g) }
 }
 
@@ -166,6 +168,7 @@ fn traced_tgid() -> Option<(u32, u32)> {
         return None;
     }
     let (tgid, tid) = ids::current()?;
+    // SAFETY: the u32 is read right away; a slot reused after a concurrent remove still holds one.
     let flags = unsafe { TARGETS.get(&tgid) }?;
     if *flags & TARGET_FROZEN != 0 {
         return None;
@@ -202,13 +205,16 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
     let Some((_tgid, tid)) = traced_tgid() else {
         return 0;
     };
+    // SAFETY: `ctx.as_ptr()` is this uprobe's own context, which is what the helper takes.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let Some(func) = AllocFn::from_u8(cookie as u8) else {
         return 0;
     };
+    // SAFETY: `ctx.regs` is the probe's `pt_regs`, valid for the program's whole run.
     let sp = unsafe { (*ctx.regs).rsp };
 
     if let Some(p) = PENDING.get_ptr_mut(&tid) {
+        // SAFETY: a live map value keyed by this thread's tid: only this thread's probes touch it.
         let p = unsafe { &mut *p };
         if p.depth > 0 {
             // Called from inside an allocator already on this thread: the outer call owns it. A
@@ -216,6 +222,7 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
             // return address replaced by the outer return probe's trampoline.
             let nested = sp < p.sp
                 || (sp == p.sp
+                    // SAFETY: a checked user read (a fault is an error); any 8 bytes are a u64.
                     && unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0) != p.caller);
             if nested {
                 p.depth += 1;
@@ -232,6 +239,7 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
         func: func as u8,
         depth: 1,
         // Placement guarantees the return address is still on top of the stack here.
+        // SAFETY: a checked user read (a fault is an error); any 8 bytes are a valid u64.
         caller: unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0),
         ..Pending::default()
     };
@@ -277,6 +285,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         bump(Counter::ReturnWithoutEntry);
         return 0;
     };
+    // SAFETY: a live map value keyed by this thread's tid: only this thread's probes touch it.
     let p = unsafe { &mut *p };
     if p.depth == 0 {
         bump(Counter::ReturnWithoutEntry);
@@ -295,6 +304,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
             if ret != 0 {
                 0
             } else {
+                // SAFETY: a checked user read of the out-pointer; a bad address is an error.
                 unsafe { bpf_probe_read_user(p.out_ptr as *const u64) }.unwrap_or(0)
             }
         }
@@ -340,6 +350,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     let Some((tgid, _tid)) = traced_tgid() else {
         return 0;
     };
+    // SAFETY: `ctx.as_ptr()` is this uprobe's own context, which is what the helper takes.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let Some(func) = AllocFn::from_u8(cookie as u8) else {
         return 0;
@@ -428,6 +439,7 @@ fn record_alloc(
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let scratch = unsafe { &mut *scratch };
+    // SAFETY: an aligned u64 in .bss, read whole; other CPUs only ever add to it atomically.
     let sites = unsafe { core::ptr::read_volatile(&raw const SITE_COUNT) };
     let full = sites >= read_global(&SITES_SOFT_LIMIT);
     if full
@@ -484,6 +496,7 @@ fn record_alloc(
         remove_stale(&key);
         let rec = LiveAlloc {
             size,
+            // SAFETY: a helper with no arguments that only reads the clock.
             ts_ns: unsafe { bpf_ktime_get_ns() },
             site_id: id,
             weight,
@@ -543,8 +556,10 @@ fn announce(
         _pad: 0,
         pc: stop_pc,
     };
+    // SAFETY: a helper with no arguments that only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let behind = EVENTS.query(BPF_RB_AVAIL_DATA) > (RING_BYTES / 4) as u64;
+    // SAFETY: the u64 is read right away; an LRU slot reused concurrently still holds a u64.
     if let Some(t) = unsafe { REQUESTED.get(&key) } {
         if behind && now.wrapping_sub(*t) < REQUEST_TTL_NS {
             bump(Counter::StackDeferred);
@@ -563,11 +578,13 @@ fn announce(
 /// frames walked.
 #[inline(always)]
 fn send_site_record(scratch: &mut Scratch, tgid: u32, tid: u32, id: u64, func: AllocFn) -> bool {
+    // SAFETY: plain integers, valid for any bytes; only `co_check` is copied out, at once.
     if let Some(off) = unsafe { PYPROCS.get(&tgid) } {
         let mut c = CheckCtx {
             co_check: off.co_check,
             n: core::cmp::min(scratch.ev.py_depth, MAX_PY_FRAMES as u32),
         };
+        // SAFETY: `check_step` has bpf_loop's callback signature and `c` outlives the call.
         unsafe {
             bpf_loop(
                 c.n,
@@ -582,6 +599,7 @@ fn send_site_record(scratch: &mut Scratch, tgid: u32, tid: u32, id: u64, func: A
     ev.tgid = tgid;
     ev.tid = tid;
     ev.site_id = id;
+    // SAFETY: a helper with no arguments that only reads the clock.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.func = func as u8;
     // Only the frames walked are sent: most stacks are far shallower than the limit.
@@ -608,6 +626,7 @@ const RING_RESERVE: u64 = 4 << 20;
 
 #[inline(always)]
 fn read_user_u64(addr: u64) -> Option<u64> {
+    // SAFETY: a checked user read: a bad address returns an error; any 8 bytes are a valid u64.
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 

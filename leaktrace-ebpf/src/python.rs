@@ -43,6 +43,7 @@ fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
             }
         }
     }
+    // SAFETY: the u64 is copied at once and checked against the tid before use (LRU reuse).
     if let Some(t) = unsafe { THREADS.get(&tid) } {
         let t = *t;
         if matches(t) {
@@ -60,6 +61,7 @@ fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
         next_off: off.ts_next,
         found: 0,
     };
+    // SAFETY: `thread_search_step` has bpf_loop's callback signature; `search` outlives the call.
     unsafe {
         bpf_loop(
             MAX_THREAD_SEARCH,
@@ -170,6 +172,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         c.truncated = 1;
         return 1;
     }
+    // SAFETY: a checked user read, bounded by the scratch buffer's length; a fault is an error.
     if unsafe {
         aya_ebpf::helpers::bpf_probe_read_user_buf(c.frame as *const u8, &mut scratch.frame)
     }
@@ -226,7 +229,9 @@ pub(crate) fn python_stack(tgid: u32, tid: u32, h: u64) -> u64 {
         (*s).ev.py_truncated = 0;
         (*s).ev.py_entry = [0; MAX_PY_FRAMES / 64];
     }
+    // SAFETY: as above: `s` is this CPU's scratch slot, written through the raw pointer only.
     let status = |v: u8| unsafe { (*s).ev.py_status = v };
+    // SAFETY: plain integers set by userspace; each use is bounds-masked or a checked user read.
     let Some(off) = (unsafe { PYPROCS.get(&tgid) }) else {
         status(py_status::NOT_PYTHON);
         return h;
@@ -257,6 +262,7 @@ pub(crate) fn python_stack(tgid: u32, tid: u32, h: u64) -> u64 {
     // SAFETY: as above.
     unsafe { core::ptr::write_volatile(&raw mut (*s).walk, walk) };
     // Shim and entry frames are skipped but still take a step: allow twice the frames kept.
+    // SAFETY: `walk_step` has bpf_loop's callback signature and takes no context pointer.
     unsafe {
         bpf_loop(
             2 * MAX_PY_FRAMES as u32,
@@ -270,6 +276,7 @@ pub(crate) fn python_stack(tgid: u32, tid: u32, h: u64) -> u64 {
     if c.frame != 0 && c.status == py_status::OK {
         c.truncated = 1;
     }
+    // SAFETY: as above: this CPU's slot, through the raw pointer; the callback has returned.
     unsafe {
         (*s).ev.py_status = c.status;
         (*s).ev.py_truncated = c.truncated;

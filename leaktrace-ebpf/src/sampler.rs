@@ -63,6 +63,7 @@ fn sample(size: u64) -> Option<(u64, u64)> {
     }
     *left = draw_countdown(rate);
     let weight = sample_weight(size, rate, |i| table(SAMPLE_EXP_POINTS + i));
+    // SAFETY: a helper with no arguments that returns a random u32.
     let rand = unsafe { bpf_get_prandom_u32() };
     Some((
         weight,
@@ -72,6 +73,7 @@ fn sample(size: u64) -> Option<(u64, u64)> {
 
 #[inline(always)]
 fn draw_countdown(rate: u64) -> u64 {
+    // SAFETY: a helper with no arguments that returns a random u32.
     let rand = unsafe { bpf_get_prandom_u32() };
     let cell = rand >> 20;
     sample_countdown(rate, table(cell), table(cell + 1), rand)

@@ -88,6 +88,7 @@ fn fault(ctx: &RawTracePointContext) {
     };
     // The user registers saved on entry to the kernel: the faulting instruction, or for a fault
     // inside a syscall, the instruction after it.
+    // SAFETY: the current task is the trusted BTF pointer the helper takes; no deref here.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
     // SAFETY: the task's saved user registers; each field is read with a checked kernel read.
     let (pc, sp, bp) = unsafe {
@@ -130,6 +131,7 @@ pub fn unmap(ctx: TracePointContext) -> u32 {
 /// `MADV_DONTNEED`, `MADV_FREE` or `MADV_REMOVE` (glibc's arena trimming, jemalloc, mimalloc).
 #[tracepoint]
 pub fn madvise(ctx: TracePointContext) -> u32 {
+    // SAFETY: a checked kernel read of `behavior`, at offset 32 of sys_enter_madvise's record.
     let behavior: u64 = unsafe { ctx.read_at(32) }.unwrap_or(0);
     // MADV_DONTNEED, MADV_FREE, MADV_REMOVE, MADV_DONTNEED_LOCKED.
     if matches!(behavior, 4 | 8 | 9 | 24) {
@@ -145,7 +147,9 @@ fn release_range(ctx: &TracePointContext) {
     let Some((tgid, _)) = traced_tgid() else {
         return;
     };
+    // SAFETY: a checked kernel read of the address, at offset 16 of munmap's and madvise's records.
     let addr: u64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
+    // SAFETY: likewise the length, at offset 24; any 8 bytes are a valid u64.
     let len: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
     release(tgid, addr, len);
 }
@@ -157,6 +161,7 @@ pub fn brk_exit(ctx: TracePointContext) -> u32 {
     let Some((tgid, _)) = traced_tgid() else {
         return 0;
     };
+    // SAFETY: a checked kernel read of `ret`, at offset 16 of sys_exit_brk's record.
     let new: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
     if new <= 0 {
         return 0;
@@ -186,6 +191,7 @@ fn release(tgid: u32, addr: u64, len: u64) {
     }
     let mut scan = Release { tgid, first };
     let pages = ((end - first) / PAGE).min(MAX_RELEASE_PAGES);
+    // SAFETY: `release_step` has bpf_loop's callback signature and `scan` outlives the call.
     unsafe {
         aya_ebpf::helpers::generated::bpf_loop(
             pages as u32,
@@ -213,11 +219,14 @@ extern "C" fn release_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// The death record of a traced process, created on first use.
 #[inline(always)]
 fn death_of(tgid: u32) -> Option<&'static mut DeathInfo> {
+    // SAFETY: only whether the key exists is used; the value is never read.
     unsafe { TARGETS.get(&tgid) }?;
     if let Some(d) = DEATHS.get_ptr_mut(&tgid) {
+        // SAFETY: a live map value of plain integers; other CPUs may store to it too (benign).
         return Some(unsafe { &mut *d });
     }
     let _ = DEATHS.insert(&tgid, &DeathInfo::default(), 0);
+    // SAFETY: as above, the entry just inserted.
     DEATHS.get_ptr_mut(&tgid).map(|d| unsafe { &mut *d })
 }
 
@@ -232,6 +241,7 @@ fn fatal_by_default(sig: u32) -> bool {
 /// `oom:mark_victim`: the OOM killer chose a process (runs in the killer's context).
 #[tracepoint]
 pub fn oom_victim(ctx: TracePointContext) -> u32 {
+    // SAFETY: a checked kernel read of `pid`, at offset 8 of oom:mark_victim's record.
     let pid: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
     if ids::translated() {
         let from = SignalFrom {
@@ -251,8 +261,11 @@ pub fn oom_victim(ctx: TracePointContext) -> u32 {
 /// `signal:signal_generate`: who sent a traced process a signal that would end it.
 #[tracepoint]
 pub fn signal_generate(ctx: TracePointContext) -> u32 {
+    // SAFETY: a checked kernel read of `sig`, at offset 8 of signal_generate's record.
     let sig: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+    // SAFETY: a checked kernel read of `pid`, at offset 36 of the same record.
     let pid: i32 = unsafe { ctx.read_at(36) }.unwrap_or(0);
+    // SAFETY: a checked kernel read of `result`, at offset 44 of the same record.
     let result: i32 = unsafe { ctx.read_at(44) }.unwrap_or(-1);
     // 0: TRACE_SIGNAL_DELIVERED (queued to the target).
     if result != 0 || !fatal_by_default(sig as u32) {
@@ -284,7 +297,9 @@ pub fn signal_generate(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn signal_deliver(ctx: TracePointContext) -> u32 {
     let tgid = ids::current_tgid();
+    // SAFETY: a checked kernel read of `sig`, at offset 8 of signal_deliver's record.
     let sig: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+    // SAFETY: a checked kernel read of `sa_handler`, at offset 24 of the same record.
     let handler: u64 = unsafe { ctx.read_at(24) }.unwrap_or(1);
     // SIG_DFL is 0.
     if handler != 0 || !fatal_by_default(sig as u32) {
@@ -316,6 +331,7 @@ pub fn signal_deliver(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn exit_group(ctx: TracePointContext) -> u32 {
     let tgid = ids::current_tgid();
+    // SAFETY: a checked kernel read of `error_code`, at offset 16 of sys_enter_exit_group's record.
     let code: u64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
     if let Some(d) = death_of(tgid) {
         d.flags |= death::EXITED;
@@ -328,6 +344,7 @@ pub fn exit_group(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
     let tgid = ids::current_tgid();
+    // SAFETY: the u32 is read right away; a slot reused after a concurrent remove still holds one.
     let Some(flags) = (unsafe { TARGETS.get(&tgid) }) else {
         return 0;
     };
@@ -335,6 +352,7 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // The child's pid in the initial namespace, as `fork_return` looks it up.
+    // SAFETY: a checked kernel read of `child_pid`, at offset 20 of sched_process_fork's record.
     let child: i32 = unsafe { ctx.read_at(20) }.unwrap_or(0);
     let _ = FORKED.insert(&(child as u32), &tgid, 0);
     0
@@ -346,6 +364,7 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn fork_return(_ctx: TracePointContext) -> u32 {
     let global = ids::global_tid();
+    // SAFETY: the u32 is copied at once; a slot reused after a concurrent remove still holds a u32.
     let Some(parent) = (unsafe { FORKED.get(&global) }).copied() else {
         return 0;
     };
@@ -356,6 +375,7 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
     if tid != tgid {
         return 0; // a new thread of a traced process, already covered
     }
+    // SAFETY: the u32 is copied at once; a slot reused after a concurrent remove still holds a u32.
     let Some(flags) = (unsafe { TARGETS.get(&parent) }).copied() else {
         return 0;
     };

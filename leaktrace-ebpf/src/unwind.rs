@@ -63,6 +63,7 @@ extern "C" fn native_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         _pad: 0,
         pc: c.regs.pc,
     };
+    // SAFETY: plain integers; an LRU slot reused concurrently only misleads the checked walk.
     let Some(row) = (unsafe { UNWIND.get(&key) }) else {
         return end(c, native_end::UNKNOWN);
     };
@@ -89,6 +90,7 @@ extern "C" fn native_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 /// Runs the native walk from where it stands, through the scratch map.
 #[inline(always)]
 fn native_walk_run() -> Option<NativeWalk> {
+    // SAFETY: `native_step` has bpf_loop's callback signature and takes no context pointer.
     unsafe {
         bpf_loop(
             MAX_NATIVE_WALK as u32,
@@ -100,6 +102,7 @@ fn native_walk_run() -> Option<NativeWalk> {
     let s = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch slot, read back after the callback wrote it.
     let c = unsafe { core::ptr::read_volatile(&raw const (*s).native) };
+    // SAFETY: as above; the callback has returned, and the slot is written through `s` only.
     unsafe {
         (*s).ev.native_depth = c.n;
         (*s).ev.native_end = c.end;
@@ -140,11 +143,13 @@ pub(crate) fn native_stack_rest() -> bool {
     // SAFETY: this CPU's scratch slot.
     let paused = unsafe { core::ptr::read_volatile(&raw const (*s).native.paused) };
     if paused != 0 {
+        // SAFETY: the same slot, through the raw pointer `s` (the walk's callback writes it too).
         unsafe { core::ptr::write_volatile(&raw mut (*s).native.paused, 0) };
         if native_walk_run().is_none() {
             return true;
         }
     }
+    // SAFETY: the same slot, read back after the walk's callback has returned.
     let end = unsafe { core::ptr::read_volatile(&raw const (*s).native.end) };
     end == native_end::UNKNOWN
 }
@@ -153,6 +158,7 @@ pub(crate) fn native_stack_rest() -> bool {
 /// unwind it fully. The copy goes page by page and ends where the stack's mapping does.
 #[inline(always)]
 pub(crate) fn send_stack(tgid: u32, site_id: u64, regs: FrameRegs) -> bool {
+    // SAFETY: a helper with no arguments; migration is disabled, so the id stays this CPU's.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(ev) = STACKBUF.get_ptr_mut(cpu) else {
         return false;

@@ -240,14 +240,14 @@ pub struct CommonOpts {
     #[arg(short, long)]
     pub verbose: bool,
     /// Capacity of the kernel's live-allocation table; allocations beyond it are counted as dropped.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = leaktrace_ebpf::DEFAULT_TABLE_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_live: u32,
     /// Capacity of the kernel's site table (distinct allocator × caller × Python stack); when it
     /// is full, new stacks are counted under their native caller alone, and that is shown.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = leaktrace_ebpf::DEFAULT_TABLE_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sites: u32,
     /// Python frames to record per site (1–128); deeper stacks are cut and marked.
-    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
+    #[arg(long, default_value_t = leaktrace_ebpf::DEFAULT_PY_DEPTH, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=leaktrace_ebpf::MAX_PY_FRAMES as i64))]
     pub python_depth: u32,
     /// Bytes of the allocating thread's stack copied for each new site, for unwinding its native
     /// frames (512 B – 60 KiB); a stack deeper than the copy is reported as truncated.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 
 use super::loader::Tracer;
-use leaktrace_ebpf::{CONTROL_HOLDS_OFF, MAP_CONTROL, MAP_TARGETS, TARGET_HELD};
+use leaktrace_ebpf::{map, CONTROL_HOLDS_OFF, TARGET_HELD};
 
 use crate::error::{Error, Result};
 
@@ -160,10 +160,10 @@ impl Guardian {
             low.read.as_raw_fd(),
             high.read.as_raw_fd(),
             map_fd(targets)
-                .ok_or_else(|| Error::Bpf(format!("{MAP_TARGETS} is not a hash map")))?
+                .ok_or_else(|| Error::Bpf(format!("{} is not a hash map", map::TARGETS)))?
                 .as_raw_fd(),
             map_fd(control)
-                .ok_or_else(|| Error::Bpf(format!("{MAP_CONTROL} is not an array")))?
+                .ok_or_else(|| Error::Bpf(format!("{} is not an array", map::CONTROL)))?
                 .as_raw_fd(),
         ];
         let mut cmd = std::process::Command::new("/proc/self/exe");
@@ -214,10 +214,10 @@ pub fn guardian_main() -> Result<()> {
             .map_err(|e| Error::Bpf(format!("guardian: opening {name}: {e}")))
     };
     let mut targets: BpfHashMap<MapData, u32, u32> =
-        BpfHashMap::try_from(open(targets_fd, MAP_TARGETS)?)
-            .map_err(|e| Error::Bpf(format!("guardian: {MAP_TARGETS}: {e}")))?;
-    let mut control: Array<MapData, u32> = Array::try_from(open(control_fd, MAP_CONTROL)?)
-        .map_err(|e| Error::Bpf(format!("guardian: {MAP_CONTROL}: {e}")))?;
+        BpfHashMap::try_from(open(targets_fd, map::TARGETS)?)
+            .map_err(|e| Error::Bpf(format!("guardian: {}: {e}", map::TARGETS)))?;
+    let mut control: Array<MapData, u32> = Array::try_from(open(control_fd, map::CONTROL)?)
+        .map_err(|e| Error::Bpf(format!("guardian: {}: {e}", map::CONTROL)))?;
     // Blocks until either pipe's writer is gone: leaktrace is exiting or let go of the session.
     // Nothing is ever written, so readiness means a hang-up.
     let mut fds = [low.as_raw_fd(), high.as_raw_fd()].map(|fd| libc::pollfd {
@@ -254,7 +254,7 @@ impl Tracer {
             return;
         }
         self.holds_ended = true;
-        let [targets, control] = self.ebpf.maps_disjoint_mut([MAP_TARGETS, MAP_CONTROL]);
+        let [targets, control] = self.ebpf.maps_disjoint_mut([map::TARGETS, map::CONTROL]);
         let (Some(targets), Some(control)) = (targets, control) else {
             return;
         };
@@ -263,7 +263,11 @@ impl Tracer {
             Array::<&mut MapData, u32>::try_from(control),
         ) {
             (Ok(mut t), Ok(mut c)) => end_holds(&mut t, &mut c),
-            _ => log::warn!("cannot open {MAP_TARGETS} and {MAP_CONTROL} to let held children go"),
+            _ => log::warn!(
+                "cannot open {} and {} to let held children go",
+                map::TARGETS,
+                map::CONTROL
+            ),
         }
     }
 

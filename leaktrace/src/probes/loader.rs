@@ -10,9 +10,11 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope
 use aya::programs::{RawTracePoint, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
-    AllocFn, Counter, DeathInfo, LiveAlloc, LiveKey, PyOffsets, Shape, SiteStats, UnwindKey,
-    UnwindRow, MAP_CONTROL, MAP_TARGETS, NUM_COUNTERS, TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD,
-    TARGET_HELD, TARGET_PAUSE, TARGET_TRACED,
+    global, map, program, sites_soft_limit, AllocFn, Counter, DeathInfo, LiveAlloc, LiveKey,
+    PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow, DEATH_TRACEPOINTS, DEFAULT_PY_DEPTH,
+    DEFAULT_STACK_COPY, DEFAULT_TABLE_ENTRIES, FORK_TRACEPOINTS, GROWTH_RAW_TRACEPOINTS,
+    GROWTH_TRACEPOINTS, NUM_COUNTERS, TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_HELD,
+    TARGET_PAUSE, TARGET_TRACED, UNWIND_ROWS,
 };
 
 use super::holds::{self, Guardian};
@@ -22,9 +24,6 @@ use crate::error::{Error, Result};
 /// The BPF object built from `leaktrace-ebpf` (see build.rs).
 static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
-
-/// Capacity of the kernel's `UNWIND` map.
-const UNWIND_ROWS: usize = 1 << 17;
 
 /// Knobs fixed at load time.
 #[derive(Clone, Copy, Debug)]
@@ -56,10 +55,10 @@ impl Default for LoadOptions {
         Self {
             min_size: 0,
             floor: false,
-            max_live: 1 << 20,
-            max_sites: 1 << 20,
-            python_depth: 64,
-            stack_copy: 16 << 10,
+            max_live: DEFAULT_TABLE_ENTRIES,
+            max_sites: DEFAULT_TABLE_ENTRIES,
+            python_depth: DEFAULT_PY_DEPTH,
+            stack_copy: DEFAULT_STACK_COPY,
             native_depth: leaktrace_ebpf::MAX_NATIVE_FRAMES as u32,
             sample_rate: 0,
             growth: false,
@@ -119,31 +118,6 @@ pub struct Tracer {
     /// Holds are off and every held process was let go (`end_holds`).
     pub(super) holds_ended: bool,
 }
-
-/// Tracepoints that record how traced processes die: (program, category, event).
-const DEATH_TRACEPOINTS: [(&str, &str, &str); 4] = [
-    ("oom_victim", "oom", "mark_victim"),
-    ("signal_generate", "signal", "signal_generate"),
-    ("signal_deliver", "signal", "signal_deliver"),
-    ("exit_group", "syscalls", "sys_enter_exit_group"),
-];
-/// Growth mode's tracepoints.
-const GROWTH_TRACEPOINTS: [(&str, &str, &str); 3] = [
-    ("unmap", "syscalls", "sys_enter_munmap"),
-    ("madvise", "syscalls", "sys_enter_madvise"),
-    ("brk_exit", "syscalls", "sys_exit_brk"),
-];
-/// Growth mode's page-fault programs, attached as raw tracepoints (program = tracepoint).
-const GROWTH_RAW_TRACEPOINTS: [&str; 2] = ["page_fault_user", "page_fault_kernel"];
-/// `--follow-forks`: the fork, and a new task's first return to user space.
-const FORK_TRACEPOINTS: [(&str, &str, &str); 6] = [
-    ("process_fork", "sched", "sched_process_fork"),
-    ("process_exec", "sched", "sched_process_exec"),
-    ("fork_return", "syscalls", "sys_exit_clone"),
-    ("fork_return", "syscalls", "sys_exit_clone3"),
-    ("fork_return", "syscalls", "sys_exit_fork"),
-    ("fork_return", "syscalls", "sys_exit_vfork"),
-];
 
 /// Where the kernel's tracepoints are listed; a fresh machine may not have it mounted.
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -223,27 +197,26 @@ impl Tracer {
         let wake = opts.follow_forks.then(holds::WakePipe::low).transpose()?;
         let floor = u8::from(opts.floor);
         let max_sites = opts.max_sites.max(8);
-        // A quarter of the site table is kept for stacks folded into their native caller.
-        let soft_limit = u64::from(max_sites - max_sites / 4);
+        let soft_limit = sites_soft_limit(max_sites);
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| Error::Bpf(format!("counting CPUs ({what}): {e}")))?;
         let (pidns_dev, pidns_ino) = crate::target::own_pidns().unwrap_or((0, 0));
         let mut ebpf = EbpfLoader::new()
-            .override_global("TRACER_PIDNS_DEV", &pidns_dev, true)
-            .override_global("TRACER_PIDNS_INO", &pidns_ino, true)
-            .override_global("STACK_COPY", &opts.stack_copy, true)
-            .override_global("NATIVE_DEPTH", &opts.native_depth, true)
-            .map_max_entries("STACKBUF", cpus.max(1) as u32)
-            .override_global("MIN_SIZE", &opts.min_size, true)
-            .override_global("FLOOR_MODE", &floor, true)
-            .override_global("PY_MAX_DEPTH", &opts.python_depth, true)
-            .override_global("SITES_SOFT_LIMIT", &soft_limit, true)
-            .override_global("SAMPLE_RATE", &opts.sample_rate, true)
-            .map_max_entries("LIVE", opts.max_live.max(1))
-            .map_max_entries("SITES", max_sites)
+            .override_global(global::TRACER_PIDNS_DEV, &pidns_dev, true)
+            .override_global(global::TRACER_PIDNS_INO, &pidns_ino, true)
+            .override_global(global::STACK_COPY, &opts.stack_copy, true)
+            .override_global(global::NATIVE_DEPTH, &opts.native_depth, true)
+            .map_max_entries(map::STACKBUF, cpus.max(1) as u32)
+            .override_global(global::MIN_SIZE, &opts.min_size, true)
+            .override_global(global::FLOOR_MODE, &floor, true)
+            .override_global(global::PY_MAX_DEPTH, &opts.python_depth, true)
+            .override_global(global::SITES_SOFT_LIMIT, &soft_limit, true)
+            .override_global(global::SAMPLE_RATE, &opts.sample_rate, true)
+            .map_max_entries(map::LIVE, opts.max_live.max(1))
+            .map_max_entries(map::SITES, max_sites)
             .load(BPF_OBJECT)
             .map_err(|e| bpf_err("loading the BPF object", e))?;
-        for name in ["alloc_enter", "alloc_exit", "free_enter", "lifecycle_enter"] {
+        for name in program::UPROBES {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
@@ -254,10 +227,10 @@ impl Tracer {
         }
         if opts.sample_rate > 0 {
             let mut table: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
-                ebpf.map_mut("SAMPLING")
+                ebpf.map_mut(map::SAMPLING)
                     .ok_or_else(|| Error::Bpf("map SAMPLING missing from the object".into()))?,
             )
-            .map_err(|e| bpf_err("SAMPLING", e))?;
+            .map_err(|e| bpf_err(map::SAMPLING, e))?;
             for (i, v) in super::sampling::table().into_iter().enumerate() {
                 table
                     .set(i as u32, v, 0)
@@ -282,8 +255,8 @@ impl Tracer {
             tracer.guardian = Some(Guardian::start(
                 wake,
                 holds::WakePipe::high()?,
-                tracer.map(MAP_TARGETS)?,
-                tracer.map(MAP_CONTROL)?,
+                tracer.map(map::TARGETS)?,
+                tracer.map(map::CONTROL)?,
             )?);
         }
         // Without these only `run` can name a cause of death (it waits for its child): say so,
@@ -328,7 +301,7 @@ impl Tracer {
 
     /// How process `tgid` died, as far as the kernel saw.
     pub fn death(&self, tgid: u32) -> Option<DeathInfo> {
-        let map = self.map("DEATHS").ok()?;
+        let map = self.map(map::DEATHS).ok()?;
         let deaths = BpfHashMap::<&MapData, u32, DeathInfo>::try_from(map).ok()?;
         deaths.get(&tgid, 0).ok()
     }
@@ -364,20 +337,20 @@ impl Tracer {
     /// pages back).
     pub fn set_brk(&mut self, tgid: u32, brk: u64) -> Result<()> {
         let mut m: BpfHashMap<&mut MapData, u32, u64> =
-            BpfHashMap::try_from(self.map_mut("BRKS")?).map_err(|e| bpf_err("BRKS", e))?;
+            BpfHashMap::try_from(self.map_mut(map::BRKS)?).map_err(|e| bpf_err(map::BRKS, e))?;
         m.insert(tgid, brk, 0)
             .map_err(|e| bpf_err("setting the program break", e))
     }
 
     /// The map of traced processes (tgid → `TARGET_*` flags), for changing.
     pub(super) fn targets_mut(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
-        BpfHashMap::try_from(self.map_mut(MAP_TARGETS)?).map_err(|e| bpf_err(MAP_TARGETS, e))
+        BpfHashMap::try_from(self.map_mut(map::TARGETS)?).map_err(|e| bpf_err(map::TARGETS, e))
     }
 
     /// Process `tgid`'s `TARGET_*` flags (0 when it is not traced). Read from the map, so they
     /// hold even when the ring buffer had no room to announce what set them.
     pub fn flags(&self, tgid: u32) -> u32 {
-        let Ok(map) = self.map(MAP_TARGETS) else {
+        let Ok(map) = self.map(map::TARGETS) else {
             return 0;
         };
         let Ok(targets) = BpfHashMap::<&MapData, u32, u32>::try_from(map) else {
@@ -391,9 +364,9 @@ impl Tracer {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess(pid))?);
         for p in &plan.points {
             let progs: &[&'static str] = if p.func.shape() == Shape::Free {
-                &["free_enter"]
+                &[program::FREE_ENTER]
             } else {
-                &["alloc_enter", "alloc_exit"]
+                &[program::ALLOC_ENTER, program::ALLOC_EXIT]
             };
             let what = || format!("{}+{} in {}", p.func.symbol(), p.placement.offset, p.module);
             let at = (&p.host_path, p.file_offset, p.func as u64);
@@ -402,7 +375,7 @@ impl Tracer {
         for f in &plan.lifecycle {
             let what = || format!("{} in {}", f.kind.symbol(), f.module);
             let at = (&f.host_path, f.file_offset, u64::from(f.kind.event_kind()));
-            self.attach_point(pid, scope, &["lifecycle_enter"], at, what)?;
+            self.attach_point(pid, scope, &[program::LIFECYCLE_ENTER], at, what)?;
         }
         Ok(())
     }
@@ -459,7 +432,8 @@ impl Tracer {
     /// Tells the kernel how to walk process `tgid`'s Python frames.
     pub fn set_python(&mut self, tgid: u32, offsets: &PyOffsets) -> Result<()> {
         let mut m: BpfHashMap<&mut MapData, u32, PyOffsets> =
-            BpfHashMap::try_from(self.map_mut("PYPROCS")?).map_err(|e| bpf_err("PYPROCS", e))?;
+            BpfHashMap::try_from(self.map_mut(map::PYPROCS)?)
+                .map_err(|e| bpf_err(map::PYPROCS, e))?;
         m.insert(tgid, *offsets, 0)
             .map_err(|e| bpf_err("setting Python offsets", e))
     }
@@ -470,7 +444,8 @@ impl Tracer {
         let now: HashSet<u32> = threads.iter().map(|(t, _)| *t).collect();
         // aya's HashMap serves LRU hash maps too.
         let mut m: BpfHashMap<&mut MapData, u32, u64> =
-            BpfHashMap::try_from(self.map_mut("THREADS")?).map_err(|e| bpf_err("THREADS", e))?;
+            BpfHashMap::try_from(self.map_mut(map::THREADS)?)
+                .map_err(|e| bpf_err(map::THREADS, e))?;
         for gone in known.difference(&now) {
             let _ = m.remove(gone);
         }
@@ -486,7 +461,8 @@ impl Tracer {
     pub fn forget_process(&mut self, tgid: u32) -> Result<()> {
         {
             let mut live: BpfHashMap<&mut MapData, LiveKey, LiveAlloc> =
-                BpfHashMap::try_from(self.map_mut("LIVE")?).map_err(|e| bpf_err("LIVE", e))?;
+                BpfHashMap::try_from(self.map_mut(map::LIVE)?)
+                    .map_err(|e| bpf_err(map::LIVE, e))?;
             let keys: Vec<LiveKey> = live
                 .keys()
                 .filter_map(|k| k.ok())
@@ -497,7 +473,7 @@ impl Tracer {
             }
         }
         let mut sites: BpfHashMap<&mut MapData, u64, SiteStats> =
-            BpfHashMap::try_from(self.map_mut("SITES")?).map_err(|e| bpf_err("SITES", e))?;
+            BpfHashMap::try_from(self.map_mut(map::SITES)?).map_err(|e| bpf_err(map::SITES, e))?;
         let doomed: Vec<u64> = sites
             .iter()
             .filter_map(|r| r.ok())
@@ -509,7 +485,8 @@ impl Tracer {
         }
         {
             let mut rows: BpfHashMap<&mut MapData, UnwindKey, UnwindRow> =
-                BpfHashMap::try_from(self.map_mut("UNWIND")?).map_err(|e| bpf_err("UNWIND", e))?;
+                BpfHashMap::try_from(self.map_mut(map::UNWIND)?)
+                    .map_err(|e| bpf_err(map::UNWIND, e))?;
             let keys: Vec<UnwindKey> = rows
                 .keys()
                 .filter_map(|k| k.ok())
@@ -521,7 +498,8 @@ impl Tracer {
             self.taught.retain(|(t, _)| *t != tgid);
         }
         let mut py: BpfHashMap<&mut MapData, u32, PyOffsets> =
-            BpfHashMap::try_from(self.map_mut("PYPROCS")?).map_err(|e| bpf_err("PYPROCS", e))?;
+            BpfHashMap::try_from(self.map_mut(map::PYPROCS)?)
+                .map_err(|e| bpf_err(map::PYPROCS, e))?;
         let _ = py.remove(&tgid);
         self.set_threads(tgid, &[])
     }
@@ -531,16 +509,16 @@ impl Tracer {
     pub fn learn_rows(&mut self, tgid: u32, rows: &[(u64, UnwindRow)]) -> Result<()> {
         // The kernel's map is LRU: past half its size, forget what was taught so rows the kernel
         // evicted are taught again.
-        if self.taught.len() >= UNWIND_ROWS / 2 {
+        if self.taught.len() >= UNWIND_ROWS as usize / 2 {
             self.taught.clear();
         }
         let taught = &mut self.taught;
         let map = self
             .ebpf
-            .map_mut("UNWIND")
+            .map_mut(map::UNWIND)
             .ok_or_else(|| Error::Bpf("map UNWIND missing from the object".into()))?;
         let mut m: BpfHashMap<&mut MapData, UnwindKey, UnwindRow> =
-            BpfHashMap::try_from(map).map_err(|e| bpf_err("UNWIND", e))?;
+            BpfHashMap::try_from(map).map_err(|e| bpf_err(map::UNWIND, e))?;
         for (pc, row) in rows {
             if !taught.insert((tgid, *pc)) {
                 continue;
@@ -591,15 +569,15 @@ impl Tracer {
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
-            .take_map("EVENTS")
+            .take_map(map::EVENTS)
             .ok_or_else(|| Error::Bpf("ring buffer EVENTS already taken".into()))?;
-        RingBuf::try_from(map).map_err(|e| bpf_err("EVENTS", e))
+        RingBuf::try_from(map).map_err(|e| bpf_err(map::EVENTS, e))
     }
 
     /// Event and drop counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.map("COUNTERS")?).map_err(|e| bpf_err("COUNTERS", e))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(map::COUNTERS)?)
+            .map_err(|e| bpf_err(map::COUNTERS, e))?;
         let mut out = Counters::default();
         for c in Counter::ALL {
             let vals = arr
@@ -613,7 +591,7 @@ impl Tracer {
     /// The live blocks of process `tgid`: (address, size, site id).
     pub fn live_blocks(&self, tgid: u32) -> Result<Vec<LiveBlock>> {
         let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
-            BpfHashMap::try_from(self.map("LIVE")?).map_err(|e| bpf_err("LIVE", e))?;
+            BpfHashMap::try_from(self.map(map::LIVE)?).map_err(|e| bpf_err(map::LIVE, e))?;
         Ok(map
             .iter()
             .filter_map(|item| item.ok())
@@ -631,7 +609,7 @@ impl Tracer {
     /// time in the kernel's monotonic nanoseconds).
     pub fn live_table(&self) -> Result<Vec<[u64; 5]>> {
         let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
-            BpfHashMap::try_from(self.map("LIVE")?).map_err(|e| bpf_err("LIVE", e))?;
+            BpfHashMap::try_from(self.map(map::LIVE)?).map_err(|e| bpf_err(map::LIVE, e))?;
         Ok(map
             .iter()
             .filter_map(|item| item.ok())
@@ -642,7 +620,7 @@ impl Tracer {
     /// Every site with its counters.
     pub fn sites(&self) -> Result<Vec<(u64, SiteStats)>> {
         let map: BpfHashMap<&MapData, u64, SiteStats> =
-            BpfHashMap::try_from(self.map("SITES")?).map_err(|e| bpf_err("SITES", e))?;
+            BpfHashMap::try_from(self.map(map::SITES)?).map_err(|e| bpf_err(map::SITES, e))?;
         // A site removed between the key walk and the lookup is simply skipped.
         Ok(map.iter().filter_map(|item| item.ok()).collect())
     }
