@@ -22,7 +22,7 @@ use super::plan::ProbePlan;
 use crate::error::{Error, Result};
 
 /// The BPF object built from `leaktrace-ebpf` (see build.rs).
-static BPF_OBJECT: &[u8] =
+pub(crate) static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
 
 /// Knobs fixed at load time.

@@ -3,6 +3,7 @@
 
 pub mod holds;
 pub mod loader;
+mod names;
 pub mod placement;
 pub mod plan;
 pub mod sampling;
