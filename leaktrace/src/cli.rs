@@ -6,10 +6,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::capture::render::{Format, RenderOptions};
+use crate::options::{PyMallocMode, TraceMode, TraceOptions};
 use crate::probes::loader::LoadOptions;
 use crate::probes::plan::Families;
 use crate::report::ReportOptions;
-use crate::session::{TraceMode, TraceOptions};
 
 /// Find memory leaks in running Python processes — C extensions included — with eBPF.
 #[derive(Debug, Parser)]
@@ -157,14 +157,6 @@ impl ReportArgs {
             verbose: self.verbose,
         }
     }
-}
-
-/// What `run` does about Python's allocator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum PyMallocMode {
-    Auto,
-    Keep,
-    Malloc,
 }
 
 /// How much to trace, and at what cost (see the README's "Which mode when").

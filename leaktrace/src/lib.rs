@@ -12,6 +12,7 @@ pub mod cli;
 pub mod error;
 pub mod events;
 pub mod heap;
+pub mod options;
 pub mod probes;
 pub mod report;
 pub mod session;

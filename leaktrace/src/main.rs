@@ -1,10 +1,11 @@
 //! The `leaktrace` command: thin glue over the library.
 
 use clap::Parser;
-use leaktrace::analysis::gate::{self, Suppressions, EXIT_LEAKS_OVER_LIMIT};
 use leaktrace::cli::{Cli, Command};
+use leaktrace::options::TargetSpec;
+use leaktrace::report::gate::{self, Suppressions, EXIT_LEAKS_OVER_LIMIT};
 use leaktrace::report::{diff, table};
-use leaktrace::session::{trace_live, LiveView, TargetSpec};
+use leaktrace::session::{trace_live, LiveView};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();

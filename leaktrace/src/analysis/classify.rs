@@ -15,8 +15,8 @@
 use leaktrace_ebpf::SiteStats;
 use serde::Serialize;
 
-use super::trend::Trend;
-use crate::report::human_bytes;
+use crate::heap::trend::Trend;
+use crate::units::human_bytes;
 
 /// What a stack's live memory is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

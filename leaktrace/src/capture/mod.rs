@@ -12,8 +12,8 @@ pub mod writer;
 
 use serde::{Deserialize, Serialize};
 
+use crate::options::TraceMode;
 use crate::report::ReportMeta;
-use crate::session::TraceMode;
 use crate::stacks::native::UnwindEnd;
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::Frame;

@@ -9,8 +9,8 @@ use flate2::read::MultiGzDecoder;
 use leaktrace_ebpf::{AllocFn, Counter, SiteStats};
 
 use super::{Header, Record, FORMAT, VERSION};
-use crate::analysis::trend::Trend;
 use crate::error::{Error, Result};
+use crate::heap::trend::Trend;
 use crate::heap::{Heap, Sample, Site};
 use crate::report::{Report, ReportMeta, ReportOptions, TargetInfo};
 use crate::stacks::python::PyFrame;

@@ -66,7 +66,10 @@ mod tests {
             .chain(&FORK_TRACEPOINTS)
             .map(|(p, _, _)| *p)
             .collect();
-        in_sections(&tracepoints.into_iter().collect::<Vec<_>>(), &["tracepoint"]);
+        in_sections(
+            &tracepoints.into_iter().collect::<Vec<_>>(),
+            &["tracepoint"],
+        );
         in_sections(&GROWTH_RAW_TRACEPOINTS, &["raw_tracepoint", "raw_tp"]);
     }
 

@@ -5,6 +5,7 @@ pub mod csv;
 pub mod diff;
 pub mod flamegraph;
 pub mod frames;
+pub mod gate;
 mod group;
 pub mod html;
 pub mod pprof;
@@ -26,6 +27,7 @@ use crate::stacks::native::UnwindStats;
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::{Frame, FrameSource};
 use crate::target::death::Death;
+pub use crate::units::human_bytes;
 use group::Group;
 
 /// Version of the JSON schema (docs/json-schema.md).
@@ -465,22 +467,6 @@ impl Report {
     /// The report as pretty JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("report serializes")
-    }
-}
-
-/// `1234567` → `1.2 MB` (decimal units, as `ls -h --si`).
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -20,7 +20,6 @@ use waiting::{child_event, open_pidfd, pid_exit, python_malloc_env, reply, sleep
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -29,85 +28,19 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::capture::{writer::CaptureWriter, Header};
-use crate::cli::PyMallocMode;
 use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{parse, Event, EventReader};
 use crate::heap::{Heap, PythonStack, Sample};
-use crate::probes::loader::{check_privileges, Counters, LoadOptions, Tracer};
-use crate::probes::plan::{Families, Lifecycle, ProbePlan};
-use crate::report::{Report, ReportMeta, ReportOptions, TargetInfo, TracerCost};
+use crate::options::{TargetSpec, TraceMode, TraceOptions};
+use crate::probes::loader::{check_privileges, Counters, Tracer};
+use crate::probes::plan::{Lifecycle, ProbePlan};
+use crate::report::{Report, ReportMeta, TargetInfo, TracerCost};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
 use crate::target::death::Death;
 use crate::target::spawn::{spawn, Control, ExitKind, SpawnEvent};
 use crate::target::Process;
-
-/// What to trace.
-#[derive(Clone, Debug)]
-pub enum TargetSpec {
-    /// A running process.
-    Pid(u32),
-    /// A command to start under tracing.
-    Command {
-        argv: Vec<String>,
-        pymalloc: PyMallocMode,
-    },
-}
-
-/// The cost tier: what is traced, and how completely.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TraceMode {
-    /// Every allocation and free.
-    Exact,
-    /// Allocations sampled by bytes, one per `rate` on average.
-    Sampled { rate: u64 },
-    /// Page faults (resident memory growth), sampled one per `rate` bytes.
-    Growth { rate: u64 },
-}
-
-impl TraceMode {
-    /// Bytes per sample, 0 for exact.
-    pub fn rate(self) -> u64 {
-        match self {
-            TraceMode::Exact => 0,
-            TraceMode::Sampled { rate } | TraceMode::Growth { rate } => rate,
-        }
-    }
-
-    /// Bytes per sample, `None` for exact.
-    pub fn sample_rate(self) -> Option<u64> {
-        (self.rate() > 0).then_some(self.rate())
-    }
-
-    /// The name shown in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            TraceMode::Exact => "exact",
-            TraceMode::Sampled { .. } => "sampled",
-            TraceMode::Growth { .. } => "growth",
-        }
-    }
-}
-
-/// How to trace.
-#[derive(Clone, Debug)]
-pub struct TraceOptions {
-    pub mode: TraceMode,
-    pub families: Families,
-    pub load: LoadOptions,
-    /// `attach`: how long to trace before detaching.
-    pub duration: Option<Duration>,
-    /// Print a progress line on stderr this often.
-    pub interval: Option<Duration>,
-    pub verbose: bool,
-    pub report: ReportOptions,
-    pub json: Option<PathBuf>,
-    /// Record a capture file here as tracing goes (`-o`).
-    pub capture: Option<PathBuf>,
-    /// Serve Prometheus metrics here (`--prometheus`).
-    pub prometheus: Option<std::net::SocketAddr>,
-}
 
 /// The result of a session.
 pub struct Outcome {

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use tokio::io::unix::AsyncFd;
 
 use super::Child;
-use crate::cli::PyMallocMode;
 use crate::heap::Sample;
+use crate::options::PyMallocMode;
 use crate::probes::plan::needs_raw_malloc;
 use crate::report::human_bytes;
 use crate::target::spawn::{Control, SpawnEvent};

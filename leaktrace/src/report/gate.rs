@@ -5,8 +5,9 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use crate::report::{human_bytes, Report, SiteReport};
+use super::{Report, SiteReport};
 use crate::stacks::merge::StackEntry;
+use crate::units::human_bytes;
 
 /// Exit status when leak suspects hold more than `--fail-over`.
 pub const EXIT_LEAKS_OVER_LIMIT: i32 = 10;

@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use leaktrace_ebpf::{AllocFn, SiteStats};
 use serde::Serialize;
 
-use crate::analysis::trend::Trend;
+pub mod trend;
+
 use crate::probes::loader::Counters;
 use crate::stacks::native::{NativeStack, UnwindEnd};
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::Symbolizer;
+use trend::Trend;
 
 /// One allocation site: allocator function, native call path and Python stack.
 #[derive(Clone, Debug)]

@@ -1,0 +1,84 @@
+//! What a tracing session is asked to do: the target, the cost tier, and every option the
+//! command line sets. `cli` builds these, `session` runs them and `capture` records them; none
+//! of those three imports another for it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::probes::loader::LoadOptions;
+use crate::probes::plan::Families;
+use crate::report::ReportOptions;
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub enum TargetSpec {
+    /// A running process.
+    Pid(u32),
+    /// A command to start under tracing.
+    Command {
+        argv: Vec<String>,
+        pymalloc: PyMallocMode,
+    },
+}
+
+/// The cost tier: what is traced, and how completely.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceMode {
+    /// Every allocation and free.
+    Exact,
+    /// Allocations sampled by bytes, one per `rate` on average.
+    Sampled { rate: u64 },
+    /// Page faults (resident memory growth), sampled one per `rate` bytes.
+    Growth { rate: u64 },
+}
+
+impl TraceMode {
+    /// Bytes per sample, 0 for exact.
+    pub fn rate(self) -> u64 {
+        match self {
+            TraceMode::Exact => 0,
+            TraceMode::Sampled { rate } | TraceMode::Growth { rate } => rate,
+        }
+    }
+
+    /// Bytes per sample, `None` for exact.
+    pub fn sample_rate(self) -> Option<u64> {
+        (self.rate() > 0).then_some(self.rate())
+    }
+
+    /// The name shown in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceMode::Exact => "exact",
+            TraceMode::Sampled { .. } => "sampled",
+            TraceMode::Growth { .. } => "growth",
+        }
+    }
+}
+
+/// How to trace.
+#[derive(Clone, Debug)]
+pub struct TraceOptions {
+    pub mode: TraceMode,
+    pub families: Families,
+    pub load: LoadOptions,
+    /// `attach`: how long to trace before detaching.
+    pub duration: Option<Duration>,
+    /// Print a progress line on stderr this often.
+    pub interval: Option<Duration>,
+    pub verbose: bool,
+    pub report: ReportOptions,
+    pub json: Option<PathBuf>,
+    /// Record a capture file here as tracing goes (`-o`).
+    pub capture: Option<PathBuf>,
+    /// Serve Prometheus metrics here (`--prometheus`).
+    pub prometheus: Option<std::net::SocketAddr>,
+}
+
+/// What `run` does about Python's allocator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PyMallocMode {
+    Auto,
+    Keep,
+    Malloc,
+}
