@@ -67,6 +67,8 @@ pub mod global {
     pub const TRACER_PIDNS_DEV: &str = "TRACER_PIDNS_DEV";
     /// leaktrace's PID namespace (inode, `u64`), 0 for the initial one.
     pub const TRACER_PIDNS_INO: &str = "TRACER_PIDNS_INO";
+    /// Offset of `child_pid` in `sched_process_fork`'s record on this kernel (`u32`).
+    pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
 }
 
 /// A tracepoint program and the event it reads: (program, category, event).
@@ -96,6 +98,10 @@ pub const FORK_TRACEPOINTS: [Tracepoint; 6] = [
     ("fork_return", "syscalls", "sys_exit_fork"),
     ("fork_return", "syscalls", "sys_exit_vfork"),
 ];
+
+/// `child_pid`'s offset in `sched_process_fork` with `__data_loc` names (6.18), the default
+/// when the format file cannot be read.
+pub const FORK_CHILD_PID_OFFSET: u32 = 20;
 
 /// Capacity of `UNWIND` (rows): userspace stops teaching rows past half of it.
 pub const UNWIND_ROWS: u32 = 1 << 17;

@@ -18,8 +18,8 @@ use leaktrace_ebpf::{
 };
 
 use crate::{
-    admit, bump, holds_allowed, ids, live::retire_if_live, record_alloc, traced_tgid, DEATHS,
-    EVENTS, SIGSTOP, TARGETS,
+    admit, bump, holds_allowed, ids, live::retire_if_live, read_global, record_alloc, traced_tgid,
+    DEATHS, EVENTS, SIGSTOP, TARGETS,
 };
 
 /// Tasks a followed process just created, until each first returns to user space
@@ -45,6 +45,11 @@ struct SignalFrom {
     _pad: u32,
     comm: [u8; 16],
 }
+
+/// Offset of `child_pid` in `sched_process_fork`'s record, which moved when the kernel began
+/// naming processes there with `__data_loc` strings; userspace reads it from tracefs.
+#[no_mangle]
+static FORK_CHILD_PID_OFFSET: u32 = leaktrace_ebpf::FORK_CHILD_PID_OFFSET;
 
 /// Error-code bit of a page fault caused by a write.
 const PF_WRITE: u64 = 2;
@@ -352,8 +357,10 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // The child's pid in the initial namespace, as `fork_return` looks it up.
-    // SAFETY: a checked kernel read of `child_pid`, at offset 20 of sched_process_fork's record.
-    let child: i32 = unsafe { ctx.read_at(20) }.unwrap_or(0);
+    let at = read_global(&FORK_CHILD_PID_OFFSET) as usize;
+    // SAFETY: a checked kernel read (bpf_probe_read_kernel) of `child_pid`, at the offset this
+    // kernel's format file gives.
+    let child: i32 = unsafe { ctx.read_at(at) }.unwrap_or(0);
     let _ = FORKED.insert(&(child as u32), &tgid, 0);
     0
 }

@@ -12,9 +12,9 @@ use aya::{Ebpf, EbpfLoader};
 use leaktrace_ebpf::{
     global, map, program, sites_soft_limit, AllocFn, Counter, DeathInfo, LiveAlloc, LiveKey,
     PyOffsets, Shape, SiteStats, UnwindKey, UnwindRow, DEATH_TRACEPOINTS, DEFAULT_PY_DEPTH,
-    DEFAULT_STACK_COPY, DEFAULT_TABLE_ENTRIES, FORK_TRACEPOINTS, GROWTH_RAW_TRACEPOINTS,
-    GROWTH_TRACEPOINTS, NUM_COUNTERS, TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_HELD,
-    TARGET_PAUSE, TARGET_TRACED, UNWIND_ROWS,
+    DEFAULT_STACK_COPY, DEFAULT_TABLE_ENTRIES, FORK_CHILD_PID_OFFSET, FORK_TRACEPOINTS,
+    GROWTH_RAW_TRACEPOINTS, GROWTH_TRACEPOINTS, NUM_COUNTERS, TARGET_FOLLOW_FORKS,
+    TARGET_FORKED_CHILD, TARGET_HELD, TARGET_PAUSE, TARGET_TRACED, UNWIND_ROWS,
 };
 
 use super::holds::{self, Guardian};
@@ -119,9 +119,6 @@ pub struct Tracer {
     pub(super) holds_ended: bool,
 }
 
-/// Where the kernel's tracepoints are listed; a fresh machine may not have it mounted.
-const TRACEFS: &str = "/sys/kernel/tracing";
-
 fn bpf_err(what: &str, e: impl std::error::Error) -> Error {
     // aya's errors put the system call's errno in a source, not in their own text.
     let mut text = e.to_string();
@@ -198,6 +195,11 @@ impl Tracer {
         let floor = u8::from(opts.floor);
         let max_sites = opts.max_sites.max(8);
         let soft_limit = sites_soft_limit(max_sites);
+        // Read from the kernel's own description of the record (it moved between kernels); without
+        // tracefs, `--follow-forks` fails to attach and says why.
+        let fork_child_pid =
+            super::tracefs::field_offset("sched", "sched_process_fork", "child_pid")
+                .unwrap_or(FORK_CHILD_PID_OFFSET);
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| Error::Bpf(format!("counting CPUs ({what}): {e}")))?;
         let (pidns_dev, pidns_ino) = crate::target::own_pidns().unwrap_or((0, 0));
@@ -211,6 +213,7 @@ impl Tracer {
             .override_global(global::FLOOR_MODE, &floor, true)
             .override_global(global::PY_MAX_DEPTH, &opts.python_depth, true)
             .override_global(global::SITES_SOFT_LIMIT, &soft_limit, true)
+            .override_global(global::FORK_CHILD_PID_OFFSET, &fork_child_pid, true)
             .override_global(global::SAMPLE_RATE, &opts.sample_rate, true)
             .map_max_entries(map::LIVE, opts.max_live.max(1))
             .map_max_entries(map::SITES, max_sites)
@@ -282,11 +285,7 @@ impl Tracer {
 
     /// Loads and attaches tracepoint programs (a program may serve several events).
     fn attach_tracepoints(&mut self, list: &[(&str, &str, &str)]) -> Result<()> {
-        if !std::path::Path::new(TRACEFS).join("events").is_dir() {
-            return Err(Error::Bpf(format!(
-                "tracepoints need tracefs at {TRACEFS}: mount -t tracefs nodev {TRACEFS}"
-            )));
-        }
+        super::tracefs::require()?;
         for (name, category, event) in list {
             let prog: &mut TracePoint = program(&mut self.ebpf, name)?;
             if prog.fd().is_err() {

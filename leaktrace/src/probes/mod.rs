@@ -7,3 +7,4 @@ mod names;
 pub mod placement;
 pub mod plan;
 pub mod sampling;
+pub mod tracefs;

@@ -86,6 +86,7 @@ mod tests {
                 global::SAMPLE_RATE,
                 global::TRACER_PIDNS_DEV,
                 global::TRACER_PIDNS_INO,
+                global::FORK_CHILD_PID_OFFSET,
             ],
             &[".rodata", ".data", ".bss"],
         );
