@@ -4,7 +4,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use leaktrace_ebpf::{Counter, LiveAlloc, LiveKey, OLD_BLOCK_NS};
 
-use crate::{add, bump, LIVE, SITES};
+use crate::site::SharedSite;
+use crate::{bump, LIVE, SITES};
 
 #[inline(always)]
 pub(crate) fn remove_stale(key: &LiveKey) {
@@ -60,17 +61,8 @@ pub(crate) fn remove_live(tgid: u32, addr: u64) {
 #[inline(always)]
 fn retire(rec: &LiveAlloc, freed: bool) {
     if let Some(s) = SITES.get_ptr_mut(&rec.site_id) {
-        // SAFETY: a live SITES value; other CPUs update it too, so counters change by atomic adds.
-        let s = unsafe { &mut *s };
-        add(&mut s.live_count, u64::from(rec.count).wrapping_neg());
-        add(&mut s.live_bytes, rec.weight.wrapping_neg());
-        if freed {
-            add(&mut s.frees, u64::from(rec.count));
-            // SAFETY: a helper with no arguments that only reads the clock.
-            let age = unsafe { bpf_ktime_get_ns() }.wrapping_sub(rec.ts_ns);
-            if age > OLD_BLOCK_NS {
-                add(&mut s.frees_old, u64::from(rec.count));
-            }
-        }
+        // SAFETY: a helper with no arguments that only reads the clock.
+        let old = freed && unsafe { bpf_ktime_get_ns() }.wrapping_sub(rec.ts_ns) > OLD_BLOCK_NS;
+        SharedSite::new(s).released(u64::from(rec.count), rec.weight, freed, old);
     }
 }

@@ -147,14 +147,6 @@ fn bump(c: Counter) {
     }
 }
 
-/// `*p += v` atomically (a BPF_ATOMIC add: sites are updated from every CPU at once).
-#[inline(always)]
-fn add(p: &mut u64, v: u64) {
-    use core::intrinsics::{atomic_xadd, AtomicOrdering};
-    // SAFETY: `p` points into a live map value.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
-}
-
 #[inline(always)]
 fn read_global<T: Copy>(g: &T) -> T {
     // A plain read of a `static` is constant-folded to its default; the loader overrides it.
@@ -412,11 +404,13 @@ mod ids;
 mod live;
 mod python;
 mod sampler;
+mod site;
 mod tracepoints;
 mod unwind;
 use live::{remove_live, remove_stale};
 use python::{check_step, python_stack, CheckCtx, WalkCtx};
 use sampler::admit;
+use site::{add, SharedSite};
 use unwind::{native_stack, native_stack_rest, send_stack, NativeWalk};
 
 /// Records an admitted allocation: its site (walking its stack) and its live block.
@@ -467,8 +461,7 @@ fn record_alloc(
                 ..SiteStats::default()
             };
             if SITES.insert(&id, &fresh, BPF_NOEXIST).is_ok() {
-                // SAFETY: a global in .bss, updated atomically.
-                add(unsafe { &mut *(&raw mut SITE_COUNT) }, 1);
+                add(&raw mut SITE_COUNT, 1);
             }
             match SITES.get_ptr_mut(&id) {
                 Some(s) => s,
@@ -479,9 +472,8 @@ fn record_alloc(
             }
         }
     };
-    // SAFETY: a live map value.
-    let site = unsafe { &mut *stats };
-    if site.announced & ANNOUNCED_STACK == 0 {
+    let site = SharedSite::new(stats);
+    if site.announced() & ANNOUNCED_STACK == 0 {
         announce(site, scratch, tgid, tid, id, func, caller);
     }
 
@@ -510,10 +502,7 @@ fn record_alloc(
         }
     }
     bump(Counter::Allocs);
-    add(&mut site.allocs, blocks);
-    add(&mut site.alloc_bytes, weight);
-    add(&mut site.live_count, blocks);
-    add(&mut site.live_bytes, weight);
+    site.allocated(blocks, weight);
 }
 
 /// Sends what userspace needs of a site not fully announced yet: its record (Python frames and
@@ -522,7 +511,7 @@ fn record_alloc(
 /// once they have been learned, so a burst of new sites needs few copies.
 #[inline(always)]
 fn announce(
-    site: &mut SiteStats,
+    site: SharedSite,
     scratch: &mut Scratch,
     tgid: u32,
     tid: u32,
@@ -535,12 +524,12 @@ fn announce(
         let n = scratch.ev.native_depth as usize;
         scratch.ev.native[n.wrapping_sub(1) & (MAX_NATIVE_WALK - 1)]
     };
-    let resend = site.announced & ANNOUNCED_SITE != 0;
+    let resend = site.announced() & ANNOUNCED_SITE != 0;
     if !resend || !needs_copy {
         if send_site_record(scratch, tgid, tid, id, func) {
-            site.announced |= ANNOUNCED_SITE;
+            site.mark(ANNOUNCED_SITE);
             if !needs_copy {
-                site.announced |= ANNOUNCED_STACK;
+                site.mark(ANNOUNCED_STACK);
                 return;
             }
         } else {
@@ -567,7 +556,7 @@ fn announce(
         }
     }
     if send_stack(tgid, id, caller) {
-        site.announced |= ANNOUNCED_STACK;
+        site.mark(ANNOUNCED_STACK);
         let _ = REQUESTED.insert(&key, &now, 0);
     } else {
         bump(Counter::StackDeferred);
