@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::capture::render::{Format, RenderOptions};
+use crate::error::Error;
 use crate::options::{PyMallocMode, TraceMode, TraceOptions};
 use crate::probes::loader::LoadOptions;
 use crate::probes::plan::Families;
@@ -285,7 +286,7 @@ pub struct CommonOpts {
 
 impl CommonOpts {
     /// The mode these flags ask for; `attach` is true for `attach` (open-ended windows sample).
-    pub fn trace_mode(&self, attach: bool, duration: Option<f64>) -> Result<TraceMode, String> {
+    pub fn trace_mode(&self, attach: bool, duration: Option<f64>) -> Result<TraceMode, Error> {
         let mode = match (self.mode, self.sample) {
             (Some(m), _) => m,
             (None, Some(_)) => ModeArg::Sampled,
@@ -296,7 +297,9 @@ impl CommonOpts {
         };
         Ok(match mode {
             ModeArg::Exact if self.sample.is_some() => {
-                return Err("--sample needs --mode sampled or growth, not exact".into())
+                return Err(Error::Usage(
+                    "--sample needs --mode sampled or growth, not exact".into(),
+                ))
             }
             ModeArg::Exact => TraceMode::Exact,
             ModeArg::Sampled => TraceMode::Sampled {
@@ -313,14 +316,14 @@ impl CommonOpts {
         &self,
         attach: bool,
         duration: Option<f64>,
-    ) -> Result<TraceOptions, String> {
+    ) -> Result<TraceOptions, Error> {
         let mode = self.trace_mode(attach, duration)?;
         // Bounded so that no value can overflow a deadline or flood the terminal.
         let secs = |v: f64, what: &str, min: f64| match Duration::try_from_secs_f64(v) {
             Ok(d) if v >= min && v <= MAX_SECONDS => Ok(d),
-            _ => Err(format!(
+            _ => Err(Error::Usage(format!(
                 "{what} must be a number of seconds from {min} to {MAX_SECONDS} (a year), not {v}"
-            )),
+            ))),
         };
         Ok(TraceOptions {
             families: if self.libc_only {
@@ -453,32 +456,32 @@ mod tests {
         let mode = |args: &[&str]| {
             let c = Cli::try_parse_from(args).unwrap();
             match c.command {
-                Command::Run { opts, .. } => opts.trace_mode(false, None),
-                Command::Attach { opts, duration, .. } => opts.trace_mode(true, duration),
-                Command::Top { opts, .. } => opts.trace_mode(true, None),
+                Command::Run { opts, .. } => opts.trace_mode(false, None).ok(),
+                Command::Attach { opts, duration, .. } => opts.trace_mode(true, duration).ok(),
+                Command::Top { opts, .. } => opts.trace_mode(true, None).ok(),
                 Command::Diff { .. } | Command::Report(_) | Command::Snapshot(_) => {
                     panic!("not a tracing command")
                 }
             }
         };
-        assert_eq!(mode(&["leaktrace", "run", "x"]), Ok(TraceMode::Exact));
+        assert_eq!(mode(&["leaktrace", "run", "x"]), Some(TraceMode::Exact));
         assert_eq!(
             mode(&["leaktrace", "attach", "-p", "1", "-d", "30"]),
-            Ok(TraceMode::Exact)
+            Some(TraceMode::Exact)
         );
         assert_eq!(
             mode(&["leaktrace", "attach", "-p", "1"]),
-            Ok(TraceMode::Sampled { rate: 512 << 10 })
+            Some(TraceMode::Sampled { rate: 512 << 10 })
         );
         assert_eq!(
             mode(&["leaktrace", "run", "--sample", "64KiB", "x"]),
-            Ok(TraceMode::Sampled { rate: 64 << 10 })
+            Some(TraceMode::Sampled { rate: 64 << 10 })
         );
         assert_eq!(
             mode(&["leaktrace", "attach", "-p", "1", "--mode", "growth"]),
-            Ok(TraceMode::Growth { rate: 256 << 10 })
+            Some(TraceMode::Growth { rate: 256 << 10 })
         );
-        assert!(mode(&["leaktrace", "run", "--mode", "exact", "--sample", "1k", "x"]).is_err());
+        assert!(mode(&["leaktrace", "run", "--mode", "exact", "--sample", "1k", "x"]).is_none());
         assert!(Cli::try_parse_from([
             "leaktrace",
             "attach",

@@ -46,6 +46,18 @@ pub enum Error {
     },
     #[error("malformed ELF file {path}: {detail}")]
     Elf { path: PathBuf, detail: String },
+    /// An output file (`--json`, `-o`, `report -o`) could not be written.
+    #[error("cannot write {path}: {detail}")]
+    Write { path: PathBuf, detail: String },
+    /// An input that should be a capture or a JSON report is not one.
+    #[error("{path}: {detail}")]
+    BadInput { path: PathBuf, detail: String },
+    /// The target's interpreter cannot be read (unknown version, implausible layout).
+    #[error("Python stacks unavailable: {0}")]
+    PythonLayout(String),
+    /// Something leaktrace itself failed at (a signal handler, ptrace, a renderer).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("BPF: {0}")]
     Bpf(String),
     #[error("{0}")]
@@ -56,7 +68,9 @@ impl Error {
     /// The process exit status for this error. 2 is clap's usage error; 1 is anything unforeseen.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) => 2,
+            Error::Usage(_) | Error::Write { .. } | Error::BadInput { .. } => 2,
+            Error::PythonLayout(_) => 6,
+            Error::Internal(_) => 1,
             Error::NoPrivileges(_) | Error::Denied { .. } => 3,
             Error::NoSuchProcess(_) | Error::NotAProcess { .. } => 4,
             Error::TargetExited { .. } => 5,

@@ -80,9 +80,9 @@ fn main() {
     };
     let opts = match opts {
         Ok(o) => o,
-        Err(msg) => {
-            eprintln!("leaktrace: {msg}");
-            std::process::exit(2);
+        Err(e) => {
+            eprintln!("leaktrace: {e}");
+            std::process::exit(e.exit_code());
         }
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -187,11 +187,14 @@ fn run_diff(
     top: usize,
     json: Option<&std::path::Path>,
 ) -> i32 {
-    let read = |p: &std::path::Path| -> Result<serde_json::Value, String> {
-        let text =
-            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not a JSON report: {e}", p.display()))
+    use leaktrace::Error;
+    let read = |p: &std::path::Path| -> Result<serde_json::Value, Error> {
+        let bad = |detail: String| Error::BadInput {
+            path: p.to_path_buf(),
+            detail,
+        };
+        let text = std::fs::read_to_string(p).map_err(|e| bad(format!("cannot read: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a JSON report: {e}")))
     };
     let result = read(old)
         .and_then(|o| read(new).map(|n| (o, n)))
@@ -200,7 +203,7 @@ fn run_diff(
         Ok(d) => print_and_save(&diff::render(&d, top), &d, json),
         Err(e) => {
             eprintln!("leaktrace: {e}");
-            2
+            e.exit_code()
         }
     }
 }

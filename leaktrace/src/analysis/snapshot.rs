@@ -42,7 +42,7 @@ pub fn take(pid: u32, count: u32, interval: Duration) -> Result<Snapshot> {
     let py = PythonProcess::new(pid, &info, &modules)?;
     let type_type = py
         .type_type
-        .ok_or_else(|| Error::Usage(format!("{}: no PyType_Type symbol", info.module)))?;
+        .ok_or_else(|| Error::PythonLayout(format!("{}: no PyType_Type symbol", info.module)))?;
     let mut reader = TypeReader::new(pid, type_type, py.layout.version);
     let start = Instant::now();
     let mut first: Option<Census> = None;

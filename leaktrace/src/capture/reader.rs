@@ -106,7 +106,10 @@ impl Capture {
     /// Reads `path`; with `until`, only the intervals up to that many seconds into the trace
     /// (the heap as it was then).
     pub fn read(path: &Path, until: Option<f64>) -> Result<Capture> {
-        let bad = |detail: String| Error::Usage(format!("{}: {detail}", path.display()));
+        let bad = |detail: String| Error::BadInput {
+            path: path.to_path_buf(),
+            detail,
+        };
         let file = std::fs::File::open(path).map_err(|source| Error::Read {
             path: path.to_path_buf(),
             source,

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::reader::Capture;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::report::{csv, flamegraph, html, pprof, table, Report, ReportOptions, SiteReport};
 
 /// What `leaktrace report` writes.
@@ -147,5 +147,5 @@ fn flame(cap: &mut Capture, every: ReportOptions, since: Option<f64>) -> Result<
             })
         }
     };
-    flamegraph::svg(&lines, &flamegraph::title(&r, since)).map_err(Error::Usage)
+    flamegraph::svg(&lines, &flamegraph::title(&r, since))
 }

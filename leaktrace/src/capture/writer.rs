@@ -69,8 +69,10 @@ pub struct CaptureWriter {
 impl CaptureWriter {
     /// Creates (truncates) `path` and writes the header.
     pub fn create(path: &Path, header: Header) -> Result<Self> {
-        let file = File::create(path)
-            .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))?;
+        let file = File::create(path).map_err(|e| Error::Write {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
         let mut w = Self {
             out: GzEncoder::new(
                 BufWriter::with_capacity(1 << 16, file),
@@ -89,10 +91,10 @@ impl CaptureWriter {
         w.put(&Record::Header(header));
         w.flush();
         match w.failed.take() {
-            Some(e) => Err(Error::Usage(format!(
-                "cannot write {}: {e}",
-                path.display()
-            ))),
+            Some(e) => Err(Error::Write {
+                path: path.to_path_buf(),
+                detail: e,
+            }),
             None => Ok(w),
         }
     }
@@ -260,7 +262,10 @@ impl CaptureWriter {
         self.put(&Record::End(Box::new(meta.clone())));
         self.flush();
         if let Some(e) = self.failure() {
-            return Err(Error::Usage(e));
+            return Err(Error::Write {
+                path: self.path.clone(),
+                detail: e,
+            });
         }
         let file = match self.out.finish() {
             Ok(mut w) => w.flush().map(|_| w),
@@ -269,7 +274,10 @@ impl CaptureWriter {
         let size = file
             .and_then(|w| w.get_ref().metadata())
             .map(|m| m.len())
-            .map_err(|e| Error::Usage(format!("writing {}: {e}", self.path.display())))?;
+            .map_err(|e| Error::Write {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            })?;
         Ok(size)
     }
 }

@@ -59,12 +59,12 @@ fn arena_label() -> &'static str {
 }
 
 /// Compares two JSON reports (schema 2).
-pub fn diff(old: &Value, new: &Value) -> Result<Diff, String> {
+pub fn diff(old: &Value, new: &Value) -> crate::error::Result<Diff> {
     let mut rows: BTreeMap<(String, Vec<String>), DiffRow> = BTreeMap::new();
     for (report, is_new) in [(old, false), (new, true)] {
-        let sites = report["sites"]
-            .as_array()
-            .ok_or("not a leaktrace JSON report (no \"sites\")")?;
+        let sites = report["sites"].as_array().ok_or_else(|| {
+            crate::error::Error::Usage("not a leaktrace JSON report (no \"sites\")".into())
+        })?;
         for s in sites {
             let allocator = s["allocator"].as_str().unwrap_or("?").to_string();
             let stack = stack_key(s);

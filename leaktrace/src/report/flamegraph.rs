@@ -33,7 +33,7 @@ pub fn folded(r: &Report, all: bool, value: impl Fn(&super::SiteReport) -> i64) 
 }
 
 /// The SVG of `folded` lines; `title` heads it.
-pub fn svg(lines: &[String], title: &str) -> Result<Vec<u8>, String> {
+pub fn svg(lines: &[String], title: &str) -> crate::error::Result<Vec<u8>> {
     let mut opts = Options::default();
     opts.title = title.to_string();
     opts.count_name = "bytes".into();
@@ -51,7 +51,7 @@ pub fn svg(lines: &[String], title: &str) -> Result<Vec<u8>, String> {
     } else {
         flamegraph::from_lines(&mut opts, lines.iter().map(|s| s.as_str()), &mut out)
     }
-    .map_err(|e| format!("drawing the flamegraph: {e}"))?;
+    .map_err(|e| crate::error::Error::Internal(format!("drawing the flamegraph: {e}")))?;
     Ok(out)
 }
 

@@ -111,8 +111,10 @@ pub async fn trace_live(
     check_privileges()?;
     // A capture that cannot be written is a usage error found before anything starts.
     if let Some(path) = &opts.capture {
-        std::fs::File::create(path)
-            .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))?;
+        std::fs::File::create(path).map_err(|e| Error::Write {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
     }
     let exporter = match opts.prometheus {
         Some(addr) => Some(Exporter::start(addr).await?),
@@ -144,7 +146,7 @@ pub async fn trace_live(
             match rx.recv().await {
                 Some(SpawnEvent::Ready(pid)) => (pid, Some((ctl, rx))),
                 Some(SpawnEvent::Failed(e)) => return Err(e),
-                other => return Err(Error::Usage(format!("starting {argv:?}: {other:?}"))),
+                other => return Err(Error::Internal(format!("starting {argv:?}: {other:?}"))),
             }
         }
     };
@@ -229,8 +231,9 @@ pub async fn trace_live(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut interrupts = signals::Interrupts::default();
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::Usage(e.to_string()))?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::Usage(e.to_string()))?;
+    let handler = |e: std::io::Error| Error::Internal(format!("installing a signal handler: {e}"));
+    let mut sigint = signal(SignalKind::interrupt()).map_err(handler)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(handler)?;
     let mut exit_code = 0;
     // Set when the target died: `run`'s wait status, if it had one.
     let mut died: Option<Option<ExitKind>> = None;
@@ -417,9 +420,9 @@ pub async fn trace_live(
     log::debug!("report built");
     phase.done("read the last records, the census and build the report");
     if let Some(path) = &opts.json {
-        std::fs::write(path, report.to_json()).map_err(|source| Error::Read {
+        std::fs::write(path, report.to_json()).map_err(|e| Error::Write {
             path: path.clone(),
-            source,
+            detail: e.to_string(),
         })?;
     }
     Ok(Outcome {

@@ -24,7 +24,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// What the spawner thread tells the session.
 #[derive(Debug)]
@@ -143,7 +143,13 @@ fn run(
     if let Err(e) = run_to_entry(pid) {
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         let _ = waitpid(pid, None);
-        return Err(spawn_error(argv, e));
+        // The why, without the "internal error" label: a command that exits before its entry
+        // point is the command's doing.
+        let why = match e {
+            Error::Internal(why) => why,
+            other => other.to_string(),
+        };
+        return Err(spawn_error(argv, why));
     }
     let _ = events.send(SpawnEvent::Ready(pid.as_raw() as u32));
     match rx.recv() {
@@ -210,8 +216,9 @@ fn run(
 }
 
 /// Reads `AT_ENTRY` from the child's auxiliary vector.
-fn entry_point(pid: Pid) -> Result<u64, String> {
-    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|e| format!("auxv: {e}"))?;
+fn entry_point(pid: Pid) -> Result<u64> {
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
+        .map_err(|e| Error::Internal(format!("auxv: {e}")))?;
     auxv.chunks_exact(16)
         .map(|c| {
             (
@@ -221,41 +228,49 @@ fn entry_point(pid: Pid) -> Result<u64, String> {
         })
         .find(|(k, _)| *k == libc::AT_ENTRY)
         .map(|(_, v)| v)
-        .ok_or_else(|| "no AT_ENTRY in auxv".to_string())
+        .ok_or_else(|| Error::Internal("no AT_ENTRY in auxv".into()))
 }
 
 /// Runs the stopped child until its executable's entry point, then puts the code back.
-fn run_to_entry(pid: Pid) -> Result<(), String> {
+fn run_to_entry(pid: Pid) -> Result<()> {
     let entry = entry_point(pid)?;
     let addr = entry as ptrace::AddressType;
-    let orig = ptrace::read(pid, addr).map_err(|e| format!("reading entry: {e}"))?;
+    let orig =
+        ptrace::read(pid, addr).map_err(|e| Error::Internal(format!("reading entry: {e}")))?;
     let trapped = (orig & !0xff) | 0xcc;
-    ptrace::write(pid, addr, trapped as _).map_err(|e| format!("writing entry: {e}"))?;
-    ptrace::cont(pid, None).map_err(|e| format!("cont: {e}"))?;
+    ptrace::write(pid, addr, trapped as _)
+        .map_err(|e| Error::Internal(format!("writing entry: {e}")))?;
+    ptrace::cont(pid, None).map_err(|e| Error::Internal(format!("cont: {e}")))?;
     loop {
-        match waitpid(pid, None).map_err(|e| format!("waitpid: {e}"))? {
+        match waitpid(pid, None).map_err(|e| Error::Internal(format!("waitpid: {e}")))? {
             WaitStatus::Stopped(_, Signal::SIGTRAP) => {
-                let mut regs = ptrace::getregs(pid).map_err(|e| format!("getregs: {e}"))?;
+                let mut regs =
+                    ptrace::getregs(pid).map_err(|e| Error::Internal(format!("getregs: {e}")))?;
                 if regs.rip != entry + 1 {
-                    ptrace::cont(pid, None).map_err(|e| format!("cont: {e}"))?;
+                    ptrace::cont(pid, None).map_err(|e| Error::Internal(format!("cont: {e}")))?;
                     continue;
                 }
-                ptrace::write(pid, addr, orig as _).map_err(|e| format!("restoring entry: {e}"))?;
+                ptrace::write(pid, addr, orig as _)
+                    .map_err(|e| Error::Internal(format!("restoring entry: {e}")))?;
                 regs.rip = entry;
-                ptrace::setregs(pid, regs).map_err(|e| format!("setregs: {e}"))?;
+                ptrace::setregs(pid, regs).map_err(|e| Error::Internal(format!("setregs: {e}")))?;
                 return Ok(());
             }
             WaitStatus::Stopped(_, sig) => {
-                ptrace::cont(pid, Some(sig)).map_err(|e| format!("cont: {e}"))?;
+                ptrace::cont(pid, Some(sig)).map_err(|e| Error::Internal(format!("cont: {e}")))?;
             }
             WaitStatus::Exited(_, code) => {
-                return Err(format!("exited with code {code} before reaching main"))
+                return Err(Error::Internal(format!(
+                    "exited with code {code} before reaching main"
+                )))
             }
             WaitStatus::Signaled(_, sig, _) => {
-                return Err(format!("killed by {sig} before reaching main"))
+                return Err(Error::Internal(format!(
+                    "killed by {sig} before reaching main"
+                )))
             }
             WaitStatus::PtraceEvent(..) => {
-                ptrace::cont(pid, None).map_err(|e| format!("cont: {e}"))?;
+                ptrace::cont(pid, None).map_err(|e| Error::Internal(format!("cont: {e}")))?;
             }
             _ => {}
         }

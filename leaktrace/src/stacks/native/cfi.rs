@@ -12,6 +12,8 @@ use gimli::{
 use leaktrace_ebpf::{UnwindRow, CFA_BP, CFA_SP};
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
+use crate::error::{Error, Result};
+
 /// What a module's CFI says about one address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lookup {
@@ -47,9 +49,15 @@ pub struct ModuleCfi {
 
 impl ModuleCfi {
     /// Reads the unwind sections of the ELF file at `path`; only they are kept in memory.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let obj = object::File::parse(&*data).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let obj = object::File::parse(&*data).map_err(|e| Error::Elf {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
         let section = |name: &str| {
             let s = obj.section_by_name(name)?;
             let bytes = s.uncompressed_data().ok()?.into_owned();

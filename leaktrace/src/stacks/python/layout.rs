@@ -252,7 +252,7 @@ const STACKREF_TAG_BITS: u64 = 3;
 
 /// Parses `_Py_DebugOffsets` read from the start of a 3.13+ `_PyRuntime`.
 pub fn from_debug_offsets(raw: &[u8]) -> Result<PyLayout> {
-    let bad = |d: String| Error::Usage(format!("unusable _Py_DebugOffsets: {d}"));
+    let bad = |d: String| Error::PythonLayout(format!("unusable _Py_DebugOffsets: {d}"));
     if raw.len() < 24 || &raw[..8] != DEBUG_COOKIE {
         return Err(bad("no xdebugpy cookie at the start of _PyRuntime".into()));
     }
@@ -329,7 +329,7 @@ impl PyLayout {
         if ok {
             Ok(())
         } else {
-            Err(Error::Usage(format!(
+            Err(Error::PythonLayout(format!(
                 "implausible Python {}.{} layout: {self:?}",
                 self.version.0, self.version.1
             )))

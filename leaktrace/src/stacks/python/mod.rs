@@ -78,7 +78,7 @@ impl PythonProcess {
     /// Finds `_PyRuntime` and the version's layout (built-in for 3.11/3.12, the target's own
     /// `_Py_DebugOffsets` for 3.13+).
     pub fn new(pid: u32, info: &PythonInfo, modules: &ModuleMap) -> Result<Self> {
-        let unsupported = |why: String| Error::Usage(format!("Python stacks unavailable: {why}"));
+        let unsupported = Error::PythonLayout;
         let elf = ElfFile::open(&info.host_path)?;
         let (major, minor) = match info.version {
             Some((a, b, _)) => (a, b),
