@@ -32,6 +32,26 @@ pub enum TraceMode {
     Growth { rate: u64 },
 }
 
+/// The cost tier without its rate: what reports and captures name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeKind {
+    #[default]
+    Exact,
+    Sampled,
+    Growth,
+}
+
+impl std::fmt::Display for ModeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModeKind::Exact => "exact",
+            ModeKind::Sampled => "sampled",
+            ModeKind::Growth => "growth",
+        })
+    }
+}
+
 impl TraceMode {
     /// Bytes per sample, 0 for exact.
     pub fn rate(self) -> u64 {
@@ -46,12 +66,12 @@ impl TraceMode {
         (self.rate() > 0).then_some(self.rate())
     }
 
-    /// The name shown in reports.
-    pub fn name(self) -> &'static str {
+    /// The tier, as reports name it.
+    pub fn kind(self) -> ModeKind {
         match self {
-            TraceMode::Exact => "exact",
-            TraceMode::Sampled { .. } => "sampled",
-            TraceMode::Growth { .. } => "growth",
+            TraceMode::Exact => ModeKind::Exact,
+            TraceMode::Sampled { .. } => ModeKind::Sampled,
+            TraceMode::Growth { .. } => ModeKind::Growth,
         }
     }
 }

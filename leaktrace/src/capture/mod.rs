@@ -12,7 +12,7 @@ pub mod writer;
 
 use serde::{Deserialize, Serialize};
 
-use crate::options::TraceMode;
+use crate::options::{ModeKind, TraceMode};
 use crate::report::ReportMeta;
 use crate::stacks::native::UnwindEnd;
 use crate::stacks::python::PyFrame;
@@ -80,7 +80,7 @@ pub struct Header {
     pub started_unix_s: f64,
     pub pid: u32,
     pub command: String,
-    pub mode: String,
+    pub mode: ModeKind,
     pub sample_rate: Option<u64>,
     pub interval_s: f64,
     /// The interpreter's module, where Python frames go in native stacks.
@@ -105,7 +105,7 @@ impl Header {
                 .map_or(0.0, |d| d.as_secs_f64()),
             pid,
             command: command.into(),
-            mode: mode.name().into(),
+            mode: mode.kind(),
             sample_rate: mode.sample_rate(),
             interval_s: interval.as_secs_f64(),
             interpreter,

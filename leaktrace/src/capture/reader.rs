@@ -329,7 +329,7 @@ impl Capture {
                 end,
                 ..TargetInfo::default()
             },
-            mode: h.mode.clone(),
+            mode: h.mode,
             sample_rate: h.sample_rate,
             duration_s: t,
             interpreter: h.interpreter.clone(),

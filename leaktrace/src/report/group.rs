@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{family_name, SiteReport};
+use super::{family_name, PythonStatus, SiteReport};
 use crate::analysis::classify::{classify, Verdict};
 use crate::heap::{Heap, Site};
 use crate::stacks::merge::{merge, StackEntry};
@@ -137,26 +137,14 @@ impl SiteReport {
                 })
                 .collect(),
             stack,
-            native_unwind: b.native_end.name().into(),
+            native_unwind: b.native_end,
             python_stack: b.python.iter().rev().cloned().collect(),
-            python_status: python_status_name(b.python_status).into(),
+            python_status: PythonStatus::from_kernel(b.python_status),
             python_truncated: b.python_truncated,
             analysis: g.analysis,
             types: Vec::new(),
             kernel_site_ids: g.sites.iter().map(|s| s.id).collect(),
         }
-    }
-}
-
-fn python_status_name(s: Option<u8>) -> &'static str {
-    use leaktrace_ebpf::py_status::*;
-    match s {
-        Some(OK) => "ok",
-        Some(NOT_PYTHON) => "not_python",
-        Some(NO_THREAD_STATE) => "no_thread_state",
-        Some(READ_ERROR) => "read_error",
-        Some(OVERFLOW) => "overflow",
-        _ => "unknown",
     }
 }
 

@@ -52,7 +52,7 @@ pub fn render(r: &Report, flamegraph: &[u8], times: &[f64], lines: &[Line], all:
         esc(&t.command),
         esc(&t.end),
         r.duration_s,
-        esc(&r.mode),
+        esc(&r.mode.to_string()),
         r.sample_rate
             .map(|s| format!(", one sample per {}", human_bytes(s)))
             .unwrap_or_default(),

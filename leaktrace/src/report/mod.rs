@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::census::{Census, TypeCensus};
 use crate::analysis::classify::Verdict;
 use crate::heap::{Heap, Sample};
+use crate::options::ModeKind;
 use crate::probes::plan::{ProbePlan, PythonCoverage};
 use crate::stacks::merge::StackEntry;
-use crate::stacks::native::UnwindStats;
+use crate::stacks::native::{UnwindEnd, UnwindStats};
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::{Frame, FrameSource};
 use crate::target::death::Death;
@@ -44,7 +45,7 @@ pub struct Report {
     /// "exact" (every allocation of the probed functions is tracked), "sampled" (figures are
     /// estimates from allocations sampled one per `sample_rate` bytes) or "growth" (pages the
     /// process touched for the first time, sampled likewise: memory grown, not unfreed).
-    pub mode: String,
+    pub mode: ModeKind,
     /// Bytes per sample in sampled and growth modes.
     pub sample_rate: Option<u64>,
     pub duration_s: f64,
@@ -187,7 +188,7 @@ pub struct TargetInfo {
 pub struct ReportMeta {
     pub target: TargetInfo,
     pub processes: Vec<ProcessInfo>,
-    pub mode: String,
+    pub mode: ModeKind,
     pub sample_rate: Option<u64>,
     pub duration_s: f64,
     pub probes: Vec<ProbeInfo>,
@@ -261,6 +262,35 @@ pub struct Totals {
     pub frees: u64,
 }
 
+/// How the kernel's walk of a site's Python stack went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PythonStatus {
+    Ok,
+    NotPython,
+    NoThreadState,
+    ReadError,
+    /// The site table was full: counted under the native caller alone.
+    Overflow,
+    /// The site's announcement was lost.
+    Unknown,
+}
+
+impl PythonStatus {
+    /// From the kernel's `py_status` code (`None`: never announced).
+    pub fn from_kernel(s: Option<u8>) -> Self {
+        use leaktrace_ebpf::py_status::*;
+        match s {
+            Some(OK) => PythonStatus::Ok,
+            Some(NOT_PYTHON) => PythonStatus::NotPython,
+            Some(NO_THREAD_STATE) => PythonStatus::NoThreadState,
+            Some(READ_ERROR) => PythonStatus::ReadError,
+            Some(OVERFLOW) => PythonStatus::Overflow,
+            _ => PythonStatus::Unknown,
+        }
+    }
+}
+
 /// One site's unfreed memory.
 #[derive(Clone, Debug, Serialize)]
 pub struct SiteReport {
@@ -284,14 +314,13 @@ pub struct SiteReport {
     pub stack: Vec<StackEntry>,
     /// The native stack, outermost first.
     pub native_stack: Vec<Frame>,
-    /// How the native unwind ended: "complete" (it reached the program's or thread's entry),
+    /// How the native unwind ended: `complete` (it reached the program's or thread's entry),
     /// or why it stopped (`stack_copy_too_short`, `no_cfi`, ...).
-    pub native_unwind: String,
+    pub native_unwind: UnwindEnd,
     /// The Python stack, outermost first and innermost last (empty when there was none).
     pub python_stack: Vec<PyFrame>,
-    /// "ok", "not_python", "no_thread_state", "read_error", "overflow" (the site table was full:
-    /// counted under the native caller alone), or "unknown" (announcement lost).
-    pub python_status: String,
+    /// How the kernel's Python walk went.
+    pub python_status: PythonStatus,
     /// The Python stack was cut at `--python-depth`: outer frames are missing.
     pub python_truncated: bool,
     /// Leak, cache, steady or startup, from the trend of its live bytes.

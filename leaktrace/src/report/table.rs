@@ -3,9 +3,11 @@
 
 use std::fmt::Write;
 
-use super::{human_bytes, Report};
+use super::{human_bytes, PythonStatus, Report};
+use crate::options::ModeKind;
 use crate::probes::plan::PythonCoverage;
 use crate::stacks::merge::StackEntry;
+use crate::stacks::native::UnwindEnd;
 
 /// Frames shown per site without `--verbose` (the innermost ones).
 const MAX_FRAMES_SHOWN: usize = 16;
@@ -20,7 +22,7 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
         "  traced {:.1} s in {} mode; target {}",
         r.duration_s, r.mode, t.end
     );
-    let growth = r.mode == "growth";
+    let growth = r.mode == ModeKind::Growth;
     if let Some(rate) = r.sample_rate {
         let passed = r.counters.get("unsampled").copied().unwrap_or(0);
         if growth {
@@ -266,21 +268,22 @@ pub fn render(r: &Report, verbose: bool, all_native: bool) -> String {
             };
             let _ = writeln!(o, "{:>58}  {}", "", text);
         }
-        if s.native_unwind != "complete" && !s.stack.is_empty() {
+        if s.native_unwind != UnwindEnd::Complete && !s.stack.is_empty() {
             let _ = writeln!(
                 o,
                 "{:>58}  (native stack incomplete: {})",
-                "", s.native_unwind
+                "",
+                s.native_unwind.name()
             );
         }
-        if s.python_status == "overflow" {
+        if s.python_status == PythonStatus::Overflow {
             let _ = writeln!(
                 o,
                 "{:>58}  (Python stacks merged: the site table was full; raise --max-sites)",
                 ""
             );
         }
-        if frames.is_empty() && s.python_status == "no_thread_state" {
+        if frames.is_empty() && s.python_status == PythonStatus::NoThreadState {
             let _ = writeln!(
                 o,
                 "{:>58}  (no Python stack: the thread held no Python thread state)",

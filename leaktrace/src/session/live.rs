@@ -96,7 +96,7 @@ impl Session<'_> {
                 end: "running".into(),
                 ..TargetInfo::default()
             },
-            mode: self.opts.mode.name().into(),
+            mode: self.opts.mode.kind(),
             sample_rate: self.opts.mode.sample_rate(),
             duration_s: t,
             counters: self.counters.named(),

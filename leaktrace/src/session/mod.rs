@@ -38,7 +38,7 @@ use crate::report::{Report, ReportMeta, TargetInfo, TracerCost};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
-use crate::target::death::Death;
+use crate::target::death::{Cause, Death};
 use crate::target::spawn::{spawn, Control, ExitKind, SpawnEvent};
 use crate::target::Process;
 
@@ -338,7 +338,7 @@ pub async fn trace_live(
     let counters = s.tracer.counters()?;
     let death = died.and_then(|waited| Death::of(s.tracer.death(pid), waited));
     let end = match (&death, s.finalized_at) {
-        (Some(d), None) if d.cause != "exit" => {
+        (Some(d), None) if d.cause != Cause::Exit => {
             format!("{}; figures are what was live when it died", d.describe())
         }
         (Some(d), _) => d.describe(),
@@ -363,7 +363,7 @@ pub async fn trace_live(
     let mut meta = ReportMeta {
         processes: s.processes(&target),
         target,
-        mode: opts.mode.name().into(),
+        mode: opts.mode.kind(),
         sample_rate: opts.mode.sample_rate(),
         duration_s: duration,
         probes: ReportMeta::probes_of(&s.plan),

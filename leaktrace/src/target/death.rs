@@ -7,11 +7,22 @@ use serde::Serialize;
 
 use super::spawn::ExitKind;
 
+/// What ended a traced process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The kernel's OOM killer.
+    OomKill,
+    /// A fatal signal.
+    Signal,
+    /// `exit_group` (a return from main, `exit`, `_exit`).
+    Exit,
+}
+
 /// The cause of a traced process's end.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Death {
-    /// "oom_kill", "signal" or "exit".
-    pub cause: String,
+    pub cause: Cause,
     /// The fatal signal's name, when a signal ended it.
     pub signal: Option<String>,
     pub exit_code: Option<i32>,
@@ -51,13 +62,12 @@ impl Death {
         };
         Some(Death {
             cause: if oom {
-                "oom_kill"
+                Cause::OomKill
             } else if signal.is_some() {
-                "signal"
+                Cause::Signal
             } else {
-                "exit"
-            }
-            .into(),
+                Cause::Exit
+            },
             signal: signal.map(signal_name),
             exit_code,
             sender,
@@ -68,11 +78,11 @@ impl Death {
     /// with code 1".
     pub fn describe(&self) -> String {
         let sig = self.signal.as_deref().unwrap_or("?");
-        match (self.cause.as_str(), &self.sender) {
-            ("oom_kill", _) => format!("killed by the kernel's OOM killer ({sig})"),
-            ("signal", Some(from)) => format!("killed by {sig} from {from}"),
-            ("signal", None) => format!("killed by {sig}"),
-            _ => format!("exited with code {}", self.exit_code.unwrap_or(0)),
+        match (self.cause, &self.sender) {
+            (Cause::OomKill, _) => format!("killed by the kernel's OOM killer ({sig})"),
+            (Cause::Signal, Some(from)) => format!("killed by {sig} from {from}"),
+            (Cause::Signal, None) => format!("killed by {sig}"),
+            (Cause::Exit, _) => format!("exited with code {}", self.exit_code.unwrap_or(0)),
         }
     }
 }
@@ -104,7 +114,7 @@ mod tests {
             ..Default::default()
         };
         let d = Death::of(Some(oom), None).unwrap();
-        assert_eq!(d.cause, "oom_kill");
+        assert_eq!(d.cause, Cause::OomKill);
         assert_eq!(d.describe(), "killed by the kernel's OOM killer (SIGKILL)");
 
         let killed = DeathInfo {
@@ -173,7 +183,7 @@ mod tests {
         );
         // `run`'s wait status wins; the kernel adds the OOM killer.
         let d = Death::of(Some(oom), Some(ExitKind::Signal(9))).unwrap();
-        assert_eq!(d.cause, "oom_kill");
+        assert_eq!(d.cause, Cause::OomKill);
         assert_eq!(Death::of(None, None), None);
     }
 }
