@@ -99,7 +99,7 @@ pub fn classify(trend: &Trend, stats: &SiteStats) -> Verdict {
         let mut confidence = sign_test(trend.grew, changed);
         let live = stats.live_count.max(1);
         if old > 0 {
-            confidence *= live as f64 / (live + old) as f64;
+            confidence *= live as f64 / (live as f64 + old as f64);
         }
         return verdict(
             Class::Leak,
@@ -116,17 +116,22 @@ pub fn classify(trend: &Trend, stats: &SiteStats) -> Verdict {
     // (churn around a level never does).
     let filled = trend.grew >= 2 && trend.max_bytes >= 2 * trend.first_bytes.max(1);
     if filled && plateau >= span / 3.0 {
-        let flat = (plateau / step).round() as u32;
+        // Intervals without a new high; a series whose clock went back has no step to count by.
+        let flat = if step > 0.0 {
+            (plateau / step).round().clamp(0.0, 1e12)
+        } else {
+            0.0
+        };
         return verdict(
             Class::Cache,
-            f64::from(flat + 1) / f64::from(flat + 2),
+            (flat + 1.0) / (flat + 2.0),
             format!(
                 "grew to {}, then no new high for {plateau:.0} s; {frees_old}",
                 human_bytes(trend.max_bytes)
             ),
         );
     }
-    let turnover = stats.frees > 4 * stats.live_count.max(1);
+    let turnover = stats.frees > stats.live_count.max(1).saturating_mul(4);
     if turnover {
         let confidence = 1.0 - sign_test(trend.grew.max(trend.shrank), changed);
         return verdict(
@@ -230,6 +235,30 @@ mod tests {
         assert_eq!(d.class, Class::Startup, "{d:?}");
         let d = classify(&trend(&[1, 2]), &stats(1, 0, 1, 0));
         assert_eq!(d.class, Class::Unknown);
+    }
+
+    #[test]
+    fn odd_series_are_classified_without_panicking() {
+        let odd: [&[(f64, u64)]; 5] = [
+            // The clock went back (a suspended VM, a capture edited by hand).
+            &[(10.0, 0), (20.0, 5000), (5.0, 10_000), (30.0, 20_000), (6.0, 20_000)],
+            // All at one instant: no step at all.
+            &[(3.0, 0), (3.0, 9000), (3.0, 9000), (3.0, 9000)],
+            // Huge gaps and values.
+            &[(0.0, 0), (1e-9, u64::MAX / 2), (1e300, u64::MAX / 2), (1e300, u64::MAX / 2)],
+            // Shrinking to nothing.
+            &[(0.0, 1 << 40), (1.0, 1 << 20), (2.0, 1), (3.0, 0)],
+            // NaN and infinite instants.
+            &[(f64::NAN, 1), (f64::INFINITY, 2), (0.0, 3), (f64::NEG_INFINITY, 4)],
+        ];
+        for series in odd {
+            let mut t = Trend::default();
+            for &(at, bytes) in series {
+                t.observe(at, bytes);
+            }
+            let d = classify(&t, &stats(u64::MAX, u64::MAX, u64::MAX, u64::MAX));
+            assert!((0.0..=1.0).contains(&d.confidence) || d.confidence.is_nan(), "{d:?}");
+        }
     }
 
     #[test]
