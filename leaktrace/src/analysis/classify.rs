@@ -241,15 +241,31 @@ mod tests {
     fn odd_series_are_classified_without_panicking() {
         let odd: [&[(f64, u64)]; 5] = [
             // The clock went back (a suspended VM, a capture edited by hand).
-            &[(10.0, 0), (20.0, 5000), (5.0, 10_000), (30.0, 20_000), (6.0, 20_000)],
+            &[
+                (10.0, 0),
+                (20.0, 5000),
+                (5.0, 10_000),
+                (30.0, 20_000),
+                (6.0, 20_000),
+            ],
             // All at one instant: no step at all.
             &[(3.0, 0), (3.0, 9000), (3.0, 9000), (3.0, 9000)],
             // Huge gaps and values.
-            &[(0.0, 0), (1e-9, u64::MAX / 2), (1e300, u64::MAX / 2), (1e300, u64::MAX / 2)],
+            &[
+                (0.0, 0),
+                (1e-9, u64::MAX / 2),
+                (1e300, u64::MAX / 2),
+                (1e300, u64::MAX / 2),
+            ],
             // Shrinking to nothing.
             &[(0.0, 1 << 40), (1.0, 1 << 20), (2.0, 1), (3.0, 0)],
             // NaN and infinite instants.
-            &[(f64::NAN, 1), (f64::INFINITY, 2), (0.0, 3), (f64::NEG_INFINITY, 4)],
+            &[
+                (f64::NAN, 1),
+                (f64::INFINITY, 2),
+                (0.0, 3),
+                (f64::NEG_INFINITY, 4),
+            ],
         ];
         for series in odd {
             let mut t = Trend::default();
@@ -257,7 +273,10 @@ mod tests {
                 t.observe(at, bytes);
             }
             let d = classify(&t, &stats(u64::MAX, u64::MAX, u64::MAX, u64::MAX));
-            assert!((0.0..=1.0).contains(&d.confidence) || d.confidence.is_nan(), "{d:?}");
+            assert!(
+                (0.0..=1.0).contains(&d.confidence) || d.confidence.is_nan(),
+                "{d:?}"
+            );
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod reader;
 pub mod render;
+mod roundtrip;
 pub mod writer;
 
 use serde::{Deserialize, Serialize};
