@@ -102,8 +102,8 @@ fn a_capture_reports_what_the_trace_did() {
     let mut cap = Capture::read(&path, None).unwrap();
     let offline = cap.report(OPTS);
     assert_eq!(
-        serde_json::to_value(&live.totals).unwrap(),
-        serde_json::to_value(&offline.totals).unwrap()
+        serde_json::to_value(live.totals).unwrap(),
+        serde_json::to_value(offline.totals).unwrap()
     );
     // The realloc site freed everything by the end: not a row.
     assert_eq!(live.sites.len(), 2);
