@@ -4,7 +4,8 @@
 //! The pipeline follows the folders: `probes` (what to probe, where, and loading it into the
 //! kernel) → `events` (the kernel's announcements) → `heap` (live allocations per site) →
 //! `stacks` (symbolization) → `analysis` → `report`, and `capture` records it all to render later.
-//! `target` knows the traced process; `session` runs it all.
+//! `process` knows the traced process; `options` says what a session is asked to do; `session`
+//! runs it all.
 
 pub mod analysis;
 pub mod capture;
@@ -14,10 +15,10 @@ pub mod events;
 pub mod heap;
 pub mod options;
 pub mod probes;
+pub mod process;
 pub mod report;
 pub mod session;
 pub mod stacks;
-pub mod target;
 pub mod units;
 
 pub use error::{Error, Result};

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::process::maps::anonymous_regions;
 use crate::stacks::python::objects::{BlockKind, TypeReader};
 use crate::stacks::python::pools::scan;
 use crate::stacks::python::remote::Remote;
-use crate::target::maps::anonymous_regions;
 
 /// Live blocks by what they hold.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]

@@ -11,10 +11,10 @@ use serde::Serialize;
 
 use super::census::{Census, TypeCensus};
 use crate::error::{Error, Result};
+use crate::process::python;
+use crate::process::Process;
 use crate::stacks::python::objects::TypeReader;
 use crate::stacks::python::PythonProcess;
-use crate::target::python;
-use crate::target::Process;
 use crate::units::group;
 
 /// One snapshot, or the growth between the first and the last of several.

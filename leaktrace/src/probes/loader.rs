@@ -202,7 +202,7 @@ impl Tracer {
                 .unwrap_or(FORK_CHILD_PID_OFFSET);
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| Error::Bpf(format!("counting CPUs ({what}): {e}")))?;
-        let (pidns_dev, pidns_ino) = crate::target::own_pidns().unwrap_or((0, 0));
+        let (pidns_dev, pidns_ino) = crate::process::own_pidns().unwrap_or((0, 0));
         let mut ebpf = EbpfLoader::new()
             .override_global(global::TRACER_PIDNS_DEV, &pidns_dev, true)
             .override_global(global::TRACER_PIDNS_INO, &pidns_ino, true)
@@ -412,7 +412,7 @@ impl Tracer {
                 cookie: Some(cookie),
             };
             let id = prog.attach(point, path, scope).map_err(|e| {
-                let alive = crate::target::Process { pid }.alive();
+                let alive = crate::process::Process { pid }.alive();
                 if alive {
                     bpf_err(&format!("attaching {name} to {}", what()), e)
                 } else {

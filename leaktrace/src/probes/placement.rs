@@ -182,7 +182,7 @@ fn disassemble_one(code: &[u8], ip: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::elf::ElfFile;
+    use crate::process::elf::ElfFile;
     use std::path::Path;
 
     fn place(elf: &ElfFile, func: AllocFn) -> Option<Placement> {

@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use super::placement::{choose, Placement};
 use crate::error::{Error, Result};
-use crate::target::elf::{ElfFile, SymbolTable};
-use crate::target::maps::{host_path, ModuleMap};
-use crate::target::python::{self, PythonInfo};
+use crate::process::elf::{ElfFile, SymbolTable};
+use crate::process::maps::{host_path, ModuleMap};
+use crate::process::python::{self, PythonInfo};
 
 /// Which allocator families to trace, and how closely (docs/coverage.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -413,7 +413,7 @@ impl ProbePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::Process;
+    use crate::process::Process;
 
     #[test]
     fn libc_names() {

@@ -23,11 +23,11 @@ use crate::analysis::classify::Verdict;
 use crate::heap::{Heap, Sample};
 use crate::options::ModeKind;
 use crate::probes::plan::{ProbePlan, PythonCoverage};
+use crate::process::death::Death;
 use crate::stacks::merge::StackEntry;
 use crate::stacks::native::{UnwindEnd, UnwindStats};
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::{Frame, FrameSource};
-use crate::target::death::Death;
 pub use crate::units::human_bytes;
 use group::Group;
 

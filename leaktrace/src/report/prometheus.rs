@@ -24,7 +24,7 @@ pub struct TracerUsage {
 impl TracerUsage {
     /// This process's CPU time and RSS, from /proc.
     pub fn of_self() -> Self {
-        let me = crate::target::Process {
+        let me = crate::process::Process {
             pid: std::process::id(),
         };
         Self {

@@ -9,11 +9,11 @@ use super::setup::seed_brk;
 use super::{Session, TraceMode};
 use crate::error::Result;
 use crate::probes::plan::plan;
+use crate::process::death::Death;
+use crate::process::python::PythonInfo;
+use crate::process::Process;
 use crate::report::{ProcessInfo, TargetInfo};
 use crate::stacks::python::PythonProcess;
-use crate::target::death::Death;
-use crate::target::python::PythonInfo;
-use crate::target::Process;
 
 /// A process a traced one forked, traced too (`--follow-forks`).
 pub(super) struct Forked {

@@ -34,13 +34,13 @@ use crate::heap::{Heap, PythonStack, Sample};
 use crate::options::{TargetSpec, TraceMode, TraceOptions};
 use crate::probes::loader::{check_privileges, Counters, Tracer};
 use crate::probes::plan::{Lifecycle, ProbePlan};
+use crate::process::death::{Cause, Death};
+use crate::process::spawn::{spawn, Control, ExitKind, SpawnEvent};
+use crate::process::Process;
 use crate::report::{Report, ReportMeta, TargetInfo, TracerCost};
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
 use crate::stacks::symbolize::Symbolizer;
-use crate::target::death::{Cause, Death};
-use crate::target::spawn::{spawn, Control, ExitKind, SpawnEvent};
-use crate::target::Process;
 
 /// The result of a session.
 pub struct Outcome {

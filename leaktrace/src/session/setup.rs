@@ -7,8 +7,8 @@ use super::{Session, TraceMode};
 use crate::error::Result;
 use crate::probes::loader::Tracer;
 use crate::probes::plan::plan;
+use crate::process::Process;
 use crate::stacks::python::PythonProcess;
-use crate::target::Process;
 
 impl Session<'_> {
     /// Plans the probes for the process's current mappings and attaches the new ones.

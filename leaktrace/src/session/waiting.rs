@@ -10,8 +10,8 @@ use super::Child;
 use crate::heap::Sample;
 use crate::options::PyMallocMode;
 use crate::probes::plan::needs_raw_malloc;
+use crate::process::spawn::{Control, SpawnEvent};
 use crate::report::human_bytes;
-use crate::target::spawn::{Control, SpawnEvent};
 
 pub(super) fn reply(child: &Child, c: Control) {
     if let Some((ctl, _)) = child {

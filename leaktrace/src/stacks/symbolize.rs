@@ -11,8 +11,8 @@ use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
 use serde::{Deserialize, Serialize};
 
-use crate::target::maps::{host_path, Mapping, ModuleMap};
-use crate::target::Process;
+use crate::process::maps::{host_path, Mapping, ModuleMap};
+use crate::process::Process;
 
 /// A symbolized native frame. Names are shared: a report repeats the same frames thousands of
 /// times.

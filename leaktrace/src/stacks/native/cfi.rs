@@ -232,7 +232,7 @@ mod tests {
         let here = reads_rows_from_a_real_binary as *const () as usize as u64;
         // This PIE's load bias: find the mapping of `here` in our own maps.
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let m = crate::target::maps::parse_maps(&maps)
+        let m = crate::process::maps::parse_maps(&maps)
             .into_iter()
             .find(|m| m.contains(here))
             .unwrap();

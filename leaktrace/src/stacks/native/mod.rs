@@ -9,8 +9,8 @@ use std::time::Instant;
 use leaktrace_ebpf::{native_end, unwind_flags, FrameRegs, UnwindRow};
 use serde::Serialize;
 
+use crate::process::maps::host_path;
 use crate::stacks::symbolize::Symbolizer;
-use crate::target::maps::host_path;
 use cfi::{Lookup, ModuleCfi};
 
 /// A row that ends the kernel's walk (the step fields are not used).

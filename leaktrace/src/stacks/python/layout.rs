@@ -427,7 +427,7 @@ mod tests {
             eprintln!("skipping: {} not present", lib.display());
             return;
         }
-        let elf = crate::target::elf::ElfFile::open(&lib).unwrap();
+        let elf = crate::process::elf::ElfFile::open(&lib).unwrap();
         let raw = elf
             .object_bytes("_PyRuntime", DEBUG_OFFSETS_READ as u64)
             .unwrap();

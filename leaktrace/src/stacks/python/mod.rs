@@ -13,9 +13,9 @@ use leaktrace_ebpf::{PyFrameRec, PyOffsets};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::target::elf::ElfFile;
-use crate::target::maps::ModuleMap;
-use crate::target::python::PythonInfo;
+use crate::process::elf::ElfFile;
+use crate::process::maps::ModuleMap;
+use crate::process::python::PythonInfo;
 use code::CodeCache;
 use layout::{PyLayout, DEBUG_OFFSETS_READ};
 use remote::Remote;
@@ -118,7 +118,7 @@ impl PythonProcess {
             codes: CodeCache::default(),
             type_type,
             arenas,
-            pidns: crate::target::foreign_pidns(pid),
+            pidns: crate::process::foreign_pidns(pid),
         })
     }
 
@@ -181,7 +181,7 @@ impl PythonProcess {
             return own;
         }
         // A container's interpreter knows its threads by the container's ids.
-        let ids = crate::target::ns_thread_ids(self.mem.pid);
+        let ids = crate::process::ns_thread_ids(self.mem.pid);
         own.into_iter()
             .filter_map(|(tid, t)| ids.get(&tid).map(|host| (*host, t)))
             .collect()
