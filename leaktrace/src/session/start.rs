@@ -1,0 +1,187 @@
+//! A session's start: checks that fail before anything is touched, the BPF object, the target
+//! (found, or started under ptrace), its probes, and the capture's header.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::unbounded_channel;
+
+use super::live::{Exporter, LiveView};
+use super::waiting::{open_pidfd, python_malloc_env};
+use super::{census, signals, Child, Phases, Session, Watch};
+use crate::capture::{writer::CaptureWriter, Header};
+use crate::error::{Error, Result};
+use crate::events::EventReader;
+use crate::heap::Heap;
+use crate::options::{TargetSpec, TraceOptions};
+use crate::probes::loader::{check_privileges, Counters, Tracer};
+use crate::probes::plan::ProbePlan;
+use crate::process::spawn::{spawn, Control, SpawnEvent};
+use crate::process::Process;
+use crate::stacks::native::Unwinder;
+use crate::stacks::symbolize::Symbolizer;
+
+/// Everything up to the moment the target runs traced: the session, and what its loop watches.
+pub(super) async fn start<'a>(
+    spec: TargetSpec,
+    opts: &'a TraceOptions,
+    live: &mut Option<LiveView>,
+    phase: &Phases,
+) -> Result<(Session<'a>, Watch)> {
+    if let TargetSpec::Pid(pid) = spec {
+        Process::open(pid)?;
+    }
+    check_privileges()?;
+    // A capture that cannot be written is a usage error found before anything starts.
+    if let Some(path) = &opts.capture {
+        std::fs::File::create(path).map_err(|e| Error::Write {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    }
+    let exporter = match opts.prometheus {
+        Some(addr) => Some(Exporter::start(addr).await?),
+        None => None,
+    };
+    let quit = live.as_mut().map(|l| {
+        let (_, rx) = unbounded_channel();
+        std::mem::replace(&mut l.quit, rx)
+    });
+    let mut tracer = Tracer::load(opts.load)?;
+    phase.done("load the BPF object");
+    log::debug!("BPF object loaded");
+    let reader = EventReader::new(tracer.take_events()?)?;
+    let (pid, child) = start_target(&spec, opts).await?;
+    log::debug!("target {pid} ready");
+    let mut s = Session::new(
+        opts,
+        tracer,
+        Process { pid },
+        child.is_some(),
+        live.is_none(),
+    );
+    // In `run`, leaktrace is the child's tracer: it can pause the interpreter when the main
+    // module starts (the census baseline) and at shutdown (the end census, and every Python
+    // stack decoded before finalization frees code), and swallow those stops.
+    let setup = s
+        .tracer
+        .add_target(pid, s.paused.is_some())
+        .and_then(|_| s.setup_probes());
+    if let Err(e) = setup {
+        abort(&child);
+        return Err(e);
+    }
+    log::debug!("probes attached");
+    phase.done("start the target, plan and attach the probes");
+    if opts.load.follow_forks && child.is_none() {
+        // Workers the target forked before leaktrace came are followed like new ones.
+        for (pid, parent) in s.proc.descendants() {
+            if s.tracer.add_target(pid, false).is_ok() {
+                s.follow(parent, pid);
+            }
+        }
+    }
+    let command = s.proc.cmdline();
+    s.sym.refresh(pid);
+    let pidfd = match child {
+        None => open_pidfd(pid),
+        Some(_) => None,
+    };
+    if let Some((ctl, _)) = &child {
+        let _ = ctl.send(Control::Go);
+    }
+    s.start = Instant::now();
+    s.exporter = exporter;
+    if let Some(path) = &opts.capture {
+        let interval = opts.interval.unwrap_or(Duration::from_secs(1));
+        let interpreter = s.plan.python.as_ref().map(|p| p.module.clone());
+        let header = Header::new(pid, &command, opts.mode, interval, interpreter);
+        match CaptureWriter::create(path, header) {
+            Ok(w) => s.capture = Some(w),
+            Err(e) => {
+                abort(&child);
+                return Err(e);
+            }
+        }
+    }
+    let watch = Watch {
+        reader,
+        child,
+        pidfd,
+        quit,
+        command,
+        interrupts: signals::Interrupts::default(),
+    };
+    Ok((s, watch))
+}
+
+/// The target: the process `attach` names, or `run`'s command started and stopped at its
+/// entry point.
+async fn start_target(spec: &TargetSpec, opts: &TraceOptions) -> Result<(u32, Child)> {
+    match spec {
+        TargetSpec::Pid(pid) => Ok((*pid, None)),
+        TargetSpec::Command { argv, pymalloc } => {
+            let env = python_malloc_env(argv, *pymalloc, opts.families.python_calls());
+            if let Some((k, v)) = &env {
+                eprintln!(
+                    "leaktrace: {} has no pymalloc symbols; starting it with {k}={v} so every Python \
+                     allocation is seen (--pymalloc keep to leave it)",
+                    argv[0]
+                );
+            }
+            let (tx, mut rx) = unbounded_channel();
+            let ctl = spawn(argv.clone(), env, tx);
+            match rx.recv().await {
+                Some(SpawnEvent::Ready(pid)) => Ok((pid, Some((ctl, rx)))),
+                Some(SpawnEvent::Failed(e)) => Err(e),
+                other => Err(Error::Internal(format!("starting {argv:?}: {other:?}"))),
+            }
+        }
+    }
+}
+
+/// `run`: the child never reaches its program when the session cannot start.
+fn abort(child: &Child) {
+    if let Some((ctl, _)) = child {
+        let _ = ctl.send(Control::Abort);
+    }
+}
+
+impl<'a> Session<'a> {
+    /// A session on `proc`, before anything is attached.
+    fn new(
+        opts: &'a TraceOptions,
+        tracer: Tracer,
+        proc: Process,
+        own_child: bool,
+        no_view: bool,
+    ) -> Self {
+        Session {
+            opts,
+            tracer,
+            proc,
+            plan: ProbePlan::empty(),
+            heap: Heap::default(),
+            sym: Symbolizer::new(),
+            unwinder: Unwinder::default(),
+            start: Instant::now(),
+            finalized_at: None,
+            main_at: None,
+            paused: own_child.then(census::Pauses::default),
+            census_missing: None,
+            notes_shown: HashSet::new(),
+            py: None,
+            py_ready: false,
+            threads_refreshed: None,
+            forked: BTreeMap::new(),
+            census_base: None,
+            census_end: None,
+            capture: None,
+            live_progress: opts.interval.is_none() && no_view && std::io::stderr().is_terminal(),
+            exporter: None,
+            counters: Counters::default(),
+            ending: false,
+        }
+    }
+}
