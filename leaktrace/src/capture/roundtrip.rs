@@ -13,7 +13,7 @@ use super::writer::CaptureWriter;
 use super::Header;
 use crate::heap::Heap;
 use crate::options::TraceMode;
-use crate::probes::loader::Counters;
+use crate::probes::tables::Counters;
 use crate::report::{Report, ReportMeta, ReportOptions};
 use crate::stacks::native::{NativeStack, UnwindEnd};
 use crate::stacks::symbolize::Symbolizer;

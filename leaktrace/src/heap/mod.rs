@@ -8,7 +8,7 @@ use serde::Serialize;
 
 pub mod trend;
 
-use crate::probes::loader::Counters;
+use crate::probes::tables::Counters;
 use crate::stacks::native::{NativeStack, UnwindEnd};
 use crate::stacks::python::PyFrame;
 use crate::stacks::symbolize::Symbolizer;

@@ -7,4 +7,5 @@ mod names;
 pub mod placement;
 pub mod plan;
 pub mod sampling;
+pub mod tables;
 pub mod tracefs;
