@@ -146,58 +146,65 @@ pub fn check_privileges() -> Result<()> {
     }
 }
 
+/// The BPF object with the globals and map sizes of `opts` set, loaded into the kernel (its
+/// programs are not yet).
+fn load_object(opts: &LoadOptions) -> Result<Ebpf> {
+    let floor = u8::from(opts.floor);
+    let max_sites = opts.max_sites.max(8);
+    let soft_limit = sites_soft_limit(max_sites);
+    // Read from the kernel's own description of the record (it moved between kernels); without
+    // tracefs, `--follow-forks` fails to attach and says why.
+    let fork_child_pid = super::tracefs::field_offset("sched", "sched_process_fork", "child_pid")
+        .unwrap_or(FORK_CHILD_PID_OFFSET);
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(what, e)| Error::Bpf(format!("counting CPUs ({what}): {e}")))?;
+    let (pidns_dev, pidns_ino) = crate::process::own_pidns().unwrap_or((0, 0));
+    EbpfLoader::new()
+        .override_global(global::TRACER_PIDNS_DEV, &pidns_dev, true)
+        .override_global(global::TRACER_PIDNS_INO, &pidns_ino, true)
+        .override_global(global::STACK_COPY, &opts.stack_copy, true)
+        .override_global(global::NATIVE_DEPTH, &opts.native_depth, true)
+        .map_max_entries(map::STACKBUF, cpus.max(1) as u32)
+        .override_global(global::MIN_SIZE, &opts.min_size, true)
+        .override_global(global::FLOOR_MODE, &floor, true)
+        .override_global(global::PY_MAX_DEPTH, &opts.python_depth, true)
+        .override_global(global::SITES_SOFT_LIMIT, &soft_limit, true)
+        .override_global(global::FORK_CHILD_PID_OFFSET, &fork_child_pid, true)
+        .override_global(global::SAMPLE_RATE, &opts.sample_rate, true)
+        .map_max_entries(map::LIVE, opts.max_live.max(1))
+        .map_max_entries(map::SITES, max_sites)
+        .load(BPF_OBJECT)
+        .map_err(|e| bpf_err("loading the BPF object", e))
+}
+
+/// The sampler's table of exponential gaps (sampled and growth modes).
+fn fill_sampling_table(ebpf: &mut Ebpf) -> Result<()> {
+    let mut table: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
+        ebpf.map_mut(map::SAMPLING)
+            .ok_or_else(|| Error::Bpf(format!("map {} missing from the object", map::SAMPLING)))?,
+    )
+    .map_err(|e| bpf_err(map::SAMPLING, e))?;
+    for (i, v) in super::sampling::table().into_iter().enumerate() {
+        table
+            .set(i as u32, v, 0)
+            .map_err(|e| bpf_err("filling the sampler's table", e))?;
+    }
+    Ok(())
+}
+
 impl Tracer {
     /// Loads the BPF object and its programs (nothing is attached yet).
     pub fn load(opts: LoadOptions) -> Result<Self> {
         // Opened before any probe's descriptor (see `holds`).
         let wake = opts.follow_forks.then(holds::WakePipe::low).transpose()?;
-        let floor = u8::from(opts.floor);
-        let max_sites = opts.max_sites.max(8);
-        let soft_limit = sites_soft_limit(max_sites);
-        // Read from the kernel's own description of the record (it moved between kernels); without
-        // tracefs, `--follow-forks` fails to attach and says why.
-        let fork_child_pid =
-            super::tracefs::field_offset("sched", "sched_process_fork", "child_pid")
-                .unwrap_or(FORK_CHILD_PID_OFFSET);
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| Error::Bpf(format!("counting CPUs ({what}): {e}")))?;
-        let (pidns_dev, pidns_ino) = crate::process::own_pidns().unwrap_or((0, 0));
-        let mut ebpf = EbpfLoader::new()
-            .override_global(global::TRACER_PIDNS_DEV, &pidns_dev, true)
-            .override_global(global::TRACER_PIDNS_INO, &pidns_ino, true)
-            .override_global(global::STACK_COPY, &opts.stack_copy, true)
-            .override_global(global::NATIVE_DEPTH, &opts.native_depth, true)
-            .map_max_entries(map::STACKBUF, cpus.max(1) as u32)
-            .override_global(global::MIN_SIZE, &opts.min_size, true)
-            .override_global(global::FLOOR_MODE, &floor, true)
-            .override_global(global::PY_MAX_DEPTH, &opts.python_depth, true)
-            .override_global(global::SITES_SOFT_LIMIT, &soft_limit, true)
-            .override_global(global::FORK_CHILD_PID_OFFSET, &fork_child_pid, true)
-            .override_global(global::SAMPLE_RATE, &opts.sample_rate, true)
-            .map_max_entries(map::LIVE, opts.max_live.max(1))
-            .map_max_entries(map::SITES, max_sites)
-            .load(BPF_OBJECT)
-            .map_err(|e| bpf_err("loading the BPF object", e))?;
+        let mut ebpf = load_object(&opts)?;
         for name in program::UPROBES {
-            let prog: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|e| bpf_err(name, e))?;
+            let prog: &mut UProbe = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
         }
         if opts.sample_rate > 0 {
-            let mut table: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
-                ebpf.map_mut(map::SAMPLING)
-                    .ok_or_else(|| Error::Bpf("map SAMPLING missing from the object".into()))?,
-            )
-            .map_err(|e| bpf_err(map::SAMPLING, e))?;
-            for (i, v) in super::sampling::table().into_iter().enumerate() {
-                table
-                    .set(i as u32, v, 0)
-                    .map_err(|e| bpf_err("filling the sampler's table", e))?;
-            }
+            fill_sampling_table(&mut ebpf)?;
         }
         let mut tracer = Self {
             ebpf,
@@ -221,15 +228,21 @@ impl Tracer {
                 tracer.map(map::CONTROL)?,
             )?);
         }
+        tracer.attach_session_tracepoints(&opts)?;
+        Ok(tracer)
+    }
+
+    /// The tracepoints a session needs besides its uprobes: deaths, growth, forks.
+    fn attach_session_tracepoints(&mut self, opts: &LoadOptions) -> Result<()> {
         // Without these only `run` can name a cause of death (it waits for its child): say so,
         // but trace anyway.
-        if let Err(e) = tracer.attach_tracepoints(&DEATH_TRACEPOINTS) {
-            tracer.deaths_unavailable = Some(e.to_string());
+        if let Err(e) = self.attach_tracepoints(&DEATH_TRACEPOINTS) {
+            self.deaths_unavailable = Some(e.to_string());
         }
         if opts.growth {
-            tracer.attach_tracepoints(&GROWTH_TRACEPOINTS)?;
+            self.attach_tracepoints(&GROWTH_TRACEPOINTS)?;
             for name in GROWTH_RAW_TRACEPOINTS {
-                let prog: &mut RawTracePoint = program(&mut tracer.ebpf, name)?;
+                let prog: &mut RawTracePoint = program(&mut self.ebpf, name)?;
                 prog.load()
                     .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
                 prog.attach(name)
@@ -237,9 +250,9 @@ impl Tracer {
             }
         }
         if opts.follow_forks {
-            tracer.attach_tracepoints(&FORK_TRACEPOINTS)?;
+            self.attach_tracepoints(&FORK_TRACEPOINTS)?;
         }
-        Ok(tracer)
+        Ok(())
     }
 
     /// Loads and attaches tracepoint programs (a program may serve several events).
