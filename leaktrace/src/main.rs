@@ -1,7 +1,7 @@
 //! The `leaktrace` command: thin glue over the library.
 
 use clap::Parser;
-use leaktrace::cli::{Cli, Command};
+use leaktrace::cli::{Cli, Command, CommonOpts};
 use leaktrace::options::TargetSpec;
 use leaktrace::report::gate::{self, Suppressions, EXIT_LEAKS_OVER_LIMIT};
 use leaktrace::report::{diff, table};
@@ -33,7 +33,12 @@ fn main() {
     if let Command::Snapshot(args) = &cli.command {
         std::process::exit(run_snapshot(args));
     }
-    let (spec, opts) = match &cli.command {
+    std::process::exit(run_trace(&cli));
+}
+
+/// `run`, `attach`, `top`: what to trace and the command's own options.
+fn trace_request(cli: &Cli) -> (TargetSpec, &CommonOpts, Option<f64>) {
+    match &cli.command {
         Command::Run {
             opts,
             command,
@@ -43,26 +48,26 @@ fn main() {
                 argv: command.clone(),
                 pymalloc: *pymalloc,
             },
-            opts.trace_options(false, None),
+            opts,
+            None,
         ),
         Command::Attach {
             pid,
             duration,
             opts,
-        } => (TargetSpec::Pid(*pid), opts.trace_options(true, *duration)),
-        Command::Top { pid, opts } => (TargetSpec::Pid(*pid), opts.trace_options(true, None)),
+        } => (TargetSpec::Pid(*pid), opts, *duration),
+        Command::Top { pid, opts } => (TargetSpec::Pid(*pid), opts, None),
         Command::Diff { .. } | Command::Report(_) | Command::Snapshot(_) => {
-            unreachable!("handled above")
+            unreachable!("handled in main")
         }
-    };
-    let common = match &cli.command {
-        Command::Run { opts, .. } | Command::Attach { opts, .. } | Command::Top { opts, .. } => {
-            opts
-        }
-        Command::Diff { .. } | Command::Report(_) | Command::Snapshot(_) => {
-            unreachable!("handled above")
-        }
-    };
+    }
+}
+
+/// `run`, `attach`, `top`: traces, prints the report, applies the CI gate; returns the exit
+/// status.
+fn run_trace(cli: &Cli) -> i32 {
+    let (spec, common, duration) = trace_request(cli);
+    let attach = !matches!(spec, TargetSpec::Command { .. });
     let verbose = common.verbose;
     // Read before tracing: a bad file is a usage error, not a lost trace.
     let suppressions = match &common.suppressions {
@@ -73,43 +78,27 @@ fn main() {
                     "leaktrace: cannot read suppressions {}: {e}",
                     path.display()
                 );
-                std::process::exit(2);
+                return 2;
             }
         },
         None => Suppressions::default(),
     };
-    let opts = match opts {
+    let opts = match common.trace_options(attach, duration) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("leaktrace: {e}");
-            std::process::exit(e.exit_code());
+            return e.exit_code();
         }
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    // `top`: the view runs on its own thread, fed a report each interval.
     let (live, view) = match &cli.command {
-        Command::Top { .. } => {
-            use std::io::IsTerminal;
-            if !std::io::stdout().is_terminal() {
-                eprintln!(
-                    "leaktrace: top draws on a terminal and standard output is not one; use \
-                     `leaktrace attach` (with --prometheus or -o) instead"
-                );
-                std::process::exit(2);
-            }
-            let (reports, rx) = std::sync::mpsc::channel();
-            let (quit_tx, quit) = tokio::sync::mpsc::unbounded_channel();
-            let view = std::thread::spawn(move || leaktrace::report::top::run(rx, quit_tx));
-            let live = LiveView {
-                top: common.top,
-                reports,
-                quit,
-            };
-            (Some(live), Some(view))
-        }
+        Command::Top { .. } => match top_view(common.top) {
+            Some((live, view)) => (Some(live), Some(view)),
+            None => return 2,
+        },
         _ => (None, None),
     };
     let result = rt.block_on(trace_live(spec, &opts, live));
@@ -117,36 +106,52 @@ fn main() {
     if let Some(v) = view {
         let _ = v.join();
     }
-    match result {
-        Ok(outcome) => {
-            let all = opts.report.all_native_frames;
-            print!("{}", table::render(&outcome.report, verbose, all));
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
-            let mut code = outcome.exit_code;
-            if let Some(limit) = common.fail_over {
-                let g = gate::check(&outcome.report, limit, &suppressions);
-                eprint!("{}", g.message);
-                if g.failed {
-                    code = EXIT_LEAKS_OVER_LIMIT;
-                }
-            }
-            // Detach before exiting: the target keeps running, unharmed. `run`'s child is gone:
-            // its breakpoints are removed in the background while leaktrace returns.
-            let phase = leaktrace::session::Phases::new(verbose);
-            if matches!(cli.command, Command::Run { .. }) {
-                outcome.probes.detach_in_background();
-            } else {
-                drop(outcome.probes);
-            }
-            phase.done("detach");
-            std::process::exit(code);
-        }
+    let outcome = match result {
+        Ok(outcome) => outcome,
         Err(e) => {
             eprintln!("leaktrace: error: {e}");
-            std::process::exit(e.exit_code());
+            return e.exit_code();
+        }
+    };
+    let all = opts.report.all_native_frames;
+    print!("{}", table::render(&outcome.report, verbose, all));
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let mut code = outcome.exit_code;
+    if let Some(limit) = common.fail_over {
+        let g = gate::check(&outcome.report, limit, &suppressions);
+        eprint!("{}", g.message);
+        if g.failed {
+            code = EXIT_LEAKS_OVER_LIMIT;
         }
     }
+    // Detach before exiting: the target keeps running, unharmed. `run`'s child is gone:
+    // its breakpoints are removed in the background while leaktrace returns.
+    let phase = leaktrace::session::Phases::new(verbose);
+    if attach {
+        drop(outcome.probes);
+    } else {
+        outcome.probes.detach_in_background();
+    }
+    phase.done("detach");
+    code
+}
+
+/// `top`: the view on its own thread, fed a report each interval; `None` (said why) when
+/// standard output is no terminal to draw on.
+fn top_view(top: usize) -> Option<(LiveView, std::thread::JoinHandle<()>)> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        eprintln!(
+            "leaktrace: top draws on a terminal and standard output is not one; use \
+             `leaktrace attach` (with --prometheus or -o) instead"
+        );
+        return None;
+    }
+    let (reports, rx) = std::sync::mpsc::channel();
+    let (quit_tx, quit) = tokio::sync::mpsc::unbounded_channel();
+    let view = std::thread::spawn(move || leaktrace::report::top::run(rx, quit_tx));
+    Some((LiveView { top, reports, quit }, view))
 }
 
 /// `leaktrace report`: renders a capture; returns the exit status.
