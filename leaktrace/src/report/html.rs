@@ -5,7 +5,8 @@
 use std::fmt::Write;
 
 use super::frames::{short_name, shown};
-use super::{human_bytes, Report};
+use super::{human_bytes, Report, SiteReport};
+use crate::analysis::census::TypeCensus;
 
 /// A line of the chart: its name, colour and values (one per point of the series).
 pub struct Line {
@@ -30,6 +31,30 @@ fn esc(s: &str) -> String {
 /// Renders the page. `flamegraph` is inferno's SVG; `times` and `lines` make the chart.
 pub fn render(r: &Report, flamegraph: &[u8], times: &[f64], lines: &[Line], all: bool) -> String {
     let mut o = String::new();
+    summary(&mut o, r);
+    for n in r.notes.iter().chain(&r.heap_vs_rss.note) {
+        let _ = writeln!(o, "<p class=\"note\">{}</p>", esc(n));
+    }
+    sites_table(&mut o, r, all);
+    // The flamegraph's script takes the document's first <svg> as its own: it comes first.
+    o.push_str("<h2>Unfreed memory by stack</h2>\n<div id=\"flamegraph\">");
+    let svg = String::from_utf8_lossy(flamegraph);
+    o.push_str(svg.find("<svg").map_or(&svg[..], |i| &svg[i..]));
+    o.push_str("</div>\n<h2>Memory over time</h2>\n");
+    o.push_str(&chart(times, lines));
+    if let Some(c) = &r.type_census {
+        census_table(&mut o, c);
+    }
+    o.push_str("<h2>Counters</h2>\n<table class=\"kv\">");
+    for (k, v) in &r.counters {
+        let _ = write!(o, "<tr><th>{}</th><td>{v}</td></tr>", esc(k));
+    }
+    o.push_str("</table>\n</body></html>\n");
+    o
+}
+
+/// The document's head and the summary table: what was traced, how, and what is left.
+fn summary(o: &mut String, r: &Report) {
     let t = &r.target;
     let _ = write!(
         o,
@@ -69,42 +94,14 @@ pub fn render(r: &Report, flamegraph: &[u8], times: &[f64], lines: &[Line], all:
             format!("<b>{} events lost</b> (see counters)", r.dropped)
         },
     );
-    for n in r.notes.iter().chain(&r.heap_vs_rss.note) {
-        let _ = writeln!(o, "<p class=\"note\">{}</p>", esc(n));
-    }
+}
+
+/// The sites listed, suspects first, and how many more only the flamegraph shows.
+fn sites_table(o: &mut String, r: &Report, all: bool) {
     o.push_str("<h2>Stacks holding memory</h2>\n<table id=\"sites\"><tr><th>unfreed</th>\
                 <th>blocks</th><th>verdict</th><th>growth</th><th>stack (outermost first)</th></tr>\n");
     for s in &r.sites {
-        let a = &s.analysis;
-        let class = if a.is_suspect() { "suspect" } else { "" };
-        let frames: Vec<String> = shown(s, all)
-            .iter()
-            .map(|f| {
-                let kind = if f.python { "py" } else { "c" };
-                format!("<li class=\"{kind}\">{}</li>", esc(&f.label()))
-            })
-            .collect();
-        let types = if s.types.is_empty() {
-            String::new()
-        } else {
-            let t: Vec<String> = s.types.iter().map(|(n, c)| format!("{c} {n}")).collect();
-            format!("<div class=\"types\">objects: {}</div>", esc(&t.join(", ")))
-        };
-        let _ = writeln!(
-            o,
-            "<tr class=\"{class}\"><td>{}</td><td>{}</td><td title=\"{}\">{} ({:.2})</td>\
-             <td>{}/s</td><td><details><summary>{}</summary><ol>{}</ol>{types}\
-             <div class=\"ev\">{}</div></details></td></tr>",
-            human_bytes(s.unfreed_bytes),
-            s.unfreed_count,
-            esc(&a.evidence),
-            a.class.name(),
-            a.confidence,
-            human_bytes(a.growth_bytes_per_s.max(0.0) as u64),
-            esc(&short_name(s)),
-            frames.join(""),
-            esc(&a.evidence),
-        );
+        site_row(o, s, all);
     }
     o.push_str("</table>\n");
     if r.sites_omitted > 0 {
@@ -114,42 +111,66 @@ pub fn render(r: &Report, flamegraph: &[u8], times: &[f64], lines: &[Line], all:
             r.sites_omitted
         );
     }
-    // The flamegraph's script takes the document's first <svg> as its own: it comes first.
-    o.push_str("<h2>Unfreed memory by stack</h2>\n<div id=\"flamegraph\">");
-    let svg = String::from_utf8_lossy(flamegraph);
-    o.push_str(svg.find("<svg").map_or(&svg[..], |i| &svg[i..]));
-    o.push_str("</div>\n<h2>Memory over time</h2>\n");
-    o.push_str(&chart(times, lines));
-    if let Some(c) = &r.type_census {
+}
+
+/// One site's row: its figures and verdict, with the stack folded under its short name.
+fn site_row(o: &mut String, s: &SiteReport, all: bool) {
+    let a = &s.analysis;
+    let class = if a.is_suspect() { "suspect" } else { "" };
+    let frames: Vec<String> = shown(s, all)
+        .iter()
+        .map(|f| {
+            let kind = if f.python { "py" } else { "c" };
+            format!("<li class=\"{kind}\">{}</li>", esc(&f.label()))
+        })
+        .collect();
+    let types = if s.types.is_empty() {
+        String::new()
+    } else {
+        let t: Vec<String> = s.types.iter().map(|(n, c)| format!("{c} {n}")).collect();
+        format!("<div class=\"types\">objects: {}</div>", esc(&t.join(", ")))
+    };
+    let _ = writeln!(
+        o,
+        "<tr class=\"{class}\"><td>{}</td><td>{}</td><td title=\"{}\">{} ({:.2})</td>\
+         <td>{}/s</td><td><details><summary>{}</summary><ol>{}</ol>{types}\
+         <div class=\"ev\">{}</div></details></td></tr>",
+        human_bytes(s.unfreed_bytes),
+        s.unfreed_count,
+        esc(&a.evidence),
+        a.class.name(),
+        a.confidence,
+        human_bytes(a.growth_bytes_per_s.max(0.0) as u64),
+        esc(&short_name(s)),
+        frames.join(""),
+        esc(&a.evidence),
+    );
+}
+
+/// The type census: every type with its count, bytes and growth.
+fn census_table(o: &mut String, c: &TypeCensus) {
+    let _ = write!(
+        o,
+        "<h2>Live Python objects by type</h2>\n<table id=\"census\"><tr><th>type</th>\
+         <th>objects</th><th>bytes</th><th>growth (objects)</th><th>growth (bytes)</th></tr>"
+    );
+    for ty in &c.types {
         let _ = write!(
             o,
-            "<h2>Live Python objects by type</h2>\n<table id=\"census\"><tr><th>type</th>\
-             <th>objects</th><th>bytes</th><th>growth (objects)</th><th>growth (bytes)</th></tr>"
-        );
-        for ty in &c.types {
-            let _ = write!(
-                o,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:+}</td><td>{:+}</td></tr>",
-                esc(&ty.name),
-                ty.count,
-                human_bytes(ty.bytes),
-                ty.growth_count,
-                ty.growth_bytes
-            );
-        }
-        let _ = writeln!(
-            o,
-            "</table><p class=\"note\">{} objects; {} blocks hold no Python object; {} could \
-             not be read.</p>",
-            c.objects, c.not_objects, c.unreadable
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:+}</td><td>{:+}</td></tr>",
+            esc(&ty.name),
+            ty.count,
+            human_bytes(ty.bytes),
+            ty.growth_count,
+            ty.growth_bytes
         );
     }
-    o.push_str("<h2>Counters</h2>\n<table class=\"kv\">");
-    for (k, v) in &r.counters {
-        let _ = write!(o, "<tr><th>{}</th><td>{v}</td></tr>", esc(k));
-    }
-    o.push_str("</table>\n</body></html>\n");
-    o
+    let _ = writeln!(
+        o,
+        "</table><p class=\"note\">{} objects; {} blocks hold no Python object; {} could \
+         not be read.</p>",
+        c.objects, c.not_objects, c.unreadable
+    );
 }
 
 /// An SVG line chart of byte series over time, with axes and a legend.

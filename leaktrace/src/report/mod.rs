@@ -379,6 +379,71 @@ impl SiteReport {
     }
 }
 
+/// The groups of kernel sites holding at least `--min-size`, leak suspects first, then by
+/// unfreed bytes.
+fn ranked_groups<'a>(
+    heap: &'a Heap,
+    sym: &mut dyn FrameSource,
+    interpreter: Option<&str>,
+    opts: ReportOptions,
+) -> Vec<Group<'a>> {
+    let mut all: Vec<Group<'_>> = group::group(heap, sym, interpreter, opts.all_native_frames)
+        .into_iter()
+        .filter(|g| g.unfreed_bytes >= opts.min_size)
+        .collect();
+    all.sort_by(|a, b| {
+        (b.analysis.is_suspect(), b.unfreed_bytes)
+            .cmp(&(a.analysis.is_suspect(), a.unfreed_bytes))
+            .then(a.best.id.cmp(&b.best.id))
+    });
+    all
+}
+
+/// Unfreed totals over every group (not only those reported), with the counters' allocations
+/// and frees.
+fn totals_of(all: &[Group<'_>], meta: &ReportMeta) -> Totals {
+    Totals {
+        unfreed_bytes: all.iter().map(|g| g.unfreed_bytes).sum(),
+        unfreed_count: all.iter().map(|g| g.sum(|s| s.stats.live_count)).sum(),
+        allocs: meta.counter(Counter::Allocs),
+        frees: meta.counter(Counter::Frees),
+    }
+}
+
+/// The reported groups as sites, their stacks merged and their frames named.
+fn named_sites(
+    kept: Vec<Group<'_>>,
+    sym: &mut dyn FrameSource,
+    interpreter: Option<&str>,
+) -> Vec<SiteReport> {
+    let mut sites: Vec<SiteReport> = kept
+        .into_iter()
+        .map(|g| SiteReport::of(g, sym, interpreter))
+        .collect();
+    for s in sites.iter_mut() {
+        for e in s.stack.iter_mut() {
+            if let StackEntry::Native { frame, .. } = e {
+                sym.resolve(s.pid, frame);
+            }
+        }
+        for f in s.native_stack.iter_mut() {
+            sym.resolve(s.pid, f);
+        }
+        s.hide_python_allocator_layer();
+    }
+    sites
+}
+
+/// The series up to the interpreter's shutdown, if it began.
+fn series_before_shutdown(heap: &Heap, finalized_at: Option<f64>) -> Vec<Sample> {
+    // Shutdown teardown frees what the figures freeze at shutdown: RSS after it says nothing.
+    heap.series()
+        .iter()
+        .filter(|p| finalized_at.is_none_or(|t| p.t <= t))
+        .copied()
+        .collect()
+}
+
 impl Report {
     /// Builds the report from the heap model and what was traced. Kernel sites with the same
     /// stack are reported as one; only the sites reported are named.
@@ -389,28 +454,14 @@ impl Report {
         opts: ReportOptions,
     ) -> Report {
         let interpreter = meta.interpreter.as_deref();
-        let mut all: Vec<Group<'_>> = group::group(heap, sym, interpreter, opts.all_native_frames)
-            .into_iter()
-            .filter(|g| g.unfreed_bytes >= opts.min_size)
-            .collect();
-        // Leak suspects first, then by unfreed bytes.
-        all.sort_by(|a, b| {
-            (b.analysis.is_suspect(), b.unfreed_bytes)
-                .cmp(&(a.analysis.is_suspect(), a.unfreed_bytes))
-                .then(a.best.id.cmp(&b.best.id))
-        });
+        let mut all = ranked_groups(heap, sym, interpreter, opts);
         let suspects = all.iter().filter(|g| g.analysis.is_suspect()).count();
         let suspect_bytes = all
             .iter()
             .filter(|g| g.analysis.is_suspect())
             .map(|g| g.unfreed_bytes)
             .sum();
-        let totals = Totals {
-            unfreed_bytes: all.iter().map(|g| g.unfreed_bytes).sum(),
-            unfreed_count: all.iter().map(|g| g.sum(|s| s.stats.live_count)).sum(),
-            allocs: meta.counter(Counter::Allocs),
-            frees: meta.counter(Counter::Frees),
-        };
+        let totals = totals_of(&all, &meta);
         let sites_without_stack = all
             .iter()
             .filter(|g| g.best.python_status.is_none())
@@ -420,28 +471,8 @@ impl Report {
         let keep = opts.top.max(suspects);
         let omitted = all.len().saturating_sub(keep);
         all.truncate(keep);
-        let mut sites: Vec<SiteReport> = all
-            .into_iter()
-            .map(|g| SiteReport::of(g, sym, interpreter))
-            .collect();
-        for s in sites.iter_mut() {
-            for e in s.stack.iter_mut() {
-                if let StackEntry::Native { frame, .. } = e {
-                    sym.resolve(s.pid, frame);
-                }
-            }
-            for f in s.native_stack.iter_mut() {
-                sym.resolve(s.pid, f);
-            }
-            s.hide_python_allocator_layer();
-        }
-        // Shutdown teardown frees what the figures freeze at shutdown: RSS after it says nothing.
-        let before: Vec<Sample> = heap
-            .series()
-            .iter()
-            .filter(|p| meta.finalized_at.is_none_or(|t| p.t <= t))
-            .copied()
-            .collect();
+        let sites = named_sites(all, sym, interpreter);
+        let before = series_before_shutdown(heap, meta.finalized_at);
         let mut report = Report {
             schema_version: SCHEMA_VERSION,
             dropped: meta.drops() + sites_without_stack as u64,

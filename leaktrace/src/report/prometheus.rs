@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use leaktrace_ebpf::Counter;
+use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use super::frames::short_name;
@@ -38,49 +39,91 @@ impl TracerUsage {
 pub fn encode_metrics(r: &Report, p: &Sample, usage: TracerUsage) -> String {
     let labels = HashMap::from([("pid".to_string(), r.target.pid.to_string())]);
     let reg = Registry::new_custom(Some("leaktrace".into()), Some(labels)).expect("a valid prefix");
+    process_metrics(&reg, r, p);
+    drop_metrics(&reg, r);
+    stack_metrics(&reg, r);
+    tracer_metrics(&reg, usage);
+    TextEncoder::new()
+        .encode_to_string(&reg.gather())
+        .unwrap_or_default()
+}
+
+/// Registers a metric.
+fn put(reg: &Registry, c: Box<dyn Collector>) {
     // Names and label names are fixed and valid: registering cannot fail.
-    let put = |c: Box<dyn prometheus::core::Collector>| reg.register(c).expect("valid metric");
-    let gauge = |name: &str, help: &str, v: i64| {
-        let g = IntGauge::new(name, help).expect("valid name");
-        g.set(v);
-        Box::new(g)
-    };
-    let counter = |name: &str, help: &str, v: u64| {
-        let c = IntCounter::new(name, help).expect("valid name");
-        c.inc_by(v);
-        Box::new(c)
-    };
+    reg.register(c).expect("valid metric");
+}
+
+/// A gauge set to `v`.
+fn gauge(name: &str, help: &str, v: i64) -> Box<IntGauge> {
+    let g = IntGauge::new(name, help).expect("valid name");
+    g.set(v);
+    Box::new(g)
+}
+
+/// A counter at `v`.
+fn counter(name: &str, help: &str, v: u64) -> Box<IntCounter> {
+    let c = IntCounter::new(name, help).expect("valid name");
+    c.inc_by(v);
+    Box::new(c)
+}
+
+/// The traced process at point `p`: its memory, live traced bytes and blocks, suspects, and
+/// the allocations and frees seen.
+fn process_metrics(reg: &Registry, r: &Report, p: &Sample) {
     if let Some(rss) = p.rss_bytes {
-        put(gauge(
-            "rss_bytes",
-            "Resident memory of the traced process",
-            rss as i64,
-        ));
+        put(
+            reg,
+            gauge(
+                "rss_bytes",
+                "Resident memory of the traced process",
+                rss as i64,
+            ),
+        );
     }
     if let Some(a) = p.arena_bytes {
-        put(gauge(
-            "pymalloc_arena_bytes",
-            "Memory in pymalloc's arenas",
-            a as i64,
-        ));
+        put(
+            reg,
+            gauge(
+                "pymalloc_arena_bytes",
+                "Memory in pymalloc's arenas",
+                a as i64,
+            ),
+        );
     }
-    put(gauge(
-        "live_bytes",
-        "Traced memory allocated and not yet freed",
-        p.live_bytes as i64,
-    ));
-    put(gauge(
-        "live_objects",
-        "Traced blocks allocated and not yet freed",
-        p.live_count as i64,
-    ));
-    put(gauge(
-        "leak_suspects",
-        "Stacks classified as leaks with confidence of at least 0.9",
-        r.suspects as i64,
-    ));
-    put(counter("allocations_total", "Allocations traced", p.allocs));
-    put(counter("frees_total", "Frees traced", p.frees));
+    put(
+        reg,
+        gauge(
+            "live_bytes",
+            "Traced memory allocated and not yet freed",
+            p.live_bytes as i64,
+        ),
+    );
+    put(
+        reg,
+        gauge(
+            "live_objects",
+            "Traced blocks allocated and not yet freed",
+            p.live_count as i64,
+        ),
+    );
+    put(
+        reg,
+        gauge(
+            "leak_suspects",
+            "Stacks classified as leaks with confidence of at least 0.9",
+            r.suspects as i64,
+        ),
+    );
+    put(
+        reg,
+        counter("allocations_total", "Allocations traced", p.allocs),
+    );
+    put(reg, counter("frees_total", "Frees traced", p.frees));
+}
+
+/// Every drop counter, zero or not, labelled by reason.
+fn drop_metrics(reg: &Registry, r: &Report) {
     let drops = IntCounterVec::new(
         Opts::new(
             "dropped_events_total",
@@ -93,7 +136,12 @@ pub fn encode_metrics(r: &Report, p: &Sample, usage: TracerUsage) -> String {
         let v = r.counters.get(c.name()).copied().unwrap_or(0);
         drops.with_label_values(&[c.name()]).inc_by(v);
     }
-    put(Box::new(drops));
+    put(reg, Box::new(drops));
+}
+
+/// Live bytes, blocks and growth of the first `TOP_STACKS` sites, labelled by rank, short
+/// name and verdict.
+fn stack_metrics(reg: &Registry, r: &Report) {
     let stack_labels = ["rank", "stack", "verdict"];
     let vec = |name: &str, help: &str| {
         GaugeVec::new(Opts::new(name, help), &stack_labels).expect("valid name")
@@ -118,20 +166,24 @@ pub fn encode_metrics(r: &Report, p: &Sample, usage: TracerUsage) -> String {
             .with_label_values(&values)
             .set(s.analysis.growth_bytes_per_s);
     }
-    put(Box::new(bytes));
-    put(Box::new(objects));
-    put(Box::new(growth));
+    put(reg, Box::new(bytes));
+    put(reg, Box::new(objects));
+    put(reg, Box::new(growth));
+}
+
+/// What leaktrace itself costs: its CPU time and resident memory.
+fn tracer_metrics(reg: &Registry, usage: TracerUsage) {
     let cpu =
         prometheus::Counter::new("tracer_cpu_seconds_total", "CPU time leaktrace itself used")
             .expect("valid name");
     cpu.inc_by(usage.cpu_seconds);
-    put(Box::new(cpu));
-    put(gauge(
-        "tracer_resident_bytes",
-        "Resident memory of leaktrace itself",
-        usage.resident_bytes as i64,
-    ));
-    TextEncoder::new()
-        .encode_to_string(&reg.gather())
-        .unwrap_or_default()
+    put(reg, Box::new(cpu));
+    put(
+        reg,
+        gauge(
+            "tracer_resident_bytes",
+            "Resident memory of leaktrace itself",
+            usage.resident_bytes as i64,
+        ),
+    );
 }
