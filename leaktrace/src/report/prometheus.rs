@@ -136,6 +136,11 @@ fn drop_metrics(reg: &Registry, r: &Report) {
         let v = r.counters.get(c.name()).copied().unwrap_or(0);
         drops.with_label_values(&[c.name()]).inc_by(v);
     }
+    // Sites whose stack record the full ring buffer swallowed: a loss the report counts in
+    // `dropped`, so the metrics count it too.
+    drops
+        .with_label_values(&["sites_without_stack"])
+        .inc_by(r.sites_without_stack as u64);
     put(reg, Box::new(drops));
 }
 
