@@ -102,6 +102,22 @@ pub struct Capture {
     until: Option<f64>,
 }
 
+/// The lines of a capture file, gzipped (as written) or plain (zcat'd, edited).
+fn open_lines(path: &Path) -> Result<std::io::Lines<BufReader<Box<dyn std::io::Read>>>> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut file = BufReader::new(file);
+    let gzipped = file.fill_buf().is_ok_and(|b| b.starts_with(&[0x1f, 0x8b]));
+    let text: Box<dyn std::io::Read> = if gzipped {
+        Box::new(MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    Ok(BufReader::with_capacity(1 << 20, text).lines())
+}
+
 impl Capture {
     /// Reads `path`; with `until`, only the intervals up to that many seconds into the trace
     /// (the heap as it was then).
@@ -110,35 +126,21 @@ impl Capture {
             path: path.to_path_buf(),
             detail,
         };
-        let file = std::fs::File::open(path).map_err(|source| Error::Read {
+        let read_err = |source| Error::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        // Captures are gzipped; an uncompressed one (zcat'd, edited) reads as well.
-        let mut file = BufReader::new(file);
-        let gzipped = file.fill_buf().is_ok_and(|b| b.starts_with(&[0x1f, 0x8b]));
-        let text: Box<dyn std::io::Read> = if gzipped {
-            Box::new(MultiGzDecoder::new(file))
-        } else {
-            Box::new(file)
         };
-        let mut lines = BufReader::with_capacity(1 << 20, text).lines().peekable();
-        let first = match lines.next() {
-            Some(Ok(l)) => l,
+        let mut lines = open_lines(path)?.peekable();
+        let header = match lines.next() {
+            Some(Ok(first)) => match serde_json::from_str::<Record>(&first) {
+                Ok(Record::Header(h)) if h.format == FORMAT => h,
+                _ => return Err(bad("not a leaktrace capture (no capture header)".into())),
+            },
             Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                 return Err(bad("not a leaktrace capture (not text)".into()))
             }
-            Some(Err(source)) => {
-                return Err(Error::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+            Some(Err(source)) => return Err(read_err(source)),
             None => return Err(bad("empty file, not a leaktrace capture".into())),
-        };
-        let header = match serde_json::from_str::<Record>(&first) {
-            Ok(Record::Header(h)) if h.format == FORMAT => h,
-            _ => return Err(bad("not a leaktrace capture (no capture header)".into())),
         };
         if header.version > VERSION {
             return Err(bad(format!(
@@ -168,12 +170,7 @@ impl Capture {
                     c.torn_tail = true;
                     break;
                 }
-                Err(source) => {
-                    return Err(Error::Read {
-                        path: path.to_path_buf(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(read_err(source)),
             };
             let rec = match serde_json::from_str::<Record>(&line) {
                 Ok(r) => r,
@@ -184,72 +181,80 @@ impl Capture {
                 }
                 Err(e) => return Err(bad(format!("line {n}: {e}"))),
             };
-            match rec {
-                Record::Header(_) => return Err(bad(format!("line {n}: a second header"))),
-                Record::Frame { id, pid, eval, f } => {
-                    tree.frames.insert(id, (f.address, eval));
-                    c.frames.0.insert((pid, f.address), f);
-                }
-                Record::Node { id, parent, frame } => {
-                    tree.nodes.insert(id, (parent, frame));
-                }
-                Record::Py { id, f } => {
-                    tree.py.insert(id, f);
-                }
-                Record::PyNode {
-                    id,
-                    parent,
-                    py,
-                    entry,
-                } => {
-                    tree.py_nodes.insert(id, (parent, py, entry));
-                }
-                Record::Site(s) => {
-                    let (native, native_eval) = tree.native(s.native);
-                    let (python, python_entry) = tree.python(s.python);
-                    c.heap.restore(Site {
-                        id: s.id,
-                        pid: s.pid,
-                        func: AllocFn::from_u8(s.func).unwrap_or(AllocFn::Malloc),
-                        caller: native.first().copied().unwrap_or(0),
-                        native,
-                        native_eval,
-                        unplaced: false,
-                        native_end: s.end,
-                        python,
-                        python_entry,
-                        python_status: s.status,
-                        python_truncated: s.truncated,
-                        stats: SiteStats::default(),
-                        trend: Trend::default(),
-                    });
-                }
-                Record::Tick(t) => {
-                    if until.is_some_and(|u| t.t > u) {
-                        continue;
-                    }
-                    c.changes
-                        .push(t.sites.iter().map(|s| (s[0], s[1])).collect());
-                    c.set_counts(&t.sites);
-                    c.heap.push_sample(Sample {
-                        t: t.t,
-                        live_bytes: t.live_bytes,
-                        live_count: t.live_count,
-                        allocs: t.allocs,
-                        frees: t.frees,
-                        drops: t.drops,
-                        rss_bytes: t.rss,
-                        arena_bytes: t.arenas,
-                    });
-                }
-                // The counters at the end, not as of `until`.
-                Record::Counts { sites } if until.is_none() => c.set_counts(&sites),
-                Record::Counts { .. } => {}
-                Record::Live { blocks } => c.live.extend(blocks),
-                Record::End(meta) => c.end = Some(*meta),
+            if let Record::Header(_) = rec {
+                return Err(bad(format!("line {n}: a second header")));
             }
+            c.apply(rec, &mut tree);
         }
         Ok(c)
+    }
+
+    /// Takes one record after the header into the model.
+    fn apply(&mut self, rec: Record, tree: &mut Trees) {
+        match rec {
+            Record::Header(_) => {}
+            Record::Frame { id, pid, eval, f } => {
+                tree.frames.insert(id, (f.address, eval));
+                self.frames.0.insert((pid, f.address), f);
+            }
+            Record::Node { id, parent, frame } => {
+                tree.nodes.insert(id, (parent, frame));
+            }
+            Record::Py { id, f } => {
+                tree.py.insert(id, f);
+            }
+            Record::PyNode {
+                id,
+                parent,
+                py,
+                entry,
+            } => {
+                tree.py_nodes.insert(id, (parent, py, entry));
+            }
+            Record::Site(s) => {
+                let (native, native_eval) = tree.native(s.native);
+                let (python, python_entry) = tree.python(s.python);
+                self.heap.restore(Site {
+                    id: s.id,
+                    pid: s.pid,
+                    func: AllocFn::from_u8(s.func).unwrap_or(AllocFn::Malloc),
+                    caller: native.first().copied().unwrap_or(0),
+                    native,
+                    native_eval,
+                    unplaced: false,
+                    native_end: s.end,
+                    python,
+                    python_entry,
+                    python_status: s.status,
+                    python_truncated: s.truncated,
+                    stats: SiteStats::default(),
+                    trend: Trend::default(),
+                });
+            }
+            Record::Tick(t) => {
+                if self.until.is_some_and(|u| t.t > u) {
+                    return;
+                }
+                self.changes
+                    .push(t.sites.iter().map(|s| (s[0], s[1])).collect());
+                self.set_counts(&t.sites);
+                self.heap.push_sample(Sample {
+                    t: t.t,
+                    live_bytes: t.live_bytes,
+                    live_count: t.live_count,
+                    allocs: t.allocs,
+                    frees: t.frees,
+                    drops: t.drops,
+                    rss_bytes: t.rss,
+                    arena_bytes: t.arenas,
+                });
+            }
+            // The counters at the end, not as of `until`.
+            Record::Counts { sites } if self.until.is_none() => self.set_counts(&sites),
+            Record::Counts { .. } => {}
+            Record::Live { blocks } => self.live.extend(blocks),
+            Record::End(meta) => self.end = Some(*meta),
+        }
     }
 
     fn set_counts(&mut self, sites: &[super::SiteCounts]) {
