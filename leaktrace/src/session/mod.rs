@@ -24,12 +24,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use leaktrace_ebpf::{native_end, py_status, AllocFn};
+use leaktrace_ebpf::{native_end, py_status, AllocFn, NewSiteEvent};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::capture::writer::CaptureWriter;
 use crate::error::Result;
-use crate::events::{Event, EventReader};
+use crate::events::{Event, EventReader, StackCopy};
 use crate::heap::{Heap, PythonStack, Sample};
 use crate::options::{TargetSpec, TraceMode, TraceOptions};
 use crate::probes::loader::Tracer;
@@ -114,88 +114,86 @@ pub async fn trace_live(
 impl Session<'_> {
     /// Takes in records from the kernel.
     fn absorb(&mut self, ev: Event<'_>) {
-        {
-            match ev {
-                Event::NewSite(ev) => {
-                    let func = AllocFn::from_u8(ev.func).unwrap_or(AllocFn::Malloc);
-                    let depth = (ev.py_depth as usize).min(ev.py_frames.len());
-                    log::trace!(
-                        "new site {:#x}: py status {} depth {} frames {:x?}",
-                        ev.site_id,
-                        ev.py_status,
-                        depth,
-                        &ev.py_frames[..depth]
-                    );
-                    if ev.tgid != self.proc.pid {
-                        self.enable_child_python(ev.tgid);
-                    }
-                    let py = self.python_of(ev.tgid);
-                    let python = py.map(|py| PythonStack {
-                        frames: py.decode(&ev.py_frames[..depth]),
-                        entry: (0..depth)
-                            .map(|i| ev.py_entry[i / 64] & (1 << (i % 64)) != 0)
-                            .collect(),
-                        status: ev.py_status,
-                        truncated: ev.py_truncated != 0,
-                    });
-                    if let Some(p) = &python {
-                        log::trace!("site {:#x} decoded: {:?}", ev.site_id, p.frames);
-                    }
-                    let pcs = &ev.native[..(ev.native_depth as usize).min(ev.native.len())];
-                    self.heap
-                        .announce(ev.site_id, ev.tgid, func, ev.native[0], python);
-                    if ev.native_end != native_end::UNKNOWN {
-                        self.unwinder.stats.kernel_walks += 1;
-                    }
-                    if !self.heap.has_full_native(ev.site_id) {
-                        // What the kernel followed; a stack copy, when one comes, replaces it.
-                        let stack = NativeStack {
-                            pcs: pcs.to_vec(),
-                            eval: self.unwinder.eval_frames(&mut self.sym, ev.tgid, pcs),
-                            end: UnwindEnd::from_kernel(ev.native_end),
-                        };
-                        self.heap.set_native(&mut self.sym, ev.site_id, &stack);
-                    }
-                    // A thread the kernel could not place, or an interpreter that just came up:
-                    // refresh soon rather than at the next tick.
-                    let stale = self
-                        .threads_refreshed
-                        .is_none_or(|t| t.elapsed() > Duration::from_millis(50));
-                    let main = ev.tgid == self.proc.pid;
-                    if main
-                        && stale
-                        && (!self.py_ready || ev.py_status == py_status::NO_THREAD_STATE)
-                    {
-                        self.enable_python();
-                    }
-                }
-                Event::Stack(copy) => {
-                    let (stack, rows) =
-                        self.unwinder
-                            .unwind(&mut self.sym, copy.tgid, copy.regs, copy.data);
-                    log::trace!(
-                        "site {:#x}: {} native frames ({:?}) from {} of {} stack bytes",
-                        copy.site_id,
-                        stack.pcs.len(),
-                        stack.end,
-                        copy.data.len(),
-                        copy.wanted
-                    );
-                    self.heap.set_native(&mut self.sym, copy.site_id, &stack);
-                    if let Err(e) = self.tracer.learn_rows(copy.tgid, &rows) {
-                        log::debug!("{e}");
-                    }
-                }
-                Event::Fork(f) => self.follow(f.parent, f.child),
-                Event::Exec(e) => self.child_exec(e.child),
-                Event::Finalize(f) if f.tgid == self.proc.pid => {
-                    self.lifecycle(Lifecycle::Finalize)
-                }
-                Event::MainStart(f) if f.tgid == self.proc.pid => {
-                    self.lifecycle(Lifecycle::MainStart)
-                }
-                Event::Finalize(_) | Event::MainStart(_) => {}
-            }
+        match ev {
+            Event::NewSite(ev) => self.new_site(&ev),
+            Event::Stack(copy) => self.stack_copy(&copy),
+            Event::Fork(f) => self.follow(f.parent, f.child),
+            Event::Exec(e) => self.child_exec(e.child),
+            Event::Finalize(f) if f.tgid == self.proc.pid => self.lifecycle(Lifecycle::Finalize),
+            Event::MainStart(f) if f.tgid == self.proc.pid => self.lifecycle(Lifecycle::MainStart),
+            Event::Finalize(_) | Event::MainStart(_) => {}
+        }
+    }
+
+    /// A new site: its Python stack decoded while the code objects live, the native frames the
+    /// kernel walked (until a stack copy gives all of them).
+    fn new_site(&mut self, ev: &NewSiteEvent) {
+        let func = AllocFn::from_u8(ev.func).unwrap_or(AllocFn::Malloc);
+        let depth = (ev.py_depth as usize).min(ev.py_frames.len());
+        log::trace!(
+            "new site {:#x}: py status {} depth {} frames {:x?}",
+            ev.site_id,
+            ev.py_status,
+            depth,
+            &ev.py_frames[..depth]
+        );
+        if ev.tgid != self.proc.pid {
+            self.enable_child_python(ev.tgid);
+        }
+        let py = self.python_of(ev.tgid);
+        let python = py.map(|py| PythonStack {
+            frames: py.decode(&ev.py_frames[..depth]),
+            entry: (0..depth)
+                .map(|i| ev.py_entry[i / 64] & (1 << (i % 64)) != 0)
+                .collect(),
+            status: ev.py_status,
+            truncated: ev.py_truncated != 0,
+        });
+        if let Some(p) = &python {
+            log::trace!("site {:#x} decoded: {:?}", ev.site_id, p.frames);
+        }
+        let pcs = &ev.native[..(ev.native_depth as usize).min(ev.native.len())];
+        self.heap
+            .announce(ev.site_id, ev.tgid, func, ev.native[0], python);
+        if ev.native_end != native_end::UNKNOWN {
+            self.unwinder.stats.kernel_walks += 1;
+        }
+        if !self.heap.has_full_native(ev.site_id) {
+            // What the kernel followed; a stack copy, when one comes, replaces it.
+            let stack = NativeStack {
+                pcs: pcs.to_vec(),
+                eval: self.unwinder.eval_frames(&mut self.sym, ev.tgid, pcs),
+                end: UnwindEnd::from_kernel(ev.native_end),
+            };
+            self.heap.set_native(&mut self.sym, ev.site_id, &stack);
+        }
+        // A thread the kernel could not place, or an interpreter that just came up:
+        // refresh soon rather than at the next tick.
+        let stale = self
+            .threads_refreshed
+            .is_none_or(|t| t.elapsed() > Duration::from_millis(50));
+        let main = ev.tgid == self.proc.pid;
+        if main && stale && (!self.py_ready || ev.py_status == py_status::NO_THREAD_STATE) {
+            self.enable_python();
+        }
+    }
+
+    /// A site's stack copy: unwound here, and the rows learned taught to the kernel.
+    fn stack_copy(&mut self, copy: &StackCopy<'_>) {
+        let (stack, rows) = self
+            .unwinder
+            .unwind(&mut self.sym, copy.tgid, copy.regs, copy.data);
+        log::trace!(
+            "site {:#x}: {} native frames ({:?}) from {} of {} stack bytes",
+            copy.site_id,
+            stack.pcs.len(),
+            stack.end,
+            copy.data.len(),
+            copy.wanted
+        );
+        self.heap.set_native(&mut self.sym, copy.site_id, &stack);
+        if let Err(e) = self.tracer.learn_rows(copy.tgid, &rows) {
+            log::debug!("{e}");
         }
     }
 
