@@ -90,17 +90,39 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
             .stderr(Stdio::piped())
             .spawn()?,
     );
-    let lt = tracer.0.id();
     println!(
         "\n### Soak: `attach --mode sampled` for {minutes} min on a busy service \
          (`bench/soak_service.py`, untraced {untraced:.0} requests/s)\n"
     );
+    let rss_series = sample_every_30s(&counts, &mut tracer, started, minutes, untraced)?;
+    let status = tracer.0.wait()?;
+    let mut err = String::new();
+    if let Some(mut e) = tracer.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err)?;
+    }
+    if !status.success() {
+        bail!("leaktrace attach failed ({status}): {err}");
+    }
+    summarize(&json, &capture, &rss_series)?;
+    Ok(())
+}
+
+/// The table's rows, one per 30 s until the window's last half minute: the tracer's RSS
+/// (returned, in order) and CPU, and the service's rate.
+fn sample_every_30s(
+    counts: &Path,
+    tracer: &mut Killed,
+    started: Instant,
+    minutes: u64,
+    untraced: f64,
+) -> Result<Vec<u64>> {
+    let lt = tracer.0.id();
     println!("| minute | tracer RSS | tracer CPU over the window | service requests/s | × untraced rate |");
     println!("|---|---|---|---|---|");
     let (mut last_cpu, mut last_t) = (0.0, Instant::now());
     let mut rss_series = Vec::new();
     while started.elapsed() < Duration::from_secs(minutes * 60 - 30) {
-        let r = rate(&counts, Duration::from_secs(30))?;
+        let r = rate(counts, Duration::from_secs(30))?;
         let Some((rss, cpu)) = usage(lt) else {
             bail!("leaktrace ended early: {:?}", tracer.0.try_wait());
         };
@@ -115,15 +137,13 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
         rss_series.push(rss);
         (last_cpu, last_t) = (cpu, Instant::now());
     }
-    let status = tracer.0.wait()?;
-    let mut err = String::new();
-    if let Some(mut e) = tracer.0.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut err)?;
-    }
-    if !status.success() {
-        bail!("leaktrace attach failed ({status}): {err}");
-    }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    Ok(rss_series)
+}
+
+/// The line under the table: RSS at the start and the end, the capture's size, the drops and
+/// whether the slow leak was named.
+fn summarize(json: &Path, capture: &Path, rss_series: &[u64]) -> Result<()> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
     // The leaking line: `LEAKED.append(bytearray(1024))`.
     const LEAK_LINE: u64 = 27;
     let named = v["sites"].as_array().is_some_and(|sites| {
@@ -150,7 +170,7 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
          drops {}; the slow leak (soak_service.py:27) among the top 5 sites: {}",
         first as f64 / 1e6,
         last as f64 / 1e6,
-        std::fs::metadata(&capture).map_or(0, |m| m.len()) as f64 / 1e3,
+        std::fs::metadata(capture).map_or(0, |m| m.len()) as f64 / 1e3,
         v["dropped"],
         if named { "yes" } else { "no" }
     );
