@@ -223,40 +223,10 @@ pub fn plan(
     }
 
     if families.libc() {
-        // A static executable carries its own malloc: fall back to the executable.
-        let libc = modules
-            .files()
-            .into_iter()
-            .find(|f| is_libc(f))
-            .map(str::to_string)
-            .or_else(|| exe.map(str::to_string));
-        if let Some(libc) = libc {
-            let elf = ElfFile::open(&host_path(pid, &libc))?;
-            let before = plan.points.len();
-            add_points(&mut plan, &elf, &libc, LIBC_FNS)?;
-            if plan.points.len() > before {
-                plan.libc = Some(libc);
-            }
-        }
+        plan_libc(&mut plan, pid, modules, exe)?;
     }
-
     if let Some(py) = &python {
-        let elf = ElfFile::open(&py.host_path)?;
-        let kinds = [Lifecycle::MainStart, Lifecycle::Finalize];
-        let found = elf.functions(&kinds.map(Lifecycle::symbol))?;
-        for kind in kinds {
-            let Some(f) = found.get(kind.symbol()) else {
-                continue;
-            };
-            if let Some(file_offset) = elf.file_offset(f.vaddr) {
-                plan.lifecycle.push(LifecyclePoint {
-                    kind,
-                    module: py.module.clone(),
-                    host_path: py.host_path.clone(),
-                    file_offset,
-                });
-            }
-        }
+        plan_lifecycle(&mut plan, py)?;
     }
     let raw_malloc = python.is_some() && python_malloc_is_raw(pid);
     match (&python, families) {
@@ -284,17 +254,63 @@ pub fn plan(
         .iter()
         .any(|p| p.func.shape() != leaktrace_ebpf::Shape::Free)
     {
-        let detail = match (&plan.libc, families) {
-            (_, Families::PythonOnly) => "the Python allocator functions were not found".to_string(),
-            (None, _) => format!(
-                "no C library is mapped and {} has no malloc symbol (statically linked and stripped?)",
-                exe.unwrap_or("the executable")
-            ),
-            (Some(l), _) => format!("{l} exports no malloc"),
-        };
-        return Err(Error::NoAllocatorSymbols { pid, detail });
+        return Err(nothing_to_probe(&plan, pid, exe, families));
     }
     Ok(plan)
+}
+
+/// libc's allocator family, from the mapped C library; a static executable carries its own.
+fn plan_libc(plan: &mut ProbePlan, pid: u32, modules: &ModuleMap, exe: Option<&str>) -> Result<()> {
+    // A static executable carries its own malloc: fall back to the executable.
+    let libc = modules
+        .files()
+        .into_iter()
+        .find(|f| is_libc(f))
+        .map(str::to_string)
+        .or_else(|| exe.map(str::to_string));
+    if let Some(libc) = libc {
+        let elf = ElfFile::open(&host_path(pid, &libc))?;
+        let before = plan.points.len();
+        add_points(plan, &elf, &libc, LIBC_FNS)?;
+        if plan.points.len() > before {
+            plan.libc = Some(libc);
+        }
+    }
+    Ok(())
+}
+
+/// The interpreter's lifecycle points: the main module's start and shutdown.
+fn plan_lifecycle(plan: &mut ProbePlan, py: &PythonInfo) -> Result<()> {
+    let elf = ElfFile::open(&py.host_path)?;
+    let kinds = [Lifecycle::MainStart, Lifecycle::Finalize];
+    let found = elf.functions(&kinds.map(Lifecycle::symbol))?;
+    for kind in kinds {
+        let Some(f) = found.get(kind.symbol()) else {
+            continue;
+        };
+        if let Some(file_offset) = elf.file_offset(f.vaddr) {
+            plan.lifecycle.push(LifecyclePoint {
+                kind,
+                module: py.module.clone(),
+                host_path: py.host_path.clone(),
+                file_offset,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Why there is no allocating function to probe.
+fn nothing_to_probe(plan: &ProbePlan, pid: u32, exe: Option<&str>, families: Families) -> Error {
+    let detail = match (&plan.libc, families) {
+        (_, Families::PythonOnly) => "the Python allocator functions were not found".to_string(),
+        (None, _) => format!(
+            "no C library is mapped and {} has no malloc symbol (statically linked and stripped?)",
+            exe.unwrap_or("the executable")
+        ),
+        (Some(l), _) => format!("{l} exports no malloc"),
+    };
+    Error::NoAllocatorSymbols { pid, detail }
 }
 
 /// Every call of Python's allocator: pymalloc's implementation functions when the symbol table
