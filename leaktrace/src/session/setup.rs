@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::{Session, TraceMode};
 use crate::error::Result;
 use crate::probes::loader::Tracer;
-use crate::probes::plan::plan;
+use crate::probes::plan::{plan, ProbePlan};
 use crate::process::Process;
 use crate::stacks::python::PythonProcess;
 
@@ -51,36 +51,7 @@ impl Session<'_> {
         }
         self.tracer.attach(&plan, pid)?;
         if self.opts.verbose {
-            eprintln!(
-                "leaktrace: pid {pid}: {} uprobes attached",
-                self.tracer.attached()
-            );
-            for p in &plan.points {
-                eprintln!(
-                    "leaktrace:   {:<18} +{:<3} {:<9} {:<28} [{:?}] {} @{:#x}",
-                    p.func.symbol(),
-                    p.placement.offset,
-                    if p.placement.emulated {
-                        "emulated"
-                    } else {
-                        "stepped"
-                    },
-                    p.placement.instruction,
-                    p.table,
-                    p.module,
-                    p.file_offset
-                );
-            }
-            for missing in &plan.missing {
-                eprintln!("leaktrace:   {} not found (not probed)", missing.symbol());
-            }
-            for (alias, probed) in &plan.aliases {
-                eprintln!(
-                    "leaktrace:   {} is {} (same address, probed once)",
-                    alias.symbol(),
-                    probed.symbol()
-                );
-            }
+            self.print_plan(&plan);
         }
         for n in &plan.notes {
             if self.notes_shown.insert(n.clone()) {
@@ -92,6 +63,41 @@ impl Session<'_> {
         self.plan.notes.extend(notes);
         self.enable_python();
         Ok(())
+    }
+
+    /// `--verbose`: every point probed, how, and what was not.
+    fn print_plan(&self, plan: &ProbePlan) {
+        let pid = self.proc.pid;
+        eprintln!(
+            "leaktrace: pid {pid}: {} uprobes attached",
+            self.tracer.attached()
+        );
+        for p in &plan.points {
+            eprintln!(
+                "leaktrace:   {:<18} +{:<3} {:<9} {:<28} [{:?}] {} @{:#x}",
+                p.func.symbol(),
+                p.placement.offset,
+                if p.placement.emulated {
+                    "emulated"
+                } else {
+                    "stepped"
+                },
+                p.placement.instruction,
+                p.table,
+                p.module,
+                p.file_offset
+            );
+        }
+        for missing in &plan.missing {
+            eprintln!("leaktrace:   {} not found (not probed)", missing.symbol());
+        }
+        for (alias, probed) in &plan.aliases {
+            eprintln!(
+                "leaktrace:   {} is {} (same address, probed once)",
+                alias.symbol(),
+                probed.symbol()
+            );
+        }
     }
 
     /// Gives the kernel the Python walk parameters once the interpreter exists, and refreshes
