@@ -67,103 +67,167 @@ pub const SUSPECT_CONFIDENCE: f64 = 0.9;
 /// Classifies a site from its trend and the kernel's counters.
 pub fn classify(trend: &Trend, stats: &SiteStats) -> Verdict {
     let rate = trend.slope();
-    let changed = trend.grew + trend.shrank;
-    let span = (trend.last_t - trend.first_t).max(0.0);
-    let old = stats.frees_old;
-    let frees_old = if old == 1 {
-        "1 free of a block older than 5 s".to_string()
+    let (class, confidence, evidence) = if trend.n < 3 {
+        (
+            Class::Unknown,
+            0.0,
+            format!("seen in {} interval(s): too short to tell", trend.n),
+        )
     } else {
-        format!("{old} frees of blocks older than 5 s")
+        let f = Facts::new(trend, stats);
+        f.leak(rate)
+            .or_else(|| f.cache())
+            .or_else(|| f.steady())
+            .or_else(|| f.evicting())
+            .unwrap_or_else(|| f.startup())
     };
-    let verdict = |class, confidence: f64, evidence: String| Verdict {
+    Verdict {
         class,
         confidence: (confidence * 1000.0).round() / 1000.0,
         growth_bytes_per_s: rate.round(),
         evidence,
-    };
-    if trend.n < 3 {
-        return verdict(
-            Class::Unknown,
-            0.0,
-            format!("seen in {} interval(s): too short to tell", trend.n),
-        );
     }
-    let intervals = trend.n - 1;
-    // Still reaching new highs in the last tenth of the time it was seen (at least the last
-    // two intervals).
-    let step = span / f64::from(intervals);
-    let recent = (span / 10.0).max(2.0 * step);
-    let still_growing = trend.max_t >= trend.last_t - recent - 1e-9;
-    let grown = trend.last_bytes > trend.first_bytes;
-    if still_growing && grown && trend.grew > trend.shrank {
-        let mut confidence = sign_test(trend.grew, changed);
-        let live = stats.live_count.max(1);
+}
+
+/// A class, its confidence and the evidence in words.
+type Finding = (Class, f64, String);
+
+/// What the rules read of a site's series (at least three points) and counters.
+struct Facts<'a> {
+    trend: &'a Trend,
+    stats: &'a SiteStats,
+    /// Seconds from the first point to the last (0 if the clock went back).
+    span: f64,
+    /// Seconds per interval.
+    step: f64,
+    intervals: u32,
+    /// Intervals in which the live bytes changed.
+    changed: u32,
+    /// "N frees of blocks older than 5 s".
+    frees_old: String,
+}
+
+impl<'a> Facts<'a> {
+    fn new(trend: &'a Trend, stats: &'a SiteStats) -> Self {
+        let span = (trend.last_t - trend.first_t).max(0.0);
+        let intervals = trend.n - 1;
+        let old = stats.frees_old;
+        Facts {
+            trend,
+            stats,
+            span,
+            step: span / f64::from(intervals),
+            intervals,
+            changed: trend.grew + trend.shrank,
+            frees_old: if old == 1 {
+                "1 free of a block older than 5 s".to_string()
+            } else {
+                format!("{old} frees of blocks older than 5 s")
+            },
+        }
+    }
+
+    /// Still reaching new highs in the last tenth of the time it was seen (at least the last
+    /// two intervals), grown overall, more often up than down.
+    fn leak(&self, rate: f64) -> Option<Finding> {
+        let t = self.trend;
+        let recent = (self.span / 10.0).max(2.0 * self.step);
+        let still_growing = t.max_t >= t.last_t - recent - 1e-9;
+        if !(still_growing && t.last_bytes > t.first_bytes && t.grew > t.shrank) {
+            return None;
+        }
+        let mut confidence = sign_test(t.grew, self.changed);
+        let live = self.stats.live_count.max(1);
+        let old = self.stats.frees_old;
         if old > 0 {
             confidence *= live as f64 / (live as f64 + old as f64);
         }
-        return verdict(
+        Some((
             Class::Leak,
             confidence,
             format!(
-                "grew in {} of {intervals} intervals ({}/s), {frees_old}",
-                trend.grew,
-                human_bytes(rate.max(0.0) as u64)
+                "grew in {} of {} intervals ({}/s), {}",
+                t.grew,
+                self.intervals,
+                human_bytes(rate.max(0.0) as u64),
+                self.frees_old
             ),
-        );
+        ))
     }
-    let plateau = trend.last_t - trend.max_t;
-    // A cache fills: it at least doubled, over two intervals or more, before levelling off
-    // (churn around a level never does).
-    let filled = trend.grew >= 2 && trend.max_bytes >= 2 * trend.first_bytes.max(1);
-    if filled && plateau >= span / 3.0 {
+
+    /// A cache fills: it at least doubled, over two intervals or more, before levelling off
+    /// (churn around a level never does).
+    fn cache(&self) -> Option<Finding> {
+        let t = self.trend;
+        let plateau = t.last_t - t.max_t;
+        let filled = t.grew >= 2 && t.max_bytes >= 2 * t.first_bytes.max(1);
+        if !(filled && plateau >= self.span / 3.0) {
+            return None;
+        }
         // Intervals without a new high; a series whose clock went back has no step to count by.
-        let flat = if step > 0.0 {
-            (plateau / step).round().clamp(0.0, 1e12)
+        let flat = if self.step > 0.0 {
+            (plateau / self.step).round().clamp(0.0, 1e12)
         } else {
             0.0
         };
-        return verdict(
+        Some((
             Class::Cache,
             (flat + 1.0) / (flat + 2.0),
             format!(
-                "grew to {}, then no new high for {plateau:.0} s; {frees_old}",
-                human_bytes(trend.max_bytes)
+                "grew to {}, then no new high for {plateau:.0} s; {}",
+                human_bytes(t.max_bytes),
+                self.frees_old
             ),
-        );
+        ))
     }
-    let turnover = stats.frees > stats.live_count.max(1).saturating_mul(4);
-    if turnover {
-        let confidence = 1.0 - sign_test(trend.grew.max(trend.shrank), changed);
-        return verdict(
+
+    /// Many more frees than live blocks: churn around a level.
+    fn steady(&self) -> Option<Finding> {
+        let (t, s) = (self.trend, self.stats);
+        if s.frees <= s.live_count.max(1).saturating_mul(4) {
+            return None;
+        }
+        let confidence = 1.0 - sign_test(t.grew.max(t.shrank), self.changed);
+        Some((
             Class::Steady,
             1.0 - confidence.min(1.0),
             format!(
                 "{} allocations and {} frees for {} blocks live; grew in {} and shrank in {} \
-                 of {intervals} intervals",
-                stats.allocs, stats.frees, stats.live_count, trend.grew, trend.shrank
+                 of {} intervals",
+                s.allocs, s.frees, s.live_count, t.grew, t.shrank, self.intervals
             ),
-        );
+        ))
     }
-    if old > 0 && trend.max_bytes > 0 {
-        return verdict(
-            Class::Cache,
-            0.5,
+
+    /// Frees old blocks while holding memory: a cache that evicts.
+    fn evicting(&self) -> Option<Finding> {
+        (self.stats.frees_old > 0 && self.trend.max_bytes > 0).then(|| {
+            (
+                Class::Cache,
+                0.5,
+                format!(
+                    "holds {} while evicting: {}",
+                    human_bytes(self.trend.last_bytes),
+                    self.frees_old
+                ),
+            )
+        })
+    }
+
+    /// Held since it was first seen and barely changed: state built at start-up.
+    fn startup(&self) -> Finding {
+        let unchanged = self.intervals.saturating_sub(self.changed);
+        (
+            Class::Startup,
+            f64::from(unchanged + 1) / f64::from(self.intervals + 2),
             format!(
-                "holds {} while evicting: {frees_old}",
-                human_bytes(trend.last_bytes)
+                "{} held since {:.0} s, unchanged in {unchanged} of {} intervals",
+                human_bytes(self.trend.last_bytes),
+                self.trend.first_t,
+                self.intervals
             ),
-        );
+        )
     }
-    verdict(
-        Class::Startup,
-        f64::from(intervals - changed + 1) / f64::from(intervals + 2),
-        format!(
-            "{} held since {:.0} s, unchanged in {} of {intervals} intervals",
-            human_bytes(trend.last_bytes),
-            trend.first_t,
-            intervals - changed
-        ),
-    )
 }
 
 /// 1 − P(X ≥ k) for X ~ Binomial(n, ½): how surely `k` growths in `n` changes are not chance.
