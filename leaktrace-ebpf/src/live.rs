@@ -4,8 +4,9 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use leaktrace_ebpf::{Counter, LiveAlloc, LiveKey, OLD_BLOCK_NS};
 
+use crate::bump;
+use crate::maps::{LIVE, SITES};
 use crate::site::SharedSite;
-use crate::{bump, LIVE, SITES};
 
 #[inline(always)]
 pub(crate) fn remove_stale(key: &LiveKey) {

@@ -7,7 +7,8 @@ use leaktrace_ebpf::{
     py_status, site_id_add_frame, PyFrameRec, PyOffsets, MAX_PY_FRAMES, PY_FRAME_READ,
 };
 
-use crate::{read_global, read_user_u64, PYPROCS, PY_MAX_DEPTH, SCRATCH, THREADS};
+use crate::maps::{PYPROCS, PY_MAX_DEPTH, SCRATCH, THREADS};
+use crate::{read_global, read_user_u64};
 
 /// The thread state of thread `tid`: the GIL holder if that is this thread, else the one
 /// userspace mapped from the interpreter's thread list. Both are checked against the tid, so a

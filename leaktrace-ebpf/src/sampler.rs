@@ -11,7 +11,8 @@ use leaktrace_ebpf::{
     sample_count, sample_countdown, sample_weight, Counter, SAMPLE_EXP_POINTS, SAMPLE_TABLE_LEN,
 };
 
-use crate::{bump, read_global, MIN_SIZE};
+use crate::maps::MIN_SIZE;
+use crate::{bump, read_global};
 
 /// Sampled and growth modes: one sample per this many bytes on average; 0 tracks every
 /// allocation (exact mode).

@@ -17,10 +17,11 @@ use leaktrace_ebpf::{
     TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_FROZEN, TARGET_HELD, TARGET_PAUSE,
 };
 
-use crate::{
-    admit, bump, holds_allowed, ids, live::retire_if_live, read_global, record_alloc, traced_tgid,
-    DEATHS, EVENTS, SIGSTOP, TARGETS,
-};
+use crate::live::retire_if_live;
+use crate::maps::{DEATHS, EVENTS, TARGETS};
+use crate::record::record_alloc;
+use crate::sampler::admit;
+use crate::{bump, holds_allowed, ids, read_global, traced_tgid, SIGSTOP};
 
 /// Tasks a followed process just created, until each first returns to user space
 /// (tid → parent tgid): only then can the kernel tell a new process from a new thread.

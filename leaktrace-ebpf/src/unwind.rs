@@ -8,10 +8,15 @@ use leaktrace_ebpf::{
     MAX_NATIVE_FRAMES, MAX_NATIVE_WALK, MAX_STACK_COPY, STACK_EVENT_HEADER,
 };
 
-use crate::{
-    read_global, read_user_u64, BPF_RB_AVAIL_DATA, EVENTS, NATIVE_DEPTH, PAGE, RING_BYTES,
-    RING_RESERVE, SCRATCH, STACKBUF, STACK_COPY, UNWIND,
+use crate::maps::{
+    BPF_RB_AVAIL_DATA, EVENTS, NATIVE_DEPTH, RING_BYTES, RING_RESERVE, SCRATCH, STACKBUF,
+    STACK_COPY, UNWIND,
 };
+use crate::{read_global, read_user_u64};
+
+/// Stack copies are read a page at a time, so one ends where the stack's mapping does instead
+/// of failing whole.
+const PAGE: usize = 4096;
 
 /// State of the kernel's native walk, shared with its `bpf_loop` callback through the scratch
 /// map (see `WalkCtx` for why not the stack).
