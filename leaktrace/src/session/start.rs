@@ -76,12 +76,7 @@ pub(super) async fn start<'a>(
     log::debug!("probes attached");
     phase.done("start the target, plan and attach the probes");
     if opts.load.follow_forks && child.is_none() {
-        // Workers the target forked before leaktrace came are followed like new ones.
-        for (pid, parent) in s.proc.descendants() {
-            if s.tracer.add_target(pid, false).is_ok() {
-                s.follow(parent, pid);
-            }
-        }
+        s.adopt_descendants();
     }
     let command = s.proc.cmdline();
     s.sym.refresh(pid);
@@ -94,17 +89,9 @@ pub(super) async fn start<'a>(
     }
     s.start = Instant::now();
     s.exporter = exporter;
-    if let Some(path) = &opts.capture {
-        let interval = opts.interval.unwrap_or(Duration::from_secs(1));
-        let interpreter = s.plan.python.as_ref().map(|p| p.module.clone());
-        let header = Header::new(pid, &command, opts.mode, interval, interpreter);
-        match CaptureWriter::create(path, header) {
-            Ok(w) => s.capture = Some(w),
-            Err(e) => {
-                abort(&child);
-                return Err(e);
-            }
-        }
+    if let Err(e) = s.start_capture(&command) {
+        abort(&child);
+        return Err(e);
     }
     let watch = Watch {
         reader,
@@ -146,6 +133,31 @@ async fn start_target(spec: &TargetSpec, opts: &TraceOptions) -> Result<(u32, Ch
 fn abort(child: &Child) {
     if let Some((ctl, _)) = child {
         let _ = ctl.send(Control::Abort);
+    }
+}
+
+impl Session<'_> {
+    /// `attach --follow-forks`: workers the target forked before leaktrace came are followed
+    /// like new ones.
+    fn adopt_descendants(&mut self) {
+        for (pid, parent) in self.proc.descendants() {
+            if self.tracer.add_target(pid, false).is_ok() {
+                self.follow(parent, pid);
+            }
+        }
+    }
+
+    /// `-o`: the capture's header, written before tracing begins.
+    fn start_capture(&mut self, command: &str) -> Result<()> {
+        let opts = self.opts;
+        let Some(path) = &opts.capture else {
+            return Ok(());
+        };
+        let interval = opts.interval.unwrap_or(Duration::from_secs(1));
+        let interpreter = self.plan.python.as_ref().map(|p| p.module.clone());
+        let header = Header::new(self.proc.pid, command, opts.mode, interval, interpreter);
+        self.capture = Some(CaptureWriter::create(path, header)?);
+        Ok(())
     }
 }
 
