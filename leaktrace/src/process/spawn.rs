@@ -111,6 +111,24 @@ fn run(
     events: &UnboundedSender<SpawnEvent>,
     rx: &mpsc::Receiver<Control>,
 ) -> Result<(), Error> {
+    let pid = start_traced(argv, env)?;
+    let _ = events.send(SpawnEvent::Ready(pid.as_raw() as u32));
+    match rx.recv() {
+        Ok(Control::Go) => {}
+        _ => {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            return Ok(());
+        }
+    }
+    let _ = ptrace::cont(pid, None);
+    follow(pid, argv, events, rx);
+    Ok(())
+}
+
+/// Starts `argv` under ptrace and runs it to its executable's entry point, where it stops with
+/// every library mapped.
+fn start_traced(argv: &[String], env: Option<(String, String)>) -> Result<Pid, Error> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     if let Some((k, v)) = env {
@@ -151,25 +169,26 @@ fn run(
         };
         return Err(spawn_error(argv, why));
     }
-    let _ = events.send(SpawnEvent::Ready(pid.as_raw() as u32));
-    match rx.recv() {
-        Ok(Control::Go) => {}
-        _ => {
-            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-            return Ok(());
-        }
-    }
-    let _ = ptrace::cont(pid, None);
+    Ok(pid)
+}
+
+/// Follows the running child through its ptrace stops until it is gone, telling the session
+/// what happens and doing what it answers.
+fn follow(
+    pid: Pid,
+    argv: &[String],
+    events: &UnboundedSender<SpawnEvent>,
+    rx: &mpsc::Receiver<Control>,
+) {
     loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, code)) => {
                 let _ = events.send(SpawnEvent::Exited(ExitKind::Code(code)));
-                return Ok(());
+                return;
             }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
                 let _ = events.send(SpawnEvent::Exited(ExitKind::Signal(sig as i32)));
-                return Ok(());
+                return;
             }
             Ok(WaitStatus::PtraceEvent(_, _, ev))
                 if ev == ptrace::Event::PTRACE_EVENT_EXIT as i32 =>
@@ -209,7 +228,7 @@ fn run(
                     argv,
                     format!("waitpid: {e}"),
                 )));
-                return Ok(());
+                return;
             }
         }
     }
