@@ -146,40 +146,8 @@ impl Unwinder {
         };
         while out.pcs.len() < MAX_FRAMES {
             out.pcs.push(r.pc);
-            let Some(m) = sym.mapping(pid, r.pc) else {
-                out.eval.push(false);
-                out.end = UnwindEnd::UnknownModule;
+            let Some((row, guessed)) = self.row_at(sym, pid, r.pc, &mut out, &mut rows) else {
                 break;
-            };
-            let Some(cfi) = self.module(pid, &m.path) else {
-                out.eval.push(false);
-                out.end = UnwindEnd::NoCfi;
-                break;
-            };
-            // A return address follows its call: the call's own row is at the byte before.
-            let svma = cfi.svma(m.file_offset(r.pc)).map(|a| a.saturating_sub(1));
-            let eval = svma.is_some_and(|a| cfi.is_eval(a));
-            out.eval.push(eval);
-            let (row, guessed) = match svma.map(|a| cfi.lookup(a)) {
-                Some(Lookup::Row(mut row)) => {
-                    if eval {
-                        row.flags |= unwind_flags::STOP;
-                    }
-                    rows.push((r.pc, row));
-                    (row, false)
-                }
-                Some(Lookup::Outermost) => {
-                    rows.push((r.pc, END_ROW(unwind_flags::OUTERMOST)));
-                    out.end = UnwindEnd::Complete;
-                    break;
-                }
-                Some(Lookup::Unsupported) => {
-                    rows.push((r.pc, END_ROW(unwind_flags::END)));
-                    out.end = UnwindEnd::Unsupported;
-                    break;
-                }
-                // No CFI: the code may still keep frame pointers.
-                Some(Lookup::NoCfi) | None => (UnwindRow::FRAME_POINTER, true),
             };
             match row.step(r, &mut read) {
                 Some(up) if up.pc == 0 => {
@@ -199,13 +167,67 @@ impl Unwinder {
                 }
             }
         }
+        self.count(&out, stack.len(), started);
+        (out, rows)
+    }
+
+    /// The unwind row for return address `pc` (and whether it is a frame-pointer guess), or
+    /// `None` when the walk ends there (`out.end` says why). Rows found are kept in `rows`
+    /// to teach the kernel.
+    fn row_at(
+        &mut self,
+        sym: &mut Symbolizer,
+        pid: u32,
+        pc: u64,
+        out: &mut NativeStack,
+        rows: &mut Vec<(u64, UnwindRow)>,
+    ) -> Option<(UnwindRow, bool)> {
+        let Some(m) = sym.mapping(pid, pc) else {
+            out.eval.push(false);
+            out.end = UnwindEnd::UnknownModule;
+            return None;
+        };
+        let Some(cfi) = self.module(pid, &m.path) else {
+            out.eval.push(false);
+            out.end = UnwindEnd::NoCfi;
+            return None;
+        };
+        // A return address follows its call: the call's own row is at the byte before.
+        let svma = cfi.svma(m.file_offset(pc)).map(|a| a.saturating_sub(1));
+        let eval = svma.is_some_and(|a| cfi.is_eval(a));
+        out.eval.push(eval);
+        let (row, guessed) = match svma.map(|a| cfi.lookup(a)) {
+            Some(Lookup::Row(mut row)) => {
+                if eval {
+                    row.flags |= unwind_flags::STOP;
+                }
+                rows.push((pc, row));
+                (row, false)
+            }
+            Some(Lookup::Outermost) => {
+                rows.push((pc, END_ROW(unwind_flags::OUTERMOST)));
+                out.end = UnwindEnd::Complete;
+                return None;
+            }
+            Some(Lookup::Unsupported) => {
+                rows.push((pc, END_ROW(unwind_flags::END)));
+                out.end = UnwindEnd::Unsupported;
+                return None;
+            }
+            // No CFI: the code may still keep frame pointers.
+            Some(Lookup::NoCfi) | None => (UnwindRow::FRAME_POINTER, true),
+        };
+        Some((row, guessed))
+    }
+
+    /// Adds one unwind to the statistics `--verbose` and the report show.
+    fn count(&mut self, out: &NativeStack, copy_bytes: usize, started: Instant) {
         let st = &mut self.stats;
         st.stacks += 1;
         *st.ends.entry(out.end.name().to_string()).or_default() += 1;
         st.frames += out.pcs.len() as u64;
-        st.copy_bytes += stack.len() as u64;
+        st.copy_bytes += copy_bytes as u64;
         st.unwind_us += started.elapsed().as_micros() as u64;
-        (out, rows)
     }
 
     /// Which of `pcs` (return addresses of process `pid`) are in the interpreter's eval loop.
