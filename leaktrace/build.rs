@@ -2,7 +2,7 @@
 //!
 //! The BPF side is compiled by Debian's rustc, which ships a prebuilt `core` for
 //! `bpfel-unknown-none` (rustup cannot download `rust-src` here), and linked by bpf-linker
-//! (TOOLCHAIN.md). It gets its own target directory because a different compiler builds it.
+//! (docs/toolchain.md). It gets its own target directory because a different compiler builds it.
 //! `cargo xtask setup` installs both. Set `LEAKTRACE_BPF_OBJECT` to embed a prebuilt object.
 
 use std::env;

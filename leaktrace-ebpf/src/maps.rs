@@ -27,11 +27,12 @@ pub(crate) static mut SITE_COUNT: u64 = 0;
 /// Past this many sites, new Python stacks are folded into their native caller: the rest of
 /// `SITES` is kept for those coarse sites, so no allocation goes uncounted.
 #[no_mangle]
-pub(crate) static SITES_SOFT_LIMIT: u64 = (1 << 20) - (1 << 18);
+pub(crate) static SITES_SOFT_LIMIT: u64 =
+    leaktrace_ebpf::sites_soft_limit(leaktrace_ebpf::DEFAULT_TABLE_ENTRIES);
 
 /// Bytes of user stack copied for each new site (`--stack-copy`), at most `MAX_STACK_COPY`.
 #[no_mangle]
-pub(crate) static STACK_COPY: u32 = 16 << 10;
+pub(crate) static STACK_COPY: u32 = leaktrace_ebpf::DEFAULT_STACK_COPY;
 
 /// Native return addresses folded into a site id, at most `MAX_NATIVE_FRAMES`.
 #[no_mangle]
@@ -39,7 +40,7 @@ pub(crate) static NATIVE_DEPTH: u32 = MAX_NATIVE_FRAMES as u32;
 
 /// Python frames recorded per site, at most `MAX_PY_FRAMES` (`--python-depth`).
 #[no_mangle]
-pub(crate) static PY_MAX_DEPTH: u32 = 64;
+pub(crate) static PY_MAX_DEPTH: u32 = leaktrace_ebpf::DEFAULT_PY_DEPTH;
 
 /// Processes being traced (tgid → flags). The probes are scoped to the target's pid as well; this
 /// map lets one loaded object serve several processes (forked workers).
@@ -54,15 +55,16 @@ pub(crate) static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(163
 /// sets (`--max-live`).
 #[map]
 pub(crate) static LIVE: HashMap<LiveKey, LiveAlloc> =
-    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(leaktrace_ebpf::DEFAULT_TABLE_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Per-site counters and identity, updated with atomic adds from every CPU. Not preallocated:
 /// memory grows with the number of distinct sites, up to the bound userspace sets.
 #[map]
 pub(crate) static SITES: HashMap<u64, SiteStats> =
-    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(leaktrace_ebpf::DEFAULT_TABLE_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// New-site announcements, each with its Python stack (≈240 bytes + 24 per frame) and its stack
+/// New-site announcements, each with its Python stack (a 1,088-byte record with room for every
+/// frame, `NewSiteEvent`) and its stack
 /// copy (`--stack-copy`, 16 KiB by default). Sized for the burst of new sites while a program
 /// imports its modules; a site whose announcement does not fit is announced again later.
 #[map]
@@ -75,7 +77,7 @@ pub(crate) const RING_BYTES: usize = 32 << 20;
 /// Least recently used rows make room; a path whose rows were evicted is learned again.
 #[map]
 pub(crate) static UNWIND: LruHashMap<UnwindKey, UnwindRow> =
-    LruHashMap::with_max_entries(1 << 17, 0);
+    LruHashMap::with_max_entries(leaktrace_ebpf::UNWIND_ROWS, 0);
 
 /// Return addresses whose rows a stack copy was sent to learn, and when
 /// ((tgid, return address) → ns).

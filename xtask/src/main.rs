@@ -1,7 +1,7 @@
 //! `cargo xtask setup | build | demo | test | bench`: the project's own setup and checks.
 //!
 //! `setup` installs what building and testing need on a fresh Debian 12 machine, idempotently
-//! and in well under a second when everything is present (TOOLCHAIN.md has the recipe).
+//! and in well under a second when everything is present (docs/toolchain.md has the recipe).
 
 mod bench;
 mod ext;

@@ -9,7 +9,7 @@ use crate::run;
 
 /// Debian packages and the file that shows each is installed.
 const APT: &[(&str, &str)] = &[
-    // Debian's rustc ships a prebuilt core for bpfel-unknown-none (TOOLCHAIN.md).
+    // Debian's rustc ships a prebuilt core for bpfel-unknown-none (docs/toolchain.md).
     ("rustc-web", "/usr/bin/rustc"),
     (
         "libstd-rust-web-dev-bpf",
