@@ -43,6 +43,7 @@ fn child_of(pid: u32) -> u32 {
 
 #[test]
 fn attach_by_host_pid_names_python_frames_in_a_pid_namespace() {
+    let _g = serial();
     let py = pyenv_python();
     let s = script(IN_A_CONTAINER);
     let mut unshare = Command::new("unshare")
@@ -53,13 +54,15 @@ fn attach_by_host_pid_names_python_frames_in_a_pid_namespace() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("unshare (util-linux) is needed for the container tests");
-    let mut lines = BufReader::new(unshare.stdout.take().unwrap()).lines();
+    let out = unshare.stdout.take().unwrap();
+    // Killed when the test ends, pass or fail.
+    let target = Target(unshare);
+    let mut lines = BufReader::new(out).lines();
     assert!(
         lines.next().is_some_and(|l| l.unwrap().contains("READY")),
         "the target never became ready"
     );
     std::thread::spawn(move || for _ in lines {});
-    let target = Target(unshare);
     let pid = child_of(target.id());
     // Inside, the interpreter is pid 1: the namespaces differ.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -125,6 +128,7 @@ time.sleep(30)
 
 #[test]
 fn run_inside_a_pid_namespace_traces_its_child_forks_and_death() {
+    let _g = serial();
     let py = pyenv_python();
     let s = script(LEAK_FORK_AND_DIE);
     let r = leaktrace_under(
@@ -186,28 +190,28 @@ fn run_inside_a_pid_namespace_traces_its_child_forks_and_death() {
     );
 }
 
-/// Starts `PYTHON SCRIPT` (the interpreter's prefix bind-mounted at /opt/python) in a new mount
+/// Starts `PYTHON SCRIPT` (the interpreter's prefix bind-mounted at /opt/lt-python) in a new mount
 /// and PID namespace whose root is a tmpfs at `$1` holding the host's /usr and /etc, entered
 /// with `chroot` or `pivot_root` (`$4`). Args: ROOT PREFIX SCRIPT MODE.
 const ENTER_ROOT: &str = r#"set -e
 R=$1
 mount --make-rprivate /
 mount -t tmpfs tmpfs "$R"
-mkdir -p "$R/usr" "$R/etc" "$R/proc" "$R/tmp" "$R/dev" "$R/opt/python" "$R/old"
+mkdir -p "$R/usr" "$R/etc" "$R/proc" "$R/tmp" "$R/dev" "$R/opt/lt-python" "$R/old"
 ln -s usr/lib "$R/lib"; ln -s usr/lib64 "$R/lib64"; ln -s usr/bin "$R/bin"
 mount --bind /usr "$R/usr"; mount --bind /etc "$R/etc"; mount --rbind /dev "$R/dev"
-mount --bind "$2" "$R/opt/python"
+mount --bind "$2" "$R/opt/lt-python"
 cp "$3" "$R/tmp/app.py"
-export LD_LIBRARY_PATH=/opt/python/lib
+export LD_LIBRARY_PATH=/opt/lt-python/lib
 if [ "$4" = chroot ]; then
     mount -t proc proc "$R/proc"
-    exec chroot "$R" /opt/python/bin/python3 /tmp/app.py
+    exec chroot "$R" /opt/lt-python/bin/python3 /tmp/app.py
 fi
 cd "$R"
 pivot_root . old
 mount -t proc proc /proc
 umount -l /old
-exec /opt/python/bin/python3 /tmp/app.py
+exec /opt/lt-python/bin/python3 /tmp/app.py
 "#;
 
 /// Keeps a 4,000-byte bytearray every 2 ms on line 6, for at most a minute.
@@ -221,6 +225,7 @@ for _ in range(30000):
 "#;
 
 fn attach_inside_another_root(mode: &str) {
+    let _g = serial();
     let py = pyenv_python();
     let prefix = py.parent().unwrap().parent().unwrap();
     let root = tempfile::tempdir().unwrap();
@@ -236,16 +241,21 @@ fn attach_inside_another_root(mode: &str) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("unshare (util-linux) is needed for the container tests");
-    let mut lines = BufReader::new(unshare.stdout.take().unwrap()).lines();
+    let out = unshare.stdout.take().unwrap();
+    // Killed when the test ends, pass or fail.
+    let target = Target(unshare);
+    let mut lines = BufReader::new(out).lines();
     assert!(
         lines.next().is_some_and(|l| l.unwrap().contains("READY")),
         "the target never became ready in its {mode} root"
     );
     std::thread::spawn(move || for _ in lines {});
-    let target = Target(unshare);
     let pid = child_of(target.id());
-    // The host has no /opt/python: its files are found through the target's root or mappings.
-    assert!(!std::path::Path::new("/opt/python/bin/python3").exists());
+    // The host has no /opt/lt-python: its files are found through the target's root or mappings.
+    assert!(
+        !std::path::Path::new("/opt/lt-python").exists(),
+        "/opt/lt-python exists on this host: the test would not show where files are read from"
+    );
 
     let r = leaktrace(&[
         "attach",
@@ -261,7 +271,7 @@ fn attach_inside_another_root(mode: &str) {
     assert!(
         json["target"]["python_module"]
             .as_str()
-            .is_some_and(|m| m.ends_with("/opt/python/lib/libpython3.11.so.1.0")),
+            .is_some_and(|m| m.ends_with("/opt/lt-python/lib/libpython3.11.so.1.0")),
         "the interpreter in the {mode} root: {}",
         json["target"]
     );
@@ -298,7 +308,7 @@ fn attach_to_a_target_that_pivoted_into_another_root() {
 }
 
 /// A container runc runs: `rootfs` holds only mount points; the host's /usr and /etc and the
-/// interpreter's prefix (at /opt/python) are bound read-only, the script is copied in.
+/// interpreter's prefix (at /opt/lt-python) are bound read-only, the script is copied in.
 struct RuncContainer {
     id: String,
     bundle: tempfile::TempDir,
@@ -334,16 +344,16 @@ impl RuncContainer {
         let mut spec: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         spec["process"]["terminal"] = false.into();
-        spec["process"]["args"] = serde_json::json!(["/opt/python/bin/python3", "/app/app.py"]);
+        spec["process"]["args"] = serde_json::json!(["/opt/lt-python/bin/python3", "/app/app.py"]);
         spec["process"]["env"]
             .as_array_mut()
             .unwrap()
-            .push("LD_LIBRARY_PATH=/opt/python/lib".into());
+            .push("LD_LIBRARY_PATH=/opt/lt-python/lib".into());
         let mounts = spec["mounts"].as_array_mut().unwrap();
         for (src, dst) in [
             ("/usr", "/usr"),
             ("/etc", "/etc"),
-            (prefix.to_str().unwrap(), "/opt/python"),
+            (prefix.to_str().unwrap(), "/opt/lt-python"),
         ] {
             mounts.push(serde_json::json!({
                 "destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"]
@@ -387,6 +397,7 @@ impl Drop for RuncContainer {
 
 #[test]
 fn attach_by_host_pid_to_a_runc_container() {
+    let _g = serial();
     let py = pyenv_python();
     let prefix = py.parent().unwrap().parent().unwrap();
     let (container, out) = RuncContainer::start(prefix, IN_A_CONTAINER);
@@ -411,7 +422,7 @@ fn attach_by_host_pid_to_a_runc_container() {
     assert!(
         json["target"]["python_module"]
             .as_str()
-            .is_some_and(|m| m.ends_with("/opt/python/lib/libpython3.11.so.1.0")),
+            .is_some_and(|m| m.ends_with("/opt/lt-python/lib/libpython3.11.so.1.0")),
         "{}",
         json["target"]
     );

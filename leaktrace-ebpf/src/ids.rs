@@ -23,8 +23,9 @@ pub fn translated() -> bool {
     read_global(&TRACER_PIDNS_INO) != 0
 }
 
-/// The current task's (tgid, tid) in leaktrace's PID namespace; `None` for a task that
-/// namespace cannot see (nothing leaktrace traces).
+/// The current task's (tgid, tid) in leaktrace's PID namespace; `None` for a task whose
+/// innermost namespace is another one (the helper does not translate from a namespace below:
+/// userspace refuses such targets).
 #[inline(always)]
 pub fn current() -> Option<(u32, u32)> {
     let ino = read_global(&TRACER_PIDNS_INO);

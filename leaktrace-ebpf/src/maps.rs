@@ -63,8 +63,8 @@ pub(crate) static LIVE: HashMap<LiveKey, LiveAlloc> =
 pub(crate) static SITES: HashMap<u64, SiteStats> =
     HashMap::with_max_entries(leaktrace_ebpf::DEFAULT_TABLE_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// New-site announcements, each with its Python stack (a 1,088-byte record with room for every
-/// frame, `NewSiteEvent`) and its stack
+/// New-site announcements, each with its Python stack (a 1,088-byte header and 24 B per frame
+/// walked, 4,160 B at most) and its stack
 /// copy (`--stack-copy`, 16 KiB by default). Sized for the burst of new sites while a program
 /// imports its modules; a site whose announcement does not fit is announced again later.
 #[map]

@@ -250,13 +250,18 @@ pub fn oom_victim(ctx: TracePointContext) -> u32 {
     // SAFETY: a checked kernel read of `pid`, at offset 8 of oom:mark_victim's record.
     let pid: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
     if ids::translated() {
-        let from = SignalFrom {
-            sender_tgid: 0,
-            signal: 0,
-            flags: death::OOM_VICTIM,
-            _pad: 0,
-            comm: [0; 16],
-        };
+        // The killer sent its SIGKILL just before: keep that record, with the mark added.
+        // SAFETY: a value of an LRU map, copied at once.
+        let mut from = unsafe { SIGNALLED.get(&(pid as u32)) }
+            .copied()
+            .unwrap_or(SignalFrom {
+                sender_tgid: 0,
+                signal: 0,
+                flags: 0,
+                _pad: 0,
+                comm: [0; 16],
+            });
+        from.flags |= death::OOM_VICTIM;
         let _ = SIGNALLED.insert(&(pid as u32), &from, 0);
     } else if let Some(d) = death_of(pid as u32) {
         d.flags |= death::OOM_VICTIM;
@@ -307,6 +312,12 @@ pub fn signal_deliver(ctx: TracePointContext) -> u32 {
     let sig: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
     // SAFETY: a checked kernel read of `sa_handler`, at offset 24 of the same record.
     let handler: u64 = unsafe { ctx.read_at(24) }.unwrap_or(1);
+    // Taken for every signal delivered, handled or not, so no record outlives its signal.
+    let from = if ids::translated() {
+        take_signalled()
+    } else {
+        None
+    };
     // SIG_DFL is 0.
     if handler != 0 || !fatal_by_default(sig as u32) {
         return 0;
@@ -314,23 +325,28 @@ pub fn signal_deliver(ctx: TracePointContext) -> u32 {
     if let Some(d) = death_of(tgid) {
         d.flags |= death::SIGNALED;
         d.signal = sig as u32;
-        if ids::translated() {
-            // `kill` names the process (its leader's pid); `tgkill` a thread, maybe this one.
-            // SAFETY: values of an LRU map, read at once.
-            let from = unsafe {
-                SIGNALLED
-                    .get(&ids::global_tgid())
-                    .or_else(|| SIGNALLED.get(&ids::global_tid()))
-            };
-            if let Some(from) = from {
-                d.flags |= from.flags;
-                d.sender_tgid = from.sender_tgid;
-                d.sent_signal = from.signal;
-                d.sender_comm = from.comm;
-            }
+        if let Some(from) = from {
+            d.flags |= from.flags;
+            d.sender_tgid = from.sender_tgid;
+            d.sent_signal = from.signal;
+            d.sender_comm = from.comm;
         }
     }
     0
+}
+
+/// The `SIGNALLED` record of the signal this thread is taking, removed: `tgkill` names this
+/// thread, `kill` its process (the leader's pid).
+#[inline(always)]
+fn take_signalled() -> Option<SignalFrom> {
+    for key in [ids::global_tid(), ids::global_tgid()] {
+        // SAFETY: a value of an LRU map, copied at once.
+        if let Some(from) = unsafe { SIGNALLED.get(&key) }.copied() {
+            let _ = SIGNALLED.remove(&key);
+            return Some(from);
+        }
+    }
+    None
 }
 
 /// `syscalls:sys_enter_exit_group`: a traced process exits with a status.

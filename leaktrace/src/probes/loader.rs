@@ -94,14 +94,20 @@ pub(super) fn bpf_err(what: &str, e: impl std::error::Error) -> Error {
     let mut errno = None;
     let mut source = e.source();
     while let Some(s) = source {
-        text = format!("{text}: {s}");
+        let said = s.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             errno = errno.or(io.raw_os_error());
         }
         source = s.source();
     }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     match errno {
-        Some(libc::EPERM | libc::EACCES) => Error::NoPrivileges(format!("{what}: {text}")),
+        // For root, EACCES is the verifier's answer, not a missing privilege.
+        Some(libc::EPERM | libc::EACCES) if !root => Error::NoPrivileges(format!("{what}: {text}")),
         _ => Error::Bpf(format!("{what}: {text}")),
     }
 }

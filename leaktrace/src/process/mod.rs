@@ -44,6 +44,15 @@ impl Process {
         if flags & PF_KTHREAD != 0 {
             return not("it is a kernel thread, with no user-space memory to trace");
         }
+        if own_pidns().is_some() && foreign_pidns(pid).is_some() {
+            // The kernel names a task by its ids in its own innermost namespace only: from a
+            // namespace above it, leaktrace could attach its probes but never see an event.
+            return not(
+                "it runs in a PID namespace below leaktrace's own, and leaktrace inside a PID \
+                 namespace traces the processes of that namespace only: run leaktrace in the \
+                 target's namespace or on the host",
+            );
+        }
         Ok(p)
     }
 

@@ -34,8 +34,8 @@ pub(super) async fn start<'a>(
         Process::open(pid)?;
     }
     check_privileges()?;
-    // A capture that cannot be written is a usage error found before anything starts.
-    if let Some(path) = &opts.capture {
+    // An output that cannot be written is found before anything starts, not after the trace.
+    for path in [&opts.capture, &opts.json].into_iter().flatten() {
         std::fs::File::create(path).map_err(|e| Error::Write {
             path: path.clone(),
             detail: e.to_string(),

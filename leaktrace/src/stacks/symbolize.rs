@@ -134,6 +134,8 @@ pub struct Symbolizer {
     cache: HashMap<(u32, u64), Frame>,
     /// (module, file offset) → symbolized frame.
     resolved: HashMap<(Arc<str>, u64), Frame>,
+    /// (pid, module) → the path it opens as (`host_path` reads the process's maps).
+    hosts: HashMap<(u32, String), std::path::PathBuf>,
 }
 
 impl Default for Symbolizer {
@@ -150,6 +152,7 @@ impl Symbolizer {
             modules: HashMap::new(),
             cache: HashMap::new(),
             resolved: HashMap::new(),
+            hosts: HashMap::new(),
         }
     }
 
@@ -157,6 +160,7 @@ impl Symbolizer {
     pub fn forget_process(&mut self, pid: u32) {
         self.modules.remove(&pid);
         self.cache.retain(|(p, _), _| *p != pid);
+        self.hosts.retain(|(p, _), _| *p != pid);
     }
 
     /// Re-reads process `pid`'s mappings (modules loaded since the last look).
@@ -224,8 +228,13 @@ impl Symbolizer {
         self.resolved.insert(key, frame.clone());
     }
 
-    fn symbolize_into(&self, frame: &mut Frame, pid: u32, path: &str, lookup: u64) {
-        let src = Source::Elf(Elf::new(host_path(pid, path)));
+    fn symbolize_into(&mut self, frame: &mut Frame, pid: u32, path: &str, lookup: u64) {
+        let host = self
+            .hosts
+            .entry((pid, path.to_string()))
+            .or_insert_with(|| host_path(pid, path))
+            .clone();
+        let src = Source::Elf(Elf::new(host));
         let Ok(syms) = self.blazesym.symbolize(&src, Input::FileOffset(&[lookup])) else {
             return;
         };

@@ -14,8 +14,11 @@ use crate::root;
 /// Requests served so far, from the service's counts file (its last line).
 fn served(counts: &Path) -> Option<(f64, u64)> {
     let text = std::fs::read_to_string(counts).ok()?;
-    let mut f = text.lines().last()?.split_whitespace();
-    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+    // The last line may be half written: the last whole one.
+    text.lines().rev().find_map(|line| {
+        let mut f = line.split_whitespace();
+        Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+    })
 }
 
 /// Requests per second over `window`.
@@ -87,7 +90,8 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
             .arg("-o")
             .arg(&capture)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            // A file, not a pipe nobody reads for half an hour.
+            .stderr(std::fs::File::create(dir.join("stderr"))?)
             .spawn()?,
     );
     println!(
@@ -96,11 +100,8 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
     );
     let rss_series = sample_every_30s(&counts, &mut tracer, started, minutes, untraced)?;
     let status = tracer.0.wait()?;
-    let mut err = String::new();
-    if let Some(mut e) = tracer.0.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut err)?;
-    }
     if !status.success() {
+        let err = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
         bail!("leaktrace attach failed ({status}): {err}");
     }
     summarize(&json, &capture, &rss_series)?;
@@ -121,7 +122,7 @@ fn sample_every_30s(
     println!("|---|---|---|---|---|");
     let (mut last_cpu, mut last_t) = (0.0, Instant::now());
     let mut rss_series = Vec::new();
-    while started.elapsed() < Duration::from_secs(minutes * 60 - 30) {
+    while started.elapsed() < Duration::from_secs((minutes * 60).saturating_sub(30)) {
         let r = rate(counts, Duration::from_secs(30))?;
         let Some((rss, cpu)) = usage(lt) else {
             bail!("leaktrace ended early: {:?}", tracer.0.try_wait());
