@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::placement::{choose, Placement};
 use crate::error::{Error, Result};
 use crate::process::elf::{ElfFile, SymbolTable};
-use crate::process::maps::{host_path, ModuleMap};
+use crate::process::maps::ModuleMap;
 use crate::process::python::{self, PythonInfo};
 
 /// Which allocator families to trace, and how closely (docs/coverage.md).
@@ -269,7 +269,7 @@ fn plan_libc(plan: &mut ProbePlan, pid: u32, modules: &ModuleMap, exe: Option<&s
         .map(str::to_string)
         .or_else(|| exe.map(str::to_string));
     if let Some(libc) = libc {
-        let elf = ElfFile::open(&host_path(pid, &libc))?;
+        let elf = ElfFile::open(&modules.host_path(pid, &libc))?;
         let before = plan.points.len();
         add_points(plan, &elf, &libc, LIBC_FNS)?;
         if plan.points.len() > before {

@@ -83,6 +83,14 @@ impl ModuleMap {
         &self.mappings
     }
 
+    /// `host_path` from these mappings, without reading `/proc/PID/maps` again.
+    pub fn host_path(&self, pid: u32, path: &str) -> PathBuf {
+        match self.mappings.iter().find(|m| m.path == path) {
+            Some(m) => host_path_of(pid, m),
+            None => host_path(pid, path),
+        }
+    }
+
     /// Distinct mapped file paths, in address order.
     pub fn files(&self) -> Vec<&str> {
         let mut seen = Vec::<&str>::new();
@@ -105,26 +113,41 @@ impl ModuleMap {
 /// (`/proc/PID/map_files`, which also opens a deleted file), the name as it stands. When nothing
 /// can be checked (the process or its mapping is gone), the first of those that exists.
 pub fn host_path(pid: u32, path: &str) -> PathBuf {
-    use std::os::unix::fs::MetadataExt;
-    let proc = Path::new("/proc").join(pid.to_string());
-    let via_root = proc.join("root").join(path.trim_start_matches('/'));
-    let Some(mapping) = std::fs::read_to_string(proc.join("maps"))
+    let mapping = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .ok()
-        .and_then(|text| parse_maps(&text).into_iter().find(|m| m.path == path))
-    else {
-        return if via_root.exists() {
-            via_root
-        } else {
-            PathBuf::from(path)
-        };
-    };
-    let via_mapping = proc
-        .join("map_files")
-        .join(format!("{:x}-{:x}", mapping.start, mapping.end));
-    [via_root.clone(), via_mapping, PathBuf::from(path)]
+        .and_then(|text| parse_maps(&text).into_iter().find(|m| m.path == path));
+    match mapping {
+        Some(m) => host_path_of(pid, &m),
+        None => or_as_named(via_root(pid, path), path),
+    }
+}
+
+/// `host_path` for a mapping already read: no second read of `/proc/PID/maps`.
+pub fn host_path_of(pid: u32, m: &Mapping) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let via_root = via_root(pid, &m.path);
+    let via_mapping = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
+    [via_root.clone(), via_mapping, PathBuf::from(&m.path)]
         .into_iter()
-        .find(|p| std::fs::metadata(p).is_ok_and(|md| md.ino() == mapping.inode))
-        .unwrap_or(via_root)
+        .find(|p| std::fs::metadata(p).is_ok_and(|md| md.ino() == m.inode))
+        .unwrap_or_else(|| or_as_named(via_root, &m.path))
+}
+
+/// `via_root` when it exists, else the name as it stands (the process is gone).
+fn or_as_named(via_root: PathBuf, path: &str) -> PathBuf {
+    if via_root.exists() {
+        via_root
+    } else {
+        PathBuf::from(path)
+    }
+}
+
+/// `path` as the process sees it, through its root.
+fn via_root(pid: u32, path: &str) -> PathBuf {
+    Path::new("/proc")
+        .join(pid.to_string())
+        .join("root")
+        .join(path.trim_start_matches('/'))
 }
 
 /// The anonymous private read-write mappings of `pid`, where pymalloc's arenas are: `(start,

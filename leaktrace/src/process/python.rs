@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::elf::ElfFile;
-use super::maps::{host_path, ModuleMap};
+use super::maps::ModuleMap;
 
 /// Where a process's CPython runtime is and what it is.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -44,14 +44,14 @@ pub fn detect(pid: u32, modules: &ModuleMap, exe: Option<&str>) -> Option<Python
         Some(l) => (l.to_string(), true),
         None => {
             let exe = exe?;
-            let elf = ElfFile::open(&host_path(pid, exe)).ok()?;
+            let elf = ElfFile::open(&modules.host_path(pid, exe)).ok()?;
             if !elf.has_any_symbol(INTERPRETER_SYMBOLS) {
                 return None;
             }
             (exe.to_string(), false)
         }
     };
-    let hp = host_path(pid, &module);
+    let hp = modules.host_path(pid, &module);
     let version = ElfFile::open(&hp)
         .ok()
         .and_then(|elf| elf.object_bytes("_Py_Version", 4))

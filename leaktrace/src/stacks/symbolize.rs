@@ -232,7 +232,10 @@ impl Symbolizer {
         let host = self
             .hosts
             .entry((pid, path.to_string()))
-            .or_insert_with(|| host_path(pid, path))
+            .or_insert_with(|| match self.modules.get(&pid) {
+                Some(mm) => mm.host_path(pid, path),
+                None => host_path(pid, path),
+            })
             .clone();
         let src = Source::Elf(Elf::new(host));
         let Ok(syms) = self.blazesym.symbolize(&src, Input::FileOffset(&[lookup])) else {

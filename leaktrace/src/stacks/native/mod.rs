@@ -9,7 +9,7 @@ use std::time::Instant;
 use leaktrace_ebpf::{native_end, unwind_flags, FrameRegs, UnwindRow};
 use serde::Serialize;
 
-use crate::process::maps::host_path;
+use crate::process::maps::{host_path_of, Mapping};
 use crate::stacks::symbolize::Symbolizer;
 use cfi::{Lookup, ModuleCfi};
 
@@ -187,7 +187,7 @@ impl Unwinder {
             out.end = UnwindEnd::UnknownModule;
             return None;
         };
-        let Some(cfi) = self.module(pid, &m.path) else {
+        let Some(cfi) = self.module(pid, &m) else {
             out.eval.push(false);
             out.end = UnwindEnd::NoCfi;
             return None;
@@ -243,7 +243,7 @@ impl Unwinder {
             return false;
         };
         let off = m.file_offset(pc);
-        let e = self.module(pid, &m.path).is_some_and(|cfi| {
+        let e = self.module(pid, &m).is_some_and(|cfi| {
             cfi.svma(off)
                 .is_some_and(|a| cfi.is_eval(a.saturating_sub(1)))
         });
@@ -251,10 +251,11 @@ impl Unwinder {
         e
     }
 
-    fn module(&mut self, pid: u32, path: &str) -> Option<&mut ModuleCfi> {
+    fn module(&mut self, pid: u32, m: &Mapping) -> Option<&mut ModuleCfi> {
+        let path = m.path.as_str();
         let modules = self.modules.entry(pid).or_default();
         if !modules.contains_key(path) {
-            let cfi = ModuleCfi::load(&host_path(pid, path))
+            let cfi = ModuleCfi::load(&host_path_of(pid, m))
                 .map_err(|e| log::debug!("no CFI for {path}: {e}"))
                 .ok();
             modules.insert(path.to_string(), cfi);
