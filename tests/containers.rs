@@ -224,6 +224,30 @@ for _ in range(30000):
     time.sleep(0.002)
 "#;
 
+/// `attach -d 2` to `pid`, whose interpreter is the one bound at /opt/lt-python: the report's
+/// JSON, once it is checked that leaktrace found that interpreter.
+fn attach_to_lt_python(pid: u32) -> serde_json::Value {
+    let r = leaktrace(&[
+        "attach",
+        "-p",
+        &pid.to_string(),
+        "-d",
+        "2",
+        "--mode",
+        "exact",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let json = r.json.unwrap();
+    assert!(
+        json["target"]["python_module"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("/opt/lt-python/lib/libpython3.11.so.1.0")),
+        "the interpreter at /opt/lt-python: {}",
+        json["target"]
+    );
+    json
+}
+
 fn attach_inside_another_root(mode: &str) {
     let _g = serial();
     let py = pyenv_python();
@@ -257,24 +281,7 @@ fn attach_inside_another_root(mode: &str) {
         "/opt/lt-python exists on this host: the test would not show where files are read from"
     );
 
-    let r = leaktrace(&[
-        "attach",
-        "-p",
-        &pid.to_string(),
-        "-d",
-        "2",
-        "--mode",
-        "exact",
-    ]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let json = r.json.as_ref().unwrap();
-    assert!(
-        json["target"]["python_module"]
-            .as_str()
-            .is_some_and(|m| m.ends_with("/opt/lt-python/lib/libpython3.11.so.1.0")),
-        "the interpreter in the {mode} root: {}",
-        json["target"]
-    );
+    let json = attach_to_lt_python(pid);
     let kept: u64 = json["sites"]
         .as_array()
         .unwrap()
@@ -408,24 +415,7 @@ fn attach_by_host_pid_to_a_runc_container() {
     );
     std::thread::spawn(move || for _ in lines {});
     let pid = container.pid();
-    let r = leaktrace(&[
-        "attach",
-        "-p",
-        &pid.to_string(),
-        "-d",
-        "2",
-        "--mode",
-        "exact",
-    ]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let json = r.json.as_ref().unwrap();
-    assert!(
-        json["target"]["python_module"]
-            .as_str()
-            .is_some_and(|m| m.ends_with("/opt/lt-python/lib/libpython3.11.so.1.0")),
-        "{}",
-        json["target"]
-    );
+    let json = attach_to_lt_python(pid);
     // Both threads' stacks, down to the line, as on the host.
     let outer: std::collections::HashSet<String> = json["sites"]
         .as_array()
