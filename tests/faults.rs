@@ -65,29 +65,17 @@ fn our_programs() -> Vec<String> {
 
 /// The state letter of `pid` (`None` once it is gone or a zombie).
 fn state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let c = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
-    (c != 'Z' && c != 'X').then_some(c)
+    stat_of(pid)
+        .map(|(state, _)| state)
+        .filter(|&c| c != 'Z' && c != 'X')
 }
 
 /// Every live process whose parent chain reaches `root` (and `root`): pid → state.
 fn tree(root: u32) -> Vec<(u32, char)> {
-    let mut parents = std::collections::HashMap::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if let (Some(st), Some(ppid)) = (f.first(), f.get(1).and_then(|p| p.parse::<u32>().ok())) {
-            parents.insert(pid, (ppid, st.chars().next().unwrap_or('?')));
-        }
-    }
+    let parents: std::collections::HashMap<u32, (u32, char)> = processes()
+        .into_iter()
+        .map(|(pid, state, ppid)| (pid, (ppid, state)))
+        .collect();
     parents
         .iter()
         .filter(|(&pid, _)| {

@@ -158,26 +158,11 @@ print("done", flush=True)
 
 /// Process state letters of `pid`'s children.
 fn children_states(pid: u32) -> HashMap<u32, char> {
-    let mut out = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
-            out.insert(child, f[0].chars().next().unwrap_or('?'));
-        }
-    }
-    out
+    processes()
+        .into_iter()
+        .filter(|&(_, _, ppid)| ppid == pid)
+        .map(|(child, state, _)| (child, state))
+        .collect()
 }
 
 /// Attaches with `--follow-forks` to a process that forks all along, sends leaktrace `sig`

@@ -297,19 +297,26 @@ pub fn start_ready(python: &Path, script: &Path, args: &[&str]) -> Target {
 
 /// Whether a process is still running (not a zombie).
 pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            let state = s
-                .rsplit_once(')')
-                .unwrap()
-                .1
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-            state != "Z" && state != "X"
-        })
-        .unwrap_or(false)
+    stat_of(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+/// The state letter and parent pid of `pid`, from `/proc/PID/stat`.
+pub fn stat_of(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    Some((state, f.next()?.parse().ok()?))
+}
+
+/// Every process now: (pid, state letter, parent pid).
+pub fn processes() -> Vec<(u32, char, u32)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter_map(|pid| stat_of(pid).map(|(state, ppid)| (pid, state, ppid)))
+        .collect()
 }
 
 /// The first byte of `symbol` in `module` as mapped in process `pid`, next to the byte in the
