@@ -210,12 +210,11 @@ fn sigkill_mid_trace_gives_a_post_mortem_report() {
     let s = script(LEAK_UNTIL_KILLED);
     let target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
     let pid = target.id();
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(2500));
-        kill(pid, libc::SIGKILL);
-    });
-    let r = leaktrace(&["attach", "-p", &pid.to_string(), "--mode", "exact"]);
-    killer.join().unwrap();
+    let tracer = Tracer::spawn(&["attach", "-p", &pid.to_string(), "--mode", "exact"]);
+    // Killed 1.5 s after its probes are in: at 200 leaks a second, hundreds are live.
+    std::thread::sleep(Duration::from_millis(1500));
+    kill(pid, libc::SIGKILL);
+    let r = tracer.finish();
     assert_eq!(r.code, 5, "the target died during the window");
     let j = r.json.as_ref().unwrap();
     let death = &j["target"]["death"];

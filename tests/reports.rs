@@ -287,16 +287,19 @@ fn a_capture_survives_a_killed_tracer() {
     let t = start_ready(&py, &s, &[ext_dir(&py).to_str().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
     let cap = dir.path().join("cut.ltc");
-    let mut tracer = Command::new(leaktrace_bin())
-        .args(["attach", "-p", &t.id().to_string(), "--mode", "exact", "-o"])
-        .arg(&cap)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(4500));
+    let tracer = Tracer::spawn(&[
+        "attach",
+        "-p",
+        &t.id().to_string(),
+        "--mode",
+        "exact",
+        "-o",
+        cap.to_str().unwrap(),
+    ]);
+    // Past the first capture flush (every second), whatever the attach took.
+    std::thread::sleep(Duration::from_millis(2500));
     kill(tracer.id(), libc::SIGKILL);
-    let _ = tracer.wait();
+    let _ = tracer.finish();
     let (code, table, err) = report(&[cap.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(table.contains("the capture stops at"), "{table}");
@@ -355,21 +358,17 @@ fn prometheus_metrics_pass_promtool() {
     let s = script(FOREVER);
     let t = start_ready(&py, &s, &[ext_dir(&py).to_str().unwrap()]);
     let addr = "127.0.0.1:19464";
-    let tracer = Command::new(leaktrace_bin())
-        .args([
-            "attach",
-            "-p",
-            &t.id().to_string(),
-            "-d",
-            "8",
-            "--prometheus",
-            addr,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(5));
+    let tracer = Tracer::spawn(&[
+        "attach",
+        "-p",
+        &t.id().to_string(),
+        "-d",
+        "8",
+        "--prometheus",
+        addr,
+    ]);
+    // At 50 leaks a second, well over the 100 the scrape is checked for.
+    std::thread::sleep(Duration::from_secs(4));
     let (status, body) = http_get(addr, "/metrics");
     assert!(status.contains("200"), "{status}");
     let mut check = Command::new("promtool")
@@ -414,13 +413,7 @@ fn prometheus_metrics_pass_promtool() {
     assert!((1..=10).contains(&stacks), "bounded: {stacks}");
     let (status, _) = http_get(addr, "/other");
     assert!(status.contains("404"), "{status}");
-    let out = tracer.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(tracer.finish().code, 0);
 }
 
 fn tmux(args: &[&str]) -> String {

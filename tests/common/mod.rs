@@ -240,6 +240,74 @@ pub fn leaktrace_under(wrapper: &[&str], args: &[&str]) -> Run {
     run
 }
 
+/// A leaktrace running in the background, started by [`Tracer::spawn`].
+pub struct Tracer {
+    child: Child,
+    json: tempfile::TempPath,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// What leaktrace prints with `--verbose` once every probe is attached: tracing is under way.
+const ATTACHED: &str = "phase: start the target, plan and attach the probes";
+
+impl Tracer {
+    /// Starts `leaktrace ARGS --verbose --json FILE` and returns once its probes are attached,
+    /// so a test's next step (a kill, a scrape) falls inside the window however slowly the
+    /// kernel attached them.
+    pub fn spawn(args: &[&str]) -> Tracer {
+        let json = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+        let mut child = Command::new(leaktrace_bin())
+            .args(args)
+            .arg("--verbose")
+            .arg("--json")
+            .arg(&*json)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if l.contains(ATTACHED) {
+                    let _ = tx.send(());
+                }
+                text.push_str(&l);
+                text.push('\n');
+            }
+            text
+        });
+        // Either it attached, or it ended (the sender dropped) and `finish` shows why.
+        let _ = rx.recv_timeout(Duration::from_secs(60));
+        Tracer {
+            child,
+            json,
+            stderr,
+        }
+    }
+
+    /// The tracer's pid.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the tracer to end and returns its run.
+    pub fn finish(self) -> Run {
+        let out = self.child.wait_with_output().unwrap();
+        let stderr = self.stderr.join().unwrap();
+        let text = std::fs::read_to_string(&self.json).unwrap_or_default();
+        let run = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+            json: serde_json::from_str(&text).ok(),
+        };
+        eprintln!("--- leaktrace → {}\n{}\n{}", run.code, run.stdout, run.stderr);
+        run
+    }
+}
+
 /// A child process killed when the test ends, pass or fail.
 pub struct Target(pub Child);
 
