@@ -125,14 +125,11 @@ fn run_trace(cli: &Cli) -> i32 {
             code = EXIT_LEAKS_OVER_LIMIT;
         }
     }
-    // Detach before exiting: the target keeps running, unharmed. `run`'s child is gone:
-    // its breakpoints are removed in the background while leaktrace returns.
+    // Every process leaves `TARGETS` now, so the programs return at once; the kernel's removal
+    // of the breakpoints (a grace period per link, ≈2 s for a full set) finishes in a process of
+    // its own, so the command ends when its report is out (docs/lifecycle.md, "Leaving").
     let phase = leaktrace::session::Phases::new(verbose);
-    if attach {
-        drop(outcome.probes);
-    } else {
-        outcome.probes.detach_in_background();
-    }
+    outcome.probes.detach_in_background();
     phase.done("detach");
     code
 }

@@ -303,7 +303,10 @@ impl Tracer {
             stderr,
             json: serde_json::from_str(&text).ok(),
         };
-        eprintln!("--- leaktrace → {}\n{}\n{}", run.code, run.stdout, run.stderr);
+        eprintln!(
+            "--- leaktrace → {}\n{}\n{}",
+            run.code, run.stdout, run.stderr
+        );
         run
     }
 }

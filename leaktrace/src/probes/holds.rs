@@ -272,10 +272,9 @@ impl Tracer {
     }
 
     /// Detaches in a process of its own, so that leaktrace can exit now: removing a uprobe
-    /// waits for RCU grace periods (≈2 s for a full set, more per followed child), which only
-    /// matters to processes that still run. Every process is first dropped from `TARGETS`, so
-    /// the programs return at once until the kernel has removed the breakpoints. For `run`,
-    /// whose child has exited (or runs on untraced after a second signal).
+    /// waits for RCU grace periods (≈110 ms a link here, ≈2 s for a full set, more per followed
+    /// child). Every process is first dropped from `TARGETS`, so until the kernel has removed the
+    /// breakpoints a hit costs the trap alone and records nothing.
     pub fn detach_in_background(mut self) {
         self.end_holds();
         if let Ok(mut targets) = self.targets_mut() {

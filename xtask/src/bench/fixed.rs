@@ -2,7 +2,9 @@
 //! untraced command, and `attach` to an idle process for a 1 s window, each split into the
 //! phases leaktrace prints with `--verbose`. `LEAKTRACE_COMPARE=/path/to/leaktrace` adds the
 //! same rows for another build (an older one), alternating with this one, for before/after
-//! figures measured in one run.
+//! figures measured in one run. Each command starts once the kernel has finished removing the
+//! previous one's probes (they are removed in the background after leaktrace returns), so no
+//! build pays for the one before it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -93,6 +95,7 @@ pub fn fixed_cost(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) 
     for _ in 0..reps {
         untraced.push(timed(Command::new(python).args(["-c", "pass"]))?.0);
         for (i, (_, bin)) in builds.iter().enumerate() {
+            probes_gone()?;
             let (t, err) = timed(
                 Command::new(bin)
                     .args(["run", "--verbose", "--json"])
@@ -107,6 +110,7 @@ pub fn fixed_cost(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) 
             }
         }
         for (i, (_, bin)) in builds.iter().enumerate() {
+            probes_gone()?;
             let (t, err) = attach_idle(bin, python, &json)?;
             attach_rows[i].add(t, &err);
             if let Some(mb) = peak_rss_mb(&json) {
@@ -131,7 +135,35 @@ pub fn fixed_cost(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) 
     Ok(())
 }
 
-/// `attach -d 1` to an interpreter that sleeps: wall seconds and stderr.
+/// Waits until no leaktrace process is left, the background detacher included (it exits once
+/// the kernel has removed its links, and so every breakpoint). Returns the seconds waited.
+fn probes_gone() -> Result<f64> {
+    let t = Instant::now();
+    while leaktrace_running() {
+        if t.elapsed().as_secs() > 60 {
+            bail!("a leaktrace process is still running after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Whether a process named `leaktrace` runs (zombies, already done with their files, aside).
+fn leaktrace_running() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // `PID (COMM) STATE …`: the name may hold spaces, the state follows the last ')'.
+        stat.split_once(" (")
+            .and_then(|(_, rest)| rest.rsplit_once(") "))
+            .is_some_and(|(comm, rest)| comm == "leaktrace" && !rest.starts_with('Z'))
+    })
+}
+
+/// `attach -d 1` to an interpreter that sleeps: wall seconds and stderr, with a last line
+/// giving when the kernel had removed every breakpoint, counted from the command's start.
 fn attach_idle(bin: &Path, python: &Path, json: &Path) -> Result<(f64, String)> {
     let mut idle = Command::new(python)
         .args([
@@ -156,7 +188,13 @@ fn attach_idle(bin: &Path, python: &Path, json: &Path) -> Result<(f64, String)> 
             .arg(json)
             .args(["-p", &idle.id().to_string()]),
     );
+    let gone = probes_gone();
     let _ = idle.kill();
     let _ = idle.wait();
-    result
+    let (secs, mut err) = result?;
+    err.push_str(&format!(
+        "leaktrace: phase: every breakpoint removed, from the command's start: {:.3} s\n",
+        secs + gone?
+    ));
+    Ok((secs, err))
 }
