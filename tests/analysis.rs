@@ -363,7 +363,7 @@ fn type_census_growth_is_what_the_program_made_after_start_up() {
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("sitecustomize.py"), SLOW_STARTUP).unwrap();
     let n = 20_000i64;
-    for py in pyenv_interpreters() {
+    for py in pythons().into_iter().map(|p| p.path) {
         let traced = |mode: &str| {
             // `env` execs the interpreter: leaktrace follows it through the exec.
             let python_path = format!("PYTHONPATH={}", site.path().display());

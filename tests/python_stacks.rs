@@ -9,20 +9,10 @@ use std::path::PathBuf;
 use common::*;
 use serde_json::Value;
 
-/// Interpreters to check: pyenv 3.11 (shared libpython, symbols), Debian's 3.11 (static,
-/// stripped), and pyenv's 3.12 and 3.13 when the machine has them.
+/// Every interpreter of tests/fixtures/pythons.txt: 3.11 to 3.14, with symbols, stripped and
+/// debug builds.
 fn interpreters() -> Vec<PathBuf> {
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let mut v = vec![pyenv_python(), debian_python()];
-    for extra in ["3.12.1/bin/python3.12", "3.13.0/bin/python3.13"] {
-        let p = PathBuf::from(&home).join(".pyenv/versions").join(extra);
-        if p.exists() {
-            v.push(p);
-        } else {
-            eprintln!("note: {} not installed; not checked", p.display());
-        }
-    }
-    v
+    pythons().into_iter().map(|p| p.path).collect()
 }
 
 /// Known functions allocating on known lines: a global cache grown by a list, a dict, bytearrays

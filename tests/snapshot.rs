@@ -60,7 +60,7 @@ fn count(v: &Value, ty: &str, key: &str) -> i64 {
 
 #[test]
 fn counts_every_small_object_by_type_and_its_growth() {
-    for py in pyenv_interpreters() {
+    for py in pythons().into_iter().map(|p| p.path) {
         let s = script(HOLDS);
         let target = start_ready(&py, &s, &[]);
         let pid = target.id().to_string();

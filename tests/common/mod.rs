@@ -47,17 +47,78 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// pyenv's CPython 3.11.7, 3.12.1 and 3.13.0 (shared libpython, full symbol tables), which the
-/// machine image provides: the real binaries, not the shims.
-pub fn pyenv_interpreters() -> Vec<PathBuf> {
+/// How an interpreter was built: what leaktrace can find in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// A full symbol table (pyenv's builds).
+    Symbols,
+    /// Dynamic symbols only, LTO (Debian's release builds).
+    Stripped,
+    /// `--with-pydebug`, with symbols (Debian's python3.Xd).
+    Debug,
+}
+
+/// One interpreter the tests run on (tests/fixtures/pythons.txt).
+#[derive(Clone, Debug)]
+pub struct Python {
+    /// `3.14`, as listed.
+    pub version: String,
+    pub build: Build,
+    pub path: PathBuf,
+}
+
+/// Every interpreter of tests/fixtures/pythons.txt, the list `cargo xtask setup` provides and
+/// `cargo xtask pythons` prints. A missing one fails the test unless `LEAKTRACE_SKIP_PYTHONS`
+/// names its version; each skipped one is said on stderr.
+pub fn pythons() -> Vec<Python> {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let mut v = vec![pyenv_python()];
-    for extra in ["3.12.1/bin/python3.12", "3.13.0/bin/python3.13"] {
-        let p = Path::new(&home).join(".pyenv/versions").join(extra);
-        assert!(p.exists(), "{} missing from this machine", p.display());
-        v.push(p);
+    let skip = std::env::var("LEAKTRACE_SKIP_PYTHONS").unwrap_or_default();
+    let skip: Vec<&str> = skip.split([',', ' ']).filter(|s| !s.is_empty()).collect();
+    let mut v = Vec::new();
+    for line in include_str!("../fixtures/pythons.txt").lines() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [version, build, path] = f[..] else {
+            panic!("bad line in tests/fixtures/pythons.txt: {line}");
+        };
+        let path = match path.strip_prefix("~/") {
+            Some(rest) => Path::new(&home).join(rest),
+            None => PathBuf::from(path),
+        };
+        if skip.contains(&version) {
+            eprintln!("note: {} skipped (LEAKTRACE_SKIP_PYTHONS)", path.display());
+            continue;
+        }
+        assert!(
+            path.exists(),
+            "{} (CPython {version}) missing: run `cargo xtask setup`, or set \
+             LEAKTRACE_SKIP_PYTHONS={version}",
+            path.display()
+        );
+        let build = match build {
+            "symbols" => Build::Symbols,
+            "stripped" => Build::Stripped,
+            "debug" => Build::Debug,
+            other => panic!("unknown build {other} in tests/fixtures/pythons.txt"),
+        };
+        v.push(Python {
+            version: version.to_string(),
+            build,
+            path,
+        });
     }
     v
+}
+
+/// The interpreters with a symbol table: pyenv's 3.11–3.13 and Debian's debug 3.14.
+pub fn pythons_with_symbols() -> Vec<PathBuf> {
+    pythons()
+        .into_iter()
+        .filter(|p| p.build != Build::Stripped)
+        .map(|p| p.path)
+        .collect()
 }
 
 /// pyenv's CPython 3.11.7 (shared libpython, full symbol table): the real binary, not the shim.

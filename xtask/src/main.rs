@@ -5,6 +5,7 @@
 
 mod bench;
 mod ext;
+mod pythons;
 mod real_leaks;
 mod setup;
 
@@ -33,6 +34,8 @@ enum Cmd {
     Build,
     /// Trace the bundled leaking example and print the report.
     Demo,
+    /// Print the CPython interpreters the tests run on, one per line: `VERSION PATH`.
+    Pythons,
     /// Run every test: unit tests and the integration tests against the real kernel.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -94,7 +97,8 @@ pub fn build() -> Result<PathBuf> {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Setup { bench } => setup::setup(bench),
+        Cmd::Setup { bench } => setup::setup(bench).and_then(|()| pythons::ensure()),
+        Cmd::Pythons => pythons::print(),
         Cmd::Build => build().map(|p| println!("built {}", p.display())),
         Cmd::Demo => {
             setup::setup(false)?;
@@ -131,12 +135,16 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => {
             setup::setup(false)?;
+            pythons::ensure()?;
             let bin = build()?;
             let mut c = cargo();
             c.args(["test", "--workspace"])
                 .args(&args)
                 .env("LEAKTRACE_BIN", bin);
-            run(&mut c)
+            run(&mut c)?;
+            // Each test fails on a missing interpreter unless skipped: these are the ones run.
+            println!("CPython interpreters under test:");
+            pythons::print()
         }
         Cmd::Bench { quick, only } => {
             setup::setup(true)?;

@@ -30,6 +30,8 @@ const APT: &[(&str, &str)] = &[
     ("golang-go", "/usr/bin/go"),
     ("prometheus", "/usr/bin/promtool"),
     ("tmux", "/usr/bin/tmux"),
+    // Setup: points Debian sid's CPython 3.14, unpacked beside sid's libc, at that libc.
+    ("patchelf", "/usr/bin/patchelf"),
     // Tests: a real container runtime (OCI bundles run with runc) for targets in containers.
     ("runc", "/usr/sbin/runc"),
 ];

@@ -12,6 +12,10 @@ use crate::process::elf::{ElfFile, SymbolTable};
 use crate::process::maps::ModuleMap;
 use crate::process::python::{self, PythonInfo};
 
+/// The note of a plan that found no interpreter; a later plan of the same target (after an
+/// exec into Python) drops it.
+pub const NOT_PYTHON: &str =
+    "not a Python process (no libpython, no interpreter symbols): tracing libc allocations only";
 /// Which allocator families to trace, and how closely (docs/coverage.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Families {
@@ -242,10 +246,9 @@ pub fn plan(
         }
         (Some(py), _) if families.python_calls() => plan_python_calls(&mut plan, py, families)?,
         (Some(py), _) => plan_arenas(&mut plan, py)?,
-        (None, Families::LibcAndArenas | Families::LibcAndPythonCalls) => plan.notes.push(
-            "not a Python process (no libpython, no interpreter symbols): tracing libc allocations only"
-                .into(),
-        ),
+        (None, Families::LibcAndArenas | Families::LibcAndPythonCalls) => {
+            plan.notes.push(NOT_PYTHON.into())
+        }
         (None, _) => {}
     }
 

@@ -58,7 +58,11 @@ impl Session<'_> {
                 eprintln!("leaktrace: {n}");
             }
         }
-        let notes = std::mem::take(&mut self.plan.notes);
+        let mut notes = std::mem::take(&mut self.plan.notes);
+        if plan.python.is_some() {
+            // The program before an exec (`env python3 …`) was not Python; this one is.
+            notes.retain(|n| n != crate::probes::plan::NOT_PYTHON);
+        }
         self.plan = plan;
         self.plan.notes.extend(notes);
         self.enable_python();

@@ -1,6 +1,10 @@
 //! What Python object a live block holds, read from outside: the object's type, checked to be a
 //! real type object before its name is trusted.
 //!
+//! Under CPython's debug hooks (the default of a `--with-pydebug` build, or `PYTHONMALLOC=debug`)
+//! every block starts with 16 bytes of its own: the size asked for, the API's id (`o` for the
+//! object domain) and seven forbidden bytes (0xFD). A block that starts so is read from there.
+//!
 //! A block from the Python allocator starts with the object, or with its GC header
 //! (`PyGC_Head`, 16 bytes) when its type is GC-tracked, preceded (3.11+) by two pointers when the
 //! type manages its `__dict__` (3.12+ also its weak references): the object is at offset 0, 16
@@ -21,8 +25,25 @@ const TP_FLAGS: u64 = 168;
 const TPFLAGS_HAVE_GC: u64 = 1 << 14;
 const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
 const TPFLAGS_MANAGED_WEAKREF: u64 = 1 << 3;
-/// Bytes read at the start of each block: the three candidates' `ob_refcnt` and `ob_type`.
-pub const HEAD_READ: usize = 48;
+/// Bytes read at the start of each block: the debug hooks' pad, then the three candidates'
+/// `ob_refcnt` and `ob_type`.
+pub const HEAD_READ: usize = DEBUG_PAD + 48;
+/// What the debug hooks put before an object: size (8 bytes), API id, 7 forbidden bytes.
+const DEBUG_PAD: usize = 16;
+/// `PYMEM_FORBIDDENBYTE`.
+const FORBIDDEN: u8 = 0xFD;
+
+/// `head` without the debug hooks' pad when a block of the object domain carries one, and the
+/// size left for the object (the hooks also put 8 forbidden bytes after it).
+fn past_debug_pad(head: &[u8], size: u64) -> (&[u8], u64) {
+    match head.get(..DEBUG_PAD) {
+        Some(pad) if pad[8] == b'o' && pad[9..].iter().all(|b| *b == FORBIDDEN) => (
+            &head[DEBUG_PAD..],
+            size.saturating_sub(DEBUG_PAD as u64 + 8),
+        ),
+        _ => (head, size),
+    }
+}
 
 /// A checked type.
 #[derive(Clone, Debug)]
@@ -102,6 +123,7 @@ impl TypeReader {
     }
 
     fn kind(&mut self, head: &[u8], size: u64) -> BlockKind {
+        let (head, size) = past_debug_pad(head, size);
         // Types already known first: a GC object's header words at offset 0 point at other
         // objects, and reading each such pointer as a candidate type would cost a system call.
         for off in [0u64, 16, 32] {
@@ -175,5 +197,28 @@ impl TypeReader {
             basicsize,
             presize,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_debug_hooks_pad_is_skipped_only_when_it_is_one() {
+        let mut block = vec![0u8; 64];
+        block[..8].copy_from_slice(&40u64.to_le_bytes());
+        block[8] = b'o';
+        block[9..16].fill(FORBIDDEN);
+        block[24..32].copy_from_slice(&0x7f00_0000_1000u64.to_le_bytes());
+        let (head, size) = past_debug_pad(&block, 64);
+        assert_eq!((head.len(), size), (48, 40));
+        assert_eq!(word(head, 8), Some(0x7f00_0000_1000));
+        // The raw domain's pad ('r'), or one forbidden byte short: read as it is.
+        block[8] = b'r';
+        assert_eq!(past_debug_pad(&block, 64).0.len(), 64);
+        block[8] = b'o';
+        block[15] = 0;
+        assert_eq!(past_debug_pad(&block, 64).0.len(), 64);
     }
 }
