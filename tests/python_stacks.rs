@@ -218,11 +218,11 @@ fn assert_matches(truth: &HashMap<String, u64>, ours: &HashMap<u64, u64>) {
     }
 }
 
-/// tracemalloc's figures from inside pyenv's 3.11 for the workload.
-fn tracemalloc_truth() -> HashMap<String, u64> {
+/// tracemalloc's figures from inside `python`, untraced, for the workload.
+fn tracemalloc_truth(python: &std::path::Path) -> HashMap<String, u64> {
     let out = tempfile::NamedTempFile::new().unwrap().into_temp_path();
     let s = script(&tracemalloc_workload(true));
-    let st = std::process::Command::new(pyenv_python())
+    let st = std::process::Command::new(python)
         .arg(&*s)
         .arg(&*out)
         .status()
@@ -233,18 +233,21 @@ fn tracemalloc_truth() -> HashMap<String, u64> {
 
 /// The per-line bytes tracemalloc (inside the target) reports still allocated at the end,
 /// against leaktrace's Python-allocator bytes for the same innermost lines, in the same run.
+/// On every interpreter with a symbol table (3.11–3.13, and 3.14's debug build).
 #[test]
 fn python_allocator_bytes_per_line_match_tracemalloc() {
     let out = tempfile::NamedTempFile::new().unwrap().into_temp_path();
     let s = script(&tracemalloc_workload(true));
     let path = s.to_str().unwrap().to_string();
-    let py = pyenv_python();
-    let r = run_python(&["--python-allocators"], &py, &s, &[out.to_str().unwrap()]);
-    assert_eq!(r.code, 0);
-    let truth: HashMap<String, u64> =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    // tracemalloc's own bookkeeping goes through libc: compare Python's allocator only.
-    assert_matches(&truth, &bytes_per_line(&r, &path, &["python"]));
+    for py in pythons_with_symbols() {
+        eprintln!("=== {}", py.display());
+        let r = run_python(&["--python-allocators"], &py, &s, &[out.to_str().unwrap()]);
+        assert_eq!(r.code, 0);
+        let truth: HashMap<String, u64> =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        // tracemalloc's own bookkeeping goes through libc: compare Python's allocator only.
+        assert_matches(&truth, &bytes_per_line(&r, &path, &["python"]));
+    }
 }
 
 /// Debian's stripped, LTO-built python3.11 inlines pymalloc into its callers: the exported API
@@ -252,12 +255,20 @@ fn python_allocator_bytes_per_line_match_tracemalloc() {
 /// allocation is seen through libc: the figures tracemalloc measures on pyenv's 3.11.
 #[test]
 fn stripped_interpreter_is_complete_under_pymalloc_auto() {
-    let truth = tracemalloc_truth();
+    for py in pythons().into_iter().filter(|p| p.build == Build::Stripped) {
+        eprintln!("=== {}", py.path.display());
+        stripped_is_complete(&py.path);
+    }
+}
+
+/// `python`'s own tracemalloc figures, untraced, against leaktrace's under `--pymalloc auto`;
+/// then partial coverage under `--pymalloc keep`.
+fn stripped_is_complete(py: &std::path::Path) {
+    let truth = tracemalloc_truth(py);
     let out = tempfile::NamedTempFile::new().unwrap().into_temp_path();
     let s = script(&tracemalloc_workload(false));
     let path = s.to_str().unwrap().to_string();
-    let py = debian_python();
-    let r = run_python(&["--python-allocators"], &py, &s, &[out.to_str().unwrap()]);
+    let r = run_python(&["--python-allocators"], py, &s, &[out.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     assert_eq!(r.json.as_ref().unwrap()["python_coverage"], "raw_malloc");
     assert!(r.stderr.contains("PYTHONMALLOC=malloc"));
@@ -267,7 +278,7 @@ fn stripped_interpreter_is_complete_under_pymalloc_auto() {
     // Left alone, the exported API misses most of it.
     let r = run_python(
         &["--pymalloc", "keep", "--python-allocators"],
-        &py,
+        py,
         &s,
         &[out.to_str().unwrap()],
     );

@@ -39,6 +39,14 @@ pub enum AllocFn {
     PyArenaAlloc = 23,
     /// `_PyObject_ArenaMunmap(ctx, ptr, size)` / `_PyMem_ArenaFree(ctx, ptr, size)`.
     PyArenaFree = 24,
+    /// `_PyMem_DebugMalloc(ctx, size)`: CPython's debug hooks (a debug build's default,
+    /// `PYTHONMALLOC=debug`, `-X dev`) in front of pymalloc for the object and mem domains. It
+    /// takes and returns what the program asked for; the pymalloc call it makes inside (16 bytes
+    /// before, 8 after) is nested and left to it. Never called when the hooks are off.
+    PyDebugMalloc = 25,
+    PyDebugCalloc = 26,
+    PyDebugRealloc = 27,
+    PyDebugFree = 28,
 }
 
 /// How a function takes and returns its memory; decides which registers a probe reads.
@@ -73,7 +81,7 @@ pub enum Family {
 
 impl AllocFn {
     /// Every function, in discriminant order.
-    pub const ALL: [AllocFn; 25] = [
+    pub const ALL: [AllocFn; 29] = [
         AllocFn::Malloc,
         AllocFn::Calloc,
         AllocFn::Realloc,
@@ -99,6 +107,10 @@ impl AllocFn {
         AllocFn::PageFault,
         AllocFn::PyArenaAlloc,
         AllocFn::PyArenaFree,
+        AllocFn::PyDebugMalloc,
+        AllocFn::PyDebugCalloc,
+        AllocFn::PyDebugRealloc,
+        AllocFn::PyDebugFree,
     ];
 
     /// Decodes an attach cookie or a stored discriminant.
@@ -139,6 +151,10 @@ impl AllocFn {
             AllocFn::PageFault => "page fault",
             AllocFn::PyArenaAlloc => "_PyObject_ArenaMmap",
             AllocFn::PyArenaFree => "_PyObject_ArenaMunmap",
+            AllocFn::PyDebugMalloc => "_PyMem_DebugMalloc",
+            AllocFn::PyDebugCalloc => "_PyMem_DebugCalloc",
+            AllocFn::PyDebugRealloc => "_PyMem_DebugRealloc",
+            AllocFn::PyDebugFree => "_PyMem_DebugFree",
         }
     }
 
@@ -172,15 +188,18 @@ impl AllocFn {
             | AllocFn::PyObjectMalloc
             | AllocFn::PyMemMalloc
             | AllocFn::PyArenaAlloc
+            | AllocFn::PyDebugMalloc
             | AllocFn::PageFault => Shape::Malloc,
             AllocFn::Calloc
             | AllocFn::PyObjectCallocImpl
             | AllocFn::PyObjectCalloc
-            | AllocFn::PyMemCalloc => Shape::Calloc,
+            | AllocFn::PyMemCalloc
+            | AllocFn::PyDebugCalloc => Shape::Calloc,
             AllocFn::Realloc
             | AllocFn::PyObjectReallocImpl
             | AllocFn::PyObjectRealloc
-            | AllocFn::PyMemRealloc => Shape::Realloc,
+            | AllocFn::PyMemRealloc
+            | AllocFn::PyDebugRealloc => Shape::Realloc,
             AllocFn::Reallocarray => Shape::ReallocArray,
             AllocFn::AlignedAlloc | AllocFn::Memalign => Shape::Memalign,
             AllocFn::PosixMemalign => Shape::PosixMemalign,
@@ -188,7 +207,8 @@ impl AllocFn {
             | AllocFn::PyObjectFreeImpl
             | AllocFn::PyObjectFree
             | AllocFn::PyMemFree
-            | AllocFn::PyArenaFree => Shape::Free,
+            | AllocFn::PyArenaFree
+            | AllocFn::PyDebugFree => Shape::Free,
         }
     }
 
@@ -202,7 +222,11 @@ impl AllocFn {
             | AllocFn::PyObjectReallocImpl
             | AllocFn::PyObjectFreeImpl
             | AllocFn::PyArenaAlloc
-            | AllocFn::PyArenaFree => 1,
+            | AllocFn::PyArenaFree
+            | AllocFn::PyDebugMalloc
+            | AllocFn::PyDebugCalloc
+            | AllocFn::PyDebugRealloc
+            | AllocFn::PyDebugFree => 1,
             _ => 0,
         }
     }
@@ -231,7 +255,11 @@ impl AllocFn {
             | AllocFn::PyMemMalloc
             | AllocFn::PyMemCalloc
             | AllocFn::PyMemRealloc
-            | AllocFn::PyMemFree => Family::Python,
+            | AllocFn::PyMemFree
+            | AllocFn::PyDebugMalloc
+            | AllocFn::PyDebugCalloc
+            | AllocFn::PyDebugRealloc
+            | AllocFn::PyDebugFree => Family::Python,
             AllocFn::PageFault => Family::Pages,
             AllocFn::PyArenaAlloc | AllocFn::PyArenaFree => Family::Arena,
         }

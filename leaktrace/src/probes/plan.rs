@@ -154,6 +154,16 @@ const PY_IMPL_FNS: &[AllocFn] = &[
     AllocFn::PyObjectFreeImpl,
 ];
 
+/// CPython's debug hooks, probed beside pymalloc's functions where the symbol table has them: when
+/// the hooks are on they are the outer call, so blocks are the program's own pointers and sizes
+/// (as tracemalloc counts them); when off they are never called.
+const PY_DEBUG_FNS: &[AllocFn] = &[
+    AllocFn::PyDebugMalloc,
+    AllocFn::PyDebugCalloc,
+    AllocFn::PyDebugRealloc,
+    AllocFn::PyDebugFree,
+];
+
 const PY_ARENA_FNS: &[AllocFn] = &[AllocFn::PyArenaAlloc, AllocFn::PyArenaFree];
 
 const PY_EXPORTED_FNS: &[AllocFn] = &[
@@ -323,6 +333,10 @@ fn plan_python_calls(plan: &mut ProbePlan, py: &PythonInfo, families: Families) 
     let impls = elf.functions(&PY_IMPL_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
     if impls.len() == PY_IMPL_FNS.len() {
         add_points(plan, &elf, &py.module, PY_IMPL_FNS)?;
+        let debug = elf.functions(&PY_DEBUG_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
+        if debug.len() == PY_DEBUG_FNS.len() {
+            add_points(plan, &elf, &py.module, PY_DEBUG_FNS)?;
+        }
         plan.python_coverage = PythonCoverage::PymallocImpl;
         return Ok(());
     }
