@@ -170,6 +170,9 @@ pub fn ext_dir(python: &Path) -> PathBuf {
         Command::new("gcc")
             .args(["-shared", "-fPIC", "-O2", "-g", "-fomit-frame-pointer"])
             .arg(format!("-I{include}"))
+            // Debian's multiarch pyconfig.h includes <x86_64-linux-gnu/python3.X/pyconfig.h>,
+            // which is found from the directory above on a relocated tree too.
+            .arg(format!("-I{include}/.."))
             .arg(workspace().join("tests/fixtures/leakyext.c"))
             .arg("-o")
             .arg(dir.join(format!("leakyext{suffix}"))),
