@@ -35,10 +35,16 @@ fn bytes(s: &serde_json::Value) -> u64 {
 #[test]
 fn attach_for_a_window_then_detach_leaves_target_running() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let py = pyenv_python();
-    let ext = ext_dir(&py);
+    for py in pythons().into_iter().map(|p| p.path) {
+        eprintln!("=== {}", py.display());
+        attach_for_a_window_then_detach_leaves_target_running_on(&py);
+    }
+}
+
+fn attach_for_a_window_then_detach_leaves_target_running_on(py: &std::path::Path) {
+    let ext = ext_dir(py);
     let s = script(SLOW_LEAKER);
-    let target = start_ready(&py, &s, &[ext.to_str().unwrap()]);
+    let target = start_ready(py, &s, &[ext.to_str().unwrap()]);
     let pid = target.id().to_string();
     let r = leaktrace(&["attach", "-p", &pid, "--duration", "2", "--verbose"]);
     assert_eq!(r.code, 0, "a window that ends normally exits 0");
@@ -57,7 +63,8 @@ fn attach_for_a_window_then_detach_leaves_target_running() {
     // before the kernel's grace periods; its detacher ends them).
     assert!(alive(target.id()));
     let points = probe_points(&r.stderr);
-    assert!(points.len() >= 10, "{points:?}");
+    // libc's nine allocator functions at least (a stripped interpreter adds nothing).
+    assert!(points.len() >= 9, "{points:?}");
     assert_code_restored(target.id(), &points, "after the window ended");
 }
 

@@ -50,15 +50,21 @@ fn total(sites: &[&Value], key: &str) -> u64 {
 
 #[test]
 fn chain_of_c_functions_without_frame_pointers_under_the_python_line() {
-    let py = pyenv_python();
-    let ext = ext_dir(&py);
+    for py in pythons().into_iter().map(|p| p.path) {
+        eprintln!("=== {}", py.display());
+        chain_of_c_functions_without_frame_pointers_under_the_python_line_on(&py);
+    }
+}
+
+fn chain_of_c_functions_without_frame_pointers_under_the_python_line_on(py: &std::path::Path) {
+    let ext = ext_dir(py);
     let s = script(
         "import sys, time\nsys.path.insert(0, sys.argv[1])\nimport leakyext\n\
          time.sleep(1)\n\
          def work():\n    for _ in range(20):\n        leakyext.leak_chain(1000)\n\
          work()\n",
     );
-    let run = run_python(&[], &py, &s, &[ext.to_str().unwrap()]);
+    let run = run_python(&[], py, &s, &[ext.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let found = sites_through(
         &run,
@@ -89,8 +95,14 @@ fn chain_of_c_functions_without_frame_pointers_under_the_python_line() {
 
 #[test]
 fn two_c_callers_of_one_helper_are_two_sites() {
-    let py = pyenv_python();
-    let ext = ext_dir(&py);
+    for py in pythons().into_iter().map(|p| p.path) {
+        eprintln!("=== {}", py.display());
+        two_c_callers_of_one_helper_are_two_sites_on(&py);
+    }
+}
+
+fn two_c_callers_of_one_helper_are_two_sites_on(py: &std::path::Path) {
+    let ext = ext_dir(py);
     // One call, a pause for userspace to teach the kernel the first path's frames, then 30 more.
     let s = script(
         "import sys, time\nsys.path.insert(0, sys.argv[1])\nimport leakyext\n\
@@ -98,7 +110,7 @@ fn two_c_callers_of_one_helper_are_two_sites() {
          leakyext.leak_two(500)\ntime.sleep(0.5)\n\
          for _ in range(30):\n    leakyext.leak_two(500)\n",
     );
-    let run = run_python(&[], &py, &s, &[ext.to_str().unwrap()]);
+    let run = run_python(&[], py, &s, &[ext.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let a = sites_through(&run, &["via_a", "shared_alloc"]);
     let b = sites_through(&run, &["via_b", "shared_alloc"]);
