@@ -297,6 +297,147 @@ fn stripped_is_complete(py: &std::path::Path) {
     );
 }
 
+/// `attach --redirect-pymalloc` to a stripped interpreter that is already running: every
+/// Python allocation of the window seen (per-line bytes against the interpreter's own
+/// tracemalloc, ≥ 99 % in all), pymalloc's table slots put back at detach, and the target
+/// running on.
+#[test]
+fn stripped_interpreter_is_complete_under_attach_redirect() {
+    let _g = serial();
+    for py in pythons().into_iter().filter(|p| p.build == Build::Stripped) {
+        eprintln!("=== {}", py.path.display());
+        redirect_is_complete(&py.path);
+    }
+}
+
+fn redirect_is_complete(py: &std::path::Path) {
+    use std::io::{BufRead, BufReader};
+    let truth = tracemalloc_truth(py);
+    // Four lines before the workload, as in tracemalloc_workload: the same line numbers.
+    let s = script(
+        &(String::from(
+            "import json, os, sys, time, tracemalloc\n\
+             print(\"READY\", flush=True)\n\
+             while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n\
+             keep = []\n",
+        ) + WORKLOAD_TAIL
+            + "print(\"DONE\", flush=True)\n\
+               while not os.path.exists(sys.argv[3]): time.sleep(0.01)\n\
+               x = [str(i) * 3 for i in range(200000)]\n\
+               print(\"AFTER\", sum(map(len, x)), flush=True)\n"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (out, go, after) = (
+        dir.path().join("o"),
+        dir.path().join("go"),
+        dir.path().join("after"),
+    );
+    let mut child = std::process::Command::new(py)
+        .arg(&*s)
+        .args([&out, &go, &after])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let target = Target(child);
+    let mut next = || lines.next().unwrap().unwrap();
+    assert_eq!(next(), "READY");
+    let pid = target.id().to_string();
+    let tracer = Tracer::spawn(&[
+        "attach",
+        "-p",
+        &pid,
+        "--redirect-pymalloc",
+        "--mode",
+        "exact",
+        "--top",
+        "100000",
+    ]);
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(next(), "DONE");
+    kill(tracer.id(), libc::SIGINT);
+    let r = tracer.finish();
+    assert_eq!(r.code, 0);
+    assert_eq!(r.json.as_ref().unwrap()["python_coverage"], "redirected");
+    let path = s.to_str().unwrap().to_string();
+    let ours = bytes_per_line(&r, &path, &["python", "libc"]);
+    assert_matches(&truth, &ours);
+    let (seen, all): (u64, u64) = truth
+        .iter()
+        .map(|(l, tm)| (ours.get(&l.parse().unwrap()).copied().unwrap_or(0), *tm))
+        .fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+    eprintln!("attach --redirect-pymalloc: {seen} of {all} bytes");
+    assert!(seen * 100 >= all * 99, "{seen} of {all}");
+
+    // Each slot holds pymalloc's function again, and the target runs on.
+    let slots: Vec<(u64, u64)> = r
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("leaktrace: redirected allocator slot "))
+        .map(|l| {
+            let (at, rest) = l.split_once(": ").unwrap();
+            let from = rest.split(" -> ").next().unwrap();
+            let hex = |h: &str| u64::from_str_radix(h.trim_start_matches("0x"), 16).unwrap();
+            (hex(at), hex(from))
+        })
+        .collect();
+    assert_eq!(slots.len(), 4, "{}", r.stderr);
+    for (at, pymalloc) in slots {
+        assert_eq!(
+            word_at(target.id(), at),
+            pymalloc,
+            "slot {at:#x} not restored"
+        );
+    }
+    std::fs::write(&after, "").unwrap();
+    assert_eq!(
+        next(),
+        format!(
+            "AFTER {}",
+            (0..200_000)
+                .map(|i: u64| 3 * i.to_string().len() as u64)
+                .sum::<u64>()
+        )
+    );
+}
+
+/// A table already hooked (tracemalloc started from the command line) is refused with the
+/// reason and exit 2, and nothing is written.
+#[test]
+fn redirect_refuses_hooked_tables() {
+    let _g = serial();
+    let py = debian_python();
+    let s = script("import time\nprint('READY', flush=True)\ntime.sleep(60)\n");
+    let mut child = std::process::Command::new(&py)
+        .args(["-X", "tracemalloc=1"])
+        .arg(&*s)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let target = Target(child);
+    let pid = target.id().to_string();
+    let r = leaktrace(&["attach", "-p", &pid, "--redirect-pymalloc", "-d", "1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("hooked (tracemalloc"), "{}", r.stderr);
+    assert!(alive(target.id()));
+}
+
+/// The 8 bytes at `at` in process `pid`.
+fn word_at(pid: u32, at: u64) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact(&mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
 #[test]
 fn each_thread_gets_its_own_stack() {
     for py in interpreters() {

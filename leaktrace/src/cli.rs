@@ -222,6 +222,13 @@ pub struct CommonOpts {
     /// one trap per call (several times slower on object-heavy programs).
     #[arg(long)]
     pub python_allocators: bool,
+    /// `attach` to a stripped, LTO-built interpreter (Debian's, Ubuntu's `/usr/bin/python3.x`):
+    /// see every Python allocation without a restart, by pointing the interpreter's object and
+    /// mem allocator tables' malloc and calloc at the raw allocator while attached (restored at
+    /// detach; the target runs slower meanwhile, as under PYTHONMALLOC=malloc). Implies
+    /// `--python-allocators`.
+    #[arg(long, conflicts_with_all = ["libc_only"])]
+    pub redirect_pymalloc: bool,
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -318,6 +325,13 @@ impl CommonOpts {
         duration: Option<f64>,
     ) -> Result<TraceOptions, Error> {
         let mode = self.trace_mode(attach, duration)?;
+        if self.redirect_pymalloc && !attach {
+            return Err(Error::Usage(
+                "--redirect-pymalloc is for attach: run starts a stripped interpreter with \
+                 PYTHONMALLOC=malloc instead (--pymalloc auto)"
+                    .into(),
+            ));
+        }
         // Bounded so that no value can overflow a deadline or flood the terminal.
         let secs = |v: f64, what: &str, min: f64| match Duration::try_from_secs_f64(v) {
             Ok(d) if v >= min && v <= MAX_SECONDS => Ok(d),
@@ -330,7 +344,7 @@ impl CommonOpts {
                 Families::LibcOnly
             } else if self.python_only {
                 Families::PythonOnly
-            } else if self.python_allocators {
+            } else if self.python_allocators || self.redirect_pymalloc {
                 Families::LibcAndPythonCalls
             } else {
                 Families::LibcAndArenas
@@ -362,6 +376,7 @@ impl CommonOpts {
             json: self.json.clone(),
             capture: self.capture.clone(),
             prometheus: self.prometheus,
+            redirect_pymalloc: self.redirect_pymalloc,
         })
     }
 }

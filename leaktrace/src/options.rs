@@ -93,6 +93,9 @@ pub struct TraceOptions {
     pub capture: Option<PathBuf>,
     /// Serve Prometheus metrics here (`--prometheus`).
     pub prometheus: Option<std::net::SocketAddr>,
+    /// `attach --redirect-pymalloc`: switch a stripped interpreter's allocator tables while
+    /// attached (`probes::redirect`).
+    pub redirect_pymalloc: bool,
 }
 
 /// What `run` does about Python's allocator.

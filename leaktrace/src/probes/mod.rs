@@ -6,6 +6,7 @@ pub mod loader;
 mod names;
 pub mod placement;
 pub mod plan;
+pub mod redirect;
 pub mod sampling;
 pub mod tables;
 pub mod tracefs;

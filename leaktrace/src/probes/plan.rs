@@ -7,6 +7,7 @@ use leaktrace_ebpf::AllocFn;
 use serde::Serialize;
 
 use super::placement::{choose, Placement};
+use super::redirect::{self, Redirect};
 use crate::error::{Error, Result};
 use crate::process::elf::{ElfFile, SymbolTable};
 use crate::process::maps::ModuleMap;
@@ -73,6 +74,11 @@ pub enum PythonCoverage {
     /// Objects over 512 B through libc's malloc; pymalloc's arena functions were not found, so
     /// smaller objects are seen only in the type census.
     LargeObjectsOnly,
+    /// A stripped interpreter under `attach --redirect-pymalloc`: its object and mem tables'
+    /// malloc and calloc point at the raw allocator while attached, so every Python allocation
+    /// reaches libc's malloc; pymalloc's own functions, found through the tables, are probed
+    /// for the few direct calls.
+    Redirected,
     /// No Python allocator probed.
     #[default]
     None,
@@ -132,6 +138,8 @@ pub struct ProbePlan {
     pub missing: Vec<AllocFn>,
     /// Things the user should know about coverage.
     pub notes: Vec<String>,
+    /// `--redirect-pymalloc`: the allocator tables to switch once the probes are in.
+    pub redirect: Option<Redirect>,
 }
 
 const LIBC_FNS: &[AllocFn] = &[
@@ -226,6 +234,7 @@ pub fn plan(
     modules: &ModuleMap,
     exe: Option<&str>,
     families: Families,
+    redirect: bool,
 ) -> Result<ProbePlan> {
     let python = python::detect(pid, modules, exe);
     let mut plan = ProbePlan {
@@ -254,7 +263,9 @@ pub fn plan(
             }
             plan.python_coverage = PythonCoverage::RawMalloc;
         }
-        (Some(py), _) if families.python_calls() => plan_python_calls(&mut plan, py, families)?,
+        (Some(py), _) if families.python_calls() => {
+            plan_python_calls(&mut plan, py, families, redirect.then_some((pid, modules)))?
+        }
         (Some(py), _) => plan_arenas(&mut plan, py)?,
         (None, Families::LibcAndArenas | Families::LibcAndPythonCalls) => {
             plan.notes.push(NOT_PYTHON.into())
@@ -328,17 +339,33 @@ fn nothing_to_probe(plan: &ProbePlan, pid: u32, exe: Option<&str>, families: Fam
 
 /// Every call of Python's allocator: pymalloc's implementation functions when the symbol table
 /// has them, else the exported API (partial under LTO).
-fn plan_python_calls(plan: &mut ProbePlan, py: &PythonInfo, families: Families) -> Result<()> {
+/// `redirect`: `--redirect-pymalloc`, with the process and its mappings.
+fn plan_python_calls(
+    plan: &mut ProbePlan,
+    py: &PythonInfo,
+    families: Families,
+    redirect: Option<(u32, &ModuleMap)>,
+) -> Result<()> {
     let elf = ElfFile::open(&py.host_path)?;
     let impls = elf.functions(&PY_IMPL_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
     if impls.len() == PY_IMPL_FNS.len() {
         add_points(plan, &elf, &py.module, PY_IMPL_FNS)?;
+        if redirect.is_some() {
+            plan.notes.push(
+                "--redirect-pymalloc not needed: pymalloc's functions are in the symbol table, \
+                 and probed"
+                    .into(),
+            );
+        }
         let debug = elf.functions(&PY_DEBUG_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
         if debug.len() == PY_DEBUG_FNS.len() {
             add_points(plan, &elf, &py.module, PY_DEBUG_FNS)?;
         }
         plan.python_coverage = PythonCoverage::PymallocImpl;
         return Ok(());
+    }
+    if let Some((pid, modules)) = redirect {
+        return plan_redirect(plan, py, &elf, pid, modules);
     }
     add_points(plan, &elf, &py.module, PY_EXPORTED_FNS)?;
     plan.python_coverage = PythonCoverage::ExportedApiOnly;
@@ -382,6 +409,53 @@ fn plan_arenas(plan: &mut ProbePlan, py: &PythonInfo) -> Result<()> {
     Ok(())
 }
 
+/// `--redirect-pymalloc` on a stripped interpreter: the tables, checked, and pymalloc's four
+/// functions probed at the addresses the tables hold.
+fn plan_redirect(
+    plan: &mut ProbePlan,
+    py: &PythonInfo,
+    elf: &ElfFile,
+    pid: u32,
+    modules: &ModuleMap,
+) -> Result<()> {
+    let bias = load_bias(elf, &py.module, modules).ok_or_else(|| {
+        Error::Usage(format!(
+            "--redirect-pymalloc: {} is not mapped as its ELF headers say",
+            py.module
+        ))
+    })?;
+    let r = redirect::find(pid, elf, bias)?;
+    for (func, vaddr) in PY_IMPL_FNS.iter().zip(r.pymalloc) {
+        add_point(
+            plan,
+            elf,
+            &py.module,
+            *func,
+            vaddr,
+            0,
+            SymbolTable::AllocatorTable,
+        )?;
+    }
+    plan.python_coverage = PythonCoverage::Redirected;
+    plan.redirect = Some(r);
+    Ok(())
+}
+
+/// What to add to `module`'s virtual addresses for the addresses it has in the process: the
+/// mapping that holds the file offset of its first executable code tells.
+fn load_bias(elf: &ElfFile, module: &str, modules: &ModuleMap) -> Option<u64> {
+    let vaddr = elf
+        .functions(&["PyObject_Malloc"])
+        .ok()?
+        .remove("PyObject_Malloc")?
+        .vaddr;
+    let offset = elf.file_offset(vaddr)?;
+    let m = modules.mappings().iter().find(|m| {
+        m.path == module && m.offset <= offset && offset < m.offset + (m.end - m.start)
+    })?;
+    Some((m.start + (offset - m.offset)).wrapping_sub(vaddr))
+}
+
 fn add_points(plan: &mut ProbePlan, elf: &ElfFile, module: &str, funcs: &[AllocFn]) -> Result<()> {
     let names: Vec<&str> = funcs
         .iter()
@@ -402,28 +476,42 @@ fn add_points(plan: &mut ProbePlan, elf: &ElfFile, module: &str, funcs: &[AllocF
             continue;
         }
         by_addr.insert(sym.vaddr, func);
-        let len = if sym.size > 0 { sym.size } else { 64 };
-        let code = elf.bytes_at(sym.vaddr, len).unwrap_or_default();
-        let placement = choose(&code, sym.vaddr, func);
-        let file_offset = elf
-            .file_offset(sym.vaddr + placement.offset)
-            .ok_or_else(|| Error::Elf {
-                path: elf.path().to_path_buf(),
-                detail: format!(
-                    "{} at {:#x} is in no loadable segment",
-                    func.symbol(),
-                    sym.vaddr
-                ),
-            })?;
-        plan.points.push(ProbePoint {
-            func,
-            module: module.to_string(),
-            host_path: elf.path().to_path_buf(),
-            table: sym.table,
-            placement,
-            file_offset,
-        });
+        add_point(plan, elf, module, func, sym.vaddr, sym.size, sym.table)?;
     }
+    Ok(())
+}
+
+/// Places a probe on `func` at `vaddr` (`size` bytes long, 0 when unknown).
+fn add_point(
+    plan: &mut ProbePlan,
+    elf: &ElfFile,
+    module: &str,
+    func: AllocFn,
+    vaddr: u64,
+    size: u64,
+    table: SymbolTable,
+) -> Result<()> {
+    let len = if size > 0 { size } else { 64 };
+    let code = elf.bytes_at(vaddr, len).unwrap_or_default();
+    let placement = choose(&code, vaddr, func);
+    let file_offset = elf
+        .file_offset(vaddr + placement.offset)
+        .ok_or_else(|| Error::Elf {
+            path: elf.path().to_path_buf(),
+            detail: format!(
+                "{} at {:#x} is in no loadable segment",
+                func.symbol(),
+                vaddr
+            ),
+        })?;
+    plan.points.push(ProbePoint {
+        func,
+        module: module.to_string(),
+        host_path: elf.path().to_path_buf(),
+        table,
+        placement,
+        file_offset,
+    });
     Ok(())
 }
 
@@ -439,6 +527,7 @@ impl ProbePlan {
             aliases: Vec::new(),
             missing: Vec::new(),
             notes: Vec::new(),
+            redirect: None,
         }
     }
 }
@@ -463,7 +552,7 @@ mod tests {
     fn plans_libc_for_a_non_python_process() {
         let me = Process::open(std::process::id()).unwrap();
         let mm = me.module_map().unwrap();
-        let plan = plan(me.pid, &mm, me.exe().as_deref(), Families::default()).unwrap();
+        let plan = plan(me.pid, &mm, me.exe().as_deref(), Families::default(), false).unwrap();
         assert!(plan.python.is_none());
         assert!(plan.points.iter().any(|p| p.func == AllocFn::Malloc));
         assert!(plan.points.iter().any(|p| p.func == AllocFn::Free));
@@ -475,7 +564,7 @@ mod tests {
             plan.points.iter().map(|p| p.file_offset).collect();
         assert_eq!(addrs.len(), plan.points.len(), "no address is probed twice");
         assert!(matches!(
-            super::plan(me.pid, &mm, me.exe().as_deref(), Families::PythonOnly),
+            super::plan(me.pid, &mm, me.exe().as_deref(), Families::PythonOnly, false),
             Err(Error::NotPython(_))
         ));
     }

@@ -15,6 +15,10 @@ pub enum SymbolTable {
     Symtab,
     /// `.dynsym`: exported symbols only.
     Dynsym,
+    /// Neither: a stripped interpreter's pymalloc function, named by its allocator table
+    /// (`--redirect-pymalloc`).
+    #[serde(rename = "allocator_table")]
+    AllocatorTable,
 }
 
 /// A function symbol.

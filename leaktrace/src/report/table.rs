@@ -138,6 +138,10 @@ fn coverage_words(c: PythonCoverage) -> &'static str {
             "objects over 512 B call by call (through libc), smaller ones only by type in \
              the census (arenas not found); --python-allocators traces every call"
         }
+        PythonCoverage::Redirected => {
+            "complete while attached (--redirect-pymalloc: pymalloc's allocations sent to libc's \
+             malloc, restored at detach)"
+        }
         PythonCoverage::None => "none (--libc-only)",
     }
 }

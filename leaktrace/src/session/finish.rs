@@ -22,6 +22,16 @@ impl Session<'_> {
         // Nothing may be held stopped once nobody listens for forks.
         self.ending = true;
         self.tracer.end_holds();
+        if let Some(mut r) = self.redirect.take() {
+            let left = r.restore();
+            if left > 0 {
+                self.plan.notes.push(format!(
+                    "{left} allocator slot(s) switched by --redirect-pymalloc were not put back: \
+                     the program changed them (or exited); its allocations stay correct, through \
+                     the raw allocator"
+                ));
+            }
+        }
         let duration = self.start.elapsed().as_secs_f64();
         phase.done("trace");
         let ended = Instant::now();

@@ -74,7 +74,14 @@ impl Session<'_> {
         let mut python_info = None;
         let result = (|| -> Result<Option<PythonProcess>> {
             let modules = proc.module_map()?;
-            let mut plan = plan(pid, &modules, proc.exe().as_deref(), self.opts.families)?;
+            // A child inherits its parent's redirected tables; only the parent's are switched.
+            let mut plan = plan(
+                pid,
+                &modules,
+                proc.exe().as_deref(),
+                self.opts.families,
+                false,
+            )?;
             if let TraceMode::Growth { .. } = self.opts.mode {
                 plan.points.clear();
                 plan.lifecycle.clear();

@@ -96,6 +96,8 @@ struct Session<'a> {
     counters: Counters,
     /// Tracing has ended: children announced from now on are let go, not probed.
     ending: bool,
+    /// `--redirect-pymalloc` in force: put back when tracing ends (or on drop).
+    redirect: Option<crate::probes::redirect::Applied>,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts; with `live`, feeds

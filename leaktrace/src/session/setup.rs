@@ -20,6 +20,7 @@ impl Session<'_> {
             &modules,
             self.proc.exe().as_deref(),
             self.opts.families,
+            self.opts.redirect_pymalloc && self.redirect.is_none(),
         )?;
         if let TraceMode::Growth { .. } = self.opts.mode {
             // Page faults stand in for the allocator: nothing to probe, nothing to freeze at
@@ -50,6 +51,16 @@ impl Session<'_> {
             self.census_base = self.take_census().map(|c| (0.0, c));
         }
         self.tracer.attach(&plan, pid)?;
+        if let Some(r) = &plan.redirect {
+            // After the probes: no allocation goes unseen between the switch and them.
+            let applied = r.apply()?;
+            if self.opts.verbose {
+                for (at, from, to) in applied.slots() {
+                    eprintln!("leaktrace: redirected allocator slot {at:#x}: {from:#x} -> {to:#x}");
+                }
+            }
+            self.redirect = Some(applied);
+        }
         if self.opts.verbose {
             self.print_plan(&plan);
         }

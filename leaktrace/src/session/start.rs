@@ -195,6 +195,7 @@ impl<'a> Session<'a> {
             exporter: None,
             counters: Counters::default(),
             ending: false,
+            redirect: None,
         }
     }
 }
