@@ -64,6 +64,13 @@ impl Default for LoadOptions {
     }
 }
 
+/// One attached uprobe link: which program, and where (process, device, inode, file offset).
+pub(super) struct Link {
+    prog: &'static str,
+    id: UProbeLinkId,
+    at: (u32, u64, u64, u64),
+}
+
 /// The loaded programs and maps. Dropping it detaches every probe.
 pub struct Tracer {
     pub(super) ebpf: Ebpf,
@@ -75,7 +82,7 @@ pub struct Tracer {
     /// Thread ids put in `THREADS`, per process, to retire the ones that went away.
     pub(super) threads: std::collections::HashMap<u32, HashSet<u32>>,
     /// Every link attached, by program, so they can be detached together (see `detach`).
-    pub(super) links: Vec<(&'static str, UProbeLinkId)>,
+    pub(super) links: Vec<Link>,
     /// Unwind rows already given to the kernel: most call paths share their outer frames.
     pub(super) taught: HashSet<(u32, u64)>,
     /// Whether forked children are followed (`TARGET_FOLLOW_FORKS` on every target).
@@ -340,7 +347,11 @@ impl Tracer {
                     }
                 }
             })?;
-            self.links.push((name, id));
+            self.links.push(Link {
+                prog: name,
+                id,
+                at: (pid, meta.dev(), meta.ino(), file_offset),
+            });
             self.attached += 1;
         }
         Ok(())
@@ -349,11 +360,35 @@ impl Tracer {
     /// Detaches every probe. Removing a uprobe waits for the kernel (≈60 ms each here, and the
     /// kernel serializes them: dropping links from parallel threads measured no faster).
     pub fn detach(&mut self) {
+        self.detach_where(|_| true);
+    }
+
+    /// Detaches the probes of process `pid` at these offsets of file `path` now (each one a
+    /// grace period): `--redirect-pymalloc`'s probes on pymalloc's own functions, which turn hot
+    /// once the tables are put back.
+    pub fn detach_points(&mut self, pid: u32, path: &std::path::Path, offsets: &[u64]) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let here = |(p, dev, ino, off): (u32, u64, u64, u64)| {
+            p == pid && dev == meta.dev() && ino == meta.ino() && offsets.contains(&off)
+        };
+        self.detach_where(|l| here(l.at));
+        self.points.retain(|at| !here(*at));
+    }
+
+    fn detach_where(&mut self, pick: impl Fn(&Link) -> bool) {
+        let (gone, kept): (Vec<Link>, Vec<Link>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|l| pick(l));
+        self.links = kept;
         let mut owned = Vec::new();
-        for (name, id) in self.links.drain(..) {
-            let prog: Option<&mut UProbe> =
-                self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
-            if let Some(link) = prog.and_then(|p| p.take_link(id).ok()) {
+        for l in gone {
+            let prog: Option<&mut UProbe> = self
+                .ebpf
+                .program_mut(l.prog)
+                .and_then(|p| p.try_into().ok());
+            if let Some(link) = prog.and_then(|p| p.take_link(l.id).ok()) {
                 owned.push(link);
             }
         }

@@ -564,7 +564,13 @@ mod tests {
             plan.points.iter().map(|p| p.file_offset).collect();
         assert_eq!(addrs.len(), plan.points.len(), "no address is probed twice");
         assert!(matches!(
-            super::plan(me.pid, &mm, me.exe().as_deref(), Families::PythonOnly, false),
+            super::plan(
+                me.pid,
+                &mm,
+                me.exe().as_deref(),
+                Families::PythonOnly,
+                false
+            ),
             Err(Error::NotPython(_))
         ));
     }

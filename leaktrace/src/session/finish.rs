@@ -23,6 +23,19 @@ impl Session<'_> {
         self.ending = true;
         self.tracer.end_holds();
         if let Some(mut r) = self.redirect.take() {
+            // pymalloc's own functions first: hot once the tables are back, and single-stepped
+            // probes there would slow the target until the background detach ends.
+            let table_points: Vec<_> = self
+                .plan
+                .points
+                .iter()
+                .filter(|p| p.table == crate::process::elf::SymbolTable::AllocatorTable)
+                .map(|p| (p.host_path.clone(), p.file_offset))
+                .collect();
+            if let Some((path, _)) = table_points.first() {
+                let offsets: Vec<u64> = table_points.iter().map(|(_, o)| *o).collect();
+                self.tracer.detach_points(self.proc.pid, path, &offsets);
+            }
             let left = r.restore();
             if left > 0 {
                 self.plan.notes.push(format!(
