@@ -283,11 +283,11 @@ impl Drop for MemCgroup {
 
 /// Touches every byte it leaks, so the cgroup's limit is reached and the OOM killer acts.
 const LEAK_UNTIL_OOM: &str = r#"
-import sys, time
+import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import leakyext
 print("READY", flush=True)
-time.sleep(0.5)
+while not os.path.exists(sys.argv[2]): time.sleep(0.01)
 hold = []
 def hoard():
     while True:
@@ -303,22 +303,26 @@ fn oom_kill_in_a_memory_cgroup_gives_a_post_mortem_report() {
     let ext = ext_dir(&py);
     let s = script(LEAK_UNTIL_OOM);
     let cg = MemCgroup::new(150 << 20);
+    // The target hoards once leaktrace has attached: `go` appears.
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
     // The shell joins the cgroup and becomes the target (same pid).
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg(r#"echo $$ > "$1/cgroup.procs" && exec "$2" "$3" "$4""#)
+        .arg(r#"echo $$ > "$1/cgroup.procs" && exec "$2" "$3" "$4" "$5""#)
         .arg("sh")
         .arg(&cg.0)
         .arg(&py)
         .arg(&*s)
         .arg(&ext)
+        .arg(&go)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert!(lines.next().unwrap().unwrap().contains("READY"));
     let target = Target(child);
-    let r = leaktrace(&[
+    let tracer = Tracer::spawn(&[
         "attach",
         "-p",
         &target.id().to_string(),
@@ -327,6 +331,8 @@ fn oom_kill_in_a_memory_cgroup_gives_a_post_mortem_report() {
         "-d",
         "60",
     ]);
+    std::fs::write(&go, "").unwrap();
+    let r = tracer.finish();
     assert_eq!(r.code, 5, "the target died during the window");
     let j = r.json.as_ref().unwrap();
     assert_eq!(j["target"]["death"]["cause"], "oom_kill", "{}", j["target"]);
