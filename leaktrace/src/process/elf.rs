@@ -21,6 +21,17 @@ pub enum SymbolTable {
     AllocatorTable,
 }
 
+impl SymbolTable {
+    /// The name reports give it (the same as its serialized form).
+    pub fn name(self) -> &'static str {
+        match self {
+            SymbolTable::Symtab => "symtab",
+            SymbolTable::Dynsym => "dynsym",
+            SymbolTable::AllocatorTable => "allocator_table",
+        }
+    }
+}
+
 /// A function symbol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FnSymbol {

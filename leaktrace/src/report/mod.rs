@@ -224,7 +224,7 @@ impl ReportMeta {
                 module: p.module.clone(),
                 offset: p.placement.offset,
                 emulated: p.placement.emulated,
-                symbol_table: format!("{:?}", p.table).to_lowercase(),
+                symbol_table: p.table.name().into(),
             })
             .collect()
     }
