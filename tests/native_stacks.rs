@@ -50,6 +50,9 @@ fn total(sites: &[&Value], key: &str) -> u64 {
 
 #[test]
 fn chain_of_c_functions_without_frame_pointers_under_the_python_line() {
+    // One at a time: the kernel learns a path's frames from userspace within a pause that a
+    // second traced test on the other core can stretch.
+    let _g = serial();
     for py in pythons().into_iter().map(|p| p.path) {
         eprintln!("=== {}", py.display());
         chain_of_c_functions_without_frame_pointers_under_the_python_line_on(&py);
@@ -95,6 +98,7 @@ fn chain_of_c_functions_without_frame_pointers_under_the_python_line_on(py: &std
 
 #[test]
 fn two_c_callers_of_one_helper_are_two_sites() {
+    let _g = serial();
     for py in pythons().into_iter().map(|p| p.path) {
         eprintln!("=== {}", py.display());
         two_c_callers_of_one_helper_are_two_sites_on(&py);
@@ -127,6 +131,7 @@ fn two_c_callers_of_one_helper_are_two_sites_on(py: &std::path::Path) {
 
 #[test]
 fn threads_unwind_their_own_stacks() {
+    let _g = serial();
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script(
@@ -162,6 +167,7 @@ fn threads_unwind_their_own_stacks() {
 
 #[test]
 fn library_loaded_after_tracing_began_unwinds_and_symbolizes() {
+    let _g = serial();
     let py = pyenv_python();
     let dir = tempfile::tempdir().unwrap();
     let lib = dir.path().join("liblate.so");
@@ -206,6 +212,7 @@ fn library_loaded_after_tracing_began_unwinds_and_symbolizes() {
 
 #[test]
 fn numpy_growing_list_is_found_through_numpy_and_a_dropping_loop_is_not() {
+    let _g = serial();
     let py = pyenv_python();
     let s = script(
         "import time\nimport numpy as np\ntime.sleep(1)\n\
@@ -270,6 +277,7 @@ fn numpy_growing_list_is_found_through_numpy_and_a_dropping_loop_is_not() {
 
 #[test]
 fn cpp_frames_are_demangled() {
+    let _g = serial();
     let py = pyenv_python();
     let dir = tempfile::tempdir().unwrap();
     let lib = dir.path().join("libcpp.so");
