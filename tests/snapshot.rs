@@ -106,3 +106,44 @@ fn refuses_what_it_cannot_read() {
         "a bad interval is a usage error"
     );
 }
+
+/// `--freeze`: the target is stopped for the walk only, the pause is said, the counts are
+/// exact; and a snapshot killed while the target is stopped still lets it go (its watcher).
+#[test]
+fn freeze_stops_the_target_for_the_walk_only() {
+    let py = pyenv_python();
+    let s = script(HOLDS);
+    let target = start_ready(&py, &s, &[]);
+    let pid = target.id();
+    let (code, table, v) = snapshot(&["-p", &pid.to_string(), "--freeze"]);
+    assert_eq!(code, 0);
+    let frozen = v["frozen_s"].as_f64().expect("frozen_s");
+    assert!(frozen > 0.0 && frozen < 1.0, "paused {frozen} s");
+    assert!(table.contains("with the target stopped for"), "{table}");
+    assert_eq!(count(&v, "Plain", "count"), 20_000);
+    assert!(wait_for(2, || stat_of(pid).is_some_and(|(st, _)| st != 'T')));
+
+    // Walk after walk; SIGKILL leaktrace the moment the target is seen stopped.
+    let mut lt = Command::new(leaktrace_bin())
+        .args(["snapshot", "-p", &pid.to_string(), "--freeze"])
+        .args(["--count", "10000", "--interval", "0.01"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(20, || stat_of(pid).is_some_and(|(st, _)| st == 'T')),
+        "the target was never seen stopped"
+    );
+    kill(lt.id(), libc::SIGKILL);
+    lt.wait().unwrap();
+    assert!(
+        wait_for(2, || stat_of(pid).is_some_and(|(st, _)| st != 'T')),
+        "the target stayed stopped after its snapshot was killed"
+    );
+    // And it runs: its Grows keep coming.
+    let (code, _, a) = snapshot(&["-p", &pid.to_string()]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (_, _, b) = snapshot(&["-p", &pid.to_string()]);
+    assert_eq!(code, 0);
+    assert!(count(&b, "Grows", "count") > count(&a, "Grows", "count"));
+}

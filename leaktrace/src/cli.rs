@@ -101,6 +101,11 @@ pub struct SnapshotArgs {
     /// Also write the snapshot as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Stop the target (SIGSTOP) for each walk, so that the counts are one moment of its heap;
+    /// it is continued after the walk, or by a watcher process if leaktrace dies. The pause is
+    /// printed. Without it the target is never stopped.
+    #[arg(long)]
+    pub freeze: bool,
 }
 
 /// A snapshot interval: from 0.01 s to a day.

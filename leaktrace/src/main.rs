@@ -214,7 +214,7 @@ fn run_diff(
 fn run_snapshot(args: &leaktrace::cli::SnapshotArgs) -> i32 {
     use leaktrace::analysis::snapshot;
     let interval = std::time::Duration::from_secs_f64(args.interval);
-    match snapshot::take(args.pid, args.count, interval) {
+    match snapshot::take(args.pid, args.count, interval, args.freeze) {
         Ok(s) => print_and_save(&snapshot::render(&s, args.top), &s, args.json.as_deref()),
         Err(e) => {
             eprintln!("leaktrace: error: {e}");

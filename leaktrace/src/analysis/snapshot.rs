@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::census::{Census, TypeCensus};
 use crate::error::{Error, Result};
+use crate::process::freeze::Frozen;
 use crate::process::python;
 use crate::process::Process;
 use crate::stacks::python::objects::TypeReader;
@@ -26,8 +27,11 @@ pub struct Snapshot {
     /// How many snapshots were taken, and the seconds from the first to the last.
     pub snapshots: u32,
     pub span_s: f64,
-    /// Seconds the last walk took (the target ran meanwhile).
+    /// Seconds the last walk took (the target ran meanwhile, unless frozen).
     pub walk_s: f64,
+    /// `--freeze`: the longest time the target was held stopped for a walk; `None` without
+    /// it, or when the target was stopped already by someone else (then left as it was).
+    pub frozen_s: Option<f64>,
     /// pymalloc pools walked in the last snapshot.
     pub pools: u64,
     pub census: TypeCensus,
@@ -35,7 +39,8 @@ pub struct Snapshot {
 
 /// Takes `count` snapshots of `pid`, `interval` apart: counts per type in the last, growth
 /// since the first.
-pub fn take(pid: u32, count: u32, interval: Duration) -> Result<Snapshot> {
+/// With `freeze`, the target is stopped for each walk (process/freeze.rs).
+pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Snapshot> {
     let proc = Process::open(pid)?;
     let modules = proc.module_map()?;
     let info = python::detect(pid, &modules, proc.exe().as_deref()).ok_or(Error::NotPython(pid))?;
@@ -47,6 +52,7 @@ pub fn take(pid: u32, count: u32, interval: Duration) -> Result<Snapshot> {
     let start = Instant::now();
     let mut first: Option<Census> = None;
     let mut last = (Census::default(), 0, 0.0);
+    let mut frozen_s: Option<f64> = None;
     for i in 0..count.max(1) {
         if i > 0 {
             std::thread::sleep(interval);
@@ -54,9 +60,14 @@ pub fn take(pid: u32, count: u32, interval: Duration) -> Result<Snapshot> {
         if !proc.alive() {
             return Err(Error::NoSuchProcess(pid));
         }
+        let held = if freeze { Frozen::stop(pid)? } else { None };
         let t = Instant::now();
         let mut census = Census::default();
         let pools = census.add_pools(&mut reader, pid, |_| 0);
+        if let Some(h) = held {
+            let s = h.thaw();
+            frozen_s = Some(frozen_s.map_or(s, |m: f64| m.max(s)));
+        }
         if first.is_none() {
             first = Some(census.clone());
         }
@@ -77,6 +88,7 @@ pub fn take(pid: u32, count: u32, interval: Duration) -> Result<Snapshot> {
         snapshots: count.max(1),
         span_s,
         walk_s: last.2,
+        frozen_s,
         pools: last.1,
         census: TypeCensus::of(&last.0, base, since),
     })
@@ -86,10 +98,14 @@ pub fn take(pid: u32, count: u32, interval: Duration) -> Result<Snapshot> {
 pub fn render(s: &Snapshot, top: usize) -> String {
     let c = &s.census;
     let mut o = String::new();
+    let stopped = match s.frozen_s {
+        Some(f) => format!("with the target stopped for {f:.2} s (--freeze)"),
+        None => "without stopping the target".into(),
+    };
     let _ = writeln!(
         o,
         "leaktrace snapshot — pid {} (Python {}): {} live small objects (≤ 512 B) in {} pymalloc \
-         pools, read in {:.2} s without stopping the target",
+         pools, read in {:.2} s {stopped}",
         s.pid,
         s.python,
         group(c.objects),

@@ -2,6 +2,7 @@
 
 pub mod death;
 pub mod elf;
+pub mod freeze;
 pub mod maps;
 pub mod python;
 pub mod spawn;
@@ -62,14 +63,25 @@ impl Process {
 
     /// Whether the process still runs (a zombie has exited and lost its memory).
     pub fn alive(&self) -> bool {
-        match std::fs::read_to_string(self.proc_dir().join("stat")) {
-            // The state follows the parenthesised command, which may itself contain ')'.
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .is_some_and(|state| state != "Z" && state != "X"),
-            Err(_) => false,
-        }
+        self.state().is_some_and(|s| s != 'Z' && s != 'X')
+    }
+
+    /// The process's state letter (`R`, `S`, `T`, `Z`…), `None` once it is gone.
+    pub fn state(&self) -> Option<char> {
+        state_in(&std::fs::read_to_string(self.proc_dir().join("stat")).ok()?)
+    }
+
+    /// Whether every thread of the process is stopped (`T`, or `t` under a tracer).
+    pub fn all_threads_stopped(&self) -> bool {
+        let Ok(tasks) = std::fs::read_dir(self.proc_dir().join("task")) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| state_in(&s))
+                .is_some_and(|c| c == 'T' || c == 't')
+        })
     }
 
     /// The process's current mappings.
@@ -208,6 +220,17 @@ fn page_size() -> u64 {
     } else {
         4096
     }
+}
+
+/// The state letter of a `stat` line: it follows the parenthesised command, which may itself
+/// contain ')'.
+fn state_in(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// The PID namespace of `pid` as `(st_dev, inode)` of `/proc/PID/ns/pid`, when it is not
