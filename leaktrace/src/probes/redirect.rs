@@ -18,11 +18,12 @@
 use std::io::IoSlice;
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
-use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::sys::uio::{process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
 use crate::process::elf::ElfFile;
+use crate::stacks::python::remote::{word, Remote};
 
 /// `PyMemAllocatorEx`: ctx, malloc, calloc, realloc, free; 8 bytes each.
 const SLOTS: usize = 5;
@@ -77,7 +78,7 @@ pub fn find(pid: u32, elf: &ElfFile, bias: u64) -> Result<Redirect> {
     };
     let read = |slot: u64| -> Result<Table> {
         let at = slot - 8 + bias;
-        read_words(pid, at)
+        read_table(pid, at)
             .map(|slots| Table { at, slots })
             .ok_or_else(|| refuse(format!("cannot read the allocator table at {at:#x}")))
     };
@@ -127,8 +128,9 @@ impl Redirect {
             pid: self.pid,
             writes: Vec::new(),
         };
+        let mem = Remote { pid: self.pid };
         for &(at, pymalloc, raw) in &self.writes {
-            if read_words::<1>(self.pid, at) != Some([pymalloc]) {
+            if mem.u64(at) != Some(pymalloc) {
                 return Err(Error::Usage(format!(
                     "--redirect-pymalloc: the allocator slot at {at:#x} changed while attaching"
                 )));
@@ -144,10 +146,10 @@ impl Applied {
     /// Puts pymalloc's functions back where a slot still holds what `apply` wrote. Returns how
     /// many slots could not be (the program changed them since, or it is gone).
     pub fn restore(&mut self) -> usize {
+        let mem = Remote { pid: self.pid };
         let mut left = 0;
         for (at, pymalloc, raw) in std::mem::take(&mut self.writes) {
-            let restored = read_words::<1>(self.pid, at) == Some([raw])
-                && write_word(self.pid, at, pymalloc).is_ok();
+            let restored = mem.u64(at) == Some(raw) && write_word(self.pid, at, pymalloc).is_ok();
             left += usize::from(!restored);
         }
         left
@@ -205,26 +207,14 @@ fn guarded_slot(code: &[u8], ip: u64) -> Option<(u64, u64)> {
     None
 }
 
-/// `N` words at `at` in process `pid`.
-fn read_words<const N: usize>(pid: u32, at: u64) -> Option<[u64; N]> {
-    let mut buf = vec![0u8; 8 * N];
-    let remote = [RemoteIoVec {
-        base: at as usize,
-        len: buf.len(),
-    }];
-    let n = process_vm_readv(
-        Pid::from_raw(pid as i32),
-        &mut [std::io::IoSliceMut::new(&mut buf)],
-        &remote,
-    )
-    .ok()?;
-    (n == buf.len()).then(|| {
-        std::array::from_fn(|k| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&buf[8 * k..8 * k + 8]);
-            u64::from_le_bytes(w)
-        })
-    })
+/// The allocator table (`SLOTS` words) at `at` in process `pid`.
+fn read_table(pid: u32, at: u64) -> Option<[u64; SLOTS]> {
+    let raw = Remote { pid }.read(at, 8 * SLOTS)?;
+    let mut slots = [0u64; SLOTS];
+    for (k, slot) in slots.iter_mut().enumerate() {
+        *slot = word(&raw, 8 * k as u64)?;
+    }
+    Some(slots)
 }
 
 /// One aligned 8-byte write into process `pid`: the kernel copies it with one store, so the

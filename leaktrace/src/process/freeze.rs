@@ -33,7 +33,7 @@ impl Frozen {
         if matches!(proc.state(), Some('T' | 't')) {
             return Ok(None);
         }
-        let pidfd = pidfd_open(pid).ok_or(Error::NoSuchProcess(pid))?;
+        let pidfd = super::pidfd_open(pid).ok_or(Error::NoSuchProcess(pid))?;
         let mut ends = [0 as RawFd; 2];
         // SAFETY: `ends` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -103,26 +103,13 @@ impl Frozen {
     }
 
     fn signal(&self, sig: i32) -> Result<()> {
-        let Some(fd) = &self.pidfd else {
-            return Ok(());
-        };
-        // SAFETY: a pidfd we own, a valid signal, no siginfo.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc != 0 {
-            return Err(Error::Internal(format!(
+        match &self.pidfd {
+            Some(fd) if !send_signal(fd.as_raw_fd(), sig) => Err(Error::Internal(format!(
                 "pidfd_send_signal: {}",
                 std::io::Error::last_os_error()
-            )));
+            ))),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -137,24 +124,24 @@ impl Drop for Frozen {
 /// The watcher: blocks until the pipe closes, continues the target, exits.
 fn watch(pipe: RawFd, pidfd: RawFd) -> ! {
     let mut b = [0u8; 1];
-    // SAFETY: reading into a local buffer from a descriptor this process owns; then signalling
-    // through its pidfd and exiting without running the parent's destructors.
-    unsafe {
-        while libc::read(pipe, b.as_mut_ptr().cast(), 1) > 0 {}
+    // SAFETY: reading into a local buffer from a descriptor this process owns.
+    while unsafe { libc::read(pipe, b.as_mut_ptr().cast(), 1) } > 0 {}
+    send_signal(pidfd, libc::SIGCONT);
+    // SAFETY: exiting without running the parent's destructors, which are not this process's.
+    unsafe { libc::_exit(0) }
+}
+
+/// Sends `sig` through a pidfd; whether the kernel took it.
+fn send_signal(pidfd: RawFd, sig: i32) -> bool {
+    // SAFETY: a pidfd, a signal number, no siginfo, no flags.
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd,
-            libc::SIGCONT,
+            sig,
             std::ptr::null::<libc::siginfo_t>(),
             0,
-        );
-        libc::_exit(0)
-    }
-}
-
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // SAFETY: a descriptor the kernel just created for us.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        )
+    };
+    rc == 0
 }

@@ -222,6 +222,15 @@ fn page_size() -> u64 {
     }
 }
 
+/// A pidfd of `pid`: signals sent through it never reach a process that reused the pid.
+pub fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a descriptor the kernel just created for us, owned by nobody else.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// The state letter of a `stat` line: it follows the parenthesised command, which may itself
 /// contain ')'.
 fn state_in(stat: &str) -> Option<char> {

@@ -1,7 +1,7 @@
 //! What the session loop waits on — the child `run` started, the pidfd of an attached process,
 //! the window's deadline — and the environment `run` starts its child with.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use tokio::io::unix::AsyncFd;
@@ -75,13 +75,7 @@ pub(super) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 pub(super) fn open_pidfd(pid: u32) -> Option<AsyncFd<OwnedFd>> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the fd was just returned to us and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let owned = crate::process::pidfd_open(pid)?;
     // SAFETY: the AsyncFd owns the fd.
     unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }.ok()
 }
