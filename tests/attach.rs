@@ -243,3 +243,162 @@ fn a_target_exiting_inside_the_window_still_gets_its_type_census() {
         .unwrap_or_else(|| panic!("no Kept row in:\n{table}"));
     assert!(row.trim_start().starts_with("+3000 "), "{row}");
 }
+
+/// Waits for `go` to exist, leaks 2,000,000 B from a C extension and 2,000 small Python
+/// objects, says DONE, then idles.
+const ON_CUE: &str = r#"
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import leakyext
+go = sys.argv[2]
+print("READY", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.01)
+for _ in range(250):
+    leakyext.leak_malloc(8000)  # LINE-C
+kept = [bytes(60) + i.to_bytes(4, "little") for i in range(2000)]  # LINE-PY
+print("DONE", flush=True)
+time.sleep(60)
+"#;
+
+/// leaktrace's side of `--control`, as a client sees it.
+struct Control {
+    stdin: std::process::ChildStdin,
+    answers: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Control {
+    fn read(&mut self) -> serde_json::Value {
+        let line = self.answers.next().expect("an answer").unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    fn ask(&mut self, req: &str) -> serde_json::Value {
+        use std::io::Write;
+        writeln!(self.stdin, "{req}").unwrap();
+        self.read()
+    }
+}
+
+/// `attach --control`: a client's requests answered while tracing goes on (what the pytest
+/// plugin uses), on the interpreters with symbols and on Debian's stripped one; the session
+/// ends when the client's input does, and the target goes on.
+#[test]
+fn control_answers_mark_live_redirect_and_ends_with_its_input() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let line = |tag: &str| 1 + ON_CUE.lines().position(|l| l.contains(tag)).unwrap() as u64;
+    for py in pythons() {
+        let who = py.path.display().to_string();
+        let ext = ext_dir(&py.path);
+        let s = script(ON_CUE);
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
+        let mut target = Command::new(&py.path)
+            .arg(&*s)
+            .arg(&ext)
+            .arg(&go)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(target.stdout.take().unwrap()).lines();
+        assert!(out.next().unwrap().unwrap().contains("READY"), "{who}");
+        let pid = target.id();
+        let mut lt = Command::new(leaktrace_bin())
+            .args([
+                "attach",
+                "-p",
+                &pid.to_string(),
+                "--mode",
+                "exact",
+                "--control",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut c = Control {
+            stdin: lt.stdin.take().unwrap(),
+            answers: BufReader::new(lt.stdout.take().unwrap()).lines(),
+        };
+        let ready = c.read();
+        assert_eq!(ready["ready"]["pid"], pid, "{who}: {ready}");
+        let bad = c.ask("live soon");
+        assert!(
+            bad["error"].as_str().unwrap().contains("SINCE_NS"),
+            "{who}: {bad}"
+        );
+        // Every Python object through the probed malloc from here on, until `restore`.
+        let redirected = c.ask("redirect");
+        if py.build == Build::Debug {
+            // A debug build's allocator is hooked by default: refused, saying so (the pytest
+            // plugin then traces every Python-allocator call instead).
+            let why = redirected["error"].as_str().unwrap_or_default();
+            assert!(why.contains("hooked"), "{who}: {redirected}");
+            drop(c);
+            let _ = lt.wait();
+            let _ = target.kill();
+            let _ = target.wait();
+            continue;
+        }
+        assert_eq!(redirected["redirected"], 4, "{who}: {redirected}");
+        let mark = c.ask("mark")["mark_ns"].as_u64().unwrap();
+        std::fs::write(&go, "").unwrap();
+        assert!(out.next().unwrap().unwrap().contains("DONE"), "{who}");
+        assert_eq!(c.ask("restore")["restored"], true, "{who}");
+        let live = c.ask(&format!("live {mark} 5"))["live"].clone();
+        let bytes = live["bytes"].as_u64().unwrap();
+        assert!(
+            (2_000_000 + 2_000 * 90..2_000_000 + 2_000 * 200 + 100_000).contains(&bytes),
+            "{who}: live since the mark: {bytes} B"
+        );
+        let sites = live["report"]["sites"].as_array().unwrap();
+        let names_line = |s: &serde_json::Value, n: u64| {
+            s["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["line"] == n)
+        };
+        // One stack, or two when the interpreter specialized the call midway (its eval loop
+        // then calls from another address).
+        let c_leak: u64 = sites
+            .iter()
+            .filter(|s| s["caller"]["function"] == "leak_malloc" && names_line(s, line("LINE-C")))
+            .map(|s| s["unfreed_bytes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            c_leak, 2_000_000,
+            "{who}: the C extension's leak, with its line: {live}"
+        );
+        let objects: u64 = sites
+            .iter()
+            .filter(|s| names_line(s, line("LINE-PY")))
+            .map(|s| s["unfreed_count"].as_u64().unwrap())
+            .sum();
+        assert!(
+            objects >= 2_000,
+            "{who}: the small objects, through the redirect, with their line: {live}"
+        );
+        // Nothing was allocated before the mark's epoch: a later mark sees none of it.
+        let later = c.ask("mark")["mark_ns"].as_u64().unwrap();
+        let none = c.ask(&format!("live {later} 5"))["live"]["bytes"]
+            .as_u64()
+            .unwrap();
+        assert!(none < 2_000_000, "{who}: {none} B live since a later mark");
+        drop(c);
+        let waited = wait_for(20, || !matches!(lt.try_wait(), Ok(None)));
+        assert!(waited, "{who}: leaktrace did not end with its input");
+        let status = lt.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut lt.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "{who}: {err}");
+        assert!(
+            err.contains("leaktrace report"),
+            "{who}: the report goes to stderr: {err}"
+        );
+        assert!(alive(pid), "{who}: the target goes on");
+        let _ = target.kill();
+        let _ = target.wait();
+    }
+}

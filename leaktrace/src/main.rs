@@ -114,9 +114,15 @@ fn run_trace(cli: &Cli) -> i32 {
         }
     };
     let all = opts.report.all_native_frames;
-    print!("{}", table::render(&outcome.report, verbose, all));
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let rendered = table::render(&outcome.report, verbose, all);
+    if opts.control {
+        // Standard output carries the answers to the controlling client.
+        eprint!("{rendered}");
+    } else {
+        print!("{rendered}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
     let mut code = outcome.exit_code;
     if let Some(limit) = common.fail_over {
         let g = gate::check(&outcome.report, limit, &suppressions);

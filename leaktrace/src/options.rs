@@ -93,6 +93,8 @@ pub struct TraceOptions {
     pub capture: Option<PathBuf>,
     /// Serve Prometheus metrics here (`--prometheus`).
     pub prometheus: Option<std::net::SocketAddr>,
+    /// Queries on standard input, answers on standard output (`--control`, `session::control`).
+    pub control: bool,
     /// `attach --redirect-pymalloc`: switch a stripped interpreter's allocator tables while
     /// attached (`probes::redirect`).
     pub redirect_pymalloc: bool,

@@ -8,6 +8,7 @@ mod ext;
 mod pythons;
 mod real_leaks;
 mod setup;
+mod wheel;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +37,8 @@ enum Cmd {
     Demo,
     /// Print the CPython interpreters the tests run on, one per line: `VERSION PATH`.
     Pythons,
+    /// Build the manylinux wheel (the binary and the pytest plugin) into target/wheels/.
+    Wheel,
     /// Run every test: unit tests and the integration tests against the real kernel.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -48,7 +51,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Run only the parts whose name contains TEXT: a workload's script name
-        /// (`numpy_leak`), `tracemalloc`, `scale`, `real-leaks` or `fixed-cost` (with
+        /// (`numpy_leak`), `tracemalloc`, `scale`, `real-leaks`, `pytest-plugin` or `fixed-cost` (with
         /// `LEAKTRACE_COMPARE=BIN`, another build's rows beside this one's); `soak` (30 minutes
         /// of `attach --mode sampled`; `LEAKTRACE_SOAK_MINUTES` sets the length) runs only when
         /// named.
@@ -100,6 +103,10 @@ fn main() -> Result<()> {
         Cmd::Setup { bench } => setup::setup(bench).and_then(|()| pythons::ensure()),
         Cmd::Pythons => pythons::print(),
         Cmd::Build => build().map(|p| println!("built {}", p.display())),
+        Cmd::Wheel => {
+            setup::setup(false)?;
+            wheel::build().map(|p| println!("built {}", p.display()))
+        }
         Cmd::Demo => {
             setup::setup(false)?;
             let bin = build()?;
@@ -136,11 +143,16 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup::setup(false)?;
             pythons::ensure()?;
+            let bullseye = wheel::ensure_bullseye()?;
+            // The wheel as users install it: its tests install it into fresh venvs.
+            let whl = wheel::build()?;
             let bin = build()?;
             let mut c = cargo();
             c.args(["test", "--workspace"])
                 .args(&args)
-                .env("LEAKTRACE_BIN", bin);
+                .env("LEAKTRACE_BIN", bin)
+                .env("LEAKTRACE_WHEEL", whl)
+                .env("LEAKTRACE_BULLSEYE", bullseye);
             run(&mut c)?;
             // Each test fails on a missing interpreter unless skipped: these are the ones run.
             println!("CPython interpreters under test:");

@@ -34,6 +34,8 @@ const APT: &[(&str, &str)] = &[
     ("patchelf", "/usr/bin/patchelf"),
     // Tests: a real container runtime (OCI bundles run with runc) for targets in containers.
     ("runc", "/usr/sbin/runc"),
+    // Tests: a Debian bullseye root (an older glibc) to run the wheel's binary in.
+    ("debootstrap", "/usr/sbin/debootstrap"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

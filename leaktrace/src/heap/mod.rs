@@ -229,6 +229,32 @@ impl Heap {
         self.sites.retain(|_, s| s.pid != pid);
     }
 
+    /// The sites of `live` (site id → live bytes and blocks, e.g. those allocated since a
+    /// moment), each with those figures as its counters: a heap of its own to report on.
+    pub fn restricted(&self, live: &HashMap<u64, (u64, u64)>) -> Heap {
+        let sites = live
+            .iter()
+            .filter_map(|(id, &(bytes, blocks))| {
+                let mut site = self.sites.get(id)?.clone();
+                site.stats = SiteStats {
+                    live_bytes: bytes,
+                    live_count: blocks,
+                    allocs: blocks,
+                    alloc_bytes: bytes,
+                    frees: 0,
+                    frees_old: 0,
+                    ..site.stats
+                };
+                site.trend = Trend::default();
+                Some((*id, site))
+            })
+            .collect();
+        Heap {
+            sites,
+            series: Vec::new(),
+        }
+    }
+
     /// All sites.
     pub fn sites(&self) -> impl Iterator<Item = &Site> {
         self.sites.values()

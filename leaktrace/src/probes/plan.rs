@@ -418,13 +418,7 @@ fn plan_redirect(
     pid: u32,
     modules: &ModuleMap,
 ) -> Result<()> {
-    let bias = load_bias(elf, &py.module, modules).ok_or_else(|| {
-        Error::Usage(format!(
-            "--redirect-pymalloc: {} is not mapped as its ELF headers say",
-            py.module
-        ))
-    })?;
-    let r = redirect::find(pid, elf, bias)?;
+    let r = tables_in(elf, pid, py, modules)?;
     for (func, vaddr) in PY_IMPL_FNS.iter().zip(r.pymalloc) {
         add_point(
             plan,
@@ -439,6 +433,22 @@ fn plan_redirect(
     plan.python_coverage = PythonCoverage::Redirected;
     plan.redirect = Some(r);
     Ok(())
+}
+
+/// The allocator tables of the interpreter `py` in process `pid`, found and checked, ready to
+/// be switched (`--redirect-pymalloc`, and `--control`'s `redirect` on any build).
+pub fn allocator_tables(pid: u32, py: &PythonInfo, modules: &ModuleMap) -> Result<Redirect> {
+    tables_in(&ElfFile::open(&py.host_path)?, pid, py, modules)
+}
+
+fn tables_in(elf: &ElfFile, pid: u32, py: &PythonInfo, modules: &ModuleMap) -> Result<Redirect> {
+    let bias = load_bias(elf, &py.module, modules).ok_or_else(|| {
+        Error::Usage(format!(
+            "--redirect-pymalloc: {} is not mapped as its ELF headers say",
+            py.module
+        ))
+    })?;
+    redirect::find(pid, elf, bias)
 }
 
 /// What to add to `module`'s virtual addresses for the addresses it has in the process: the

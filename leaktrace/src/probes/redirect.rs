@@ -64,11 +64,8 @@ pub struct Applied {
 /// `bias` added to its virtual addresses.
 pub fn find(pid: u32, elf: &ElfFile, bias: u64) -> Result<Redirect> {
     let refuse = |why: String| Error::Usage(format!("--redirect-pymalloc: {why}"));
-    let [raw, mem, obj] = ["PyMem_RawMalloc", "PyMem_Malloc", "PyObject_Malloc"].map(|name| {
-        let sym = elf.functions(&[name]).ok()?.remove(name)?;
-        let code = elf.bytes_at(sym.vaddr, SCAN)?;
-        guarded_slot(&code, sym.vaddr)
-    });
+    let [raw, mem, obj] = ["PyMem_RawMalloc", "PyMem_Malloc", "PyObject_Malloc"]
+        .map(|name| locate(pid, elf, bias, name));
     let (Some(raw), Some(mem), Some(obj)) = (raw, mem, obj) else {
         return Err(refuse(
             "the allocator tables were not found in the code of PyMem_RawMalloc, PyMem_Malloc and \
@@ -76,15 +73,14 @@ pub fn find(pid: u32, elf: &ElfFile, bias: u64) -> Result<Redirect> {
                 .into(),
         ));
     };
-    let read = |slot: u64| -> Result<Table> {
-        let at = slot - 8 + bias;
+    let read = |(at, default): (u64, u64)| -> Result<(Table, u64)> {
         read_table(pid, at)
-            .map(|slots| Table { at, slots })
+            .map(|slots| (Table { at, slots }, default))
             .ok_or_else(|| refuse(format!("cannot read the allocator table at {at:#x}")))
     };
-    let (raw_t, mem_t, obj_t) = (read(raw.0)?, read(mem.0)?, read(obj.0)?);
-    let pymalloc = obj.1 + bias;
-    if raw_t.slots[MALLOC] != raw.1 + bias || raw_t.slots[0] != 0 {
+    let ((raw_t, raw_default), (mem_t, _), (obj_t, pymalloc)) =
+        (read(raw)?, read(mem)?, read(obj)?);
+    if raw_t.slots[MALLOC] != raw_default || raw_t.slots[0] != 0 {
         return Err(refuse(
             "the raw allocator is hooked (tracemalloc, PYTHONMALLOC=debug or -X dev)".into(),
         ));
@@ -165,6 +161,81 @@ impl Drop for Applied {
     fn drop(&mut self) {
         self.restore();
     }
+}
+
+/// The runtime address of the table an exported allocator entry point (`name`) calls through,
+/// and the runtime address of the function its malloc slot holds by default.
+///
+/// Two shapes are known. An LTO build inlines pymalloc behind a guard that compares the slot
+/// with pymalloc's function (`guarded_slot`: both come from the code). Otherwise the entry point
+/// tail-calls through the slot (`jump_slot`), and the default function is named by the symbol
+/// table: `_PyMem_RawMalloc` for the raw table, `_PyObject_Malloc` for the others.
+fn locate(pid: u32, elf: &ElfFile, bias: u64, name: &str) -> Option<(u64, u64)> {
+    let sym = elf.functions(&[name]).ok()?.remove(name)?;
+    let code = elf.bytes_at(sym.vaddr, SCAN)?;
+    if let Some((slot, f)) = guarded_slot(&code, sym.vaddr) {
+        return Some((slot - 8 + bias, f + bias));
+    }
+    let slot = match jump_slot(&code, sym.vaddr)? {
+        Slot::Direct(vaddr) => vaddr + bias,
+        Slot::Through { pointer, disp } => Remote { pid }.u64(pointer + bias)? + disp,
+    };
+    let default = if name == "PyMem_RawMalloc" {
+        "_PyMem_RawMalloc"
+    } else {
+        "_PyObject_Malloc"
+    };
+    let f = elf.functions(&[default]).ok()?.remove(default)?;
+    Some((slot - 8, f.vaddr + bias))
+}
+
+/// Where a tail call through an allocator slot finds the slot.
+#[derive(Debug, PartialEq)]
+enum Slot {
+    /// At this file virtual address (`jmp [rip+X]`: the table is a global, 3.11).
+    Direct(u64),
+    /// `disp` bytes past the address stored at file virtual address `pointer` (`mov rax,
+    /// [rip+GOT]; jmp [rax+disp]`: the table is inside `_PyRuntime`, 3.12+).
+    Through { pointer: u64, disp: u64 },
+}
+
+/// In the first instructions of an exported allocator entry point: the slot it jumps (or
+/// calls) through.
+fn jump_slot(code: &[u8], ip: u64) -> Option<Slot> {
+    let mut loads: Vec<(Register, u64)> = Vec::new();
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut i = Instruction::default();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut i);
+        let mnemonic = i.mnemonic();
+        if mnemonic == Mnemonic::Mov
+            && i.op_count() == 2
+            && i.op0_kind() == OpKind::Register
+            && i.op0_register().size() == 8
+            && i.op1_kind() == OpKind::Memory
+            && i.is_ip_rel_memory_operand()
+        {
+            loads.push((i.op0_register(), i.ip_rel_memory_address()));
+        }
+        if matches!(mnemonic, Mnemonic::Jmp | Mnemonic::Call) && i.op0_kind() == OpKind::Memory {
+            if i.is_ip_rel_memory_operand() {
+                return Some(Slot::Direct(i.ip_rel_memory_address()));
+            }
+            let base = i.memory_base();
+            let pointer = loads.iter().rev().find(|l| l.0 == base)?.1;
+            if i.memory_index() != Register::None {
+                return None;
+            }
+            return Some(Slot::Through {
+                pointer,
+                disp: i.memory_displacement64(),
+            });
+        }
+        if i.is_invalid() || mnemonic == Mnemonic::Ret || mnemonic == Mnemonic::Jmp {
+            break;
+        }
+    }
+    None
 }
 
 /// In the first instructions of an exported allocator entry point: the table slot it loads
@@ -254,6 +325,43 @@ mod tests {
             0x48, 0x3d, 0x50, 0xb4, 0x4f, 0x00, // cmp rax,0x4fb450
         ];
         assert_eq!(guarded_slot(&code, ip), Some((0x959f48, 0x4fb450)));
+    }
+
+    /// pyenv's 3.11 (no LTO): `PyObject_Malloc` tail-calls through the global table's slot.
+    #[test]
+    fn finds_a_direct_jump_slot() {
+        let ip = 0x1af1e0;
+        let code = [
+            0x48, 0x89, 0xfe, // mov rsi,rdi
+            0x48, 0x85, 0xff, // test rdi,rdi
+            0x78, 0x10, // js +0x10
+            0x48, 0x8b, 0x3d, 0x71, 0xd0, 0x2a, 0x00, // mov rdi,[rip+0x2ad071] -> 0x45c260
+            0xff, 0x25, 0x73, 0xd0, 0x2a, 0x00, // jmp [rip+0x2ad073] -> 0x45c268
+        ];
+        assert_eq!(jump_slot(&code, ip), Some(Slot::Direct(0x45c268)));
+    }
+
+    /// pyenv's 3.12 (no LTO): the table is inside `_PyRuntime`, reached through the GOT.
+    #[test]
+    fn finds_a_jump_through_a_pointer() {
+        let ip = 0x1cf430;
+        let code = [
+            0x48, 0x89, 0xfe, // mov rsi,rdi
+            0x48, 0x85, 0xff, // test rdi,rdi
+            0x78, 0x18, // js +0x18
+            0x48, 0x8b, 0x05, 0xc1, 0x48, 0x37, 0x00, // mov rax,[rip+0x3748c1] -> 0x543d00
+            0x48, 0x8b, 0xb8, 0xb0, 0x00, 0x00, 0x00, // mov rdi,[rax+0xb0]
+            0xff, 0xa0, 0xb8, 0x00, 0x00, 0x00, // jmp [rax+0xb8]
+        ];
+        assert_eq!(
+            jump_slot(&code, ip),
+            Some(Slot::Through {
+                pointer: 0x543d00,
+                disp: 0xb8
+            })
+        );
+        // A guard-shaped entry has no jump through memory.
+        assert_eq!(jump_slot(&code[..15], ip), None);
     }
 
     /// A shared library compares with a register loaded by a RIP-relative `lea`.

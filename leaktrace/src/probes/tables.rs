@@ -1,7 +1,7 @@
 //! The kernel's maps as a session reads and writes them: traced processes and their flags,
 //! Python walk parameters and thread states, unwind rows, counters and the live table.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use leaktrace_ebpf::{
@@ -279,6 +279,23 @@ impl Tracer {
             .filter_map(|item| item.ok())
             .map(|(k, v)| [k.tgid as u64, k.addr, v.size, v.site_id, v.ts_ns])
             .collect())
+    }
+
+    /// Per site, the bytes and blocks allocated at or after `since_ns` (the kernel's monotonic
+    /// clock) and live now, in every traced process; sampled blocks count for what they stand
+    /// for.
+    pub fn live_since(&self, since_ns: u64) -> Result<HashMap<u64, (u64, u64)>> {
+        let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
+            BpfHashMap::try_from(self.map(map::LIVE)?).map_err(|e| bpf_err(map::LIVE, e))?;
+        let mut out: HashMap<u64, (u64, u64)> = HashMap::new();
+        for (_, v) in map.iter().filter_map(|item| item.ok()) {
+            if v.ts_ns >= since_ns {
+                let e = out.entry(v.site_id).or_default();
+                e.0 += v.weight.max(v.size);
+                e.1 += u64::from(v.count.max(1));
+            }
+        }
+        Ok(out)
     }
 
     /// Every site with its counters.

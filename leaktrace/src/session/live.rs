@@ -88,6 +88,14 @@ impl Session<'_> {
     /// A report of the `top` stacks as they are now (for the live outputs; the final report is
     /// built with everything once tracing ends).
     pub(super) fn snapshot(&mut self, top: usize) -> Report {
+        let heap = std::mem::take(&mut self.heap);
+        let r = self.report_of(&heap, top);
+        self.heap = heap;
+        r
+    }
+
+    /// A report of `heap` (the session's, or a part of it) with the session's header.
+    pub(super) fn report_of(&mut self, heap: &crate::heap::Heap, top: usize) -> Report {
         let t = self.start.elapsed().as_secs_f64();
         let meta = ReportMeta {
             target: TargetInfo {
@@ -107,7 +115,7 @@ impl Session<'_> {
             top,
             ..self.opts.report
         };
-        Report::build(&self.heap, &mut self.sym, meta, opts)
+        Report::build(heap, &mut self.sym, meta, opts)
     }
 
     /// Feeds the metrics endpoint and the `top` view after an interval.

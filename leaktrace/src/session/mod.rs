@@ -2,6 +2,7 @@
 //! and announcements until the window ends, and build the report.
 
 mod census;
+mod control;
 mod finish;
 mod forks;
 pub mod live;
@@ -98,6 +99,8 @@ struct Session<'a> {
     ending: bool,
     /// `--redirect-pymalloc` in force: put back when tracing ends (or on drop).
     redirect: Option<crate::probes::redirect::Applied>,
+    /// `--control`: the interpreter's allocator tables, once a `redirect` request found them.
+    tables: Option<crate::probes::redirect::Redirect>,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts; with `live`, feeds
@@ -142,14 +145,21 @@ impl Session<'_> {
         if ev.tgid != self.proc.pid {
             self.enable_child_python(ev.tgid);
         }
-        let py = self.python_of(ev.tgid);
-        let python = py.map(|py| PythonStack {
-            frames: py.decode(&ev.py_frames[..depth]),
-            entry: (0..depth)
-                .map(|i| ev.py_entry[i / 64] & (1 << (i % 64)) != 0)
-                .collect(),
-            status: ev.py_status,
-            truncated: ev.py_truncated != 0,
+        // The record arrived: its status stands even when there is no interpreter to decode
+        // frames with (not Python, or a version leaktrace cannot walk: the header says which).
+        let python = Some(match self.python_of(ev.tgid) {
+            Some(py) => PythonStack {
+                frames: py.decode(&ev.py_frames[..depth]),
+                entry: (0..depth)
+                    .map(|i| ev.py_entry[i / 64] & (1 << (i % 64)) != 0)
+                    .collect(),
+                status: ev.py_status,
+                truncated: ev.py_truncated != 0,
+            },
+            None => PythonStack {
+                status: ev.py_status,
+                ..PythonStack::default()
+            },
         });
         if let Some(p) = &python {
             log::trace!("site {:#x} decoded: {:?}", ev.site_id, p.frames);

@@ -100,6 +100,7 @@ pub(super) async fn start<'a>(
         quit,
         command,
         interrupts: signals::Interrupts::default(),
+        control: opts.control.then(super::control::requests),
     };
     Ok((s, watch))
 }
@@ -196,6 +197,7 @@ impl<'a> Session<'a> {
             counters: Counters::default(),
             ending: false,
             redirect: None,
+            tables: None,
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::live::LiveView;
 use super::signals::{Interrupt, Interrupts};
 use super::waiting::{child_event, pid_exit, progress_line, reply, sleep_until};
-use super::{census, quit_requested, Child, Session};
+use super::{census, control, quit_requested, Child, Session};
 use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{parse, EventReader};
 use crate::process::spawn::{Control, ExitKind, SpawnEvent};
@@ -29,6 +29,8 @@ pub(super) struct Watch {
     /// The target's command line (again after an exec).
     pub(super) command: String,
     pub(super) interrupts: Interrupts,
+    /// `--control`: the client's requests.
+    pub(super) control: Option<UnboundedReceiver<control::Request>>,
 }
 
 /// How tracing ended.
@@ -75,6 +77,9 @@ impl Session<'_> {
         let mut sigint = signal(SignalKind::interrupt()).map_err(handler)?;
         let mut sigterm = signal(SignalKind::terminate()).map_err(handler)?;
         let own = w.child.is_some();
+        if w.control.is_some() {
+            self.announce_ready();
+        }
         loop {
             tokio::select! {
                 first = w.reader.next_record() => {
@@ -111,6 +116,11 @@ impl Session<'_> {
                 _ = sleep_until(w.interrupts.due()) => w.interrupts.pass_on(pid),
                 _ = quit_requested(&mut w.quit) => {
                     return Ok(Ending::detached("still running; detached (quit from the live view)"));
+                }
+                req = control::next(&mut w.control) => {
+                    if let Some(why) = self.on_request(w, req)? {
+                        return Ok(Ending::detached(why));
+                    }
                 }
                 _ = pid_exit(&w.pidfd) => return Ok(Ending::target_exited(None)),
                 ev = child_event(&mut w.child) => {

@@ -137,7 +137,7 @@ pub fn fixed_cost(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) 
 
 /// Waits until no leaktrace process is left, the background detacher included (it exits once
 /// the kernel has removed its links, and so every breakpoint). Returns the seconds waited.
-fn probes_gone() -> Result<f64> {
+pub(super) fn probes_gone() -> Result<f64> {
     let t = Instant::now();
     while leaktrace_running() {
         if t.elapsed().as_secs() > 60 {

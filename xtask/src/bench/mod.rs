@@ -9,6 +9,7 @@
 
 mod accuracy;
 mod fixed;
+mod plugin;
 mod real;
 mod scale;
 mod soak;
@@ -22,6 +23,7 @@ use anyhow::Result;
 use crate::ext::build_extension;
 use crate::{root, setup};
 use accuracy::Truth;
+use fixed::probes_gone;
 use tools::{Measure, Tool};
 
 struct Workload {
@@ -198,6 +200,9 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("fixed-cost") {
         fixed::fixed_cost(leaktrace, &python, reps, &scratch)?;
+    }
+    if wanted("pytest-plugin") {
+        plugin::run_plugin(leaktrace, &python, &ext, reps, &scratch)?;
     }
     // Half an hour: only when asked for by name.
     if only == Some("soak") {

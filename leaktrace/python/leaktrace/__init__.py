@@ -1,0 +1,1 @@
+"""leaktrace: find memory leaks in running Python processes from outside, with eBPF."""

@@ -1,0 +1,373 @@
+"""pytest plugin: ``pytest --leaktrace`` traces the test session from outside with leaktrace.
+
+A test marked ``@pytest.mark.leaktrace(limit="1 MB")`` fails when the memory it allocated
+(Python objects and native allocations, C extensions included) and still holds at its end
+exceeds the limit; the failure names the stacks that hold it. leaktrace runs as a separate,
+privileged process (root, or ``sudo -n``) attached to this one with eBPF and is asked over a
+pipe (``leaktrace attach --control``, docs/control.md); nothing is imported into the tests.
+"""
+
+import gc
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+import pytest
+
+# How long leaktrace may take to attach (a loaded CI host) and to end after `stop`.
+_READY_TIMEOUT_S = 120.0
+_STOP_TIMEOUT_S = 60.0
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def parse_size(text):
+    """``"1 MB"``, ``"512KiB"``, ``4096`` → bytes (k/M/G decimal, KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(
+            "leaktrace: bad limit %r (e.g. '1 MB', '512KiB', 4096)" % (text,)
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("leaktrace", "memory leaks, traced from outside with eBPF")
+    group.addoption(
+        "--leaktrace",
+        action="store_true",
+        help="trace the session with leaktrace; tests marked leaktrace(limit=...) fail "
+        "when what they allocated and still hold at their end exceeds the limit",
+    )
+    group.addoption(
+        "--leaktrace-bin",
+        default=os.environ.get("LEAKTRACE_BIN"),
+        help="the leaktrace executable (default: $LEAKTRACE_BIN, the one installed beside "
+        "this Python, then PATH)",
+    )
+    group.addoption(
+        "--leaktrace-top",
+        type=int,
+        default=5,
+        help="stacks shown when a test is over its limit (default 5)",
+    )
+    group.addoption(
+        "--leaktrace-log",
+        default=None,
+        help="write leaktrace's own output (its session report) to this file",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "leaktrace(limit): with --leaktrace, fail when the memory the test allocated and "
+        "still holds at its end exceeds limit ('1 MB', '512KiB', bytes)",
+    )
+    if config.getoption("leaktrace"):
+        config.pluginmanager.register(LeaktracePlugin(config), "leaktrace-session")
+
+
+def _find_binary(configured):
+    if configured:
+        return configured if os.path.exists(configured) else None
+    beside = os.path.join(sysconfig.get_path("scripts"), "leaktrace")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("leaktrace")
+
+
+def _privilege_prefix():
+    """How to run leaktrace with the privileges eBPF needs; (prefix, None) or (None, why not)."""
+    if os.geteuid() == 0:
+        return [], None
+    sudo = shutil.which("sudo")
+    if sudo:
+        ok = subprocess.run(
+            [sudo, "-n", "true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        if ok.returncode == 0:
+            return [sudo, "-n", "--"], None
+    return None, (
+        "leaktrace needs root to load eBPF programs and uprobes (CAP_BPF, CAP_PERFMON, "
+        "CAP_SYS_ADMIN): run pytest as root, or allow passwordless `sudo` for leaktrace"
+    )
+
+
+def _has_symtab(path):
+    """Whether the ELF file has a symbol table (a stripped, LTO-built interpreter has none)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:
+                return True  # not a 64-bit ELF: let leaktrace judge
+            shoff, = struct.unpack_from("<Q", head, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+        for i in range(shnum):
+            if struct.unpack_from("<I", table, i * shentsize + 4)[0] == 2:  # SHT_SYMTAB
+                return True
+        return False
+    except (OSError, struct.error):
+        return True
+
+
+def _interpreter_file():
+    """The file holding this interpreter's allocator: libpython when it is shared."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if re.search(r"/libpython3[^/]*\.so", path):
+                    return path
+    except OSError:
+        pass
+    return os.path.realpath(sys.executable)
+
+
+class Tracer:
+    """A leaktrace process attached to this one, answering over its standard input and output."""
+
+    def __init__(self, argv, log_path):
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+        )
+        ready = self._read(_READY_TIMEOUT_S)
+        if "ready" not in ready:
+            raise RuntimeError("leaktrace did not start: %s" % ready)
+
+    def _read(self, timeout):
+        import select
+
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if r else ""
+        if not line:
+            self.proc.kill() if self.proc.poll() is None else None
+            raise RuntimeError(
+                "leaktrace stopped answering (exit status %s): %s"
+                % (self.proc.poll(), self.log_tail())
+            )
+        return json.loads(line)
+
+    def ask(self, request, timeout=60.0):
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        answer = self._read(timeout)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    def mark(self):
+        return self.ask("mark")["mark_ns"]
+
+    def live(self, since, top):
+        return self.ask("live %d %d" % (since, top))["live"]
+
+    def stop(self):
+        try:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            return self.proc.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            return self.proc.wait()
+        finally:
+            self.log.close()
+
+    def log_tail(self, lines=8):
+        try:
+            self.log.flush()
+            with open(self.log_path) as f:
+                return " | ".join(l.strip() for l in f.read().splitlines()[-lines:])
+        except OSError:
+            return "(no output)"
+
+
+def _frame(f):
+    if f.get("kind") == "python":
+        return "%s:%s in %s" % (f.get("filename"), f.get("line"), f.get("function"))
+    name = f.get("function") or "0x%x" % f.get("address", 0)
+    where = ""
+    if f.get("file"):
+        where = " (%s:%s)" % (os.path.basename(f["file"]), f.get("line"))
+    module = os.path.basename(f.get("module") or "?")
+    return "%s%s in %s" % (name, where, module)
+
+
+def _inner_frames(stack, most=16):
+    """The frames from the test inward: pytest's and pluggy's own frames above it say nothing."""
+    shown = [f for f in stack if not f.get("hidden")]
+    runner = [
+        i for i, f in enumerate(shown)
+        if f.get("kind") == "python" and re.search(r"/(_pytest|pluggy)/", f.get("filename") or "")
+    ]
+    if runner:
+        shown = shown[runner[-1] + 1:]
+    return shown[-most:]
+
+
+def failure_message(live, limit, top):
+    """The failure text: totals, then the stacks holding the most, innermost frame last."""
+    out = [
+        "leaktrace: %s B in %s blocks allocated during this test are still live "
+        "(limit %s B)" % (format(live["bytes"], ","), format(live["blocks"], ","),
+                          format(limit, ","))
+    ]
+    for site in live["report"]["sites"][:top]:
+        out.append(
+            "  %s B in %s blocks from %s"
+            % (format(site["unfreed_bytes"], ","), format(site["unfreed_count"], ","),
+               site["allocator"])
+        )
+        for f in _inner_frames(site.get("stack", [])):
+            out.append("      " + _frame(f))
+    return "\n".join(out)
+
+
+class LeaktracePlugin:
+    """The session's tracer, and the check of each marked test."""
+
+    def __init__(self, config):
+        self.config = config
+        self.tracer = None
+        self.unavailable = None
+        self.checked = 0
+        self.over = 0
+        self.started_s = None
+        self.redirect = False
+        self.fallback = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session):
+        t0 = time.monotonic()
+        try:
+            self._start()
+        except (OSError, RuntimeError, ValueError) as e:
+            self.unavailable = "leaktrace could not attach: %s" % e
+            self.tracer = None
+        self.started_s = time.monotonic() - t0
+
+    def _start(self):
+        binary = _find_binary(self.config.getoption("leaktrace_bin"))
+        if binary is None:
+            self.unavailable = (
+                "leaktrace executable not found (pip install leaktrace, or --leaktrace-bin)"
+            )
+            return
+        prefix, why = _privilege_prefix()
+        if prefix is None:
+            self.unavailable = why
+            return
+        argv = prefix + [binary, "attach", "-p", str(os.getpid()), "--mode", "exact",
+                         "--control"]
+        log = self.config.getoption("leaktrace_log") or os.path.join(
+            tempfile.mkdtemp(prefix="leaktrace-"), "leaktrace.log"
+        )
+        # Python objects of 512 B or less come from pymalloc's pools, which are not traced
+        # call by call by default (one trap per object would slow the whole session). During
+        # a marked test leaktrace points the interpreter's allocator tables at malloc instead,
+        # which is traced: exact, with stacks, at a cost paid only inside marked tests.
+        self.tracer = Tracer(argv, log)
+        try:
+            self.tracer.ask("redirect")
+            self.tracer.ask("restore")
+            self.redirect = True
+        except RuntimeError as e:
+            # A debug build or a hooked allocator: trace every Python-allocator call instead.
+            self.tracer.stop()
+            self.fallback = (
+                "small objects cannot be redirected to malloc during marked tests (%s); "
+                "every Python-allocator call is traced instead" % e
+            )
+            self.tracer = Tracer(argv + ["--python-allocators"], log)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item):
+        marker = item.get_closest_marker("leaktrace")
+        if marker is None:
+            return (yield)
+        limit = parse_size(marker.kwargs.get("limit", marker.args[0] if marker.args else 0))
+        if self.tracer is None:
+            pytest.skip(self.unavailable or "leaktrace is not tracing")
+        gc.collect()
+        try:
+            if self.redirect:
+                self.tracer.ask("redirect")
+            since = self.tracer.mark()
+        except RuntimeError as e:
+            self._lost(e)
+        try:
+            result = yield
+            gc.collect()
+        finally:
+            # Before the query: reading its answer makes objects too, untraced once restored.
+            if self.redirect and self.tracer is not None:
+                try:
+                    self.tracer.ask("restore")
+                except RuntimeError as e:
+                    self._lost(e)
+        top = self.config.getoption("leaktrace_top")
+        try:
+            live = self.tracer.live(since, top)
+        except RuntimeError as e:
+            self._lost(e)
+        self.checked += 1
+        if live["bytes"] > limit:
+            self.over += 1
+            pytest.fail(failure_message(live, limit, top), pytrace=False)
+        return result
+
+    def _lost(self, e):
+        """leaktrace stopped answering: this test fails saying so, later ones are skipped."""
+        self.unavailable = "leaktrace stopped during the session: %s" % e
+        self.tracer = None
+        pytest.fail(self.unavailable, pytrace=False)
+
+    def pytest_sessionfinish(self, session):
+        if self.tracer is not None:
+            self.tracer.stop()
+
+    def pytest_terminal_summary(self, terminalreporter):
+        tr = terminalreporter
+        if self.tracer is None:
+            tr.write_line("leaktrace: not tracing: %s" % self.unavailable, yellow=True)
+            return
+        if self.fallback:
+            tr.write_line("leaktrace: %s" % self.fallback, yellow=True)
+        tr.write_line(
+            "leaktrace: attached in %.1f s; %d marked test(s) checked, %d over their limit; "
+            "session report in %s" % (self.started_s, self.checked, self.over,
+                                      self.tracer.log_path)
+        )
