@@ -9,8 +9,9 @@ use common::*;
 use serde_json::Value;
 
 /// Makes 20,000 instances with a `__dict__`, 30,000 with `__slots__` and 25,000 small tuples,
-/// prints how many `gc.get_objects()` sees of the first two, then adds 1,000 `Grows` every
-/// 0.1 s.
+/// and objects over 512 B the collector tracks — 3,000 `Wide` instances (80 slots: 672 B) and
+/// 1,000 tuples of 100 references (856 B) — prints how many `gc.get_objects()` sees of the first
+/// two, then adds 1,000 `Grows` every 0.1 s.
 const HOLDS: &str = r#"
 import gc, sys, time
 class Plain:
@@ -20,9 +21,13 @@ class Slotted:
     def __init__(self, i): self.i = i
 class Grows:
     __slots__ = ()
+class Wide:
+    __slots__ = tuple("a%d" % i for i in range(80))
 plain = [Plain(i) for i in range(20000)]
 slotted = [Slotted(i) for i in range(30000)]
 pairs = [(i, -i) for i in range(25000)]
+wide = [Wide() for _ in range(3000)]
+big_tuples = [tuple([plain[i]] * 100) for i in range(1000)]
 gc.collect()
 n = lambda t: sum(1 for o in gc.get_objects() if type(o) is t)
 print("COUNTS", n(Plain), n(Slotted), flush=True)
@@ -71,6 +76,17 @@ fn counts_every_small_object_by_type_and_its_growth() {
         assert_eq!(count(&v, "Slotted", "count"), 30_000, "{}", py.display());
         // Not tracked by the GC, and counted all the same.
         assert!(count(&v, "tuple", "count") >= 25_000, "{}", py.display());
+        // Over 512 B, outside the pools: found through the collector's lists, sized as
+        // sys.getsizeof does (16 + 80 × 8 + the GC header; 40 + 100 × 8 + the GC header).
+        assert_eq!(count(&v, "Wide", "count"), 3_000, "{}", py.display());
+        assert_eq!(count(&v, "Wide", "bytes"), 3_000 * 672, "{}", py.display());
+        let outside = &v["outside_pools"];
+        assert!(
+            outside["objects"].as_u64().unwrap() >= 4_000,
+            "{}: {outside}",
+            py.display()
+        );
+        assert!(table.contains("Wide"), "{table}");
         assert!(table.contains("Slotted"), "{table}");
         // Three snapshots 0.5 s apart: about 1,000 Grows per 0.1 s in between.
         let (code, table, v) = snapshot(&["-p", &pid, "--count", "3", "--interval", "0.5"]);

@@ -64,8 +64,9 @@ pub enum Command {
     },
     /// Render a capture (`-o FILE`) as a table, JSON, flamegraph, HTML, pprof or CSV.
     Report(ReportArgs),
-    /// Count a running process's live small Python objects (512 B or less) by type, from
-    /// outside, those made before too: no probe, no pause. With `--count`, growth per type.
+    /// Count a running process's live Python objects by type, from outside, those made before
+    /// too (all of 512 B or less, and larger ones the collector tracks): no probe, no pause.
+    /// With `--count`, growth per type.
     Snapshot(SnapshotArgs),
     /// Compare two JSON reports (`--json`), e.g. of an old and a new version: unfreed memory
     /// per stack in each, matched by symbolized frames, largest growth first.

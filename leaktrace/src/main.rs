@@ -95,6 +95,12 @@ fn run_trace(cli: &Cli) -> i32 {
         .build()
         .expect("tokio runtime");
     let (live, view) = match &cli.command {
+        Command::Top { .. } if common.control => {
+            eprintln!(
+                "leaktrace: --control is for `run` and `attach`: `top` draws on standard output"
+            );
+            return 2;
+        }
         Command::Top { .. } => match top_view(common.top) {
             Some((live, view)) => (Some(live), Some(view)),
             None => return 2,

@@ -152,6 +152,7 @@ fn main() -> Result<()> {
                 .args(&args)
                 .env("LEAKTRACE_BIN", bin)
                 .env("LEAKTRACE_WHEEL", whl)
+                .env("LEAKTRACE_AUDITWHEEL", wheel::auditwheel())
                 .env("LEAKTRACE_BULLSEYE", bullseye);
             run(&mut c)?;
             // Each test fails on a missing interpreter unless skipped: these are the ones run.

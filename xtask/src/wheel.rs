@@ -38,6 +38,11 @@ fn ensure_tools() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// auditwheel, as `ensure_tools` installs it (the tests ask it for the wheel's tag).
+pub fn auditwheel() -> PathBuf {
+    Path::new(TOOLS).join("bin/auditwheel")
+}
+
 /// Builds the wheel into `target/wheels/` (the only one there) and returns its path.
 pub fn build() -> Result<PathBuf> {
     let tools = ensure_tools()?;
@@ -79,26 +84,29 @@ pub fn build() -> Result<PathBuf> {
     Ok(wheel)
 }
 
-/// Makes the Debian bullseye root the tests run the wheel's binary in (debootstrap, once),
-/// with its Python 3.9 as a target.
+/// What the bullseye root holds besides the minimal base: its Python, and venv with the pip it
+/// bundles (the tests install the wheel with bullseye's own pip).
+const BULLSEYE_PACKAGES: &str = "python3,python3-venv";
+
+/// Makes the Debian bullseye root the tests run the wheel in (debootstrap, once; again when
+/// `BULLSEYE_PACKAGES` changed), with its Python 3.9 as a target.
 pub fn ensure_bullseye() -> Result<PathBuf> {
     let rootfs = Path::new(BULLSEYE);
-    if rootfs.join("usr/bin/python3").exists() && rootfs.join(".complete").exists() {
+    let marker = rootfs.join(".leaktrace-packages");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == BULLSEYE_PACKAGES) {
         return Ok(rootfs.to_path_buf());
     }
     eprintln!("xtask setup: debootstrap Debian bullseye (glibc 2.31, Python 3.9) into {BULLSEYE}");
     if rootfs.exists() {
-        std::fs::remove_dir_all(rootfs).context("removing a partial bullseye root")?;
+        std::fs::remove_dir_all(rootfs).context("removing an older bullseye root")?;
     }
     run(Command::new("debootstrap")
         .args([
             "--variant=minbase",
-            "--include=python3",
-            "bullseye",
-            BULLSEYE,
-            "http://deb.debian.org/debian",
+            &format!("--include={BULLSEYE_PACKAGES}"),
         ])
+        .args(["bullseye", BULLSEYE, "http://deb.debian.org/debian"])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    std::fs::write(rootfs.join(".complete"), "")?;
+    std::fs::write(&marker, BULLSEYE_PACKAGES)?;
     Ok(rootfs.to_path_buf())
 }

@@ -79,13 +79,24 @@ def pytest_addoption(parser):
     )
 
 
+# New-style hook wrappers (pluggy 1.1, pytest 7.4); an older pytest still loads this module.
+try:
+    _WRAPPER = pytest.hookimpl(wrapper=True)
+except TypeError:
+    _WRAPPER = None
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "leaktrace(limit): with --leaktrace, fail when the memory the test allocated and "
         "still holds at its end exceeds limit ('1 MB', '512KiB', bytes)",
     )
-    if config.getoption("leaktrace"):
+    # pytest-xdist: each worker traces itself; the controller runs no test.
+    controller = getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+    if config.getoption("leaktrace") and not controller:
+        if _WRAPPER is None:
+            raise pytest.UsageError("pytest --leaktrace needs pytest 7.4 or later (pluggy 1.1)")
         config.pluginmanager.register(LeaktracePlugin(config), "leaktrace-session")
 
 
@@ -171,7 +182,11 @@ class Tracer:
         r, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if r else ""
         if not line:
-            self.proc.kill() if self.proc.poll() is None else None
+            if self.proc.poll() is None:
+                try:
+                    self.proc.kill()
+                except OSError:
+                    pass
             raise RuntimeError(
                 "leaktrace stopped answering (exit status %s): %s"
                 % (self.proc.poll(), self.log_tail())
@@ -179,8 +194,11 @@ class Tracer:
         return json.loads(line)
 
     def ask(self, request, timeout=60.0):
-        self.proc.stdin.write(request + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(request + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError) as e:
+            raise RuntimeError("leaktrace is gone (%s): %s" % (e, self.log_tail()))
         answer = self._read(timeout)
         if "error" in answer:
             raise RuntimeError(answer["error"])
@@ -313,8 +331,8 @@ class LeaktracePlugin:
             )
             self.tracer = Tracer(argv + ["--python-allocators"], log)
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_call(self, item):
+    def _runtest_call(self, item):
+        """Wraps the call phase of each test (installed as ``pytest_runtest_call``)."""
         marker = item.get_closest_marker("leaktrace")
         if marker is None:
             return (yield)
@@ -371,3 +389,7 @@ class LeaktracePlugin:
             "session report in %s" % (self.started_s, self.checked, self.over,
                                       self.tracer.log_path)
         )
+
+
+if _WRAPPER is not None:
+    LeaktracePlugin.pytest_runtest_call = _WRAPPER(LeaktracePlugin._runtest_call)

@@ -2,13 +2,14 @@
 //! object they hold, overall and per site, at the end and against a baseline taken early in the
 //! trace — what `objgraph.show_growth()` shows from inside, without a line of code in the target.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
 use crate::process::maps::anonymous_regions;
+use crate::stacks::python::gc_lists::{follow, Outside};
 use crate::stacks::python::objects::{BlockKind, TypeReader};
-use crate::stacks::python::pools::scan;
+use crate::stacks::python::pools::{scan, POOL_SIZE};
 use crate::stacks::python::remote::Remote;
 
 /// Live blocks by what they hold.
@@ -71,6 +72,34 @@ impl Census {
         );
         self.torn_pools += totals.torn_pools;
         totals.pools
+    }
+
+    /// As `add_pools`, plus the objects the collector tracks outside the pools (over 512 B, or
+    /// from another allocator), found by following its lists out of them
+    /// (stacks/python/gc_lists.rs); all credited to no site. Returns the pools walked and what
+    /// the lists gave.
+    pub fn add_pools_and_gc(&mut self, reader: &mut TypeReader, pid: u32) -> (u64, Outside) {
+        let mut pools: HashSet<u64> = HashSet::new();
+        let mut next: Vec<u64> = Vec::new();
+        let totals = scan(
+            &Remote { pid },
+            &anonymous_regions(pid),
+            |at, data, used| {
+                pools.insert(at);
+                let kinds = reader.classify_local_links(at, data, used, POOL_SIZE, &mut next);
+                for ((_, size), kind) in used.iter().zip(kinds) {
+                    self.count(kind, *size, 0);
+                }
+            },
+        );
+        self.torn_pools += totals.torn_pools;
+        next.sort_unstable();
+        next.dedup();
+        let outside = follow(reader, next, |a| pools.contains(&(a & !(POOL_SIZE - 1))));
+        for (name, bytes) in &outside.objects {
+            self.count(BlockKind::Object(name.clone()), *bytes, 0);
+        }
+        (totals.pools, outside)
     }
 
     /// Counts one block.

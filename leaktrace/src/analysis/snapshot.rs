@@ -1,8 +1,10 @@
 //! `leaktrace snapshot`: the live small Python objects of a running process by type, read from
 //! outside — pymalloc's pools found in its memory and walked (stacks/python/pools.rs), every
-//! block's type checked (stacks/python/objects.rs). No probe, no ptrace, nothing loaded into
-//! the target: objects allocated before leaktrace came are counted too. Objects over 512 B live
-//! in malloc's heap, which has no such structure to walk: `attach` traces those.
+//! block's type checked (stacks/python/objects.rs) — and the objects the cyclic collector tracks
+//! outside the pools, found by following its lists out of them (stacks/python/gc_lists.rs). No
+//! probe, no ptrace, nothing loaded into the target: objects allocated before leaktrace came are
+//! counted too. Untracked objects over 512 B (str, bytes, int) live in malloc's heap, which has
+//! no such structure to walk: `attach` traces those.
 
 use std::fmt::Write;
 use std::time::{Duration, Instant};
@@ -34,7 +36,21 @@ pub struct Snapshot {
     pub frozen_s: Option<f64>,
     /// pymalloc pools walked in the last snapshot.
     pub pools: u64,
+    /// Objects the collector tracks outside the pools (over 512 B, or from another allocator),
+    /// found through its lists in the last snapshot; they are in the census too.
+    pub outside_pools: OutsidePools,
     pub census: TypeCensus,
+}
+
+/// What following the collector's lists out of the pools found (stacks/python/gc_lists.rs).
+#[derive(Debug, Default, Serialize)]
+pub struct OutsidePools {
+    pub objects: u64,
+    pub bytes: u64,
+    /// List heads passed through (a handful per interpreter).
+    pub list_heads: u64,
+    /// Nodes that could not be read or were no object (torn reads of a running target).
+    pub skipped: u64,
 }
 
 /// Takes `count` snapshots of `pid`, `interval` apart: counts per type in the last, growth
@@ -52,6 +68,7 @@ pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Sn
     let start = Instant::now();
     let mut first: Option<Census> = None;
     let mut last = (Census::default(), 0, 0.0);
+    let mut outside = OutsidePools::default();
     let mut frozen_s: Option<f64> = None;
     for i in 0..count.max(1) {
         if i > 0 {
@@ -63,7 +80,7 @@ pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Sn
         let held = if freeze { Frozen::stop(pid)? } else { None };
         let t = Instant::now();
         let mut census = Census::default();
-        let pools = census.add_pools(&mut reader, pid, |_| 0);
+        let (pools, found) = census.add_pools_and_gc(&mut reader, pid);
         if let Some(h) = held {
             let s = h.thaw();
             frozen_s = Some(frozen_s.map_or(s, |m: f64| m.max(s)));
@@ -72,6 +89,12 @@ pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Sn
             first = Some(census.clone());
         }
         last = (census, pools, t.elapsed().as_secs_f64());
+        outside = OutsidePools {
+            objects: found.objects.len() as u64,
+            bytes: found.objects.iter().map(|(_, b)| b).sum(),
+            list_heads: found.heads,
+            skipped: found.skipped,
+        };
     }
     let span_s = start.elapsed().as_secs_f64() - last.2;
     let since = (count > 1).then(|| format!("the first snapshot, {span_s:.1} s before"));
@@ -90,6 +113,7 @@ pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Sn
         walk_s: last.2,
         frozen_s,
         pools: last.1,
+        outside_pools: outside,
         census: TypeCensus::of(&last.0, base, since),
     })
 }
@@ -102,22 +126,27 @@ pub fn render(s: &Snapshot, top: usize) -> String {
         Some(f) => format!("with the target stopped for {f:.2} s (--freeze)"),
         None => "without stopping the target".into(),
     };
+    let out = &s.outside_pools;
     let _ = writeln!(
         o,
-        "leaktrace snapshot — pid {} (Python {}): {} live small objects (≤ 512 B) in {} pymalloc \
-         pools, read in {:.2} s {stopped}",
+        "leaktrace snapshot — pid {} (Python {}): {} live objects — those in {} pymalloc pools \
+         (≤ 512 B), and {} the collector tracks outside them ({} B) — read in {:.2} s {stopped}",
         s.pid,
         s.python,
         group(c.objects),
         group(s.pools),
+        group(out.objects),
+        group(out.bytes),
         s.walk_s
     );
     let _ = writeln!(
         o,
-        "  objects over 512 B live in malloc's heap and are not listed (`leaktrace attach` traces \
-         them); {} blocks hold no object, {} pools skipped as torn",
+        "  objects over 512 B that the collector does not track (str, bytes, int) live in \
+         malloc's heap and are not listed (`leaktrace attach` traces them); {} blocks hold no \
+         object, {} pools skipped as torn, {} list nodes unreadable",
         group(c.not_objects),
-        group(c.torn_pools)
+        group(c.torn_pools),
+        group(out.skipped)
     );
     let growth = s.snapshots > 1;
     if growth {

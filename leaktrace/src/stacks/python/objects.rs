@@ -21,6 +21,7 @@ use super::remote::{word, Remote};
 /// 3.11–3.14, default build).
 const TP_NAME: u64 = 24;
 const TP_BASICSIZE: u64 = 32;
+const TP_ITEMSIZE: u64 = 40;
 const TP_FLAGS: u64 = 168;
 const TPFLAGS_HAVE_GC: u64 = 1 << 14;
 const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
@@ -50,8 +51,37 @@ fn past_debug_pad(head: &[u8], size: u64) -> (&[u8], u64) {
 struct TypeInfo {
     name: Arc<str>,
     basicsize: u64,
+    itemsize: u64,
     /// Bytes before the object: GC header and pre-header.
     presize: u64,
+    /// Its instances are tracked by the cyclic collector (a `PyGC_Head` before each).
+    gc: bool,
+}
+
+/// Flag bits the collector keeps in the low bits of `PyGC_Head`'s links (3.14's incremental
+/// collector marks the old space in `_gc_next`; `_gc_prev` holds collection flags).
+const GC_LINK_FLAGS: u64 = 7;
+/// The end of x86-64 user space: no link points past it.
+const USER_TOP: u64 = 1 << 47;
+/// Objects of more items than this are taken for a torn read, not sized.
+const MAX_ITEMS: u64 = 1 << 32;
+
+/// A node of one of the collector's lists, read from outside (`TypeReader::gc_node`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GcNode {
+    /// A tracked object: its type's name, its size as `sys.getsizeof` gives it, and the next
+    /// node's `PyGC_Head` address.
+    Object {
+        name: Arc<str>,
+        bytes: u64,
+        next: u64,
+    },
+    /// A readable node with no object after it: a list's head (a generation in the
+    /// interpreter's state), or a stale link.
+    Other {
+        next: u64,
+    },
+    Unreadable,
 }
 
 /// Names the objects in blocks of one process, caching what it learns of each type.
@@ -124,13 +154,21 @@ impl TypeReader {
 
     fn kind(&mut self, head: &[u8], size: u64) -> BlockKind {
         let (head, size) = past_debug_pad(head, size);
+        match self.find(head, size) {
+            Some((info, _)) => BlockKind::Object(info.name),
+            None => BlockKind::NotAnObject,
+        }
+    }
+
+    /// The object a block holds and its offset in the block (0, 16 or 32).
+    fn find(&mut self, head: &[u8], size: u64) -> Option<(TypeInfo, u64)> {
         // Types already known first: a GC object's header words at offset 0 point at other
         // objects, and reading each such pointer as a candidate type would cost a system call.
         for off in [0u64, 16, 32] {
             let Some(t) = word(head, off + 8) else { break };
             if let Some(Some(info)) = self.types.get(&t) {
                 if info.presize == off && off + info.basicsize <= size.max(info.basicsize) {
-                    return BlockKind::Object(info.name.clone());
+                    return Some((info.clone(), off));
                 }
             }
         }
@@ -141,11 +179,72 @@ impl TypeReader {
             }
             if let Some(info) = self.type_info(t) {
                 if info.presize == off && off + info.basicsize <= size.max(info.basicsize) {
-                    return BlockKind::Object(info.name);
+                    return Some((info, off));
                 }
             }
         }
-        BlockKind::NotAnObject
+        None
+    }
+
+    /// As `classify_local`, and for each GC-tracked object the address of the next node in its
+    /// collector list (`_gc_next`, flags masked), appended to `next` unless it is in the same
+    /// pool (`pool_size` bytes from `base`).
+    pub fn classify_local_links(
+        &mut self,
+        base: u64,
+        data: &[u8],
+        blocks: &[(u64, u64)],
+        pool_size: u64,
+        next: &mut Vec<u64>,
+    ) -> Vec<BlockKind> {
+        blocks
+            .iter()
+            .map(|(a, size)| {
+                let start = a.wrapping_sub(base) as usize;
+                let end = start.saturating_add((*size as usize).min(HEAD_READ));
+                let Some(head) = data.get(start..end) else {
+                    return BlockKind::Unreadable;
+                };
+                let (head, size) = past_debug_pad(head, *size);
+                let Some((info, off)) = self.find(head, size) else {
+                    return BlockKind::NotAnObject;
+                };
+                if info.gc && off >= 16 {
+                    let n = word(head, off - 16).unwrap_or(0) & !GC_LINK_FLAGS;
+                    // A link is a user-space address; anything else is no link (a block that
+                    // only looked like a GC object), not a node to read.
+                    if n != 0 && n < USER_TOP && n.wrapping_sub(base) >= pool_size {
+                        next.push(n);
+                    }
+                }
+                BlockKind::Object(info.name)
+            })
+            .collect()
+    }
+
+    /// The node of a collector list whose `PyGC_Head` is at `at`: the object after it, checked
+    /// like any block's (its type must be a GC type), or what else is there.
+    pub fn gc_node(&mut self, at: u64) -> GcNode {
+        let Some(raw) = self.mem.read(at, 40) else {
+            return GcNode::Unreadable;
+        };
+        let (Some(next), Some(t), Some(n)) = (word(&raw, 0), word(&raw, 24), word(&raw, 32)) else {
+            return GcNode::Unreadable;
+        };
+        let next = next & !GC_LINK_FLAGS;
+        let object = (t != 0 && t % 8 == 0)
+            .then(|| self.type_info(t))
+            .flatten()
+            .filter(|info| info.gc);
+        match object {
+            // `ob_size` of a variable-size object; fixed-size ones have no items to count.
+            Some(info) if info.itemsize == 0 || n < MAX_ITEMS => GcNode::Object {
+                bytes: info.presize + info.basicsize + info.itemsize * n,
+                name: info.name,
+                next,
+            },
+            _ => GcNode::Other { next },
+        }
     }
 
     /// The type at `t`, if it is one.
@@ -171,8 +270,9 @@ impl TypeReader {
             return None;
         }
         let basicsize = word(&raw, TP_BASICSIZE)?;
+        let itemsize = word(&raw, TP_ITEMSIZE)?;
         let flags = word(&raw, TP_FLAGS)?;
-        if !(16..=1 << 20).contains(&basicsize) {
+        if !(16..=1 << 20).contains(&basicsize) || itemsize > 1 << 16 {
             return None;
         }
         let name_ptr = word(&raw, TP_NAME)?;
@@ -195,7 +295,9 @@ impl TypeReader {
         Some(TypeInfo {
             name: name.into(),
             basicsize,
+            itemsize,
             presize,
+            gc: flags & TPFLAGS_HAVE_GC != 0,
         })
     }
 }
