@@ -336,7 +336,15 @@ class LeaktracePlugin:
         marker = item.get_closest_marker("leaktrace")
         if marker is None:
             return (yield)
-        limit = parse_size(marker.kwargs.get("limit", marker.args[0] if marker.args else 0))
+        given = marker.kwargs.get("limit", marker.args[0] if marker.args else None)
+        if given is None:
+            pytest.fail("@pytest.mark.leaktrace needs a limit, e.g. limit=\"1 MB\"", pytrace=False)
+        try:
+            limit, bad = parse_size(given), None
+        except ValueError as e:
+            limit, bad = None, str(e)
+        if bad:
+            pytest.fail(bad, pytrace=False)
         if self.tracer is None:
             pytest.skip(self.unavailable or "leaktrace is not tracing")
         gc.collect()
