@@ -86,7 +86,8 @@ impl Census {
             &anonymous_regions(pid),
             |at, data, used| {
                 pools.insert(at);
-                let kinds = reader.classify_local_links(at, data, used, POOL_SIZE, &mut next);
+                let kinds =
+                    reader.classify_local_links(at, data, used, Some((POOL_SIZE, &mut next)));
                 for ((_, size), kind) in used.iter().zip(kinds) {
                     self.count(kind, *size, 0);
                 }

@@ -139,15 +139,40 @@ impl TypeReader {
         data: &[u8],
         blocks: &[(u64, u64)],
     ) -> Vec<BlockKind> {
+        self.classify_local_links(base, data, blocks, None)
+    }
+
+    /// As `classify_local`; with `links` (a pool's size, and a list), each GC-tracked object's
+    /// `_gc_next` (the next node in its collector list, flags masked) is appended to the list
+    /// unless it is in the same pool.
+    pub fn classify_local_links(
+        &mut self,
+        base: u64,
+        data: &[u8],
+        blocks: &[(u64, u64)],
+        mut links: Option<(u64, &mut Vec<u64>)>,
+    ) -> Vec<BlockKind> {
         blocks
             .iter()
             .map(|(a, size)| {
                 let start = a.wrapping_sub(base) as usize;
                 let end = start.saturating_add((*size as usize).min(HEAD_READ));
-                match data.get(start..end) {
-                    Some(head) => self.kind(head, *size),
-                    None => BlockKind::Unreadable,
+                let Some(head) = data.get(start..end) else {
+                    return BlockKind::Unreadable;
+                };
+                let (head, size) = past_debug_pad(head, *size);
+                let Some((info, off)) = self.find(head, size) else {
+                    return BlockKind::NotAnObject;
+                };
+                if let (true, Some((pool_size, next))) = (info.gc && off >= 16, links.as_mut()) {
+                    let n = word(head, off - 16).unwrap_or(0) & !GC_LINK_FLAGS;
+                    // A link is a user-space address; anything else is no link (a block that
+                    // only looked like a GC object), not a node to read.
+                    if n != 0 && n < USER_TOP && n.wrapping_sub(base) >= *pool_size {
+                        next.push(n);
+                    }
                 }
+                BlockKind::Object(info.name)
             })
             .collect()
     }
@@ -184,42 +209,6 @@ impl TypeReader {
             }
         }
         None
-    }
-
-    /// As `classify_local`, and for each GC-tracked object the address of the next node in its
-    /// collector list (`_gc_next`, flags masked), appended to `next` unless it is in the same
-    /// pool (`pool_size` bytes from `base`).
-    pub fn classify_local_links(
-        &mut self,
-        base: u64,
-        data: &[u8],
-        blocks: &[(u64, u64)],
-        pool_size: u64,
-        next: &mut Vec<u64>,
-    ) -> Vec<BlockKind> {
-        blocks
-            .iter()
-            .map(|(a, size)| {
-                let start = a.wrapping_sub(base) as usize;
-                let end = start.saturating_add((*size as usize).min(HEAD_READ));
-                let Some(head) = data.get(start..end) else {
-                    return BlockKind::Unreadable;
-                };
-                let (head, size) = past_debug_pad(head, *size);
-                let Some((info, off)) = self.find(head, size) else {
-                    return BlockKind::NotAnObject;
-                };
-                if info.gc && off >= 16 {
-                    let n = word(head, off - 16).unwrap_or(0) & !GC_LINK_FLAGS;
-                    // A link is a user-space address; anything else is no link (a block that
-                    // only looked like a GC object), not a node to read.
-                    if n != 0 && n < USER_TOP && n.wrapping_sub(base) >= pool_size {
-                        next.push(n);
-                    }
-                }
-                BlockKind::Object(info.name)
-            })
-            .collect()
     }
 
     /// The node of a collector list whose `PyGC_Head` is at `at`: the object after it, checked
