@@ -292,10 +292,10 @@ pub struct CommonOpts {
     /// RSS, live bytes and objects per top-10 stack, drops, leaktrace's own CPU and memory.
     #[arg(long, value_name = "ADDR")]
     pub prometheus: Option<std::net::SocketAddr>,
-    /// Answer queries while tracing, for tools that drive leaktrace (the pytest plugin): one
-    /// request a line on standard input (`mark`, `live SINCE_NS [TOP]`, `stop`), one JSON line
-    /// each on standard output; the final report goes to standard error; end of input ends
-    /// the session (docs/control.md).
+    /// `attach`: answer queries while tracing, for tools that drive leaktrace (the pytest
+    /// plugin): one request a line on standard input (`mark`, `live SINCE_NS [TOP]`,
+    /// `redirect`, `restore`, `stop`), one JSON line each on standard output; the final report
+    /// goes to standard error; end of input ends the session (docs/control.md).
     #[arg(long)]
     pub control: bool,
     /// Benchmark only: attach the same probes with programs that return at once.
