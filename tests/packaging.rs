@@ -228,6 +228,14 @@ fn the_wheel_installs_into_fresh_venvs_traces_and_its_plugin_fails_the_leaking_t
             "{who}: the summary line:\n{all}"
         );
 
+        assert!(
+            !all.contains("cannot be redirected"),
+            "{who}: small objects through the redirect, not the fallback:\n{all}"
+        );
+        if py.version == "3.12" {
+            lost_tracer(&venv, dir.path(), &ext);
+        }
+
         // Without --leaktrace the marker does nothing.
         let out = pytest(&venv, &suite, &ext, &[], None);
         assert!(text(&out).contains("3 passed"), "{who}:\n{}", text(&out));
@@ -247,6 +255,28 @@ fn the_wheel_installs_into_fresh_venvs_traces_and_its_plugin_fails_the_leaking_t
             );
         }
     }
+}
+
+/// leaktrace killed under a marked test: that test fails saying so, the next marked one is
+/// skipped saying why, an unmarked one runs; nothing is left running.
+fn lost_tracer(venv: &Path, dir: &Path, ext: &Path) {
+    let suite = dir.join("lost");
+    std::fs::create_dir(&suite).unwrap();
+    std::fs::write(
+        suite.join("test_lost.py"),
+        include_str!("fixtures/pytest_lost/test_lost.py"),
+    )
+    .unwrap();
+    let out = pytest(venv, &suite, ext, &["--leaktrace", "-rs"], None);
+    let all = text(&out);
+    assert!(all.contains("test_tracer_killed_under_it FAILED"), "{all}");
+    assert!(all.contains("test_marked_after SKIPPED"), "{all}");
+    assert!(all.contains("test_unmarked_after PASSED"), "{all}");
+    assert!(
+        failure_of(&all, "test_tracer_killed_under_it")
+            .contains("leaktrace stopped during the session"),
+        "{all}"
+    );
 }
 
 #[test]

@@ -11,10 +11,9 @@ import gc
 import json
 import os
 import re
+import select
 import shutil
-import struct
 import subprocess
-import sys
 import sysconfig
 import tempfile
 import time
@@ -126,44 +125,25 @@ def _privilege_prefix():
     )
 
 
-def _has_symtab(path):
-    """Whether the ELF file has a symbol table (a stripped, LTO-built interpreter has none)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-            if head[:4] != b"\x7fELF" or head[4] != 2:
-                return True  # not a 64-bit ELF: let leaktrace judge
-            shoff, = struct.unpack_from("<Q", head, 0x28)
-            shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
-            f.seek(shoff)
-            table = f.read(shentsize * shnum)
-        for i in range(shnum):
-            if struct.unpack_from("<I", table, i * shentsize + 4)[0] == 2:  # SHT_SYMTAB
-                return True
-        return False
-    except (OSError, struct.error):
-        return True
+class TracerLost(RuntimeError):
+    """leaktrace stopped answering: it was ended, its tables put back."""
 
 
-def _interpreter_file():
-    """The file holding this interpreter's allocator: libpython when it is shared."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rstrip("\n").split(None, 5)[-1]
-                if re.search(r"/libpython3[^/]*\.so", path):
-                    return path
-    except OSError:
-        pass
-    return os.path.realpath(sys.executable)
+class Refused(RuntimeError):
+    """leaktrace answered a request with an error; it traces on."""
 
 
 class Tracer:
-    """A leaktrace process attached to this one, answering over its standard input and output."""
+    """A leaktrace process attached to this one, answering over its standard input and output.
 
-    def __init__(self, argv, log_path):
+    It runs in a session of its own, so a Ctrl-C meant for pytest does not end it under a
+    test; any failure to read an answer (an interruption included) ends it, since a reply left
+    in the pipe would be taken for the next one's.
+    """
+
+    def __init__(self, argv, log_path, append=False):
         self.log_path = log_path
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "a" if append else "w")
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -171,66 +151,90 @@ class Tracer:
             stderr=self.log,
             text=True,
             bufsize=1,
+            start_new_session=True,
         )
-        ready = self._read(_READY_TIMEOUT_S)
-        if "ready" not in ready:
-            raise RuntimeError("leaktrace did not start: %s" % ready)
+        self.broken = None
+        self._reply("ready", _READY_TIMEOUT_S)
 
-    def _read(self, timeout):
-        import select
-
-        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if r else ""
+    def _reply(self, key, timeout):
+        try:
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            line = self.proc.stdout.readline() if ready else ""
+        except BaseException:
+            self.end("interrupted while waiting for an answer")
+            raise
         if not line:
-            if self.proc.poll() is None:
-                try:
-                    self.proc.kill()
-                except OSError:
-                    pass
-            raise RuntimeError(
-                "leaktrace stopped answering (exit status %s): %s"
-                % (self.proc.poll(), self.log_tail())
+            self.end("no answer")
+            raise TracerLost(
+                "leaktrace stopped answering (exit status %s)%s"
+                % (self.proc.returncode, (": " + self.log_tail()) if self.log_tail() else "")
             )
-        return json.loads(line)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and "error" in answer:
+            raise Refused(answer["error"])
+        if not isinstance(answer, dict) or key not in answer:
+            self.end("unexpected answer")
+            raise TracerLost("leaktrace answered %r where %r was due" % (line[:200], key))
+        return answer[key]
 
-    def ask(self, request, timeout=60.0):
+    def ask(self, request, key, timeout=60.0):
+        """Sends one request and returns the `key` of its answer."""
+        if self.broken:
+            raise TracerLost(self.broken)
         try:
             self.proc.stdin.write(request + "\n")
             self.proc.stdin.flush()
         except (OSError, ValueError) as e:
-            raise RuntimeError("leaktrace is gone (%s): %s" % (e, self.log_tail()))
-        answer = self._read(timeout)
-        if "error" in answer:
-            raise RuntimeError(answer["error"])
-        return answer
+            self.end("gone")
+            raise TracerLost("leaktrace is gone (%s): %s" % (e, self.log_tail()))
+        return self._reply(key, timeout)
 
-    def mark(self):
-        return self.ask("mark")["mark_ns"]
-
-    def live(self, since, top):
-        return self.ask("live %d %d" % (since, top))["live"]
-
-    def stop(self):
+    def end(self, why, timeout=10.0):
+        """Ends leaktrace: the end of its input stops it (tables put back, probes detached);
+        then SIGTERM, which sudo passes on; SIGKILL last."""
+        self.broken = self.broken or why
         try:
-            self.proc.stdin.write("stop\n")
             self.proc.stdin.close()
-        except (BrokenPipeError, ValueError):
+        except (OSError, ValueError):
             pass
         try:
-            return self.proc.wait(_STOP_TIMEOUT_S)
+            return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             self.proc.terminate()
-            return self.proc.wait()
+            return self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
         finally:
             self.log.close()
+
+    def stop(self):
+        """Ends the session normally: `stop`, and leaktrace writes its report to the log."""
+        if not self.broken:
+            try:
+                self.proc.stdin.write("stop\n")
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                pass
+        return self.end("stopped", _STOP_TIMEOUT_S)
 
     def log_tail(self, lines=8):
         try:
             self.log.flush()
+        except (OSError, ValueError):
+            pass
+        try:
             with open(self.log_path) as f:
                 return " | ".join(l.strip() for l in f.read().splitlines()[-lines:])
         except OSError:
-            return "(no output)"
+            return ""
 
 
 def _frame(f):
@@ -286,6 +290,7 @@ class LeaktracePlugin:
         self.started_s = None
         self.redirect = False
         self.fallback = None
+        self.log_path = None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session):
@@ -318,18 +323,19 @@ class LeaktracePlugin:
         # a marked test leaktrace points the interpreter's allocator tables at malloc instead,
         # which is traced: exact, with stacks, at a cost paid only inside marked tests.
         self.tracer = Tracer(argv, log)
+        self.log_path = log
         try:
-            self.tracer.ask("redirect")
-            self.tracer.ask("restore")
+            self.tracer.ask("redirect", "redirected")
+            self.tracer.ask("restore", "restored")
             self.redirect = True
-        except RuntimeError as e:
+        except Refused as e:
             # A debug build or a hooked allocator: trace every Python-allocator call instead.
             self.tracer.stop()
             self.fallback = (
                 "small objects cannot be redirected to malloc during marked tests (%s); "
                 "every Python-allocator call is traced instead" % e
             )
-            self.tracer = Tracer(argv + ["--python-allocators"], log)
+            self.tracer = Tracer(argv + ["--python-allocators"], log, append=True)
 
     def _runtest_call(self, item):
         """Wraps the call phase of each test (installed as ``pytest_runtest_call``)."""
@@ -349,37 +355,55 @@ class LeaktracePlugin:
             pytest.skip(self.unavailable or "leaktrace is not tracing")
         gc.collect()
         try:
-            if self.redirect:
-                self.tracer.ask("redirect")
-            since = self.tracer.mark()
+            # The mark first: its answer is made before the switch, so it is not counted.
+            since = self.tracer.ask("mark", "mark_ns")
         except RuntimeError as e:
-            self._lost(e)
+            self._lose(e)
+            pytest.fail(self.unavailable, pytrace=False)
+        switched = self.redirect and self._switch(item, "redirect", "redirected")
         try:
             result = yield
             gc.collect()
         finally:
-            # Before the query: reading its answer makes objects too, untraced once restored.
-            if self.redirect and self.tracer is not None:
-                try:
-                    self.tracer.ask("restore")
-                except RuntimeError as e:
-                    self._lost(e)
+            # Before the query, and whatever the test did: reading the query's answer makes
+            # objects too, and the rest of the session runs on pymalloc again.
+            if switched:
+                self._switch(item, "restore", "restored")
+        if self.tracer is None:
+            pytest.fail(self.unavailable, pytrace=False)
         top = self.config.getoption("leaktrace_top")
         try:
-            live = self.tracer.live(since, top)
+            live = self.tracer.ask("live %d %d" % (since, top), "live")
         except RuntimeError as e:
-            self._lost(e)
+            self._lose(e)
+            pytest.fail(self.unavailable, pytrace=False)
         self.checked += 1
         if live["bytes"] > limit:
             self.over += 1
             pytest.fail(failure_message(live, limit, top), pytrace=False)
         return result
 
-    def _lost(self, e):
-        """leaktrace stopped answering: this test fails saying so, later ones are skipped."""
+    def _switch(self, item, request, key):
+        """`redirect` or `restore`; never raises (it may run while a test's exception is on its
+        way). A refusal is a warning on the test; a lost tracer ends tracing."""
+        try:
+            self.tracer.ask(request, key)
+            return True
+        except Refused as e:
+            item.warn(pytest.PytestWarning(
+                "leaktrace: %s refused (%s): this test's small Python objects are not counted"
+                % (request, e)
+            ))
+        except RuntimeError as e:
+            self._lose(e)
+        return False
+
+    def _lose(self, e):
+        """leaktrace cannot be asked any more: it is ended, and later marked tests skipped."""
         self.unavailable = "leaktrace stopped during the session: %s" % e
+        if self.tracer is not None:
+            self.tracer.end("lost")
         self.tracer = None
-        pytest.fail(self.unavailable, pytrace=False)
 
     def pytest_sessionfinish(self, session):
         if self.tracer is not None:
@@ -387,16 +411,17 @@ class LeaktracePlugin:
 
     def pytest_terminal_summary(self, terminalreporter):
         tr = terminalreporter
-        if self.tracer is None:
+        if self.log_path is None:
             tr.write_line("leaktrace: not tracing: %s" % self.unavailable, yellow=True)
             return
         if self.fallback:
             tr.write_line("leaktrace: %s" % self.fallback, yellow=True)
         tr.write_line(
             "leaktrace: attached in %.1f s; %d marked test(s) checked, %d over their limit; "
-            "session report in %s" % (self.started_s, self.checked, self.over,
-                                      self.tracer.log_path)
+            "session report in %s" % (self.started_s, self.checked, self.over, self.log_path)
         )
+        if self.unavailable:
+            tr.write_line("leaktrace: %s" % self.unavailable, yellow=True)
 
 
 if _WRAPPER is not None:

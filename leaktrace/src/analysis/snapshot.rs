@@ -143,7 +143,8 @@ pub fn render(s: &Snapshot, top: usize) -> String {
         o,
         "  objects over 512 B that the collector does not track (str, bytes, int) live in \
          malloc's heap and are not listed (`leaktrace attach` traces them); {} blocks hold no \
-         object, {} pools skipped as torn, {} list nodes unreadable",
+         object, {} pools skipped as torn, {} collector-list nodes skipped (unreadable, or \
+         stale links)",
         group(c.not_objects),
         group(c.torn_pools),
         group(out.skipped)

@@ -173,12 +173,18 @@ impl Drop for Applied {
 fn locate(pid: u32, elf: &ElfFile, bias: u64, name: &str) -> Option<(u64, u64)> {
     let sym = elf.functions(&[name]).ok()?.remove(name)?;
     let code = elf.bytes_at(sym.vaddr, SCAN)?;
+    // Addresses from the code and the target's memory: checked, never trusted to fit.
     if let Some((slot, f)) = guarded_slot(&code, sym.vaddr) {
-        return Some((slot - 8 + bias, f + bias));
+        return Some((
+            slot.checked_sub(8)?.checked_add(bias)?,
+            f.checked_add(bias)?,
+        ));
     }
     let slot = match jump_slot(&code, sym.vaddr)? {
-        Slot::Direct(vaddr) => vaddr + bias,
-        Slot::Through { pointer, disp } => Remote { pid }.u64(pointer + bias)? + disp,
+        Slot::Direct(vaddr) => vaddr.checked_add(bias)?,
+        Slot::Through { pointer, disp } => Remote { pid }
+            .u64(pointer.checked_add(bias)?)?
+            .checked_add(disp)?,
     };
     let default = if name == "PyMem_RawMalloc" {
         "_PyMem_RawMalloc"
@@ -186,7 +192,7 @@ fn locate(pid: u32, elf: &ElfFile, bias: u64, name: &str) -> Option<(u64, u64)> 
         "_PyObject_Malloc"
     };
     let f = elf.functions(&[default]).ok()?.remove(default)?;
-    Some((slot - 8, f.vaddr + bias))
+    Some((slot.checked_sub(8)?, f.vaddr.checked_add(bias)?))
 }
 
 /// Where a tail call through an allocator slot finds the slot.

@@ -119,14 +119,18 @@ impl Session<'_> {
     ) -> Result<Option<&'static str>> {
         match req {
             Request::Mark => answer(&json!({ "mark_ns": monotonic_ns() })),
-            Request::Live { since, top } => {
-                let v = self.live_since(w, since, top)?;
-                answer(&json!({ "live": v }));
-            }
+            // A failed request is answered; tracing goes on.
+            Request::Live { since, top } => answer(&match self.live_since(w, since, top) {
+                Ok(v) => json!({ "live": v }),
+                Err(e) => json!({ "error": format!("live: {e}") }),
+            }),
             Request::Redirect => answer(&match self.redirect_now() {
                 Ok(slots) => json!({ "redirected": slots }),
                 Err(e) => json!({ "error": e.to_string() }),
             }),
+            Request::Restore if self.opts.redirect_pymalloc => answer(&json!({
+                "error": "restore: --redirect-pymalloc holds the tables switched for the whole session"
+            })),
             Request::Restore => {
                 let left = self.redirect.take().map_or(0, |mut r| r.restore());
                 answer(&json!({ "restored": left == 0 }));
