@@ -94,16 +94,14 @@ fn run_trace(cli: &Cli) -> i32 {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if common.control && !attach {
-        // `run`'s program would share leaktrace's standard input and output with the client.
-        eprintln!("leaktrace: --control is for `attach`: the program `run` starts would share the client's pipes");
+    if common.control && !matches!(cli.command, Command::Attach { .. }) {
+        // `run`'s program would share the client's pipes, and `top` draws on standard output.
+        eprintln!(
+            "leaktrace: --control is for `attach`: standard input and output are the client's"
+        );
         return 2;
     }
     let (live, view) = match &cli.command {
-        Command::Top { .. } if common.control => {
-            eprintln!("leaktrace: --control is for `attach`: `top` draws on standard output");
-            return 2;
-        }
         Command::Top { .. } => match top_view(common.top) {
             Some((live, view)) => (Some(live), Some(view)),
             None => return 2,

@@ -41,22 +41,6 @@ impl Census {
         c
     }
 
-    /// Adds blocks whose bytes are at hand (a pymalloc pool read whole: `data` holds the
-    /// memory from `base` on), all credited to `site`.
-    pub fn add_local(
-        &mut self,
-        reader: &mut TypeReader,
-        site: u64,
-        base: u64,
-        data: &[u8],
-        blocks: &[(u64, u64)],
-    ) {
-        let kinds = reader.classify_local(base, data, blocks);
-        for ((_, size), kind) in blocks.iter().zip(kinds) {
-            self.count(kind, *size, site);
-        }
-    }
-
     /// Adds the small objects found in `pid`'s pymalloc pools, each pool's credited to
     /// `site_of(pool address)`; returns the pools walked (torn ones are counted in the census).
     pub fn add_pools(
@@ -65,13 +49,7 @@ impl Census {
         pid: u32,
         site_of: impl Fn(u64) -> u64,
     ) -> u64 {
-        let totals = scan(
-            &Remote { pid },
-            &anonymous_regions(pid),
-            |at, data, used| self.add_local(reader, site_of(at), at, data, used),
-        );
-        self.torn_pools += totals.torn_pools;
-        totals.pools
+        self.walk_pools(reader, pid, site_of, None)
     }
 
     /// As `add_pools`, plus the objects the collector tracks outside the pools (over 512 B, or
@@ -79,28 +57,44 @@ impl Census {
     /// (stacks/python/gc_lists.rs); all credited to no site. Returns the pools walked and what
     /// the lists gave.
     pub fn add_pools_and_gc(&mut self, reader: &mut TypeReader, pid: u32) -> (u64, Outside) {
-        let mut pools: HashSet<u64> = HashSet::new();
-        let mut next: Vec<u64> = Vec::new();
+        let mut gc = (HashSet::new(), Vec::new());
+        let pools = self.walk_pools(reader, pid, |_| 0, Some(&mut gc));
+        let (walked, mut next) = gc;
+        next.sort_unstable();
+        next.dedup();
+        let outside = follow(reader, next, |a| walked.contains(&(a & !(POOL_SIZE - 1))));
+        for (name, bytes) in &outside.objects {
+            self.count(BlockKind::Object(name.clone()), *bytes, 0);
+        }
+        (pools, outside)
+    }
+
+    /// Walks the pools; with `gc`, also notes each pool walked and the collector-list links that
+    /// leave it.
+    fn walk_pools(
+        &mut self,
+        reader: &mut TypeReader,
+        pid: u32,
+        site_of: impl Fn(u64) -> u64,
+        mut gc: Option<&mut (HashSet<u64>, Vec<u64>)>,
+    ) -> u64 {
         let totals = scan(
             &Remote { pid },
             &anonymous_regions(pid),
             |at, data, used| {
-                pools.insert(at);
-                let kinds =
-                    reader.classify_local_links(at, data, used, Some((POOL_SIZE, &mut next)));
+                let links = gc.as_mut().map(|(walked, next)| {
+                    walked.insert(at);
+                    (POOL_SIZE, next)
+                });
+                let kinds = reader.classify_local(at, data, used, links);
+                let site = site_of(at);
                 for ((_, size), kind) in used.iter().zip(kinds) {
-                    self.count(kind, *size, 0);
+                    self.count(kind, *size, site);
                 }
             },
         );
         self.torn_pools += totals.torn_pools;
-        next.sort_unstable();
-        next.dedup();
-        let outside = follow(reader, next, |a| pools.contains(&(a & !(POOL_SIZE - 1))));
-        for (name, bytes) in &outside.objects {
-            self.count(BlockKind::Object(name.clone()), *bytes, 0);
-        }
-        (totals.pools, outside)
+        totals.pools
     }
 
     /// Counts one block.

@@ -64,8 +64,25 @@ pub struct Applied {
 /// `bias` added to its virtual addresses.
 pub fn find(pid: u32, elf: &ElfFile, bias: u64) -> Result<Redirect> {
     let refuse = |why: String| Error::Usage(format!("--redirect-pymalloc: {why}"));
-    let [raw, mem, obj] = ["PyMem_RawMalloc", "PyMem_Malloc", "PyObject_Malloc"]
-        .map(|name| locate(pid, elf, bias, name));
+    // One read of the symbol tables for the three entry points and the two defaults.
+    let syms = elf
+        .functions(&[
+            "PyMem_RawMalloc",
+            "PyMem_Malloc",
+            "PyObject_Malloc",
+            "_PyMem_RawMalloc",
+            "_PyObject_Malloc",
+        ])
+        .unwrap_or_default();
+    let [raw, mem, obj] = [
+        ("PyMem_RawMalloc", "_PyMem_RawMalloc"),
+        ("PyMem_Malloc", "_PyObject_Malloc"),
+        ("PyObject_Malloc", "_PyObject_Malloc"),
+    ]
+    .map(|(entry, default)| {
+        let default = syms.get(default).map(|f| f.vaddr);
+        locate(pid, elf, bias, syms.get(entry)?.vaddr, default)
+    });
     let (Some(raw), Some(mem), Some(obj)) = (raw, mem, obj) else {
         return Err(refuse(
             "the allocator tables were not found in the code of PyMem_RawMalloc, PyMem_Malloc and \
@@ -163,36 +180,36 @@ impl Drop for Applied {
     }
 }
 
-/// The runtime address of the table an exported allocator entry point (`name`) calls through,
-/// and the runtime address of the function its malloc slot holds by default.
+/// The runtime address of the table the exported allocator entry point at file virtual address
+/// `entry` calls through, and the runtime address of the function its malloc slot holds by
+/// default (`default`, from the symbol table, is needed only for the second shape).
 ///
 /// Two shapes are known. An LTO build inlines pymalloc behind a guard that compares the slot
 /// with pymalloc's function (`guarded_slot`: both come from the code). Otherwise the entry point
-/// tail-calls through the slot (`jump_slot`), and the default function is named by the symbol
-/// table: `_PyMem_RawMalloc` for the raw table, `_PyObject_Malloc` for the others.
-fn locate(pid: u32, elf: &ElfFile, bias: u64, name: &str) -> Option<(u64, u64)> {
-    let sym = elf.functions(&[name]).ok()?.remove(name)?;
-    let code = elf.bytes_at(sym.vaddr, SCAN)?;
+/// tail-calls through the slot (`jump_slot`), and the default function is the one the symbol
+/// table names: `_PyMem_RawMalloc` for the raw table, `_PyObject_Malloc` for the others.
+fn locate(
+    pid: u32,
+    elf: &ElfFile,
+    bias: u64,
+    entry: u64,
+    default: Option<u64>,
+) -> Option<(u64, u64)> {
+    let code = elf.bytes_at(entry, SCAN)?;
     // Addresses from the code and the target's memory: checked, never trusted to fit.
-    if let Some((slot, f)) = guarded_slot(&code, sym.vaddr) {
+    if let Some((slot, f)) = guarded_slot(&code, entry) {
         return Some((
             slot.checked_sub(8)?.checked_add(bias)?,
             f.checked_add(bias)?,
         ));
     }
-    let slot = match jump_slot(&code, sym.vaddr)? {
+    let slot = match jump_slot(&code, entry)? {
         Slot::Direct(vaddr) => vaddr.checked_add(bias)?,
         Slot::Through { pointer, disp } => Remote { pid }
             .u64(pointer.checked_add(bias)?)?
             .checked_add(disp)?,
     };
-    let default = if name == "PyMem_RawMalloc" {
-        "_PyMem_RawMalloc"
-    } else {
-        "_PyObject_Malloc"
-    };
-    let f = elf.functions(&[default]).ok()?.remove(default)?;
-    Some((slot.checked_sub(8)?, f.vaddr.checked_add(bias)?))
+    Some((slot.checked_sub(8)?, default?.checked_add(bias)?))
 }
 
 /// Where a tail call through an allocator slot finds the slot.

@@ -252,49 +252,53 @@ impl Tracer {
         Ok(out)
     }
 
-    /// The live blocks of process `tgid`: (address, size, site id).
-    pub fn live_blocks(&self, tgid: u32) -> Result<Vec<LiveBlock>> {
+    /// Calls `f` with every entry of the kernel's live table (an entry removed during the walk
+    /// is skipped).
+    fn each_live(&self, mut f: impl FnMut(&LiveKey, &LiveAlloc)) -> Result<()> {
         let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
             BpfHashMap::try_from(self.map(map::LIVE)?).map_err(|e| bpf_err(map::LIVE, e))?;
-        Ok(map
-            .iter()
-            .filter_map(|item| item.ok())
-            .filter(|(k, _)| k.tgid == tgid)
-            .map(|(k, v)| LiveBlock {
-                addr: k.addr,
-                size: v.size,
-                site: v.site_id,
-                func: AllocFn::from_u8(v.func),
-            })
-            .collect())
+        for (k, v) in map.iter().filter_map(|item| item.ok()) {
+            f(&k, &v);
+        }
+        Ok(())
+    }
+
+    /// The live blocks of process `tgid`: (address, size, site id).
+    pub fn live_blocks(&self, tgid: u32) -> Result<Vec<LiveBlock>> {
+        let mut out = Vec::new();
+        self.each_live(|k, v| {
+            if k.tgid == tgid {
+                out.push(LiveBlock {
+                    addr: k.addr,
+                    size: v.size,
+                    site: v.site_id,
+                    func: AllocFn::from_u8(v.func),
+                });
+            }
+        })?;
+        Ok(out)
     }
 
     /// Every live block of every traced process: (process, address, size, site id, allocation
     /// time in the kernel's monotonic nanoseconds).
     pub fn live_table(&self) -> Result<Vec<[u64; 5]>> {
-        let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
-            BpfHashMap::try_from(self.map(map::LIVE)?).map_err(|e| bpf_err(map::LIVE, e))?;
-        Ok(map
-            .iter()
-            .filter_map(|item| item.ok())
-            .map(|(k, v)| [k.tgid as u64, k.addr, v.size, v.site_id, v.ts_ns])
-            .collect())
+        let mut out = Vec::new();
+        self.each_live(|k, v| out.push([k.tgid as u64, k.addr, v.size, v.site_id, v.ts_ns]))?;
+        Ok(out)
     }
 
     /// Per site, the bytes and blocks allocated at or after `since_ns` (the kernel's monotonic
     /// clock) and live now, in every traced process; sampled blocks count for what they stand
     /// for.
     pub fn live_since(&self, since_ns: u64) -> Result<HashMap<u64, (u64, u64)>> {
-        let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
-            BpfHashMap::try_from(self.map(map::LIVE)?).map_err(|e| bpf_err(map::LIVE, e))?;
         let mut out: HashMap<u64, (u64, u64)> = HashMap::new();
-        for (_, v) in map.iter().filter_map(|item| item.ok()) {
+        self.each_live(|_, v| {
             if v.ts_ns >= since_ns {
                 let e = out.entry(v.site_id).or_default();
                 e.0 += v.weight.max(v.size);
                 e.1 += u64::from(v.count.max(1));
             }
-        }
+        })?;
         Ok(out)
     }
 

@@ -150,7 +150,8 @@ impl Session<'_> {
             .values()
             .fold((0u64, 0u64), |(b, n), (sb, sn)| (b + sb, n + sn));
         let sub = self.heap.restricted(&per_site);
-        let report = self.report_of(&sub, top);
+        let (meta, opts) = self.running_report(top);
+        let report = crate::report::Report::build(&sub, &mut self.sym, meta, opts);
         Ok(json!({
             "since_ns": since,
             "bytes": bytes,

@@ -88,15 +88,12 @@ impl Session<'_> {
     /// A report of the `top` stacks as they are now (for the live outputs; the final report is
     /// built with everything once tracing ends).
     pub(super) fn snapshot(&mut self, top: usize) -> Report {
-        let heap = std::mem::take(&mut self.heap);
-        let r = self.report_of(&heap, top);
-        self.heap = heap;
-        r
+        let (meta, opts) = self.running_report(top);
+        Report::build(&self.heap, &mut self.sym, meta, opts)
     }
 
-    /// A report of `heap` (the session's, or a part of it) with the session's header.
-    pub(super) fn report_of(&mut self, heap: &crate::heap::Heap, top: usize) -> Report {
-        let t = self.start.elapsed().as_secs_f64();
+    /// The header and options of a report taken while tracing goes on, of its `top` stacks.
+    pub(super) fn running_report(&self, top: usize) -> (ReportMeta, ReportOptions) {
         let meta = ReportMeta {
             target: TargetInfo {
                 pid: self.proc.pid,
@@ -106,7 +103,7 @@ impl Session<'_> {
             },
             mode: self.opts.mode.kind(),
             sample_rate: self.opts.mode.sample_rate(),
-            duration_s: t,
+            duration_s: self.start.elapsed().as_secs_f64(),
             counters: self.counters.named(),
             interpreter: self.plan.python.as_ref().map(|p| p.module.clone()),
             ..ReportMeta::default()
@@ -115,7 +112,7 @@ impl Session<'_> {
             top,
             ..self.opts.report
         };
-        Report::build(heap, &mut self.sym, meta, opts)
+        (meta, opts)
     }
 
     /// Feeds the metrics endpoint and the `top` view after an interval.

@@ -132,20 +132,10 @@ impl TypeReader {
     }
 
     /// The kinds of blocks whose bytes are at hand: `data` holds the memory from `base` on
-    /// (an arena read whole), so nothing more is read but the types.
+    /// (a pool read whole), so nothing more is read but the types. With `links` (a pool's size,
+    /// and a list), each GC-tracked object's `_gc_next` (the next node in its collector list,
+    /// flags masked) is appended to the list unless it is in the same pool.
     pub fn classify_local(
-        &mut self,
-        base: u64,
-        data: &[u8],
-        blocks: &[(u64, u64)],
-    ) -> Vec<BlockKind> {
-        self.classify_local_links(base, data, blocks, None)
-    }
-
-    /// As `classify_local`; with `links` (a pool's size, and a list), each GC-tracked object's
-    /// `_gc_next` (the next node in its collector list, flags masked) is appended to the list
-    /// unless it is in the same pool.
-    pub fn classify_local_links(
         &mut self,
         base: u64,
         data: &[u8],
