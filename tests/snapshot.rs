@@ -163,3 +163,178 @@ fn freeze_stops_the_target_for_the_walk_only() {
     assert_eq!(code, 0);
     assert!(count(&b, "Grows", "count") > count(&a, "Grows", "count"));
 }
+
+/// A service holding objects four ways: a cached exception whose traceback grows on every
+/// raise and keeps each request's bytes, an object held by a closure, results held by an
+/// unbounded `lru_cache`, and a thread's local. It writes the address of the first request's
+/// bytes to the file named by its argument.
+const HELD: &str = r#"
+import functools, sys, threading, time
+class SessionRecord:
+    def __init__(self, i): self.i = i
+class CachedResult:
+    __slots__ = ("key", "data")
+    def __init__(self, key): self.key = key; self.data = [key] * 4
+class Held:
+    pass
+def make_handler():
+    record = SessionRecord(7)
+    def handler():
+        return record
+    return handler
+HANDLER = make_handler()
+@functools.lru_cache(maxsize=None)
+def lookup(key):
+    return CachedResult(key)
+ERR = None
+def handle(body):
+    global ERR
+    try:
+        if ERR is None:
+            raise ValueError("bad request")
+        raise ERR
+    except ValueError as e:
+        ERR = e
+def serve(i):
+    request = b"request-%d-" % i + b"x" * 2000
+    handle(request)
+    return id(request)
+for k in range(50):
+    lookup(k)
+first = [serve(i) for i in range(5)][0]
+with open(sys.argv[1], "w") as f:
+    f.write(str(first))
+def worker():
+    mine = Held()
+    while True:
+        time.sleep(1)
+threading.Thread(target=worker, daemon=True).start()
+time.sleep(0.2)
+print("READY", flush=True)
+time.sleep(600)
+"#;
+
+/// The first chain of `--why`'s answer: its root, and each hop's reference and type (the
+/// module a chain starts from is the root, not a hop).
+fn first_chain(v: &Value) -> (String, Vec<(String, String)>) {
+    let chain = &v["why"]["chains"][0];
+    let hops = chain["hops"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .filter(|h| h["via"] != "")
+        .map(|h| {
+            (
+                h["via"].as_str().unwrap().to_string(),
+                h["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (chain["root"].as_str().unwrap_or("").to_string(), hops)
+}
+
+fn hops(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// `--why`: the shortest chain from a root to each held object names the root and every hop,
+/// on every interpreter.
+#[test]
+fn why_names_the_root_and_every_hop() {
+    for py in pythons().into_iter().map(|p| p.path) {
+        let s = script(HELD);
+        let ids = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+        let target = start_ready(&py, &s, &[ids.to_str().unwrap()]);
+        let pid = target.id().to_string();
+        let first: u64 = std::fs::read_to_string(&ids).unwrap().parse().unwrap();
+        let at = format!("{first:#x}");
+        let why = |what: &str| {
+            let (code, table, v) = snapshot(&["-p", &pid, "--why", what, "--top", "3"]);
+            assert_eq!(code, 0, "{} --why {what}: {table}", py.display());
+            assert_eq!(
+                v["why"]["torn"],
+                0,
+                "{}: an idle target reads whole",
+                py.display()
+            );
+            (table, first_chain(&v))
+        };
+        let main = "module __main__".to_string();
+        // The oldest request: four raises ago, so four `tb_next` down the traceback.
+        let (table, chain) = why(&at);
+        let mut expect = vec![(".ERR", "ValueError"), (".__traceback__", "traceback")];
+        expect.extend([(".tb_next", "traceback"); 4]);
+        expect.extend([(".tb_frame", "frame"), ("local body", "bytes")]);
+        assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
+        assert!(table.contains(&format!("bytes at {at}")), "{table}");
+        let (_, chain) = why("SessionRecord");
+        let expect = [
+            (".HANDLER", "function"),
+            (".__closure__", "tuple"),
+            ("[0]", "cell"),
+            (".cell_contents", "SessionRecord"),
+        ];
+        assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
+        let (table, chain) = why("CachedResult");
+        let expect = [
+            (".lookup", "functools._lru_cache_wrapper"),
+            (".cache", "dict"),
+            ("[0]", "CachedResult"),
+        ];
+        assert_eq!(chain, (main, hops(&expect)), "{}", py.display());
+        assert!(
+            table.contains("3. CachedResult at"),
+            "three samples: {table}"
+        );
+        let (_, (root, chain)) = why("Held");
+        assert!(
+            root.starts_with("thread ") && root.ends_with(", frame worker"),
+            "{root}"
+        );
+        assert_eq!(chain, hops(&[("local mine", "Held")]), "{}", py.display());
+        // Nothing of that name: said, not an error.
+        let (table, _) = why("NoSuchType");
+        assert!(table.contains("none reachable"), "{table}");
+    }
+}
+
+/// A program whose lists and dict were corrupted on purpose: `--why` still answers, counts
+/// what it could not read, and never crashes.
+#[test]
+fn why_survives_corrupt_containers() {
+    let body = r#"
+import ctypes, gc, time
+gc.disable()
+class Marker:
+    pass
+huge = [1, 2, 3]
+ctypes.c_ssize_t.from_address(id(huge) + 16).value = 1 << 40
+nowhere = [4, 5]
+ctypes.c_void_p.from_address(id(nowhere) + 24).value = 0x10
+broken = {"a": 1}
+ctypes.c_void_p.from_address(id(broken) + 32).value = 0xdead0000
+HOLD = [Marker()]
+print("READY", flush=True)
+time.sleep(600)
+"#;
+    for py in [pyenv_python(), debian_python()] {
+        let s = script(body);
+        let target = start_ready(&py, &s, &[]);
+        let (code, table, v) = snapshot(&["-p", &target.id().to_string(), "--why", "Marker"]);
+        assert_eq!(code, 0, "{table}");
+        assert_eq!(
+            first_chain(&v).1,
+            hops(&[(".HOLD", "list"), ("[0]", "Marker")])
+        );
+        assert!(v["why"]["torn"].as_u64().unwrap() >= 3, "{table}");
+        assert!(table.contains("references skipped"), "{table}");
+    }
+    // A bad --why is a usage error.
+    let out = Command::new(leaktrace_bin())
+        .args(["snapshot", "-p", "1", "--why", "0xZZ"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

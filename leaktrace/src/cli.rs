@@ -107,6 +107,14 @@ pub struct SnapshotArgs {
     /// printed. Without it the target is never stopped.
     #[arg(long)]
     pub freeze: bool,
+    /// Why objects are alive: the shortest reference chains from the roots (modules, thread
+    /// frames) to a few objects of this type (as the table names it) or to the object at this
+    /// address (`id(obj)`, decimal or 0x…).
+    #[arg(long, value_name = "TYPE|ADDRESS")]
+    pub why: Option<crate::analysis::why::Target>,
+    /// How many objects `--why` explains.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = at_least_one)]
+    pub why_samples: usize,
 }
 
 /// A snapshot interval: from 0.01 s to a day.

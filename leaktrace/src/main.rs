@@ -227,7 +227,8 @@ fn run_diff(
 fn run_snapshot(args: &leaktrace::cli::SnapshotArgs) -> i32 {
     use leaktrace::analysis::snapshot;
     let interval = std::time::Duration::from_secs_f64(args.interval);
-    match snapshot::take(args.pid, args.count, interval, args.freeze) {
+    let why = args.why.as_ref().map(|t| (t, args.why_samples));
+    match snapshot::take(args.pid, args.count, interval, args.freeze, why) {
         Ok(s) => print_and_save(&snapshot::render(&s, args.top), &s, args.json.as_deref()),
         Err(e) => {
             eprintln!("leaktrace: error: {e}");

@@ -78,6 +78,7 @@ impl Census {
         site_of: impl Fn(u64) -> u64,
         mut gc: Option<&mut (HashSet<u64>, Vec<u64>)>,
     ) -> u64 {
+        reader.forget_pages();
         let totals = scan(
             &Remote { pid },
             &anonymous_regions(pid),

@@ -5,3 +5,4 @@
 pub mod census;
 pub mod classify;
 pub mod snapshot;
+pub mod why;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::census::{Census, TypeCensus};
+use super::why::{self, Target, Why};
 use crate::error::{Error, Result};
 use crate::process::freeze::Frozen;
 use crate::process::python;
@@ -40,6 +41,9 @@ pub struct Snapshot {
     /// found through its lists in the last snapshot; they are in the census too.
     pub outside_pools: OutsidePools,
     pub census: TypeCensus,
+    /// `--why`: reference chains from the roots to a few objects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<Why>,
 }
 
 /// What following the collector's lists out of the pools found (stacks/python/gc_lists.rs).
@@ -56,7 +60,15 @@ pub struct OutsidePools {
 /// Takes `count` snapshots of `pid`, `interval` apart: counts per type in the last, growth
 /// since the first.
 /// With `freeze`, the target is stopped for each walk (process/freeze.rs).
-pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Snapshot> {
+/// With `why`, the last snapshot also searches for the reference chains to a few objects of
+/// that type or address (analysis/why.rs), in the same pause when frozen.
+pub fn take(
+    pid: u32,
+    count: u32,
+    interval: Duration,
+    freeze: bool,
+    why: Option<(&Target, usize)>,
+) -> Result<Snapshot> {
     let proc = Process::open(pid)?;
     let modules = proc.module_map()?;
     let info = python::detect(pid, &modules, proc.exe().as_deref()).ok_or(Error::NotPython(pid))?;
@@ -70,6 +82,7 @@ pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Sn
     let mut last = (Census::default(), 0, 0.0);
     let mut outside = OutsidePools::default();
     let mut frozen_s: Option<f64> = None;
+    let mut answer = None;
     for i in 0..count.max(1) {
         if i > 0 {
             std::thread::sleep(interval);
@@ -81,6 +94,10 @@ pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Sn
         let t = Instant::now();
         let mut census = Census::default();
         let (pools, found) = census.add_pools_and_gc(&mut reader, pid);
+        let walk_s = t.elapsed().as_secs_f64();
+        if let (Some((target, samples)), true) = (why, i + 1 == count.max(1)) {
+            answer = Some(why::search(&py, target, samples)?);
+        }
         if let Some(h) = held {
             let s = h.thaw();
             frozen_s = Some(frozen_s.map_or(s, |m: f64| m.max(s)));
@@ -88,7 +105,7 @@ pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Sn
         if first.is_none() {
             first = Some(census.clone());
         }
-        last = (census, pools, t.elapsed().as_secs_f64());
+        last = (census, pools, walk_s);
         outside = OutsidePools {
             objects: found.objects.len() as u64,
             bytes: found.objects.iter().map(|(_, b)| b).sum(),
@@ -115,6 +132,7 @@ pub fn take(pid: u32, count: u32, interval: Duration, freeze: bool) -> Result<Sn
         pools: last.1,
         outside_pools: outside,
         census: TypeCensus::of(&last.0, base, since),
+        why: answer,
     })
 }
 
@@ -183,6 +201,9 @@ pub fn render(s: &Snapshot, top: usize) -> String {
                 t.name
             );
         }
+    }
+    if let Some(w) = &s.why {
+        o.push_str(&why::render(w));
     }
     o
 }

@@ -123,6 +123,27 @@ impl ElfFile {
             .map(|s| s.address())
     }
 
+    /// The addresses of several data symbols, in one pass over the symbol tables.
+    pub fn data_symbols(&self, names: &[&str]) -> Vec<Option<u64>> {
+        let mut out = vec![None; names.len()];
+        let Ok(obj) = self.parse() else {
+            return out;
+        };
+        for s in obj.symbols().chain(obj.dynamic_symbols()) {
+            if s.is_undefined() || s.address() == 0 {
+                continue;
+            }
+            if let Some(i) = s
+                .name()
+                .ok()
+                .and_then(|n| names.iter().position(|w| *w == n))
+            {
+                out[i].get_or_insert(s.address());
+            }
+        }
+        out
+    }
+
     /// The lowest virtual address of a loadable segment (0 for shared objects and PIE).
     pub fn first_load_vaddr(&self) -> Option<u64> {
         let obj = self.parse().ok()?;

@@ -70,7 +70,18 @@ pub struct PyLayout {
     /// `PyBytesObject.ob_size` and `ob_sval`.
     pub bytes_size: u64,
     pub bytes_sval: u64,
+    /// `PyInterpreterState`'s `sys.modules` (3.11 `modules`, 3.12+ `imports.modules`).
+    pub is_modules: u64,
+    /// `_PyInterpreterFrame.localsplus` and `PyCodeObject.co_localsplusnames`: a frame's locals
+    /// and their names.
+    pub fr_localsplus: u64,
+    pub co_localsplusnames: u64,
 }
+
+/// `PyInterpreterState.modules` (3.11) and `.imports.modules` (3.12), checked with ctypes in
+/// pyenv's 3.11.7 and 3.12.1.
+const IS_MODULES_311: u64 = 888;
+const IS_MODULES_312: u64 = 944;
 
 /// `FRAME_OWNED_BY_CSTACK` on 3.12 and 3.13; on 3.14 `FRAME_OWNED_BY_INTERPRETER` is 3 and
 /// CSTACK 4: skipping owners ≥ 3 is right for all three.
@@ -109,10 +120,14 @@ pub fn builtin(major: u8, minor: u8) -> Option<PyLayout> {
         unicode_length: 0x10,
         bytes_size: 0x10,
         bytes_sval: 0x20,
+        is_modules: 0,
+        fr_localsplus: 0x48,
+        co_localsplusnames: 0x60,
     };
     match (major, minor) {
         (3, 11) => Some(PyLayout {
             rt_tstate_current: Some(0x240),
+            is_modules: IS_MODULES_311,
             is_threads_head: 0x10,
             ts_native_thread_id: 0xa0,
             frame_ptr: 0x8,
@@ -131,6 +146,7 @@ pub fn builtin(major: u8, minor: u8) -> Option<PyLayout> {
         }),
         (3, 12) => Some(PyLayout {
             rt_main_interpreter: Some(0x12a68),
+            is_modules: IS_MODULES_312,
             is_threads_head: 0x48,
             is_gil_holder: Some(0x418),
             ts_native_thread_id: 0x90,
@@ -179,6 +195,9 @@ struct DebugFieldMap {
     unicode_state: usize,
     unicode_length: usize,
     unicode_asciiobject_size: usize,
+    is_imports_modules: usize,
+    fr_localsplus: usize,
+    co_localsplusnames: usize,
 }
 
 /// Field positions of `_Py_DebugOffsets` in 3.13 (from `pycore_runtime.h` at v3.13.0; checked
@@ -215,6 +234,9 @@ const FIELDS_313: DebugFieldMap = DebugFieldMap {
     unicode_state: 68,
     unicode_length: 69,
     unicode_asciiobject_size: 70,
+    is_imports_modules: 11,
+    fr_localsplus: 32,
+    co_localsplusnames: 41,
 };
 
 /// Field positions in 3.14 (`Include/internal/pycore_debug_offsets.h` at 3.14.x): 3.14 adds
@@ -244,6 +266,9 @@ const FIELDS_314: DebugFieldMap = DebugFieldMap {
     unicode_state: 78,
     unicode_length: 79,
     unicode_asciiobject_size: 80,
+    is_imports_modules: 12,
+    fr_localsplus: 35,
+    co_localsplusnames: 46,
 };
 
 /// 3.14's frames hold `f_executable` as a `_PyStackRef`: the low bits are tags
@@ -309,6 +334,9 @@ pub fn from_debug_offsets(raw: &[u8]) -> Result<PyLayout> {
         unicode_length: w(f.unicode_length)?,
         bytes_size: w(f.bytes_ob_size)?,
         bytes_sval: w(f.bytes_ob_sval)?,
+        is_modules: w(f.is_imports_modules)?,
+        fr_localsplus: w(f.fr_localsplus)?,
+        co_localsplusnames: w(f.co_localsplusnames)?,
     };
     layout.check()?;
     Ok(layout)

@@ -6,6 +6,7 @@ pub mod gc_lists;
 pub mod layout;
 pub mod objects;
 pub mod pools;
+pub mod referents;
 pub mod remote;
 
 use std::sync::Arc;
@@ -70,6 +71,10 @@ pub struct PythonProcess {
     arenas: Option<u64>,
     /// The process's PID namespace `(st_dev, inode)` when it is not leaktrace's.
     pidns: Option<(u64, u64)>,
+    /// The interpreter's file as leaktrace reads it, and how far it is mapped from its
+    /// link-time addresses: for finding more of its symbols later.
+    image: std::path::PathBuf,
+    bias: u64,
 }
 
 /// Bytes per pymalloc arena on 64-bit builds (`ARENA_BITS` 20 since 3.10).
@@ -120,6 +125,8 @@ impl PythonProcess {
             type_type,
             arenas,
             pidns: crate::process::foreign_pidns(pid),
+            image: info.host_path.clone(),
+            bias,
         })
     }
 
@@ -172,6 +179,53 @@ impl PythonProcess {
             pidns_dev: self.pidns.map_or(0, |n| n.0),
             pidns_ino: self.pidns.map_or(0, |n| n.1),
         })
+    }
+
+    /// The addresses of the data symbols `names` in the target (`None` for one it lacks).
+    pub fn data_symbols(&self, names: &[&str]) -> Result<Vec<Option<u64>>> {
+        let elf = ElfFile::open(&self.image)?;
+        Ok(elf
+            .data_symbols(names)
+            .into_iter()
+            .map(|a| a.map(|a| a.wrapping_add(self.bias)))
+            .collect())
+    }
+
+    /// The main interpreter's `sys.modules` dict.
+    pub fn modules_dict(&self) -> Option<u64> {
+        let interp = self
+            .mem
+            .u64(self.runtime + self.layout.rt_interpreters_head)?;
+        self.mem
+            .u64(interp.checked_add(self.layout.is_modules)?)
+            .filter(|d| *d != 0)
+    }
+
+    /// Each Python thread's interpreter frames, innermost first, without the interpreter's
+    /// own (shim) frames: (thread id, frame addresses).
+    pub fn thread_frames(&self) -> Vec<(u32, Vec<u64>)> {
+        const MAX_FRAMES: usize = 4096;
+        let l = &self.layout;
+        let read = |a: u64| self.mem.u64(a).filter(|v| *v != 0);
+        let first = |ts: u64| match l.ts_cframe {
+            Some(c) => read(ts + c).and_then(|cf| read(cf + l.frame_ptr)),
+            None => read(ts + l.frame_ptr),
+        };
+        self.thread_states()
+            .into_iter()
+            .map(|(tid, ts)| {
+                let mut frames = Vec::new();
+                let mut f = first(ts);
+                while let Some(frame) = f.filter(|_| frames.len() < MAX_FRAMES) {
+                    let owner = self.mem.read(frame + l.fr_owner, 1).map_or(0, |b| b[0]);
+                    if owner < l.owner_skip_min {
+                        frames.push(frame);
+                    }
+                    f = read(frame + l.fr_previous);
+                }
+                (tid, frames)
+            })
+            .collect()
     }
 
     /// Every Python thread of every interpreter: (thread id as leaktrace's PID namespace

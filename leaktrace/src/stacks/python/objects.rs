@@ -15,7 +15,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::remote::{word, Remote};
+use super::remote::{word, PageCache, Remote, USER_TOP};
+
+/// Pages the type reader keeps (16 MiB).
+const TYPE_PAGES: usize = 4096;
 
 /// Offset of `tp_name`, `tp_basicsize` and `tp_flags` in `PyTypeObject` (64-bit CPython
 /// 3.11–3.14, default build).
@@ -61,8 +64,6 @@ struct TypeInfo {
 /// Flag bits the collector keeps in the low bits of `PyGC_Head`'s links (3.14's incremental
 /// collector marks the old space in `_gc_next`; `_gc_prev` holds collection flags).
 const GC_LINK_FLAGS: u64 = 7;
-/// The end of x86-64 user space: no link points past it.
-const USER_TOP: u64 = 1 << 47;
 /// Objects of more items than this are taken for a torn read, not sized.
 const MAX_ITEMS: u64 = 1 << 32;
 
@@ -87,6 +88,10 @@ pub enum GcNode {
 /// Names the objects in blocks of one process, caching what it learns of each type.
 pub struct TypeReader {
     mem: Remote,
+    /// Candidate types are read through pages kept: a block that holds no object offers
+    /// pointers to other objects (an int, a str) as candidates, thousands per page, and
+    /// reading each alone would cost a system call per candidate.
+    pages: PageCache,
     type_type: u64,
     /// 3.12+: weak references are managed in the pre-header too.
     managed_weakref: bool,
@@ -107,10 +112,17 @@ impl TypeReader {
     pub fn new(pid: u32, type_type: u64, version: (u8, u8)) -> Self {
         TypeReader {
             mem: Remote { pid },
+            pages: PageCache::with_capacity(pid, TYPE_PAGES),
             type_type,
             managed_weakref: version >= (3, 12),
             types: HashMap::new(),
         }
+    }
+
+    /// Forgets the pages kept: a new walk reads the memory as it is now (types already
+    /// checked stay known).
+    pub fn forget_pages(&mut self) {
+        self.pages.clear();
     }
 
     /// The kinds of many blocks, `(address, size)`, read in batches.
@@ -239,12 +251,12 @@ impl TypeReader {
         info
     }
 
-    fn read_type(&self, t: u64) -> Option<TypeInfo> {
-        let raw = self.mem.read(t, (TP_FLAGS + 8) as usize)?;
+    fn read_type(&mut self, t: u64) -> Option<TypeInfo> {
+        let raw = self.pages.read(t, (TP_FLAGS + 8) as usize)?;
         let meta = word(&raw, 8)?;
         let is_type = meta == self.type_type
             || (meta != 0
-                && meta.checked_add(8).and_then(|m| self.mem.u64(m)) == Some(self.type_type));
+                && meta.checked_add(8).and_then(|m| self.pages.u64(m)) == Some(self.type_type));
         if !is_type {
             return None;
         }
