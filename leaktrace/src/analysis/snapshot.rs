@@ -3,15 +3,15 @@
 //! block's type checked (stacks/python/objects.rs) — and the objects the cyclic collector tracks
 //! outside the pools, found by following its lists out of them (stacks/python/gc_lists.rs). No
 //! probe, no ptrace, nothing loaded into the target: objects allocated before leaktrace came are
-//! counted too. Untracked objects over 512 B (str, bytes, int) live in malloc's heap, which has
-//! no such structure to walk: `attach` traces those.
+//! counted too. Objects over 512 B that the collector does not track (str, bytes, int) live in
+//! malloc's heap: its chunks are walked from outside too (process/malloc_heap.rs), glibc's only.
 
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::census::{Census, TypeCensus};
+use super::census::{Census, HeapObjects, TypeCensus};
 use super::why::{self, Target, Why};
 use crate::error::{Error, Result};
 use crate::process::freeze::Frozen;
@@ -40,6 +40,9 @@ pub struct Snapshot {
     /// Objects the collector tracks outside the pools (over 512 B, or from another allocator),
     /// found through its lists in the last snapshot; they are in the census too.
     pub outside_pools: OutsidePools,
+    /// Objects the collector does not track over 512 B, found in malloc's heaps in the last
+    /// snapshot; they are in the census too.
+    pub malloc_heap: HeapObjects,
     pub census: TypeCensus,
     /// `--why`: reference chains from the roots to a few objects.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,6 +86,7 @@ pub fn take(
     let mut outside = OutsidePools::default();
     let mut frozen_s: Option<f64> = None;
     let mut answer = None;
+    let mut heap = HeapObjects::default();
     for i in 0..count.max(1) {
         if i > 0 {
             std::thread::sleep(interval);
@@ -94,6 +98,7 @@ pub fn take(
         let t = Instant::now();
         let mut census = Census::default();
         let (pools, found) = census.add_pools_and_gc(&mut reader, pid);
+        heap = census.add_malloc_heap(&mut reader, pid);
         let walk_s = t.elapsed().as_secs_f64();
         if let (Some((target, samples)), true) = (why, i + 1 == count.max(1)) {
             answer = Some(why::search(&py, target, samples)?);
@@ -132,6 +137,7 @@ pub fn take(
         pools: last.1,
         outside_pools: outside,
         census: TypeCensus::of(&last.0, base, since),
+        malloc_heap: heap,
         why: answer,
     })
 }
@@ -157,15 +163,22 @@ pub fn render(s: &Snapshot, top: usize) -> String {
         group(out.bytes),
         s.walk_s
     );
+    let h = &s.malloc_heap;
     let _ = writeln!(
         o,
-        "  objects over 512 B that the collector does not track (str, bytes, int) live in \
-         malloc's heap and are not listed (`leaktrace attach` traces them); {} blocks hold no \
+        "  and {} objects over 512 B that the collector does not track (str, bytes, int), \
+         {} B, in malloc's heap ({} chunks in {} arenas and {} mmapped); {} blocks hold no \
          object, {} pools skipped as torn, {} collector-list nodes skipped (unreadable, or \
-         stale links)",
+         stale links), {} malloc heaps left part-way",
+        group(h.objects),
+        group(h.bytes),
+        group(h.chunks),
+        group(h.arenas),
+        group(h.mmapped),
         group(c.not_objects),
         group(c.torn_pools),
-        group(out.skipped)
+        group(out.skipped),
+        group(h.torn)
     );
     let growth = s.snapshots > 1;
     if growth {

@@ -3,6 +3,7 @@
 pub mod death;
 pub mod elf;
 pub mod freeze;
+pub mod malloc_heap;
 pub mod maps;
 pub mod python;
 pub mod spawn;

@@ -29,24 +29,32 @@ const TP_FLAGS: u64 = 168;
 const TPFLAGS_HAVE_GC: u64 = 1 << 14;
 const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
 const TPFLAGS_MANAGED_WEAKREF: u64 = 1 << 3;
-/// Bytes read at the start of each block: the debug hooks' pad, then the three candidates'
-/// `ob_refcnt` and `ob_type`.
-pub const HEAD_READ: usize = DEBUG_PAD + 48;
+/// Bytes read at the start of each block: the debug hooks' pads (raw and object domain), then
+/// the three candidates' `ob_refcnt` and `ob_type`.
+pub const HEAD_READ: usize = 2 * DEBUG_PAD + 48;
 /// What the debug hooks put before an object: size (8 bytes), API id, 7 forbidden bytes.
 const DEBUG_PAD: usize = 16;
 /// `PYMEM_FORBIDDENBYTE`.
 const FORBIDDEN: u8 = 0xFD;
 
 /// `head` without the debug hooks' pad when a block of the object domain carries one, and the
-/// size left for the object (the hooks also put 8 forbidden bytes after it).
+/// size left for the object (the hooks also put 8 forbidden bytes after it). A block the
+/// object domain took from malloc (over 512 B) carries the raw domain's pad (`r`) first.
 fn past_debug_pad(head: &[u8], size: u64) -> (&[u8], u64) {
-    match head.get(..DEBUG_PAD) {
-        Some(pad) if pad[8] == b'o' && pad[9..].iter().all(|b| *b == FORBIDDEN) => (
-            &head[DEBUG_PAD..],
-            size.saturating_sub(DEBUG_PAD as u64 + 8),
-        ),
-        _ => (head, size),
-    }
+    let pad = |h: &[u8], api: u8| {
+        h.get(..DEBUG_PAD)
+            .is_some_and(|p| p[8] == api && p[9..].iter().all(|b| *b == FORBIDDEN))
+    };
+    let pads = if pad(head, b'o') {
+        1
+    } else if pad(head, b'r') && head.get(DEBUG_PAD..).is_some_and(|h| pad(h, b'o')) {
+        2
+    } else {
+        0
+    };
+    // Each pad also has 8 forbidden bytes after the object.
+    let n = pads * DEBUG_PAD;
+    (&head[n..], size.saturating_sub((n + 8 * pads) as u64))
 }
 
 /// A checked type.
@@ -179,6 +187,26 @@ impl TypeReader {
             .collect()
     }
 
+    /// The objects of types the collector does not track (str, bytes, int, float) in many
+    /// blocks, `(address, size)`: `None` for a block holding anything else. Tracked ones are
+    /// found through the collector's lists instead.
+    pub fn untracked(&mut self, blocks: &[(u64, u64)]) -> Vec<Option<Arc<str>>> {
+        let mut out = Vec::with_capacity(blocks.len());
+        for chunk in blocks.chunks(8192) {
+            let ranges: Vec<(u64, usize)> = chunk
+                .iter()
+                .map(|(a, s)| (*a, (*s as usize).clamp(16, HEAD_READ)))
+                .collect();
+            let heads = self.mem.read_many(&ranges);
+            out.extend(chunk.iter().zip(heads).map(|((_, size), head)| {
+                let (head, size) = past_debug_pad(head.as_deref()?, *size);
+                let (info, _) = self.find(head, size)?;
+                (!info.gc).then_some(info.name)
+            }));
+        }
+        out
+    }
+
     fn kind(&mut self, head: &[u8], size: u64) -> BlockKind {
         let (head, size) = past_debug_pad(head, size);
         match self.find(head, size) {
@@ -307,9 +335,20 @@ mod tests {
         let (head, size) = past_debug_pad(&block, 64);
         assert_eq!((head.len(), size), (48, 40));
         assert_eq!(word(head, 8), Some(0x7f00_0000_1000));
-        // The raw domain's pad ('r'), or one forbidden byte short: read as it is.
+        // The raw domain's pad ('r') alone, or one forbidden byte short: read as it is.
         block[8] = b'r';
         assert_eq!(past_debug_pad(&block, 64).0.len(), 64);
+        // The raw domain's pad, then the object domain's: both skipped.
+        let mut two = vec![0u8; 16];
+        two[..8].copy_from_slice(&56u64.to_le_bytes());
+        two[8] = b'r';
+        two[9..16].fill(FORBIDDEN);
+        two.extend_from_slice(&block[..16]);
+        two[24] = b'o';
+        two.extend_from_slice(&block[16..]);
+        let (head, size) = past_debug_pad(&two, 80);
+        assert_eq!((head.len(), size), (48, 32));
+        assert_eq!(word(head, 8), Some(0x7f00_0000_1000));
         block[8] = b'o';
         block[15] = 0;
         assert_eq!(past_debug_pad(&block, 64).0.len(), 64);
