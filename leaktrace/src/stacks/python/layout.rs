@@ -393,6 +393,7 @@ mod tests {
             (7, 0x1c98),
             (8, 7264),
             (9, 0x1cb0),
+            (11, 7656),
             (18, 0x1e50), // interpreter_state
             (19, 0x130),
             (20, 0x0),
@@ -412,6 +413,7 @@ mod tests {
             (37, 0x80),
             (38, 0x88),
             (39, 0x44),
+            (41, 0x60),
             (43, 0xc8), // code
             (64, 40),
             (65, 0x10),
@@ -439,6 +441,10 @@ mod tests {
             (0, 8, 0x38, 0x46)
         );
         assert_eq!(l.co_code_adaptive, 0xc8);
+        assert_eq!(
+            (l.is_modules, l.fr_localsplus, l.co_localsplusnames),
+            (7656, 0x48, 0x60)
+        );
         assert_eq!(l.is_gil_holder, Some(0x1e50));
         assert_eq!(l.unicode_ascii_size, 40);
         assert_eq!(l.owner_skip_min, 3);
@@ -479,6 +485,7 @@ mod tests {
             (8, 7272),
             (9, 7344),
             (10, 7360),
+            (12, 7688),
             (15, 16),
             (16, 7784),
             (18, 7800),
@@ -507,6 +514,7 @@ mod tests {
             (43, 136),
             (44, 68),
             (45, 52),
+            (46, 96),
             (48, 208),
             (74, 40),
             (75, 16),
@@ -541,6 +549,10 @@ mod tests {
             (112, 128, 136)
         );
         assert_eq!((l.co_firstlineno, l.co_code_adaptive), (68, 208));
+        assert_eq!(
+            (l.is_modules, l.fr_localsplus, l.co_localsplusnames),
+            (7688, 80, 96)
+        );
         assert_eq!((l.bytes_size, l.bytes_sval), (16, 32));
         assert_eq!(
             (l.unicode_state, l.unicode_length, l.unicode_ascii_size),
