@@ -204,6 +204,25 @@ for k in range(50):
 first = [serve(i) for i in range(5)][0]
 with open(sys.argv[1], "w") as f:
     f.write(str(first))
+class Conn:
+    pass
+class Token:
+    pass
+class Secret:
+    pass
+class Pool:
+    __slots__ = ("conns",)
+class Service:
+    registry = set()
+    def __init__(self):
+        self.pool = Pool()
+        self.pool.conns = [Conn()]
+        self.secret = Secret()
+    def ping(self):
+        return self
+SERVICE = Service()
+Service.registry.add(Token())
+HOOK = Service().ping
 def worker():
     mine = Held()
     while True:
@@ -283,7 +302,7 @@ fn why_names_the_root_and_every_hop() {
             (".cache", "dict"),
             ("[0]", "CachedResult"),
         ];
-        assert_eq!(chain, (main, hops(&expect)), "{}", py.display());
+        assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
         assert!(
             table.contains("3. CachedResult at"),
             "three samples: {table}"
@@ -294,6 +313,33 @@ fn why_names_the_root_and_every_hop() {
             "{root}"
         );
         assert_eq!(chain, hops(&[("local mine", "Held")]), "{}", py.display());
+        // An instance's attribute (its managed dict, or 3.13+'s inline values), then a slot.
+        let (_, chain) = why("Conn");
+        let expect = [
+            (".SERVICE", "Service"),
+            (".pool", "Pool"),
+            (".conns", "list"),
+            ("[0]", "Conn"),
+        ];
+        assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
+        // A class attribute, then a set's member.
+        let (_, chain) = why("Token");
+        let expect = [
+            (".Service", "type"),
+            (".registry", "set"),
+            ("(a member)", "Token"),
+        ];
+        assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
+        // A bound method's `__self__` (the other Service is nearer through SERVICE: asked
+        // for two, the second comes through the method).
+        let (_, _, v) = snapshot(&["-p", &pid, "--why", "Secret", "--why-samples", "2"]);
+        let vias: Vec<&str> = v["why"]["chains"][1]["hops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|h| h["via"].as_str().filter(|s| !s.is_empty()))
+            .collect();
+        assert_eq!(vias, [".HOOK", ".__self__", ".secret"], "{}", py.display());
         // Nothing of that name: said, not an error.
         let (table, _) = why("NoSuchType");
         assert!(table.contains("none reachable"), "{table}");
@@ -403,5 +449,22 @@ fn counts_objects_over_512_bytes_in_mallocs_heap() {
             py.display()
         );
         assert_eq!(heap["torn"], 0, "{}: {heap}", py.display());
+        // Two snapshots compared by `leaktrace diff`: types only.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        std::fs::write(&a, before.to_string()).unwrap();
+        std::fs::write(&b, after.to_string()).unwrap();
+        let out = Command::new(leaktrace_bin())
+            .arg("diff")
+            .args([&a, &b])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        assert!(
+            text.starts_with("leaktrace diff of two snapshots"),
+            "{text}"
+        );
+        assert!(text.contains("+40  bytes"), "{text}");
     }
 }

@@ -44,6 +44,8 @@ pub struct Snapshot {
     /// snapshot; they are in the census too.
     pub malloc_heap: HeapObjects,
     pub census: TypeCensus,
+    /// leaktrace's own peak resident set, in bytes, when the snapshot was done.
+    pub peak_rss_bytes: Option<u64>,
     /// `--why`: reference chains from the roots to a few objects.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<Why>,
@@ -118,6 +120,10 @@ pub fn take(
             skipped: found.skipped,
         };
     }
+    // A process that exited during the walk left only part of its heap to read.
+    if !proc.alive() {
+        return Err(Error::NoSuchProcess(pid));
+    }
     let span_s = start.elapsed().as_secs_f64() - last.2;
     let since = (count > 1).then(|| format!("the first snapshot, {span_s:.1} s before"));
     let base = first.as_ref().filter(|_| count > 1).map(|c| (0.0, c));
@@ -138,6 +144,9 @@ pub fn take(
         outside_pools: outside,
         census: TypeCensus::of(&last.0, base, since),
         malloc_heap: heap,
+        peak_rss_bytes: Process::open(std::process::id())
+            .ok()
+            .and_then(|me| me.peak_rss_bytes()),
         why: answer,
     })
 }

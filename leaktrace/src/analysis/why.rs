@@ -10,7 +10,6 @@
 //! a C type whose layout leaktrace does not know are passed, counted and named — what they
 //! hold is not guessed — so a chain through one is not found, and the output says so.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write;
 use std::sync::Arc;
@@ -75,7 +74,8 @@ pub struct Why {
     pub target: String,
     /// The chains found, shortest first.
     pub chains: Vec<Chain>,
-    /// Roots the walk started from, and objects it reached.
+    /// Roots the walk started from, and objects it reached (references to objects that refer
+    /// to nothing, such as ints and strs, counted each time).
     pub roots: u64,
     pub objects_searched: u64,
     pub search_s: f64,
@@ -158,6 +158,7 @@ pub fn search(py: &PythonProcess, target: &Target, samples: usize) -> Result<Why
         queue: VecDeque::new(),
         found: Vec::new(),
         unknown: HashMap::new(),
+        leaves: 0,
     };
     for (i, root) in roots.iter().enumerate() {
         match root {
@@ -175,7 +176,7 @@ pub fn search(py: &PythonProcess, target: &Target, samples: usize) -> Result<Why
     }
     walk.found.truncate(samples);
     let exhausted = walk.run(target, samples);
-    let objects_searched = walk.parent.len() as u64;
+    let objects_searched = walk.parent.len() as u64 + walk.leaves;
     let chains = walk
         .found
         .clone()
@@ -339,28 +340,31 @@ struct Walk {
     found: Vec<u64>,
     /// Objects of types with C fields not read, by type name.
     unknown: HashMap<Arc<str>, u64>,
+    /// References to leaves passed (each time).
+    leaves: u64,
 }
 
 impl Walk {
     /// Notes `obj` as reached from `from` the first time; whether it is one sought.
     fn reach(&mut self, obj: u64, from: u64, target: &Target) -> bool {
-        if self.parent.len() >= MAX_OBJECTS {
+        if self.parent.len() >= MAX_OBJECTS || self.parent.contains_key(&obj) {
             return false;
         }
-        let Entry::Vacant(e) = self.parent.entry(obj) else {
-            return false;
-        };
-        e.insert(from);
-        self.queue.push_back(obj);
         // Checked when reached, not when expanded: the first reached are the nearest, and a
         // big container's items need not all be expanded before the first is known.
+        let desc = self.reader.type_of(obj).map(|(_, d)| d);
         let hit = match target {
             Target::Address(a) => *a == obj,
-            Target::Type(name) => self
-                .reader
-                .type_of(obj)
-                .is_some_and(|(_, d)| d.name.as_ref() == name),
+            Target::Type(name) => desc.as_ref().is_some_and(|d| d.name.as_ref() == name),
         };
+        // A leaf refers to nothing: unless sought, it need not be kept (most of a big heap's
+        // objects are ints and strs).
+        if !hit && desc.is_some_and(|d| d.shape == Shape::Leaf) {
+            self.leaves += 1;
+            return false;
+        }
+        self.parent.insert(obj, from);
+        self.queue.push_back(obj);
         if hit {
             self.found.push(obj);
         }

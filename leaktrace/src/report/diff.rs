@@ -51,6 +51,8 @@ pub struct Diff {
     /// Live Python objects per type in each report's census, largest change first (types in
     /// only one report's top list count as 0 in the other).
     pub types: Vec<TypeDiff>,
+    /// Both sides are snapshots (`leaktrace snapshot --json`): types only, no stacks.
+    pub snapshots: bool,
 }
 
 /// What reports name pymalloc's arena allocations: the label the report itself gave them.
@@ -62,9 +64,16 @@ fn arena_label() -> &'static str {
 pub fn diff(old: &Value, new: &Value) -> crate::error::Result<Diff> {
     let mut rows: BTreeMap<(String, Vec<String>), DiffRow> = BTreeMap::new();
     for (report, is_new) in [(old, false), (new, true)] {
-        let sites = report["sites"].as_array().ok_or_else(|| {
-            crate::error::Error::Usage("not a leaktrace JSON report (no \"sites\")".into())
-        })?;
+        // A snapshot (`leaktrace snapshot --json`) has a census and no sites.
+        let sites = match (report["sites"].as_array(), census_of(report)) {
+            (Some(sites), _) => sites.as_slice(),
+            (None, Some(_)) => &[],
+            (None, None) => {
+                return Err(crate::error::Error::Usage(
+                    "not a leaktrace JSON report or snapshot (no \"sites\", no \"census\")".into(),
+                ))
+            }
+        };
         for s in sites {
             let allocator = s["allocator"].as_str().unwrap_or("?").to_string();
             let stack = stack_key(s);
@@ -115,14 +124,22 @@ pub fn diff(old: &Value, new: &Value) -> crate::error::Result<Diff> {
         rows,
         arena_rows,
         types: type_diff(old, new),
+        snapshots: old["sites"].is_null() && new["sites"].is_null(),
     })
+}
+
+/// A report's type census, or a snapshot's.
+fn census_of(report: &Value) -> Option<&Value> {
+    [&report["type_census"], &report["census"]]
+        .into_iter()
+        .find(|c| c["types"].is_array())
 }
 
 /// The censuses' types compared, largest change in count first.
 fn type_diff(old: &Value, new: &Value) -> Vec<TypeDiff> {
     let mut by: BTreeMap<String, TypeDiff> = BTreeMap::new();
     for (report, is_new) in [(old, false), (new, true)] {
-        let types = report["type_census"]["types"].as_array().cloned();
+        let types = census_of(report).and_then(|c| c["types"].as_array().cloned());
         for t in types.unwrap_or_default() {
             let Some(name) = t["type"].as_str() else {
                 continue;
@@ -213,6 +230,11 @@ fn stack_key(site: &Value) -> Vec<String> {
 /// The diff as text: the stacks that changed most, grown first.
 pub fn render(d: &Diff, top: usize) -> String {
     let mut o = String::new();
+    if d.snapshots {
+        let _ = writeln!(o, "leaktrace diff of two snapshots");
+        types(&mut o, &d.types, top);
+        return o;
+    }
     let _ = writeln!(
         o,
         "leaktrace diff — unfreed {} → {} ({:+} B)",
@@ -250,10 +272,16 @@ pub fn render(d: &Diff, top: usize) -> String {
         );
         rows(&mut o, &d.arena_rows, top);
     }
-    if !d.types.is_empty() {
+    types(&mut o, &d.types, top);
+    o
+}
+
+/// The types whose count changed, at most `top`.
+fn types(o: &mut String, types: &[TypeDiff], top: usize) {
+    if !types.is_empty() {
         let _ = writeln!(o, "\nLive Python objects by type (type census):");
         let _ = writeln!(o, "{:>12} {:>12} {:>12}  TYPE", "OLD", "NEW", "CHANGE");
-        for t in d.types.iter().take(top) {
+        for t in types.iter().take(top) {
             let _ = writeln!(
                 o,
                 "{:>12} {:>12} {:>12}  {}",
@@ -264,7 +292,6 @@ pub fn render(d: &Diff, top: usize) -> String {
             );
         }
     }
-    o
 }
 
 /// The rows that changed, at most `top`.

@@ -12,13 +12,14 @@ mod fixed;
 mod plugin;
 mod real;
 mod scale;
+mod snapshot;
 mod soak;
 mod tools;
 mod workload;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::ext::build_extension;
 use crate::{root, setup};
@@ -203,6 +204,13 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("pytest-plugin") {
         plugin::run_plugin(leaktrace, &python, &ext, reps, &scratch)?;
+    }
+    if wanted("snapshot") {
+        let py312 = crate::pythons::listed()
+            .into_iter()
+            .find(|p| p.version == "3.12")
+            .context("tests/fixtures/pythons.txt lists no 3.12")?;
+        snapshot::run(leaktrace, &py312.path, reps, &scratch)?;
     }
     // Half an hour: only when asked for by name.
     if only == Some("soak") {

@@ -83,8 +83,8 @@ impl Remote {
 
 /// Bytes per cached page.
 const PAGE: u64 = 4096;
-/// Pages kept at most (32 MiB); past it the cache starts over.
-const MAX_PAGES: usize = 8192;
+/// Pages kept at most (16 MiB); past it the cache starts over.
+const MAX_PAGES: usize = 4096;
 
 /// A process's memory read a page at a time and kept. Walking an object graph touches the same
 /// pages again and again (pymalloc packs objects into 16 KiB pools), so one system call serves
