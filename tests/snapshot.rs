@@ -72,14 +72,34 @@ fn counts_every_small_object_by_type_and_its_growth() {
         let (code, table, v) = snapshot(&["-p", &pid]);
         assert_eq!(code, 0, "{}", py.display());
         // Made before leaktrace came: every one, as the program's own gc.get_objects() sees them.
-        assert_eq!(count(&v, "Plain", "count"), 20_000, "{}", py.display());
-        assert_eq!(count(&v, "Slotted", "count"), 30_000, "{}", py.display());
+        assert_eq!(
+            count(&v, "__main__.Plain", "count"),
+            20_000,
+            "{}",
+            py.display()
+        );
+        assert_eq!(
+            count(&v, "__main__.Slotted", "count"),
+            30_000,
+            "{}",
+            py.display()
+        );
         // Not tracked by the GC, and counted all the same.
         assert!(count(&v, "tuple", "count") >= 25_000, "{}", py.display());
         // Over 512 B, outside the pools: found through the collector's lists, sized as
         // sys.getsizeof does (16 + 80 × 8 + the GC header; 40 + 100 × 8 + the GC header).
-        assert_eq!(count(&v, "Wide", "count"), 3_000, "{}", py.display());
-        assert_eq!(count(&v, "Wide", "bytes"), 3_000 * 672, "{}", py.display());
+        assert_eq!(
+            count(&v, "__main__.Wide", "count"),
+            3_000,
+            "{}",
+            py.display()
+        );
+        assert_eq!(
+            count(&v, "__main__.Wide", "bytes"),
+            3_000 * 672,
+            "{}",
+            py.display()
+        );
         let outside = &v["outside_pools"];
         assert!(
             outside["objects"].as_u64().unwrap() >= 4_000,
@@ -91,7 +111,7 @@ fn counts_every_small_object_by_type_and_its_growth() {
         // Three snapshots 0.5 s apart: about 1,000 Grows per 0.1 s in between.
         let (code, table, v) = snapshot(&["-p", &pid, "--count", "3", "--interval", "0.5"]);
         assert_eq!(code, 0);
-        let grew = count(&v, "Grows", "growth_count");
+        let grew = count(&v, "__main__.Grows", "growth_count");
         let span = v["span_s"].as_f64().unwrap();
         let expected = span * 10_000.0;
         assert!(
@@ -99,7 +119,7 @@ fn counts_every_small_object_by_type_and_its_growth() {
             "{}: Grows +{grew} in {span:.2} s",
             py.display()
         );
-        assert_eq!(count(&v, "Slotted", "growth_count"), 0);
+        assert_eq!(count(&v, "__main__.Slotted", "growth_count"), 0);
         assert!(table.contains("GROWTH"), "{table}");
         drop(target);
     }
@@ -136,7 +156,7 @@ fn freeze_stops_the_target_for_the_walk_only() {
     let frozen = v["frozen_s"].as_f64().expect("frozen_s");
     assert!(frozen > 0.0 && frozen < 1.0, "paused {frozen} s");
     assert!(table.contains("with the target stopped for"), "{table}");
-    assert_eq!(count(&v, "Plain", "count"), 20_000);
+    assert_eq!(count(&v, "__main__.Plain", "count"), 20_000);
     assert!(wait_for(2, || stat_of(pid).is_some_and(|(st, _)| st != 'T')));
 
     // Walk after walk; SIGKILL leaktrace the moment the target is seen stopped.
@@ -161,7 +181,7 @@ fn freeze_stops_the_target_for_the_walk_only() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let (_, _, b) = snapshot(&["-p", &pid.to_string()]);
     assert_eq!(code, 0);
-    assert!(count(&b, "Grows", "count") > count(&a, "Grows", "count"));
+    assert!(count(&b, "__main__.Grows", "count") > count(&a, "__main__.Grows", "count"));
 }
 
 /// A service holding objects four ways: a cached exception whose traceback grows on every
@@ -293,18 +313,18 @@ fn why_names_the_root_and_every_hop() {
             (".HANDLER", "function"),
             (".__closure__", "tuple"),
             ("[0]", "cell"),
-            (".cell_contents", "SessionRecord"),
+            (".cell_contents", "__main__.SessionRecord"),
         ];
         assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
         let (table, chain) = why("CachedResult");
         let expect = [
             (".lookup", "functools._lru_cache_wrapper"),
             (".cache", "dict"),
-            ("[0]", "CachedResult"),
+            ("[0]", "__main__.CachedResult"),
         ];
         assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
         assert!(
-            table.contains("3. CachedResult at"),
+            table.contains("3. __main__.CachedResult at"),
             "three samples: {table}"
         );
         let (_, (root, chain)) = why("Held");
@@ -312,14 +332,19 @@ fn why_names_the_root_and_every_hop() {
             root.starts_with("thread ") && root.ends_with(", frame worker"),
             "{root}"
         );
-        assert_eq!(chain, hops(&[("local mine", "Held")]), "{}", py.display());
+        assert_eq!(
+            chain,
+            hops(&[("local mine", "__main__.Held")]),
+            "{}",
+            py.display()
+        );
         // An instance's attribute (its managed dict, or 3.13+'s inline values), then a slot.
         let (_, chain) = why("Conn");
         let expect = [
-            (".SERVICE", "Service"),
-            (".pool", "Pool"),
+            (".SERVICE", "__main__.Service"),
+            (".pool", "__main__.Pool"),
             (".conns", "list"),
-            ("[0]", "Conn"),
+            ("[0]", "__main__.Conn"),
         ];
         assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
         // A class attribute, then a set's member.
@@ -327,7 +352,7 @@ fn why_names_the_root_and_every_hop() {
         let expect = [
             (".Service", "type"),
             (".registry", "set"),
-            ("(a member)", "Token"),
+            ("(a member)", "__main__.Token"),
         ];
         assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
         // A bound method's `__self__` (the other Service is nearer through SERVICE: asked
@@ -372,7 +397,7 @@ time.sleep(600)
         assert_eq!(code, 0, "{table}");
         assert_eq!(
             first_chain(&v).1,
-            hops(&[(".HOLD", "list"), ("[0]", "Marker")])
+            hops(&[(".HOLD", "list"), ("[0]", "__main__.Marker")])
         );
         assert!(v["why"]["torn"].as_u64().unwrap() >= 3, "{table}");
         assert!(table.contains("references skipped"), "{table}");

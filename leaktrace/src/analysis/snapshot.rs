@@ -82,6 +82,7 @@ pub fn take(
         .type_type
         .ok_or_else(|| Error::PythonLayout(format!("{}: no PyType_Type symbol", info.module)))?;
     let mut reader = TypeReader::new(pid, type_type, py.layout.version);
+    reader.qualify = true;
     let start = Instant::now();
     let mut first: Option<Census> = None;
     let mut last = (Census::default(), 0, 0.0);

@@ -159,6 +159,7 @@ pub fn search(py: &PythonProcess, target: &Target, samples: usize) -> Result<Why
         found: Vec::new(),
         unknown: HashMap::new(),
         leaves: 0,
+        matches: HashMap::new(),
     };
     for (i, root) in roots.iter().enumerate() {
         match root {
@@ -342,6 +343,17 @@ struct Walk {
     unknown: HashMap<Arc<str>, u64>,
     /// References to leaves passed (each time).
     leaves: u64,
+    /// Whether each type met is the one sought (`Target::Type`).
+    matches: HashMap<u64, bool>,
+}
+
+/// Whether a type named `full` (`app.models.User`, `collections.deque`) is the one a user named
+/// `asked`: the whole name, or its end after a dot (`User`, `models.User`).
+fn names(full: &str, asked: &str) -> bool {
+    full == asked
+        || full
+            .strip_suffix(asked)
+            .is_some_and(|head| head.ends_with('.'))
 }
 
 impl Walk {
@@ -352,11 +364,16 @@ impl Walk {
         }
         // Checked when reached, not when expanded: the first reached are the nearest, and a
         // big container's items need not all be expanded before the first is known.
-        let desc = self.reader.type_of(obj).map(|(_, d)| d);
-        let hit = match target {
-            Target::Address(a) => *a == obj,
-            Target::Type(name) => desc.as_ref().is_some_and(|d| d.name.as_ref() == name),
+        let typed = self.reader.type_of(obj);
+        let hit = match (target, &typed) {
+            (Target::Address(a), _) => *a == obj,
+            (Target::Type(name), Some((t, d))) => *self
+                .matches
+                .entry(*t)
+                .or_insert_with(|| names(&d.name, name)),
+            (Target::Type(_), None) => false,
         };
+        let desc = typed.map(|(_, d)| d);
         // A leaf refers to nothing: unless sought, it need not be kept (most of a big heap's
         // objects are ints and strs).
         if !hit && desc.is_some_and(|d| d.shape == Shape::Leaf) {
@@ -526,4 +543,24 @@ pub fn render(w: &Why) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_type_is_named_whole_or_by_its_end() {
+        assert!(names("app.models.User", "User"));
+        assert!(names("app.models.User", "models.User"));
+        assert!(names("app.models.User", "app.models.User"));
+        assert!(!names("app.models.User", "ser"));
+        assert!(!names("app.models.SuperUser", "User"));
+        assert!(names("dict", "dict"));
+        assert_eq!("0x10".parse(), Ok(Target::Address(16)));
+        assert_eq!("16".parse(), Ok(Target::Address(16)));
+        assert_eq!("User".parse(), Ok(Target::Type("User".into())));
+        assert!("0xZZ".parse::<Target>().is_err());
+        assert!("".parse::<Target>().is_err());
+    }
 }

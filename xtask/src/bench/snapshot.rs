@@ -99,7 +99,7 @@ pub fn run(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Resu
             }
             let rec = v["census"]["types"]
                 .as_array()
-                .and_then(|t| t.iter().find(|t| t["type"] == "Rec"))
+                .and_then(|t| t.iter().find(|t| t["type"] == "__main__.Rec"))
                 .map_or(0, |t| t["count"].as_u64().unwrap_or(0));
             let searched = v["why"]["objects_searched"].as_u64();
             row.note = match searched {

@@ -27,6 +27,11 @@ const TP_BASICSIZE: u64 = 32;
 const TP_ITEMSIZE: u64 = 40;
 const TP_FLAGS: u64 = 168;
 const TPFLAGS_HAVE_GC: u64 = 1 << 14;
+const TPFLAGS_HEAPTYPE: u64 = 1 << 9;
+/// `PyTypeObject.tp_dict`.
+const TP_DICT: u64 = 264;
+/// Entries of a class's dict read at most when looking for its `__module__`.
+const MAX_CLASS_ENTRIES: u64 = 4096;
 const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
 const TPFLAGS_MANAGED_WEAKREF: u64 = 1 << 3;
 /// Bytes read at the start of each block: the debug hooks' pads (raw and object domain), then
@@ -103,6 +108,9 @@ pub struct TypeReader {
     type_type: u64,
     /// 3.12+: weak references are managed in the pre-header too.
     managed_weakref: bool,
+    version: (u8, u8),
+    /// Name classes with their module (`app.models.User`), as `snapshot` shows them.
+    pub qualify: bool,
     types: HashMap<u64, Option<TypeInfo>>,
 }
 
@@ -123,6 +131,8 @@ impl TypeReader {
             pages: PageCache::with_capacity(pid, TYPE_PAGES),
             type_type,
             managed_weakref: version >= (3, 12),
+            version,
+            qualify: false,
             types: HashMap::new(),
         }
     }
@@ -304,6 +314,14 @@ impl TypeReader {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_graphic()) {
             return None;
         }
+        // A type made by C code from a spec names its module already (`functools._lru_…`).
+        let module = (self.qualify && flags & TPFLAGS_HEAPTYPE != 0 && !name.contains('.'))
+            .then(|| heap_type_module(&mut self.pages, t, self.version))
+            .flatten();
+        let name = match module {
+            Some(m) => format!("{m}.{name}"),
+            None => name.to_string(),
+        };
         let pre_flags = if self.managed_weakref {
             TPFLAGS_MANAGED_DICT | TPFLAGS_MANAGED_WEAKREF
         } else {
@@ -312,13 +330,46 @@ impl TypeReader {
         let presize = if flags & TPFLAGS_HAVE_GC != 0 { 16 } else { 0 }
             + if flags & pre_flags != 0 { 16 } else { 0 };
         Some(TypeInfo {
-            name: name.into(),
+            name: name.as_str().into(),
             basicsize,
             itemsize,
             presize,
             gc: flags & TPFLAGS_HAVE_GC != 0,
         })
     }
+}
+
+/// The `__module__` of the class at `t` (a heap type), read from its dict — combined, str-keyed
+/// (`PyDictKeysObject`: `dk_log2_index_bytes` at 9, `dk_kind` at 10, `dk_nentries` at 24,
+/// indices from 32, then (key, value) entries) — or `None` for `builtins` and anything unread.
+pub fn heap_type_module(pages: &mut PageCache, t: u64, version: (u8, u8)) -> Option<String> {
+    let dict = pages.u64(t + TP_DICT)?;
+    let (keys, values) = (pages.u64(dict + 32)?, pages.u64(dict + 40)?);
+    let head = pages.read(keys, 32)?;
+    let (log2_index_bytes, kind, n) = (head[9], head[10], word(&head, 24)?);
+    if values != 0 || kind == 0 || log2_index_bytes > 34 || n > MAX_CLASS_ENTRIES {
+        return None;
+    }
+    let entries = pages.read(keys + 32 + (1u64 << log2_index_bytes), n as usize * 16)?;
+    let ascii = |pages: &mut PageCache, s: u64| ascii_str(pages, s, version);
+    let value = (0..n).find_map(|i| {
+        let key = word(&entries, i * 16)?;
+        (ascii(pages, key)? == "__module__").then(|| word(&entries, i * 16 + 8))?
+    })?;
+    ascii(pages, value).filter(|m| m != "builtins" && !m.is_empty())
+}
+
+/// A compact ASCII str's text (256 characters at most).
+fn ascii_str(pages: &mut PageCache, s: u64, version: (u8, u8)) -> Option<String> {
+    // `PyASCIIObject`: length at 16, state at 32 (compact bit 5, ascii bit 6); the text follows
+    // it (48 bytes on 3.11, which still had `wstr`; 40 after).
+    let head = pages.read(s, 40)?;
+    let (len, state) = (word(&head, 16)?, head[32]);
+    if state & 0x60 != 0x60 || len > 256 {
+        return None;
+    }
+    let data = s + if version >= (3, 12) { 40 } else { 48 };
+    String::from_utf8(pages.read(data, len as usize)?).ok()
 }
 
 #[cfg(test)]

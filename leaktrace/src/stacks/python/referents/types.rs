@@ -9,6 +9,7 @@ use super::{
     TPFLAGS_HEAPTYPE, TP_BASE, TP_BASICSIZE, TP_DICTOFFSET, TP_FLAGS, TP_MEMBERS, TP_NAME,
     TYPE_READ, T_OBJECT, T_OBJECT_EX,
 };
+use crate::stacks::python::objects::heap_type_module;
 use crate::stacks::python::remote::word;
 
 impl ObjectReader {
@@ -39,6 +40,14 @@ impl ObjectReader {
         let raw = self.mem.read(t, TYPE_READ)?;
         let name = self.c_string(word(&raw, TP_NAME)?)?;
         let flags = word(&raw, TP_FLAGS)?;
+        // Classes with their module, as the snapshot's table names them.
+        let name = match (flags & TPFLAGS_HEAPTYPE != 0 && !name.contains('.'))
+            .then(|| heap_type_module(&mut self.mem, t, self.layout.version))
+            .flatten()
+        {
+            Some(module) => format!("{module}.{name}").into(),
+            None => name,
+        };
         let basicsize = word(&raw, TP_BASICSIZE)?;
         if !(16..=1 << 20).contains(&basicsize) {
             return None;
