@@ -8,10 +8,10 @@ use serde::Serialize;
 
 use crate::process::malloc_heap;
 use crate::process::maps::anonymous_regions;
+use crate::process::remote::Remote;
 use crate::stacks::python::gc_lists::{follow, Outside};
 use crate::stacks::python::objects::{BlockKind, TypeReader};
 use crate::stacks::python::pools::{scan, POOL_SIZE};
-use crate::stacks::python::remote::Remote;
 
 /// Live blocks by what they hold.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]

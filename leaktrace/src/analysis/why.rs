@@ -18,8 +18,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::process::remote::Remote;
 use crate::stacks::python::referents::{Edge, KnownTypes, ObjectLayout, ObjectReader, Shape};
-use crate::stacks::python::remote::Remote;
 use crate::stacks::python::PythonProcess;
 use crate::units::group;
 

@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
 use crate::process::elf::ElfFile;
-use crate::stacks::python::remote::{word, Remote};
+use crate::process::remote::{word, Remote};
 
 /// `PyMemAllocatorEx`: ctx, malloc, calloc, realloc, free; 8 bytes each.
 const SLOTS: usize = 5;

@@ -6,6 +6,7 @@ pub mod freeze;
 pub mod malloc_heap;
 pub mod maps;
 pub mod python;
+pub mod remote;
 pub mod spawn;
 
 use std::path::PathBuf;

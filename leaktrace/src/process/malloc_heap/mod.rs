@@ -39,8 +39,8 @@ use mmapped::mmapped_in;
 use tcache::read_tcaches;
 
 use super::maps::anonymous_regions;
+use super::remote::{word, Remote};
 use super::Process;
-use crate::stacks::python::remote::{word, Remote};
 
 const PREV_INUSE: u64 = 1;
 const IS_MMAPPED: u64 = 2;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::layout::PyLayout;
-use super::remote::{word, Remote};
+use crate::process::remote::{word, Remote};
 
 /// What a code object says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]

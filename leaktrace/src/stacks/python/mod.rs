@@ -7,7 +7,6 @@ pub mod layout;
 pub mod objects;
 pub mod pools;
 pub mod referents;
-pub mod remote;
 
 use std::sync::Arc;
 
@@ -18,9 +17,9 @@ use crate::error::{Error, Result};
 use crate::process::elf::ElfFile;
 use crate::process::maps::ModuleMap;
 use crate::process::python::PythonInfo;
+use crate::process::remote::Remote;
 use code::CodeCache;
 use layout::{PyLayout, DEBUG_OFFSETS_READ};
-use remote::Remote;
 
 /// One decoded Python frame. Names are shared with the code object they came from: thousands
 /// of sites repeat the same few hundred frames.

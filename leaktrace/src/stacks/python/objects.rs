@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::remote::{word, PageCache, Remote, USER_TOP};
+use crate::process::remote::{word, PageCache, Remote, USER_TOP};
 
 /// Pages the type reader keeps (16 MiB).
 const TYPE_PAGES: usize = 4096;

@@ -19,7 +19,7 @@
 //! it is read) and counted as such. Only whole, aligned pools inside anonymous private
 //! read-write mappings of at least an arena's size are looked at.
 
-use super::remote::Remote;
+use crate::process::remote::Remote;
 
 /// pymalloc's alignment and the largest block it serves (`SMALL_REQUEST_THRESHOLD`).
 const ALIGNMENT: u64 = 16;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::{
     pointer, Edge, ObjectReader, Shape, TypeDesc, TPFLAGS_INLINE_VALUES, TPFLAGS_MANAGED_DICT,
 };
-use crate::stacks::python::remote::word;
+use crate::process::remote::word;
 
 const MA_KEYS: u64 = 32;
 const MA_VALUES: u64 = 40;

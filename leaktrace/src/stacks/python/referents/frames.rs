@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::{pointer, Edge, ObjectReader, Shape};
-use crate::stacks::python::remote::word;
+use crate::process::remote::word;
 
 /// Local slots read from one frame at most.
 const MAX_LOCALS: u64 = 1 << 16;

@@ -23,7 +23,7 @@ mod frames;
 mod types;
 
 use super::layout::PyLayout;
-use super::remote::{word, PageCache, USER_TOP};
+use crate::process::remote::{word, PageCache, USER_TOP};
 
 /// Whether `v` can be an object's address: aligned, in user space.
 fn pointer(v: u64) -> bool {

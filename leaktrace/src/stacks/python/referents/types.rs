@@ -9,8 +9,8 @@ use super::{
     TPFLAGS_HEAPTYPE, TP_BASE, TP_BASICSIZE, TP_DICTOFFSET, TP_FLAGS, TP_MEMBERS, TP_NAME,
     TYPE_READ, T_OBJECT, T_OBJECT_EX,
 };
+use crate::process::remote::word;
 use crate::stacks::python::objects::heap_type_module;
-use crate::stacks::python::remote::word;
 
 impl ObjectReader {
     /// Whether `t` is a type object: its own type is `type` or a subclass of it.
