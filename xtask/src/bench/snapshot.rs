@@ -99,7 +99,11 @@ pub fn run(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Resu
             }
             let rec = v["census"]["types"]
                 .as_array()
-                .and_then(|t| t.iter().find(|t| t["type"] == "__main__.Rec"))
+                .and_then(|t| {
+                    // Builds before module-qualified names said `Rec`.
+                    t.iter()
+                        .find(|t| t["type"] == "__main__.Rec" || t["type"] == "Rec")
+                })
                 .map_or(0, |t| t["count"].as_u64().unwrap_or(0));
             let searched = v["why"]["objects_searched"].as_u64();
             row.note = match searched {
@@ -110,7 +114,11 @@ pub fn run(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Resu
     }
     let _ = target.kill();
     let _ = target.wait();
-    println!("\n### `snapshot` of 1,000,000 dict-holding objects (`--only snapshot`), medians of {reps}\n");
+    println!(
+        "\n### `snapshot` of 1,000,000 dict-holding objects, CPython {} (`--only snapshot`), \
+         medians of {reps}\n",
+        python.display()
+    );
     println!("| command | walk | target stopped | whole command | leaktrace peak RSS | found |");
     println!("|---|---|---|---|---|---|");
     for ((label, _, _), mut row) in configs.into_iter().zip(rows) {
