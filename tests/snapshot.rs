@@ -493,3 +493,38 @@ fn counts_objects_over_512_bytes_in_mallocs_heap() {
         assert!(text.contains("+40  bytes"), "{text}");
     }
 }
+
+/// A target that exits while `--why` walks it: an error or an answer, never a crash.
+#[test]
+fn why_survives_the_target_exiting_mid_walk() {
+    let body = r#"
+import time
+class Rec:
+    def __init__(self, i): self.i = i; self.name = "r"
+LIST = [Rec(i) for i in range(600000)]
+print("READY", flush=True)
+time.sleep(600)
+"#;
+    let s = script(body);
+    for delay_ms in [50u64, 200, 400] {
+        let target = start_ready(&pyenv_python(), &s, &[]);
+        let pid = target.id();
+        let lt = Command::new(leaktrace_bin())
+            .args(["snapshot", "-p", &pid.to_string(), "--why", "NoSuchType"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        kill(pid, libc::SIGKILL);
+        let out = lt.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(4)),
+            "killed after {delay_ms} ms: {:?} {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        drop(target);
+    }
+}

@@ -75,6 +75,21 @@ pub fn take(
     why: Option<(&Target, usize)>,
 ) -> Result<Snapshot> {
     let proc = Process::open(pid)?;
+    // Whatever failed while the process went away failed because it did.
+    take_from(&proc, count, interval, freeze, why).map_err(|e| match proc.alive() {
+        true => e,
+        false => Error::NoSuchProcess(pid),
+    })
+}
+
+fn take_from(
+    proc: &Process,
+    count: u32,
+    interval: Duration,
+    freeze: bool,
+    why: Option<(&Target, usize)>,
+) -> Result<Snapshot> {
+    let pid = proc.pid;
     let modules = proc.module_map()?;
     let info = python::detect(pid, &modules, proc.exe().as_deref()).ok_or(Error::NotPython(pid))?;
     let py = PythonProcess::new(pid, &info, &modules)?;
