@@ -308,6 +308,12 @@ fn why_names_the_root_and_every_hop() {
         expect.extend([(".tb_frame", "frame"), ("local body", "bytes")]);
         assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
         assert!(table.contains(&format!("bytes at {at}")), "{table}");
+        let (_, _, v) = snapshot(&["-p", &pid, "--why", "SessionRecord"]);
+        let root = &v["why"]["chains"][0]["hops"][0];
+        assert_eq!(
+            (&root["type"], &root["name"]),
+            (&"module".into(), &"__main__".into())
+        );
         let (_, chain) = why("SessionRecord");
         let expect = [
             (".HANDLER", "function"),
@@ -411,23 +417,28 @@ time.sleep(600)
 }
 
 /// Objects over 512 B that the collector does not track live in malloc's heap: on a signal the
-/// target makes 5,000 str of 1,006 characters, 40 bytes of 300 KiB (mmapped chunks each) and,
-/// in a thread of its own (another malloc arena), 2,000 ints of 4,319 bits; the snapshots
-/// before and after differ by those.
+/// target makes 5,000 str of 1,006 characters, 40 bytes of 300 KiB (mmapped chunks each), 300
+/// tuples of 100 Nones (untracked by the collection that follows) and, in a thread of its own
+/// (another malloc arena), 2,000 ints of 4,319 bits; the snapshots before and after differ by
+/// those.
 const LARGE: &str = r#"
-import signal, sys, threading, time
+import gc, signal, sys, threading, time
 held = []
 def ints():
     held.extend(10 ** 1300 + i for i in range(2000))
 def grow(*_):
     held.extend("s%05d" % i + "x" * 1000 for i in range(5000))
     held.extend(bytes(300 * 1024) for _ in range(40))
+    # Tuples of None only: the collector stops tracking them at its next pass.
+    held.extend(tuple([None] * 100) for i in range(300))
+    gc.collect()
     t = threading.Thread(target=ints)
     t.start()
     t.join()
     with open(sys.argv[1], "w") as f:
         f.write("done")
 signal.signal(signal.SIGUSR1, grow)
+gc.collect()
 print("READY", flush=True)
 while True:
     time.sleep(0.05)
@@ -456,6 +467,12 @@ fn counts_objects_over_512_bytes_in_mallocs_heap() {
             grew("str")
         );
         assert_eq!(grew("bytes"), 40, "{}: {table}", py.display());
+        let tuples = grew("tuple");
+        assert!(
+            (300..310).contains(&tuples),
+            "{}: tuple {tuples}",
+            py.display()
+        );
         assert!(
             near(grew("int"), 2000),
             "{}: int {}",

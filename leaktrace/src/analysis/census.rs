@@ -70,10 +70,16 @@ impl Census {
         (pools, outside)
     }
 
-    /// Adds the objects the collector does not track that live in `pid`'s malloc heaps (over
-    /// 512 B: pymalloc hands those to malloc), found by walking glibc's chunks
-    /// (process/malloc_heap.rs); credited to no site. Returns what the walk found.
-    pub fn add_malloc_heap(&mut self, reader: &mut TypeReader, pid: u32) -> HeapObjects {
+    /// Adds the objects over 512 B in `pid`'s malloc heaps (pymalloc hands those to malloc)
+    /// that the collector's lists did not give (`tracked`: their `PyGC_Head`s) — untracked
+    /// types (str, bytes, int) and untracked instances of tracked ones (a tuple of atoms) —
+    /// found by walking glibc's chunks (process/malloc_heap); credited to no site.
+    pub fn add_malloc_heap(
+        &mut self,
+        reader: &mut TypeReader,
+        pid: u32,
+        tracked: &HashSet<u64>,
+    ) -> HeapObjects {
         let heap = malloc_heap::walk(pid, SMALL_MAX + 1);
         let blocks: Vec<(u64, u64)> = heap.chunks.iter().map(|c| (c.addr, c.size)).collect();
         let mut found = HeapObjects {
@@ -81,10 +87,14 @@ impl Census {
             arenas: heap.arenas,
             mmapped: heap.mmapped,
             torn: heap.torn,
+            tcache: heap.tcache_skipped,
             ..HeapObjects::default()
         };
-        for ((_, size), name) in blocks.iter().zip(reader.untracked(&blocks)) {
-            if let Some(name) = name {
+        for ((_, size), object) in blocks.iter().zip(reader.objects(&blocks)) {
+            let Some((name, gc_head)) = object else {
+                continue;
+            };
+            if gc_head.is_none_or(|h| !tracked.contains(&h)) {
                 found.objects += 1;
                 found.bytes += size;
                 self.count(BlockKind::Object(name), *size, 0);
@@ -169,6 +179,8 @@ pub struct HeapObjects {
     /// Heaps or tcaches left unread because their headers did not chain (torn reads, or a
     /// malloc other than glibc's).
     pub torn: u64,
+    /// Chunks over 512 B left out because a thread's tcache holds them (freed).
+    pub tcache: u64,
 }
 
 /// Types a report keeps: those that grew most, then the largest (the table shows 12).

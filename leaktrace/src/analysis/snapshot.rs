@@ -116,7 +116,7 @@ fn take_from(
         let t = Instant::now();
         let mut census = Census::default();
         let (pools, found) = census.add_pools_and_gc(&mut reader, pid);
-        heap = census.add_malloc_heap(&mut reader, pid);
+        heap = census.add_malloc_heap(&mut reader, pid, &found.nodes);
         let walk_s = t.elapsed().as_secs_f64();
         if let (Some((target, samples)), true) = (why, i + 1 == count.max(1)) {
             answer = Some(why::search(&py, target, samples)?);

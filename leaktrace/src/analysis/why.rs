@@ -224,9 +224,11 @@ const REQUIRED: [(&str, Option<Shape>); 16] = [
     ("PyCode_Type", None),
     ("PyExc_BaseException", None),
 ];
-/// C function and descriptor types, which a build may hide (then their objects count as of
-/// unknown layout).
-const OPTIONAL: [(&str, Shape); 9] = [
+/// Bound methods and properties (whose declared members are all they hold), C functions and
+/// descriptors: types a build may hide (then their objects count as of unknown layout).
+const OPTIONAL: [(&str, Shape); 11] = [
+    ("PyMethod_Type", Shape::Declared),
+    ("PyProperty_Type", Shape::Declared),
     ("PyCFunction_Type", Shape::CFunction),
     ("PyCMethod_Type", Shape::CFunction),
     ("PyMethodDescr_Type", Shape::Descriptor),

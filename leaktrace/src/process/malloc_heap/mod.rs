@@ -57,11 +57,6 @@ const HEAP_INFO: u64 = 48;
 /// An arena's first chunk: past `heap_info` and `malloc_state`, moved up until its user memory
 /// is aligned (`_int_new_arena`).
 const FIRST_CHUNK: u64 = (HEAP_INFO + 2200 + HDR).next_multiple_of(HDR) - HDR;
-const TCACHE_BINS: usize = 64;
-/// The chunk size `tcache_init` asks for: `sizeof (tcache_perthread_struct)` (640) plus header.
-const TCACHE_CHUNK: u64 = 0x290;
-/// `tidx2usize (63)`: larger chunks never sit in a tcache.
-const TCACHE_MAX_USABLE: u64 = 1032;
 /// How much of a heap one system call reads.
 const PIECE: u64 = 1 << 20;
 /// Walks of a heap before its break is taken as it stands.
@@ -261,10 +256,10 @@ fn heap_at(at: u64, region_end: u64, h: &[u8]) -> Option<(Heap, u64)> {
 #[derive(Default)]
 struct Found {
     /// The chunks in use by their heap's headers, before the tcaches are taken out: each with
-    /// the word after its `next` field when it is small enough to be a tcache entry.
+    /// its second word, which a tcache entry's key would be.
     seen: Vec<(Chunk, Option<u64>)>,
-    /// User addresses of chunks in use of a tcache's size, which may be one.
-    tcaches: Vec<u64>,
+    /// User addresses and sizes of chunks in use of a tcache's size, which may be one.
+    tcaches: Vec<(u64, u64)>,
 }
 
 /// A heap's memory, read front to back in large pieces as a walk moves through it.
@@ -399,15 +394,14 @@ fn in_use(cur: &mut Cursor, p: u64, size: u64, min_size: u64, found: &mut Found)
     let addr = p + HDR;
     // A chunk in a heap uses the next chunk's `prev_size` too.
     let usable = size - 8;
-    if size == TCACHE_CHUNK {
-        found.tcaches.push(addr);
+    if tcache::may_be_tcache(size) {
+        found.tcaches.push((addr, size));
     }
     if usable < min_size {
         return;
     }
-    let key = (usable <= TCACHE_MAX_USABLE)
-        .then(|| cur.word(addr + 8))
-        .flatten();
+    // 2.42+ keeps larger chunks in a tcache too: every chunk's second word is looked at.
+    let key = cur.word(addr + 8);
     found.seen.push((Chunk { addr, size: usable }, key));
 }
 

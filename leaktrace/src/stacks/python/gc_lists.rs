@@ -33,6 +33,8 @@ pub struct Outside {
     pub heads: u64,
     /// Nodes that could not be read, and non-object nodes past `MAX_HEADS` (stale links).
     pub skipped: u64,
+    /// The `PyGC_Head` address of each object counted.
+    pub nodes: HashSet<u64>,
 }
 
 /// Follows the collector's lists from `starts` (`_gc_next` links that left the pools), never
@@ -52,6 +54,7 @@ pub fn follow(
         match reader.gc_node(at) {
             GcNode::Object { name, bytes, next } => {
                 out.objects.push((name, bytes));
+                out.nodes.insert(at);
                 todo.push(next);
             }
             GcNode::Other { next } if out.heads < MAX_HEADS => {

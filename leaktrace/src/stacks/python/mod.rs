@@ -192,9 +192,10 @@ impl PythonProcess {
 
     /// The main interpreter's `sys.modules` dict.
     pub fn modules_dict(&self) -> Option<u64> {
-        let interp = self
-            .mem
-            .u64(self.runtime + self.layout.rt_interpreters_head)?;
+        // `interpreters.main` follows `interpreters.head` (the newest interpreter) in every
+        // version from 3.11 to 3.14.
+        let main = self.runtime + self.layout.rt_interpreters_head + 8;
+        let interp = self.mem.u64(main).filter(|i| *i != 0)?;
         self.mem
             .u64(interp.checked_add(self.layout.is_modules)?)
             .filter(|d| *d != 0)
@@ -205,10 +206,12 @@ impl PythonProcess {
     pub fn thread_frames(&self) -> Vec<(u32, Vec<u64>)> {
         const MAX_FRAMES: usize = 4096;
         let l = &self.layout;
-        let read = |a: u64| self.mem.u64(a).filter(|v| *v != 0);
+        // Whatever is read may be torn: offsets are added without overflow, and what is no
+        // address reads as nothing.
+        let read = |a: u64, off: u64| self.mem.u64(a.wrapping_add(off)).filter(|v| *v != 0);
         let first = |ts: u64| match l.ts_cframe {
-            Some(c) => read(ts + c).and_then(|cf| read(cf + l.frame_ptr)),
-            None => read(ts + l.frame_ptr),
+            Some(c) => read(ts, c).and_then(|cf| read(cf, l.frame_ptr)),
+            None => read(ts, l.frame_ptr),
         };
         self.thread_states()
             .into_iter()
@@ -216,11 +219,14 @@ impl PythonProcess {
                 let mut frames = Vec::new();
                 let mut f = first(ts);
                 while let Some(frame) = f.filter(|_| frames.len() < MAX_FRAMES) {
-                    let owner = self.mem.read(frame + l.fr_owner, 1).map_or(0, |b| b[0]);
+                    let owner = self
+                        .mem
+                        .read(frame.wrapping_add(l.fr_owner), 1)
+                        .map_or(0, |b| b[0]);
                     if owner < l.owner_skip_min {
                         frames.push(frame);
                     }
-                    f = read(frame + l.fr_previous);
+                    f = read(frame, l.fr_previous);
                 }
                 (tid, frames)
             })

@@ -197,10 +197,9 @@ impl TypeReader {
             .collect()
     }
 
-    /// The objects of types the collector does not track (str, bytes, int, float) in many
-    /// blocks, `(address, size)`: `None` for a block holding anything else. Tracked ones are
-    /// found through the collector's lists instead.
-    pub fn untracked(&mut self, blocks: &[(u64, u64)]) -> Vec<Option<Arc<str>>> {
+    /// The objects in many blocks, `(address, size)`: each one's type name and, for a type the
+    /// collector tracks, the address of its `PyGC_Head`; `None` for a block holding none.
+    pub fn objects(&mut self, blocks: &[(u64, u64)]) -> Vec<Option<(Arc<str>, Option<u64>)>> {
         let mut out = Vec::with_capacity(blocks.len());
         for chunk in blocks.chunks(8192) {
             let ranges: Vec<(u64, usize)> = chunk
@@ -208,10 +207,14 @@ impl TypeReader {
                 .map(|(a, s)| (*a, (*s as usize).clamp(16, HEAD_READ)))
                 .collect();
             let heads = self.mem.read_many(&ranges);
-            out.extend(chunk.iter().zip(heads).map(|((_, size), head)| {
-                let (head, size) = past_debug_pad(head.as_deref()?, *size);
-                let (info, _) = self.find(head, size)?;
-                (!info.gc).then_some(info.name)
+            out.extend(chunk.iter().zip(heads).map(|((addr, size), head)| {
+                let head = head?;
+                let (object, size) = past_debug_pad(&head, *size);
+                let (info, off) = self.find(object, size)?;
+                let pads = (head.len() - object.len()) as u64;
+                // The collector's header sits right before the object.
+                let gc_head = info.gc.then(|| addr + pads + off - 16);
+                Some((info.name, gc_head))
             }));
         }
         out
@@ -343,14 +346,20 @@ impl TypeReader {
 /// (`PyDictKeysObject`: `dk_log2_index_bytes` at 9, `dk_kind` at 10, `dk_nentries` at 24,
 /// indices from 32, then (key, value) entries) — or `None` for `builtins` and anything unread.
 pub fn heap_type_module(pages: &mut PageCache, t: u64, version: (u8, u8)) -> Option<String> {
-    let dict = pages.u64(t + TP_DICT)?;
-    let (keys, values) = (pages.u64(dict + 32)?, pages.u64(dict + 40)?);
+    let dict = pages.u64(t.wrapping_add(TP_DICT))?;
+    let (keys, values) = (
+        pages.u64(dict.wrapping_add(32))?,
+        pages.u64(dict.wrapping_add(40))?,
+    );
     let head = pages.read(keys, 32)?;
     let (log2_index_bytes, kind, n) = (head[9], head[10], word(&head, 24)?);
     if values != 0 || kind == 0 || log2_index_bytes > 34 || n > MAX_CLASS_ENTRIES {
         return None;
     }
-    let entries = pages.read(keys + 32 + (1u64 << log2_index_bytes), n as usize * 16)?;
+    let entries = pages.read(
+        keys.checked_add(32 + (1u64 << log2_index_bytes))?,
+        n as usize * 16,
+    )?;
     let ascii = |pages: &mut PageCache, s: u64| ascii_str(pages, s, version);
     let value = (0..n).find_map(|i| {
         let key = word(&entries, i * 16)?;
@@ -368,7 +377,7 @@ fn ascii_str(pages: &mut PageCache, s: u64, version: (u8, u8)) -> Option<String>
     if state & 0x60 != 0x60 || len > 256 {
         return None;
     }
-    let data = s + if version >= (3, 12) { 40 } else { 48 };
+    let data = s.checked_add(if version >= (3, 12) { 40 } else { 48 })?;
     String::from_utf8(pages.read(data, len as usize)?).ok()
 }
 

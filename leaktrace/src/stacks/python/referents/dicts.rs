@@ -25,7 +25,7 @@ const DK_KIND_GENERAL: u8 = 0;
 const MANAGED_DICT: u64 = 24;
 const MANAGED_VALUES_311: u64 = 32;
 /// Entries read from one table at most.
-const MAX_ENTRIES: u64 = 1 << 26;
+const MAX_ENTRIES: u64 = 1 << 24;
 
 /// One entry of a keys table: the key, and the value when the table holds it.
 struct Entry {
@@ -98,7 +98,14 @@ impl ObjectReader {
         let head = self.mem.read(keys, DK_HEAD)?;
         let (log2_size, log2_index_bytes, kind) = (head[8], head[9], head[10]);
         let n = word(&head, 24)?;
-        if log2_size > 30 || log2_index_bytes > 34 || n > (1u64 << log2_size) || n > MAX_ENTRIES {
+        // Indices are 1, 2, 4 or 8 bytes each: `log2_index_bytes` is `log2_size` plus 0 to 3.
+        let index_width = log2_index_bytes.checked_sub(log2_size);
+        if log2_size > 30
+            || !matches!(index_width, Some(0..=3))
+            || kind > 2
+            || n > (1u64 << log2_size)
+            || n > MAX_ENTRIES
+        {
             return None;
         }
         let (size, key_at) = if kind == DK_KIND_GENERAL {
@@ -109,7 +116,7 @@ impl ObjectReader {
         if n == 0 {
             return Some(Vec::new());
         }
-        let start = keys + DK_HEAD as u64 + (1u64 << log2_index_bytes);
+        let start = keys.checked_add(DK_HEAD as u64 + (1u64 << log2_index_bytes))?;
         let raw = self.mem.read(start, (n * size) as usize)?;
         Some(
             (0..n)
@@ -126,9 +133,9 @@ impl ObjectReader {
         if desc.flags & TPFLAGS_MANAGED_DICT == 0 {
             // A negative offset counts from the end of a variable-size object: not followed.
             if desc.dictoffset > 0 {
-                if let Some(d) = self
-                    .mem
-                    .u64(obj + desc.dictoffset as u64)
+                if let Some(d) = obj
+                    .checked_add(desc.dictoffset as u64)
+                    .and_then(|at| self.mem.u64(at))
                     .filter(|d| pointer(*d))
                 {
                     self.dict_items(d, true, out);
@@ -146,8 +153,12 @@ impl ObjectReader {
                 .filter(|v| pointer(*v)),
             // 3.12 keeps the values pointer less one: its low bit set tells it from a dict.
             (3, 12) if slot & 1 == 1 => Some(slot + 1),
+            // The inline values' header (`capacity`, `size`, `embedded`, `valid`): only
+            // valid ones hold the attributes.
             (3, 13..) if slot == 0 && desc.flags & TPFLAGS_INLINE_VALUES != 0 => {
-                Some(obj + desc.basicsize + self.values_start())
+                let header = obj + desc.basicsize;
+                let valid = self.mem.read(header, 4).is_some_and(|h| h[3] != 0);
+                valid.then(|| header + self.values_start())
             }
             _ => None,
         };
@@ -225,7 +236,7 @@ impl ObjectReader {
         let (digits, negative) = if self.layout.version >= (3, 12) {
             ((tag as u64 >> 3) as i64, tag & 3 == 2)
         } else {
-            (tag.abs(), tag < 0)
+            (tag.unsigned_abs() as i64, tag < 0)
         };
         if digits > 2 {
             return None;

@@ -22,7 +22,7 @@ impl ObjectReader {
             self.tear(line!(), file!());
             return;
         };
-        let at = frame + self.layout.fr_localsplus;
+        let at = frame.wrapping_add(self.layout.fr_localsplus);
         let Some(raw) = self.mem.read(at, names.len() * 8) else {
             self.tear(line!(), file!());
             return;
@@ -37,7 +37,7 @@ impl ObjectReader {
 
     /// The code object an interpreter frame runs.
     pub fn frame_code(&mut self, frame: u64) -> Option<u64> {
-        let raw = self.mem.u64(frame + self.layout.fr_code)?;
+        let raw = self.mem.u64(frame.wrapping_add(self.layout.fr_code))?;
         let code = self.object_ref(raw);
         // A shim frame runs `None`, not code.
         let code_type = self.known.code_type;

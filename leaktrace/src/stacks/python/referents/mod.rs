@@ -54,8 +54,9 @@ const T_OBJECT_EX: u32 = 16;
 const MAX_MEMBERS: usize = 1024;
 const MAX_BASES: usize = 64;
 
-/// Items read from one container at most: more is a torn read, not a container.
-const MAX_ITEMS: u64 = 1 << 26;
+/// Items read from one container at most (16 Mi: 128 MiB of pointers): more is a torn read,
+/// not a container.
+const MAX_ITEMS: u64 = 1 << 24;
 
 /// What an edge from an object to one it refers to is, as a user reads it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -105,7 +106,7 @@ pub enum Shape {
     /// A collector type of no known layout and no declared object member.
     Unknown,
     /// Only what the type declares: members, instance dict (plain classes, C types with
-    /// members).
+    /// members, bound methods, properties).
     Declared,
     List,
     Tuple,
@@ -276,9 +277,16 @@ impl ObjectReader {
         match desc.shape {
             Shape::Leaf | Shape::Unknown | Shape::Declared => {}
             Shape::List => {
-                if let Some(items) = self.u64_at(obj + 24) {
-                    let n = self.mem.u64(obj + 16).unwrap_or(0);
-                    self.array(items, n, out, Edge::Index);
+                // `ob_size` at 16, `ob_item` at 24, `allocated` at 32: a size past the
+                // allocation is a torn read.
+                if let (Some(items), Some(head)) = (self.u64_at(obj + 24), self.mem.read(obj, 40)) {
+                    let (n, allocated) =
+                        (word(&head, 16).unwrap_or(0), word(&head, 32).unwrap_or(0));
+                    if n <= allocated {
+                        self.array(items, n, out, Edge::Index);
+                    } else {
+                        self.tear(line!(), file!());
+                    }
                 }
             }
             Shape::Tuple => {
@@ -357,7 +365,10 @@ impl ObjectReader {
                 }
             }
         }
-        if desc.flags & TPFLAGS_HEAPTYPE != 0 && desc.shape != Shape::Type {
+        // A class's instances, and C objects whose type declares a `__dict__` slot
+        // (`types.SimpleNamespace`); known shapes read their own dicts.
+        let declares = matches!(desc.shape, Shape::Declared | Shape::Unknown);
+        if (desc.flags & TPFLAGS_HEAPTYPE != 0 || declares) && desc.shape != Shape::Type {
             self.instance_dict(obj, desc, out);
         }
     }
@@ -370,9 +381,12 @@ impl ObjectReader {
                 let d = self.u64_at(obj + 16)?;
                 let mut items = Vec::new();
                 self.dict_items(d, true, &mut items);
-                let (_, n) = items
-                    .into_iter()
-                    .find(|(e, _)| matches!(e, Edge::Attribute(a) if a.as_ref() == "__name__"))?;
+                let n = items.into_iter().find_map(|(e, v)| match e {
+                    Edge::Unnamed { key, .. } => {
+                        (self.str_value(key)?.as_ref() == "__name__").then_some(v)
+                    }
+                    _ => None,
+                })?;
                 self.str_value(n)?
             }
             Shape::Function => {

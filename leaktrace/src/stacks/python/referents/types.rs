@@ -70,16 +70,24 @@ impl ObjectReader {
             if known.is_none() {
                 known = self.base_shape(at).map(|s| (at, s));
             }
-            at = self.mem.u64(at + TP_BASE).unwrap_or(0);
+            // A base that is no pointer ends the chain (a torn read).
+            at = self
+                .mem
+                .u64(at + TP_BASE)
+                .filter(|b| pointer(*b))
+                .unwrap_or(0);
         }
         let gc = flags & TPFLAGS_HAVE_GC != 0;
         // A static type between the class and the known base adds C fields when it is larger
         // than that base (`OSError` over `BaseException`; not `ValueError`).
+        // A static base outside the collector (`int` under an `IntEnum`) holds no references.
         let size_of = |r: &mut Self, t: u64| r.mem.u64(t + TP_BASICSIZE).unwrap_or(0);
+        let collected =
+            |r: &mut Self, t: u64| r.mem.u64(t + TP_FLAGS).unwrap_or(0) & TPFLAGS_HAVE_GC != 0;
         let opaque = match (first_static, known) {
             _ if !gc => false,
             (None, _) => false,
-            (Some(s), _) if s == self.known.object_type => false,
+            (Some(s), _) if s == self.known.object_type || !collected(self, s) => false,
             (Some(s), Some((k, _))) => s != k && size_of(self, s) > size_of(self, k),
             (Some(_), None) => true,
         };
@@ -158,7 +166,7 @@ impl ObjectReader {
         for chunk in 0..4u64 {
             let bytes = self.mem.read(at.checked_add(chunk * 64)?, 64).or_else(|| {
                 // The name may end near the end of a mapping.
-                self.mem.read(at + chunk * 64, 16)
+                self.mem.read(at.checked_add(chunk * 64)?, 16)
             })?;
             if let Some(end) = bytes.iter().position(|b| *b == 0) {
                 raw.extend_from_slice(&bytes[..end]);
