@@ -100,11 +100,10 @@ fn take_from(
     reader.qualify = true;
     let start = Instant::now();
     let mut first: Option<Census> = None;
-    let mut last = (Census::default(), 0, 0.0);
-    let mut outside = OutsidePools::default();
+    let mut last = Walked::default();
+    let mut last_start = start;
     let mut frozen_s: Option<f64> = None;
     let mut answer = None;
-    let mut heap = HeapObjects::default();
     for i in 0..count.max(1) {
         if i > 0 {
             std::thread::sleep(interval);
@@ -113,11 +112,8 @@ fn take_from(
             return Err(Error::NoSuchProcess(pid));
         }
         let held = if freeze { Frozen::stop(pid)? } else { None };
-        let t = Instant::now();
-        let mut census = Census::default();
-        let (pools, found) = census.add_pools_and_gc(&mut reader, pid);
-        heap = census.add_malloc_heap(&mut reader, pid, &found.nodes);
-        let walk_s = t.elapsed().as_secs_f64();
+        last_start = Instant::now();
+        last = walk(&mut reader, pid);
         if let (Some((target, samples)), true) = (why, i + 1 == count.max(1)) {
             answer = Some(why::search(&py, target, samples)?);
         }
@@ -126,45 +122,73 @@ fn take_from(
             frozen_s = Some(frozen_s.map_or(s, |m: f64| m.max(s)));
         }
         if first.is_none() {
-            first = Some(census.clone());
+            first = Some(last.census.clone());
         }
-        last = (census, pools, walk_s);
-        outside = OutsidePools {
-            objects: found.objects.len() as u64,
-            bytes: found.objects.iter().map(|(_, b)| b).sum(),
-            list_heads: found.heads,
-            skipped: found.skipped,
-        };
     }
     // A process that exited during the walk left only part of its heap to read.
     if !proc.alive() {
         return Err(Error::NoSuchProcess(pid));
     }
-    let span_s = start.elapsed().as_secs_f64() - last.2;
+    // From the first walk's start to the last's: growth per second, the search left out.
+    let span_s = (last_start - start).as_secs_f64();
     let since = (count > 1).then(|| format!("the first snapshot, {span_s:.1} s before"));
     let base = first.as_ref().filter(|_| count > 1).map(|c| (0.0, c));
-    // A patch level of 255 is one the interpreter's file did not say.
-    let version = match info.version {
-        Some((a, b, c)) if c != 255 => format!("{a}.{b}.{c}"),
-        Some((a, b, _)) => format!("{a}.{b}"),
-        None => "3".into(),
-    };
     Ok(Snapshot {
         pid,
-        python: version,
+        python: version_of(&info),
         snapshots: count.max(1),
         span_s,
-        walk_s: last.2,
+        walk_s: last.walk_s,
         frozen_s,
-        pools: last.1,
-        outside_pools: outside,
-        census: TypeCensus::of(&last.0, base, since),
-        malloc_heap: heap,
+        pools: last.pools,
+        outside_pools: last.outside,
+        census: TypeCensus::of(&last.census, base, since),
+        malloc_heap: last.heap,
         peak_rss_bytes: Process::open(std::process::id())
             .ok()
             .and_then(|me| me.peak_rss_bytes()),
         why: answer,
     })
+}
+
+/// One walk of the target's heap.
+#[derive(Default)]
+struct Walked {
+    census: Census,
+    pools: u64,
+    walk_s: f64,
+    outside: OutsidePools,
+    heap: HeapObjects,
+}
+
+/// Counts `pid`'s live objects: pymalloc's pools, the collector's lists out of them, malloc's
+/// heaps.
+fn walk(reader: &mut TypeReader, pid: u32) -> Walked {
+    let t = Instant::now();
+    let mut census = Census::default();
+    let (pools, found) = census.add_pools_and_gc(reader, pid);
+    let heap = census.add_malloc_heap(reader, pid, &found.nodes);
+    Walked {
+        census,
+        pools,
+        walk_s: t.elapsed().as_secs_f64(),
+        outside: OutsidePools {
+            objects: found.objects.len() as u64,
+            bytes: found.objects.iter().map(|(_, b)| b).sum(),
+            list_heads: found.heads,
+            skipped: found.skipped,
+        },
+        heap,
+    }
+}
+
+/// `3.11.7`, or `3.12` when the interpreter's file gives no patch level (255).
+fn version_of(info: &python::PythonInfo) -> String {
+    match info.version {
+        Some((a, b, c)) if c != 255 => format!("{a}.{b}.{c}"),
+        Some((a, b, _)) => format!("{a}.{b}"),
+        None => "3".into(),
+    }
 }
 
 /// The snapshot as a table: the `top` types, by growth when there is one, else by bytes.

@@ -36,6 +36,7 @@ struct Row {
     note: String,
 }
 
+/// Runs the part and prints its table.
 pub fn run(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Result<()> {
     let script = scratch.join("snapshot_heap.py");
     std::fs::write(&script, HEAP)?;

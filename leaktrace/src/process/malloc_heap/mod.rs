@@ -10,10 +10,11 @@
 //!   one is handed out iff the next one's PREV_INUSE is set;
 //! - the main arena's chunks fill `[heap]` from its start to the top chunk, which ends it;
 //! - other arenas' heaps are mappings aligned to `HEAP_MAX_SIZE` (64 MiB) that start with
-//!   `heap_info` (`ar_ptr`, `prev`, `size`, `mprotect_size`, `pagesize`, pad: 48 bytes); an
-//!   arena's first heap holds its `malloc_state` (2200 bytes; 2.43: 96 fewer) next, so its first
-//!   chunk is at 0x8d0 (2.43: 0x870, found by chaining), a later heap's at 0x30; a heap ends at `size`, with the top chunk or, once the arena
-//!   has moved on to a newer heap, a 16-byte fencepost and a zero header;
+//!   `heap_info` (`ar_ptr`, `prev`, `size`, `mprotect_size`, `pagesize`, pad: 48 bytes; before
+//!   2.35, without `pagesize`: 32); an arena's first heap holds its `malloc_state` (2200 bytes;
+//!   2.43: 96 fewer) next, so its first chunk is at 0x8d0 (others: found by chaining), a later
+//!   heap's right after `heap_info`; a heap ends at `size`, with the top chunk or, once the
+//!   arena has moved on to a newer heap, a 16-byte fencepost and a zero header;
 //! - a chunk of `mmap_threshold` (128 KiB) or more is its own mapping: `prev_size` 0, then its
 //!   size in whole pages (2.43: less its 16-byte header) with IS_MMAPPED alone, at the start of
 //!   a page;
@@ -54,6 +55,8 @@ const PAGE: u64 = 4096;
 const HEAP_MAX: u64 = 64 << 20;
 /// `sizeof (heap_info)` since 2.35 added `pagesize`.
 const HEAP_INFO: u64 = 48;
+/// `heap_info` before glibc 2.35 (no `pagesize`).
+const HEAP_INFO_OLD: u64 = 32;
 /// An arena's first chunk: past `heap_info` and `malloc_state`, moved up until its user memory
 /// is aligned (`_int_new_arena`).
 const FIRST_CHUNK: u64 = (HEAP_INFO + 2200 + HDR).next_multiple_of(HDR) - HDR;
@@ -69,7 +72,9 @@ const PAGES_AT_ONCE: usize = 512;
 /// One chunk handed out: the pointer malloc returned and the usable size behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunk {
+    /// The address malloc returned.
     pub addr: u64,
+    /// Usable bytes (the chunk's size less its header, plus the next chunk's `prev_size`).
     pub size: u64,
 }
 
@@ -190,17 +195,20 @@ const FIRST_READ: u64 = 64 << 10;
 /// Where an arena's first heap has its first chunk. `malloc_state`'s size is glibc's to
 /// change (2200 bytes up to 2.41; Debian sid's 2.43 has 96 fewer): 2.36's offset is taken
 /// unless its header contradicts it; else the first 16-byte offset from which `FIRST_CHAIN`
-/// chunks (or all up to the heap's end) chain with their arena bit set (`NON_MAIN_ARENA`).
+/// chunks (or all up to the heap's end) chain. The first chunk of a heap has `PREV_INUSE` set
+/// (nothing is before it); `malloc_state`'s words are bin pointers (low bits clear), counters
+/// and sizes that chain nowhere.
 fn first_chunk(mem: &Remote, heap: &Heap) -> Option<u64> {
     let len = (heap.end - heap.start).min(FIRST_READ);
     let head = mem.read(heap.start, len as usize)?;
     // Some(true): it chains; Some(false): it cannot be a chunk; None: past what was read.
     let chains = |off: u64| -> Option<bool> {
         let mut at = off;
-        for _ in 0..FIRST_CHAIN {
+        for step in 0..FIRST_CHAIN {
             let size = word(&head, at + 8)?;
             let len = size & !FLAGS;
-            if size & (NON_MAIN_ARENA | IS_MMAPPED) != NON_MAIN_ARENA
+            if (step == 0 && size & PREV_INUSE == 0)
+                || size & IS_MMAPPED != 0
                 || len < MIN_CHUNK
                 || !len.is_multiple_of(HDR)
                 || len > heap.end - heap.start - at
@@ -227,19 +235,25 @@ fn first_chunk(mem: &Remote, heap: &Heap) -> Option<u64> {
 fn heap_at(at: u64, region_end: u64, h: &[u8]) -> Option<(Heap, u64)> {
     let (arena, prev, size) = (word(h, 0)?, word(h, 8)?, word(h, 16)?);
     let (mprotect_size, pagesize) = (word(h, 24)?, word(h, 32)?);
+    // 2.35 added `pagesize`; before it `heap_info` is four words.
+    let info = if pagesize == PAGE {
+        HEAP_INFO
+    } else {
+        HEAP_INFO_OLD
+    };
     // The first heap holds its arena; a later one points back to it, in another heap.
     let first_heap = prev == 0;
     let linked = if first_heap {
-        arena == at + HEAP_INFO
+        arena == at + info
     } else {
-        prev.is_multiple_of(HEAP_MAX) && arena % HEAP_MAX == HEAP_INFO
+        prev.is_multiple_of(HEAP_MAX) && arena % HEAP_MAX == info
     };
-    let first = at + if first_heap { FIRST_CHUNK } else { HEAP_INFO };
-    let sane = pagesize == PAGE
-        && size.is_multiple_of(PAGE)
+    // A first heap's first chunk is checked (and found when elsewhere) by `first_chunk`.
+    let first = at + if first_heap { FIRST_CHUNK } else { info };
+    let sane = size.is_multiple_of(PAGE)
         && size <= mprotect_size
         && mprotect_size <= HEAP_MAX
-        && at + size <= region_end
+        && size <= region_end.saturating_sub(at)
         && first + MIN_CHUNK <= at + size;
     (linked && sane).then_some((
         Heap {
@@ -409,6 +423,7 @@ fn in_use(cur: &mut Cursor, p: u64, size: u64, min_size: u64, found: &mut Found)
 mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
+    use std::path::Path;
     use std::process::{Command, Stdio};
 
     /// Live after the frees, each block filled with its marker: 700 B ×275 ('A'; 7 of the 25
@@ -451,8 +466,8 @@ int main(void) {
         ((n + 8 + 15) & !15) - 8
     }
 
-    #[test]
-    fn finds_exactly_the_live_blocks_of_a_running_program() {
+    /// Builds `PROGRAM`, runs it (under `loader` when given: another glibc) and walks it.
+    fn walk_program(loader: Option<(&str, &str)>) -> (HeapWalk, Vec<(usize, bool)>, String) {
         let dir = tempfile::tempdir().unwrap();
         let (src, exe) = (dir.path().join("heap.c"), dir.path().join("heap"));
         std::fs::write(&src, PROGRAM).unwrap();
@@ -462,35 +477,78 @@ int main(void) {
             .arg(&exe)
             .arg(&src)
             .status();
-        if !cc.is_ok_and(|s| s.success()) {
-            eprintln!("skipped: no C compiler to build the target");
-            return;
-        }
-        let mut child = Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap();
+        assert!(
+            cc.is_ok_and(|s| s.success()),
+            "cc (build-essential) is needed"
+        );
+        let mut cmd = match loader {
+            Some((ld, libs)) => {
+                let mut c = Command::new(ld);
+                c.args(["--library-path", libs]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
         let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
         let (w, mem) = (walk(child.id(), 513), Remote { pid: child.id() });
         let mmapped = (usable(300 * 1024) + 16).next_multiple_of(PAGE) - HDR;
         let [a, b, d, e] = [700, 4000, 2000, 600].map(usable);
-        let expect = [
-            (a, b'A', 275),
-            (b, b'B', 16),
-            (mmapped, b'C', 4),
-            (d, b'D', 40),
-            (e, b'E', 7),
-        ];
-        let seen = expect.map(|(size, marker, _)| {
-            let of_size: Vec<&Chunk> = w.chunks.iter().filter(|c| c.size == size).collect();
-            let marked = |c: &&Chunk| mem.read(c.addr, 16).is_some_and(|b| b == [marker; 16]);
-            (of_size.len(), of_size.iter().all(marked))
-        });
+        // 2.43 leaves the header out of an mmapped chunk's size.
+        let sizes: [&[u64]; 5] = [&[a], &[b], &[mmapped, mmapped - HDR], &[d], &[e]];
+        let markers = [b'A', b'B', b'C', b'D', b'E'];
+        let seen = sizes
+            .iter()
+            .zip(markers)
+            .map(|(sizes, marker)| {
+                let of_size: Vec<&Chunk> = w
+                    .chunks
+                    .iter()
+                    .filter(|c| sizes.contains(&c.size))
+                    .collect();
+                let marked = |c: &&Chunk| mem.read(c.addr, 16).is_some_and(|b| b == [marker; 16]);
+                (of_size.len(), of_size.iter().all(marked))
+            })
+            .collect();
         let _ = child.kill();
         let _ = child.wait();
+        (w, seen, line)
+    }
+
+    /// Live blocks of each size, each holding its marker: 700 B, 4000 B, 300 KiB, and the
+    /// second thread's 2000 B and 600 B.
+    const LIVE: [(usize, bool); 5] = [(275, true), (16, true), (4, true), (40, true), (7, true)];
+
+    #[test]
+    fn finds_exactly_the_live_blocks_of_a_running_program() {
+        let (w, seen, line) = walk_program(None);
         assert_eq!(line, "ready\n");
-        assert_eq!(seen, expect.map(|e| (e.2, true)), "{w:?}");
+        assert_eq!(seen, LIVE, "{w:?}");
         assert!(w.chunks.iter().all(|c| c.size >= 513));
         assert_eq!((w.arenas, w.mmapped, w.torn), (2, 4, 0), "{w:?}");
         assert_eq!(w.tcache_skipped, 10, "7 of 700 B, 3 of 600 B");
+    }
+
+    /// The same program under Debian sid's glibc 2.43 (the one the tests' Python 3.14 runs
+    /// with): a smaller `malloc_state`, 76 tcache bins of 16 in a 0x300 chunk, mmapped sizes
+    /// without their header.
+    #[test]
+    fn finds_exactly_the_live_blocks_under_glibc_2_43() {
+        let libs = "/opt/leaktrace/python3.14/usr/lib/x86_64-linux-gnu";
+        let ld = format!("{libs}/ld-linux-x86-64.so.2");
+        assert!(
+            Path::new(&ld).exists(),
+            "{ld} missing: `cargo xtask setup` unpacks Debian sid's Python 3.14 and its libc"
+        );
+        let (w, seen, line) = walk_program(Some((&ld, libs)));
+        assert_eq!(line, "ready\n");
+        assert_eq!(seen, LIVE, "{w:?}");
+        assert_eq!((w.arenas, w.mmapped, w.torn), (2, 4, 0), "{w:?}");
+        assert_eq!(
+            w.tcache_skipped, 19,
+            "16 of 700 B (a bin holds 16 now), 3 of 600 B"
+        );
     }
 
     #[test]

@@ -68,8 +68,9 @@ pub enum Edge {
     Index(u64),
     /// A dict's value under a key, the key shown as Python would (`'name'`, `42`), or its type.
     Value(String),
-    /// A dict's key, a set's member.
+    /// A dict's key.
     Key,
+    /// A set's member.
     Member,
     /// A named field of a C object: `__traceback__`, `tb_frame`, `cell_contents`, `cache`.
     Field(&'static str),
@@ -77,10 +78,7 @@ pub enum Edge {
     Local(Arc<str>),
     /// A dict's value under the key at `key`, not yet named (`ObjectReader::name`):
     /// as an attribute when `attrs`.
-    Unnamed {
-        key: u64,
-        attrs: bool,
-    },
+    Unnamed { key: u64, attrs: bool },
 }
 
 impl fmt::Display for Edge {
@@ -108,18 +106,31 @@ pub enum Shape {
     /// Only what the type declares: members, instance dict (plain classes, C types with
     /// members, bound methods, properties).
     Declared,
+    /// `list`: its items.
     List,
+    /// `tuple`: its items.
     Tuple,
+    /// `dict` and its subclasses: values under their keys, and keys.
     Dict,
+    /// `set`, `frozenset`: members.
     Set,
+    /// A closure's cell.
     Cell,
+    /// A module: its globals.
     Module,
+    /// A class: its attributes.
     Type,
+    /// A frame object: its locals and the frame it was called from.
     Frame,
+    /// A traceback entry: the next one and its frame.
     Traceback,
+    /// A Python function: defaults, `__dict__` (the rest are members).
     Function,
+    /// `BaseException` and subclasses: args, traceback, context, cause, notes, `__dict__`.
     Exception,
+    /// `functools.lru_cache`'s wrapper: its cache dict.
     LruCache,
+    /// A bounded `lru_cache`'s list element: key and result.
     LruElem,
     /// A C function or method (`builtin_function_or_method`): `m_self` at 24.
     CFunction,
@@ -132,8 +143,9 @@ pub enum Shape {
 /// One type, read once.
 #[derive(Debug)]
 pub struct TypeDesc {
-    /// `tp_name`: `SessionRecord`, `numpy.ndarray`.
+    /// Classes with their module (`app.SessionRecord`), C types by `tp_name` (`numpy.ndarray`).
     pub name: Arc<str>,
+    /// How its instances are read.
     pub shape: Shape,
     /// Part of its layout is a C type leaktrace does not know: what it refers to there is not
     /// read.
@@ -208,13 +220,15 @@ const FUNC_QUALNAME: u64 = 40;
 /// Addresses of the types of known shape in one process.
 #[derive(Clone, Debug, Default)]
 pub struct KnownTypes {
+    /// Type object address → the shape of its instances.
     pub by_address: HashMap<u64, Shape>,
     /// `PyType_Type`: an object is a type when its type is this or a subclass of it.
     pub type_type: u64,
     /// `PyBaseObject_Type`: a class built on it alone has no C layout beyond slots and dict.
     pub object_type: u64,
-    /// `PyUnicode_Type`, `PyLong_Type`: dict keys shown by value.
+    /// `PyUnicode_Type`: dict keys shown by value.
     pub str_type: u64,
+    /// `PyLong_Type`: dict keys shown by value.
     pub int_type: u64,
     /// `PyCode_Type`: what a frame runs.
     pub code_type: u64,
@@ -222,6 +236,7 @@ pub struct KnownTypes {
 
 /// Reads objects and their references in one process.
 pub struct ObjectReader {
+    /// The target's memory, a page at a time.
     pub mem: PageCache,
     layout: ObjectLayout,
     py: PyLayout,
@@ -368,7 +383,11 @@ impl ObjectReader {
         // A class's instances, and C objects whose type declares a `__dict__` slot
         // (`types.SimpleNamespace`); known shapes read their own dicts.
         let declares = matches!(desc.shape, Shape::Declared | Shape::Unknown);
-        if (desc.flags & TPFLAGS_HEAPTYPE != 0 || declares) && desc.shape != Shape::Type {
+        let own_dict = matches!(
+            desc.shape,
+            Shape::Type | Shape::Module | Shape::Function | Shape::Exception | Shape::ClassMethod
+        );
+        if (desc.flags & TPFLAGS_HEAPTYPE != 0 || declares) && !own_dict {
             self.instance_dict(obj, desc, out);
         }
     }
