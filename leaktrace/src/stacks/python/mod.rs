@@ -7,6 +7,7 @@ pub mod layout;
 pub mod objects;
 pub mod pools;
 pub mod referents;
+pub mod type_object;
 
 use std::sync::Arc;
 

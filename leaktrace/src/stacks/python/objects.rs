@@ -15,25 +15,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::type_object::{
+    TPFLAGS_HAVE_GC, TPFLAGS_HEAPTYPE, TPFLAGS_MANAGED_DICT, TPFLAGS_MANAGED_WEAKREF, TP_BASICSIZE,
+    TP_DICT, TP_FLAGS, TP_ITEMSIZE, TP_NAME,
+};
 use crate::process::remote::{word, PageCache, Remote, USER_TOP};
 
 /// Pages the type reader keeps (16 MiB).
 const TYPE_PAGES: usize = 4096;
 
-/// Offset of `tp_name`, `tp_basicsize` and `tp_flags` in `PyTypeObject` (64-bit CPython
-/// 3.11–3.14, default build).
-const TP_NAME: u64 = 24;
-const TP_BASICSIZE: u64 = 32;
-const TP_ITEMSIZE: u64 = 40;
-const TP_FLAGS: u64 = 168;
-const TPFLAGS_HAVE_GC: u64 = 1 << 14;
-const TPFLAGS_HEAPTYPE: u64 = 1 << 9;
-/// `PyTypeObject.tp_dict`.
-const TP_DICT: u64 = 264;
 /// Entries of a class's dict read at most when looking for its `__module__`.
 const MAX_CLASS_ENTRIES: u64 = 4096;
-const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
-const TPFLAGS_MANAGED_WEAKREF: u64 = 1 << 3;
 /// Bytes read at the start of each block: the debug hooks' pads (raw and object domain), then
 /// the three candidates' `ob_refcnt` and `ob_type`.
 pub const HEAD_READ: usize = 2 * DEBUG_PAD + 48;
@@ -145,20 +137,31 @@ impl TypeReader {
 
     /// The kinds of many blocks, `(address, size)`, read in batches.
     pub fn classify(&mut self, blocks: &[(u64, u64)]) -> Vec<BlockKind> {
-        let mut kinds = Vec::with_capacity(blocks.len());
-        // In chunks: the heads read for a million blocks would otherwise all be held at once.
+        self.each_head(blocks, |r, _, size, head| match head {
+            None => BlockKind::Unreadable,
+            Some(h) => r.kind(&h, size),
+        })
+    }
+
+    /// `f(self, address, size, head)` of many blocks, their heads read in batches: in chunks,
+    /// since the heads of a million blocks would otherwise all be held at once.
+    fn each_head<T>(
+        &mut self,
+        blocks: &[(u64, u64)],
+        mut f: impl FnMut(&mut Self, u64, u64, Option<Vec<u8>>) -> T,
+    ) -> Vec<T> {
+        let mut out = Vec::with_capacity(blocks.len());
         for chunk in blocks.chunks(8192) {
             let ranges: Vec<(u64, usize)> = chunk
                 .iter()
                 .map(|(a, s)| (*a, (*s as usize).clamp(16, HEAD_READ)))
                 .collect();
             let heads = self.mem.read_many(&ranges);
-            kinds.extend(chunk.iter().zip(heads).map(|((_, size), head)| match head {
-                None => BlockKind::Unreadable,
-                Some(h) => self.kind(&h, *size),
-            }));
+            for ((addr, size), head) in chunk.iter().zip(heads) {
+                out.push(f(self, *addr, *size, head));
+            }
         }
-        kinds
+        out
     }
 
     /// The kinds of blocks whose bytes are at hand: `data` holds the memory from `base` on
@@ -200,24 +203,15 @@ impl TypeReader {
     /// The objects in many blocks, `(address, size)`: each one's type name and, for a type the
     /// collector tracks, the address of its `PyGC_Head`; `None` for a block holding none.
     pub fn objects(&mut self, blocks: &[(u64, u64)]) -> Vec<Option<(Arc<str>, Option<u64>)>> {
-        let mut out = Vec::with_capacity(blocks.len());
-        for chunk in blocks.chunks(8192) {
-            let ranges: Vec<(u64, usize)> = chunk
-                .iter()
-                .map(|(a, s)| (*a, (*s as usize).clamp(16, HEAD_READ)))
-                .collect();
-            let heads = self.mem.read_many(&ranges);
-            out.extend(chunk.iter().zip(heads).map(|((addr, size), head)| {
-                let head = head?;
-                let (object, size) = past_debug_pad(&head, *size);
-                let (info, off) = self.find(object, size)?;
-                let pads = (head.len() - object.len()) as u64;
-                // The collector's header sits right before the object.
-                let gc_head = info.gc.then(|| addr + pads + off - 16);
-                Some((info.name, gc_head))
-            }));
-        }
-        out
+        self.each_head(blocks, |r, addr, size, head| {
+            let head = head?;
+            let (object, size) = past_debug_pad(&head, size);
+            let (info, off) = r.find(object, size)?;
+            let pads = (head.len() - object.len()) as u64;
+            // The collector's header sits right before the object.
+            let gc_head = info.gc.then(|| addr + pads + off - 16);
+            Some((info.name, gc_head))
+        })
     }
 
     fn kind(&mut self, head: &[u8], size: u64) -> BlockKind {

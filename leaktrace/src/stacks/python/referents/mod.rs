@@ -23,6 +23,10 @@ mod frames;
 mod types;
 
 use super::layout::PyLayout;
+use super::type_object::{
+    TPFLAGS_HAVE_GC, TPFLAGS_HEAPTYPE, TPFLAGS_INLINE_VALUES, TPFLAGS_MANAGED_DICT, TP_BASE,
+    TP_BASICSIZE, TP_DICT, TP_DICTOFFSET, TP_FLAGS, TP_MEMBERS, TP_NAME,
+};
 use crate::process::remote::{word, PageCache, USER_TOP};
 
 /// Whether `v` can be an object's address: aligned, in user space.
@@ -30,21 +34,8 @@ fn pointer(v: u64) -> bool {
     v != 0 && v.is_multiple_of(8) && v < USER_TOP
 }
 
-/// `PyTypeObject` fields, the same from 3.11 to 3.14.
-const TP_NAME: u64 = 24;
-const TP_BASICSIZE: u64 = 32;
-const TP_FLAGS: u64 = 168;
-const TP_MEMBERS: u64 = 240;
-const TP_BASE: u64 = 256;
-const TP_DICT: u64 = 264;
-const TP_DICTOFFSET: u64 = 288;
 /// Bytes of a type object read at once: up to `tp_dictoffset`.
 const TYPE_READ: usize = 296;
-
-const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
-const TPFLAGS_INLINE_VALUES: u64 = 1 << 2;
-const TPFLAGS_HEAPTYPE: u64 = 1 << 9;
-const TPFLAGS_HAVE_GC: u64 = 1 << 14;
 
 /// `PyMemberDef`: name, type, offset, flags, doc; the member types that hold an object.
 const MEMBER_SIZE: usize = 40;
