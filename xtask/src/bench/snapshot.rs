@@ -5,7 +5,7 @@
 //! `LEAKTRACE_COMPARE=/path/to/leaktrace`, that build's plain snapshot alternates with this one.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -36,6 +36,9 @@ struct Row {
     note: String,
 }
 
+/// One command of the part: its label, the binary, the arguments after `snapshot -p PID`.
+type Config = (String, PathBuf, Vec<&'static str>);
+
 /// Runs the part and prints its table.
 pub fn run(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Result<()> {
     let script = scratch.join("snapshot_heap.py");
@@ -49,11 +52,29 @@ pub fn run(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Resu
         .map_while(|l| l.ok())
         .any(|l| l.contains("READY"));
     if !ready {
+        let _ = target.kill();
         bail!("the snapshot bench's target never became ready");
     }
     let pid = target.id().to_string();
-    let compare = std::env::var_os("LEAKTRACE_COMPARE").map(std::path::PathBuf::from);
-    let mut configs: Vec<(String, std::path::PathBuf, Vec<&str>)> = vec![
+    let configs = configs(leaktrace);
+    let mut rows: Vec<Row> = configs.iter().map(|_| Row::default()).collect();
+    let json = scratch.join("snapshot.json");
+    let measured = (0..reps).try_for_each(|_| {
+        configs
+            .iter()
+            .zip(&mut rows)
+            .try_for_each(|(config, row)| measure(config, &pid, &json, row))
+    });
+    let _ = target.kill();
+    let _ = target.wait();
+    measured?;
+    print_rows(python, reps, configs, rows);
+    Ok(())
+}
+
+/// The commands compared, alternating: this build's, and with `LEAKTRACE_COMPARE` another's.
+fn configs(leaktrace: &Path) -> Vec<Config> {
+    let mut configs: Vec<Config> = vec![
         ("`snapshot`".into(), leaktrace.into(), vec![]),
         (
             "`snapshot --freeze`".into(),
@@ -71,50 +92,50 @@ pub fn run(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Resu
             vec!["--why", "NoSuchType"],
         ),
     ];
-    if let Some(old) = compare {
+    if let Some(old) = std::env::var_os("LEAKTRACE_COMPARE").map(PathBuf::from) {
         configs.insert(0, (format!("`snapshot`, {}", old.display()), old, vec![]));
     }
-    let mut rows: Vec<Row> = configs.iter().map(|_| Row::default()).collect();
-    let json = scratch.join("snapshot.json");
-    for _ in 0..reps {
-        for ((_, bin, args), row) in configs.iter().zip(&mut rows) {
-            let _ = std::fs::remove_file(&json);
-            let t = Instant::now();
-            let out = Command::new(bin)
-                .args(["snapshot", "-p", &pid, "--json"])
-                .arg(&json)
-                .args(args)
-                .output()?;
-            row.whole.push(t.elapsed().as_secs_f64());
-            if !out.status.success() {
-                let _ = target.kill();
-                bail!("{bin:?} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
-            row.walk.push(v["walk_s"].as_f64().unwrap_or(0.0));
-            if let Some(p) = v["frozen_s"].as_f64() {
-                row.paused.push(p);
-            }
-            if let Some(r) = v["peak_rss_bytes"].as_f64() {
-                row.rss_mb.push(r / 1e6);
-            }
-            let rec = v["census"]["types"]
-                .as_array()
-                .and_then(|t| {
-                    // Builds before module-qualified names said `Rec`.
-                    t.iter()
-                        .find(|t| t["type"] == "__main__.Rec" || t["type"] == "Rec")
-                })
-                .map_or(0, |t| t["count"].as_u64().unwrap_or(0));
-            let searched = v["why"]["objects_searched"].as_u64();
-            row.note = match searched {
-                Some(n) => format!("`Rec` {rec}; {n} objects searched"),
-                None => format!("`Rec` {rec}"),
-            };
-        }
+    configs
+}
+
+/// Runs one command once and adds its figures to `row`.
+fn measure((_, bin, args): &Config, pid: &str, json: &Path, row: &mut Row) -> Result<()> {
+    let _ = std::fs::remove_file(json);
+    let t = Instant::now();
+    let out = Command::new(bin)
+        .args(["snapshot", "-p", pid, "--json"])
+        .arg(json)
+        .args(args)
+        .output()?;
+    row.whole.push(t.elapsed().as_secs_f64());
+    if !out.status.success() {
+        bail!("{bin:?} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let _ = target.kill();
-    let _ = target.wait();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+    row.walk.push(v["walk_s"].as_f64().unwrap_or(0.0));
+    if let Some(p) = v["frozen_s"].as_f64() {
+        row.paused.push(p);
+    }
+    if let Some(r) = v["peak_rss_bytes"].as_f64() {
+        row.rss_mb.push(r / 1e6);
+    }
+    // Builds before module-qualified names said `Rec`.
+    let rec = v["census"]["types"]
+        .as_array()
+        .and_then(|t| {
+            t.iter()
+                .find(|t| t["type"] == "__main__.Rec" || t["type"] == "Rec")
+        })
+        .map_or(0, |t| t["count"].as_u64().unwrap_or(0));
+    row.note = match v["why"]["objects_searched"].as_u64() {
+        Some(n) => format!("`Rec` {rec}; {n} objects searched"),
+        None => format!("`Rec` {rec}"),
+    };
+    Ok(())
+}
+
+/// The part's table, medians of the repetitions.
+fn print_rows(python: &Path, reps: usize, configs: Vec<Config>, rows: Vec<Row>) {
     println!(
         "\n### `snapshot` of 1,000,000 dict-holding objects, CPython {} (`--only snapshot`), \
          medians of {reps}\n",
@@ -140,5 +161,4 @@ pub fn run(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Resu
             row.note
         );
     }
-    Ok(())
 }

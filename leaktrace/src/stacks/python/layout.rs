@@ -472,8 +472,7 @@ mod tests {
 
     /// 3.14's table, with the values of Debian's 3.14.10 build (x86_64, default build) read from
     /// its headers and `.PyRuntime` section.
-    #[test]
-    fn parses_314_debug_offsets() {
+    fn debug_offsets_314() -> Vec<u8> {
         let mut w = vec![0u64; 95];
         w[1] = 0x030e00f0;
         for (i, v) in [
@@ -528,6 +527,12 @@ mod tests {
         }
         let mut raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         raw[..8].copy_from_slice(DEBUG_COOKIE);
+        raw
+    }
+
+    #[test]
+    fn parses_314_debug_offsets() {
+        let raw = debug_offsets_314();
         let l = from_debug_offsets(&raw).unwrap();
         assert_eq!(l.version, (3, 14));
         assert_eq!(l.rt_interpreters_head, 808);

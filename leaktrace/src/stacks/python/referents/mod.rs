@@ -280,6 +280,12 @@ impl ObjectReader {
     /// Appends what the object at `obj`, of type `desc`, refers to.
     pub fn referents(&mut self, obj: u64, desc: &TypeDesc, out: &mut Vec<(Edge, u64)>) {
         let first = out.len();
+        self.by_shape(obj, desc, out);
+        self.declared(obj, desc, first, out);
+    }
+
+    /// What the layout of `desc`'s shape holds.
+    fn by_shape(&mut self, obj: u64, desc: &TypeDesc, out: &mut Vec<(Edge, u64)>) {
         match desc.shape {
             Shape::Leaf | Shape::Unknown | Shape::Declared => {}
             Shape::List => {
@@ -358,7 +364,6 @@ impl ObjectReader {
                 self.field(obj + 48, "result", out);
             }
         }
-        self.declared(obj, desc, first, out);
     }
 
     /// What every type may add to its shape: object members (slots included) not read

@@ -52,31 +52,11 @@ impl ObjectReader {
         if !(16..=1 << 20).contains(&basicsize) {
             return None;
         }
-        let mut members = Vec::new();
-        // The first type of known shape on the chain says the layout; heap types add slots
-        // and a dict. A static type before it has fields leaktrace does not read (opaque).
-        let mut known = None;
-        let mut first_static = None;
-        let mut at = t;
-        for _ in 0..MAX_BASES {
-            if at == 0 {
-                break;
-            }
-            self.add_members(at, &mut members);
-            let heap = self.mem.u64(at + TP_FLAGS).unwrap_or(0) & TPFLAGS_HEAPTYPE != 0;
-            if !heap && first_static.is_none() {
-                first_static = Some(at);
-            }
-            if known.is_none() {
-                known = self.base_shape(at).map(|s| (at, s));
-            }
-            // A base that is no pointer ends the chain (a torn read).
-            at = self
-                .mem
-                .u64(at + TP_BASE)
-                .filter(|b| pointer(*b))
-                .unwrap_or(0);
-        }
+        let Bases {
+            members,
+            known,
+            first_static,
+        } = self.bases(t);
         let gc = flags & TPFLAGS_HAVE_GC != 0;
         // A static type between the class and the known base adds C fields when it is larger
         // than that base (`OSError` over `BaseException`; not `ValueError`).
@@ -114,6 +94,40 @@ impl ObjectReader {
             members,
             cached_keys,
         })
+    }
+
+    /// What `t`'s `tp_base` chain says: the object members of every type on it, the first type
+    /// of known shape (the layout; heap types add slots and a dict) and the first static type
+    /// (one before the known one has fields leaktrace does not read: opaque).
+    fn bases(&mut self, t: u64) -> Bases {
+        let mut members = Vec::new();
+        let mut known = None;
+        let mut first_static = None;
+        let mut at = t;
+        for _ in 0..MAX_BASES {
+            if at == 0 {
+                break;
+            }
+            self.add_members(at, &mut members);
+            let heap = self.mem.u64(at + TP_FLAGS).unwrap_or(0) & TPFLAGS_HEAPTYPE != 0;
+            if !heap && first_static.is_none() {
+                first_static = Some(at);
+            }
+            if known.is_none() {
+                known = self.base_shape(at).map(|s| (at, s));
+            }
+            // A base that is no pointer ends the chain (a torn read).
+            at = self
+                .mem
+                .u64(at + TP_BASE)
+                .filter(|b| pointer(*b))
+                .unwrap_or(0);
+        }
+        Bases {
+            members,
+            known,
+            first_static,
+        }
     }
 
     /// The shape of a static type `b`: by its address, or, for functools's types that the
@@ -178,4 +192,14 @@ impl ObjectReader {
         }
         None
     }
+}
+
+/// What a type's `tp_base` chain says (`ObjectReader::bases`).
+struct Bases {
+    /// Object members of every type on the chain: (name, offset in the instance).
+    members: Vec<(Arc<str>, u64)>,
+    /// The first type of known shape, and that shape.
+    known: Option<(u64, Shape)>,
+    /// The first static (non-heap) type.
+    first_static: Option<u64>,
 }
