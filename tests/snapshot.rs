@@ -243,6 +243,14 @@ class Service:
 SERVICE = Service()
 Service.registry.add(Token())
 HOOK = Service().ping
+class Buffer:
+    pass
+def reader():
+    buf = Buffer()
+    while True:
+        yield buf
+PIPE = reader()
+next(PIPE)
 def worker():
     mine = Held()
     while True:
@@ -371,6 +379,10 @@ fn why_names_the_root_and_every_hop() {
             .filter_map(|h| h["via"].as_str().filter(|s| !s.is_empty()))
             .collect();
         assert_eq!(vias, [".HOOK", ".__self__", ".secret"], "{}", py.display());
+        // A suspended generator's local.
+        let (_, chain) = why("Buffer");
+        let expect = [(".PIPE", "generator"), ("local buf", "__main__.Buffer")];
+        assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
         // Nothing of that name: said, not an error.
         let (table, _) = why("NoSuchType");
         assert!(table.contains("none reachable"), "{table}");

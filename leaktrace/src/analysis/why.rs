@@ -224,9 +224,13 @@ const REQUIRED: [(&str, Option<Shape>); 16] = [
     ("PyCode_Type", None),
     ("PyExc_BaseException", None),
 ];
-/// Bound methods and properties (whose declared members are all they hold), C functions and
-/// descriptors: types a build may hide (then their objects count as of unknown layout).
-const OPTIONAL: [(&str, Shape); 11] = [
+/// Generators and coroutines, bound methods and properties (whose declared members are all
+/// they hold), C functions and descriptors: types a build may hide (then their objects count
+/// as of unknown layout).
+const OPTIONAL: [(&str, Shape); 14] = [
+    ("PyGen_Type", Shape::Generator),
+    ("PyCoro_Type", Shape::Generator),
+    ("PyAsyncGen_Type", Shape::Generator),
     ("PyMethod_Type", Shape::Declared),
     ("PyProperty_Type", Shape::Declared),
     ("PyCFunction_Type", Shape::CFunction),
@@ -530,9 +534,13 @@ pub fn render(w: &Why) -> String {
             .take(8)
             .map(|t| format!("{} ×{}", t.name, group(t.objects)))
             .collect();
+        let more = match w.unknown_layouts.len().saturating_sub(list.len()) {
+            0 => String::new(),
+            n => format!(", and {n} more types (the JSON lists them all)"),
+        };
         let _ = writeln!(
             o,
-            "\n  not looked into (C types of unknown layout): {}",
+            "\n  not looked into (C types of unknown layout): {}{more}",
             list.join(", ")
         );
     }

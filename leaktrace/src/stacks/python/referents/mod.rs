@@ -123,6 +123,9 @@ pub enum Shape {
     LruCache,
     /// A bounded `lru_cache`'s list element: key and result.
     LruElem,
+    /// A generator, coroutine or async generator: the locals of the frame it carries, while it
+    /// has not finished.
+    Generator,
     /// A C function or method (`builtin_function_or_method`): `m_self` at 24.
     CFunction,
     /// A method, member, getset or wrapper descriptor: `d_type` at 16.
@@ -171,6 +174,8 @@ pub struct ObjectLayout {
     stack_refs: bool,
     /// `PyTupleObject.ob_item`: 3.14 put `ob_hash` before it.
     tuple_items: u64,
+    /// `PyGenObject.gi_iframe`: the frame a generator carries (3.11 still had `gi_code`).
+    gen_iframe: u64,
 }
 
 impl ObjectLayout {
@@ -194,6 +199,7 @@ impl ObjectLayout {
             co_localsplusnames: layout.co_localsplusnames,
             stack_refs: layout.version >= (3, 14),
             tuple_items: if layout.version >= (3, 14) { 32 } else { 24 },
+            gen_iframe: if layout.version >= (3, 12) { 72 } else { 80 },
         })
     }
 }
@@ -362,6 +368,15 @@ impl ObjectReader {
             Shape::LruElem => {
                 self.field(obj + 40, "key", out);
                 self.field(obj + 48, "result", out);
+            }
+            Shape::Generator => {
+                // `gi_frame_state`, 5 bytes before the frame: created or suspended (below 0
+                // on 3.11–3.14) or running (0); a finished one's locals are stale.
+                let frame = obj + self.layout.gen_iframe;
+                let state = self.mem.read(frame - 5, 1).map_or(1, |b| b[0] as i8);
+                if state <= 0 {
+                    self.frame_locals(frame, out);
+                }
             }
         }
     }

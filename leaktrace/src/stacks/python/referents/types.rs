@@ -56,6 +56,7 @@ impl ObjectReader {
             members,
             known,
             first_static,
+            c_heap,
         } = self.bases(t);
         let gc = flags & TPFLAGS_HAVE_GC != 0;
         // A static type between the class and the known base adds C fields when it is larger
@@ -66,6 +67,7 @@ impl ObjectReader {
             |r: &mut Self, t: u64| r.mem.u64(t + TP_FLAGS).unwrap_or(0) & TPFLAGS_HAVE_GC != 0;
         let opaque = match (first_static, known) {
             _ if !gc => false,
+            _ if c_heap => true,
             (None, _) => false,
             (Some(s), _) if s == self.known.object_type || !collected(self, s) => false,
             (Some(s), Some((k, _))) => s != k && size_of(self, s) > size_of(self, k),
@@ -103,6 +105,7 @@ impl ObjectReader {
         let mut members = Vec::new();
         let mut known = None;
         let mut first_static = None;
+        let mut c_heap = false;
         let mut at = t;
         for _ in 0..MAX_BASES {
             if at == 0 {
@@ -115,6 +118,12 @@ impl ObjectReader {
             }
             if known.is_none() {
                 known = self.base_shape(at).map(|s| (at, s));
+                // A heap type made by C code from a spec names its module (`_asyncio.Task`),
+                // which a class statement cannot: it has C fields of its own.
+                if known.is_none() && heap && !c_heap {
+                    let name = self.mem.u64(at + TP_NAME).and_then(|n| self.c_string(n));
+                    c_heap = name.is_some_and(|n| n.contains('.'));
+                }
             }
             // A base that is no pointer ends the chain (a torn read).
             at = self
@@ -127,6 +136,7 @@ impl ObjectReader {
             members,
             known,
             first_static,
+            c_heap,
         }
     }
 
@@ -202,4 +212,6 @@ struct Bases {
     known: Option<(u64, Shape)>,
     /// The first static (non-heap) type.
     first_static: Option<u64>,
+    /// A heap type made by C code comes before the known one (or there is none).
+    c_heap: bool,
 }
