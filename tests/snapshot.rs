@@ -557,3 +557,39 @@ time.sleep(600)
         drop(target);
     }
 }
+
+/// An asyncio service: an object held only by a suspended task's local is found through the
+/// task (`_asyncio.Task`'s coroutine) and its coroutine's frame, on every interpreter.
+#[test]
+fn why_follows_asyncio_tasks_into_their_coroutines() {
+    let body = r#"
+import asyncio
+class Session:
+    pass
+async def handler():
+    s = Session()
+    await asyncio.sleep(600)
+async def main():
+    t = asyncio.create_task(handler())
+    await asyncio.sleep(0)
+    print("READY", flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"#;
+    for py in pythons().into_iter().map(|p| p.path) {
+        let s = script(body);
+        let target = start_ready(&py, &s, &[]);
+        let pid = target.id().to_string();
+        let (code, table, v) = snapshot(&["-p", &pid, "--why", "Session"]);
+        assert_eq!(code, 0, "{}: {table}", py.display());
+        let (root, chain) = first_chain(&v);
+        assert!(root.starts_with("thread "), "{}: {root}", py.display());
+        let tail = &chain[chain.len().saturating_sub(3)..];
+        let expect = [
+            ("local t", "_asyncio.Task"),
+            (".coro", "coroutine"),
+            ("local s", "__main__.Session"),
+        ];
+        assert_eq!(tail, hops(&expect), "{}: {table}", py.display());
+    }
+}

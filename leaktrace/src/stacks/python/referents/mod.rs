@@ -126,6 +126,8 @@ pub enum Shape {
     /// A generator, coroutine or async generator: the locals of the frame it carries, while it
     /// has not finished.
     Generator,
+    /// asyncio's C `Task`: the coroutine it runs (its future's fields are not read).
+    AsyncTask,
     /// A C function or method (`builtin_function_or_method`): `m_self` at 24.
     CFunction,
     /// A method, member, getset or wrapper descriptor: `d_type` at 16.
@@ -176,6 +178,9 @@ pub struct ObjectLayout {
     tuple_items: u64,
     /// `PyGenObject.gi_iframe`: the frame a generator carries (3.11 still had `gi_code`).
     gen_iframe: u64,
+    /// `_asyncio.Task`'s size and `task_coro`'s offset (`Modules/_asynciomodule.c`; found with
+    /// ctypes in each version): a Task of another size is not read.
+    pub(super) task_coro: (u64, u64),
 }
 
 impl ObjectLayout {
@@ -200,6 +205,11 @@ impl ObjectLayout {
             stack_refs: layout.version >= (3, 14),
             tuple_items: if layout.version >= (3, 14) { 32 } else { 24 },
             gen_iframe: if layout.version >= (3, 12) { 72 } else { 80 },
+            task_coro: match layout.version {
+                (3, 13) => (144, 120),
+                (3, 14) => (168, 128),
+                _ => (176, 136),
+            },
         })
     }
 }
@@ -369,6 +379,7 @@ impl ObjectReader {
                 self.field(obj + 40, "key", out);
                 self.field(obj + 48, "result", out);
             }
+            Shape::AsyncTask => self.field(obj + self.layout.task_coro.1, "coro", out),
             Shape::Generator => {
                 // `gi_frame_state`, 5 bytes before the frame: created or suspended (below 0
                 // on 3.11–3.14) or running (0); a finished one's locals are stale.

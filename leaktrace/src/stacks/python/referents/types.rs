@@ -140,7 +140,7 @@ impl ObjectReader {
         }
     }
 
-    /// The shape of a static type `b`: by its address, or, for functools's types that the
+    /// The shape of type `b`: by its address, or, for the functools and asyncio types the
     /// interpreter does not export, by its name (once per type).
     fn base_shape(&mut self, b: u64) -> Option<Shape> {
         if let Some(s) = self.known.by_address.get(&b) {
@@ -151,6 +151,10 @@ impl ObjectReader {
         match name.as_ref() {
             "functools._lru_cache_wrapper" => Some(Shape::LruCache),
             "functools._lru_list_elem" => Some(Shape::LruElem),
+            "_asyncio.Task" => {
+                let size = self.mem.u64(b + TP_BASICSIZE)?;
+                (size == self.layout.task_coro.0).then_some(Shape::AsyncTask)
+            }
             _ => None,
         }
     }
