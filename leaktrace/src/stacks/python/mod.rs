@@ -2,6 +2,7 @@
 //! which thread state belongs to which thread, and decoding the frames it records.
 
 pub mod code;
+pub mod dict_keys;
 pub mod gc_lists;
 pub mod layout;
 pub mod objects;

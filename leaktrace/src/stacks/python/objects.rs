@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::dict_keys::{self, MA_KEYS, MA_VALUES};
 use super::type_object::{
     TPFLAGS_HAVE_GC, TPFLAGS_HEAPTYPE, TPFLAGS_MANAGED_DICT, TPFLAGS_MANAGED_WEAKREF, TP_BASICSIZE,
     TP_DICT, TP_FLAGS, TP_ITEMSIZE, TP_NAME,
@@ -336,29 +337,23 @@ impl TypeReader {
     }
 }
 
-/// The `__module__` of the class at `t` (a heap type), read from its dict — combined, str-keyed
-/// (`PyDictKeysObject`: `dk_log2_index_bytes` at 9, `dk_kind` at 10, `dk_nentries` at 24,
-/// indices from 32, then (key, value) entries) — or `None` for `builtins` and anything unread.
+/// The `__module__` of the class at `t` (a heap type), read from its dict (combined: a class's
+/// values are in its keys table), or `None` for `builtins` and anything unread.
 pub fn heap_type_module(pages: &mut PageCache, t: u64, version: (u8, u8)) -> Option<String> {
     let dict = pages.u64(t.wrapping_add(TP_DICT))?;
     let (keys, values) = (
-        pages.u64(dict.wrapping_add(32))?,
-        pages.u64(dict.wrapping_add(40))?,
+        pages.u64(dict.wrapping_add(MA_KEYS))?,
+        pages.u64(dict.wrapping_add(MA_VALUES))?,
     );
-    let head = pages.read(keys, 32)?;
-    let (log2_index_bytes, kind, n) = (head[9], head[10], word(&head, 24)?);
-    if values != 0 || kind == 0 || log2_index_bytes > 34 || n > MAX_CLASS_ENTRIES {
+    if values != 0 {
         return None;
     }
-    let entries = pages.read(
-        keys.checked_add(32 + (1u64 << log2_index_bytes))?,
-        n as usize * 16,
-    )?;
+    let entries = dict_keys::entries(pages, keys, MAX_CLASS_ENTRIES)?;
     let ascii = |pages: &mut PageCache, s: u64| ascii_str(pages, s, version);
-    let value = (0..n).find_map(|i| {
-        let key = word(&entries, i * 16)?;
-        (ascii(pages, key)? == "__module__").then(|| word(&entries, i * 16 + 8))?
-    })?;
+    let value = entries
+        .iter()
+        .find(|e| ascii(pages, e.key).is_some_and(|k| k == "__module__"))?
+        .value;
     ascii(pages, value).filter(|m| m != "builtins" && !m.is_empty())
 }
 

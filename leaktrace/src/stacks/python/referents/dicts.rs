@@ -2,10 +2,8 @@
 //! version keeps it (managed before the object, inline after it on 3.13+, or at
 //! `tp_dictoffset`), and their keys shown as a user would write them.
 //!
-//! `PyDictObject` (3.11–3.14): `ma_used` at 16, `ma_keys` at 32, `ma_values` at 40.
-//! `PyDictKeysObject`: `dk_log2_size` at 8, `dk_log2_index_bytes` at 9, `dk_kind` at 10,
-//! `dk_nentries` at 24, then `1 << dk_log2_index_bytes` bytes of indices, then the entries:
-//! (hash, key, value) for the general kind (0), (key, value) for str-keyed ones (1, 2).
+//! `PyDictObject` (3.11–3.14): `ma_used` at 16, `ma_keys` at 32, `ma_values` at 40; the keys
+//! table is read by stacks/python/dict_keys.rs.
 //! A split table's values are an array of pointers: at `ma_values` on 3.11 and 3.12, after a
 //! 4-byte header padded to 8 (`capacity`, `size`, `embedded`, `valid`) on 3.13+.
 
@@ -15,23 +13,14 @@ use super::{
     pointer, Edge, ObjectReader, Shape, TypeDesc, TPFLAGS_INLINE_VALUES, TPFLAGS_MANAGED_DICT,
 };
 use crate::process::remote::word;
+use crate::stacks::python::dict_keys::{self, Entry, MA_KEYS, MA_VALUES};
 
-const MA_KEYS: u64 = 32;
-const MA_VALUES: u64 = 40;
-const DK_HEAD: usize = 32;
-const DK_KIND_GENERAL: u8 = 0;
 /// Where the managed `__dict__` (or 3.12's tagged dict-or-values) sits before an object, and
 /// 3.11's values pointer.
 const MANAGED_DICT: u64 = 24;
 const MANAGED_VALUES_311: u64 = 32;
 /// Entries read from one table at most.
 const MAX_ENTRIES: u64 = 1 << 24;
-
-/// One entry of a keys table: the key, and the value when the table holds it.
-struct Entry {
-    key: u64,
-    value: u64,
-}
 
 impl ObjectReader {
     /// Where a split table's values begin, from its `PyDictValues` pointer.
@@ -93,39 +82,9 @@ impl ObjectReader {
         }
     }
 
-    /// The entries of a keys table, checked for plausible sizes.
+    /// The entries of a keys table (stacks/python/dict_keys.rs).
     fn entries(&mut self, keys: u64) -> Option<Vec<Entry>> {
-        let head = self.mem.read(keys, DK_HEAD)?;
-        let (log2_size, log2_index_bytes, kind) = (head[8], head[9], head[10]);
-        let n = word(&head, 24)?;
-        // Indices are 1, 2, 4 or 8 bytes each: `log2_index_bytes` is `log2_size` plus 0 to 3.
-        let index_width = log2_index_bytes.checked_sub(log2_size);
-        if log2_size > 30
-            || !matches!(index_width, Some(0..=3))
-            || kind > 2
-            || n > (1u64 << log2_size)
-            || n > MAX_ENTRIES
-        {
-            return None;
-        }
-        let (size, key_at) = if kind == DK_KIND_GENERAL {
-            (24, 8)
-        } else {
-            (16, 0)
-        };
-        if n == 0 {
-            return Some(Vec::new());
-        }
-        let start = keys.checked_add(DK_HEAD as u64 + (1u64 << log2_index_bytes))?;
-        let raw = self.mem.read(start, (n * size) as usize)?;
-        Some(
-            (0..n)
-                .map(|i| Entry {
-                    key: word(&raw, i * size + key_at).unwrap_or(0),
-                    value: word(&raw, i * size + key_at + 8).unwrap_or(0),
-                })
-                .collect(),
-        )
+        dict_keys::entries(&mut self.mem, keys, MAX_ENTRIES)
     }
 
     /// An instance's attributes, wherever its `__dict__` or values are.
