@@ -65,10 +65,13 @@ pub(super) async fn start<'a>(
     // In `run`, leaktrace is the child's tracer: it can pause the interpreter when the main
     // module starts (the census baseline) and at shutdown (the end census, and every Python
     // stack decoded before finalization frees code), and swallow those stops.
+    // The process is made a target only once every probe is in: an attached process runs on
+    // while probes go in one by one (seconds on a loaded host), and a malloc probe live before
+    // free's would take blocks freed meanwhile for leaks. `run`'s child is stopped either way.
+    let pause = s.paused.is_some();
     let setup = s
-        .tracer
-        .add_target(pid, s.paused.is_some())
-        .and_then(|_| s.setup_probes());
+        .setup_probes()
+        .and_then(|_| s.tracer.add_target(pid, pause));
     if let Err(e) = setup {
         abort(&child);
         return Err(e);
