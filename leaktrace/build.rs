@@ -4,6 +4,10 @@
 //! `bpfel-unknown-none` (rustup cannot download `rust-src` here), and linked by bpf-linker
 //! (docs/toolchain.md). It gets its own target directory because a different compiler builds it.
 //! `cargo xtask setup` installs both. Set `LEAKTRACE_BPF_OBJECT` to embed a prebuilt object.
+//!
+//! It also builds the in-process sampler (`leaktrace/preload`, a cdylib) that `leaktrace preload`
+//! writes out: embedded, so the one binary (or wheel) carries it. Set `LEAKTRACE_PRELOAD_LIB` to
+//! embed a prebuilt one.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,60 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let workspace = manifest.parent().unwrap().to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    build_preload(&workspace, &out_dir);
+    build_bpf(&workspace, &out_dir);
+}
+
+/// The sampler library, built by the host compiler in a target directory of its own (the outer
+/// build holds the workspace's).
+fn build_preload(workspace: &Path, out_dir: &Path) {
+    let dest = out_dir.join("libleaktrace_preload.so");
+    println!("cargo:rerun-if-env-changed=LEAKTRACE_PRELOAD_LIB");
+    if let Ok(prebuilt) = env::var("LEAKTRACE_PRELOAD_LIB") {
+        println!("cargo:rerun-if-changed={prebuilt}");
+        std::fs::copy(&prebuilt, &dest).unwrap_or_else(|e| panic!("copying {prebuilt}: {e}"));
+        return;
+    }
+    let crate_dir = workspace.join("leaktrace").join("preload");
+    for p in ["src", "Cargo.toml"] {
+        println!("cargo:rerun-if-changed={}", crate_dir.join(p).display());
+    }
+    let target_dir = workspace.join("target").join("preload");
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "leaktrace-preload",
+            "--target-dir",
+        ])
+        .arg(&target_dir);
+    for var in outer_build_vars() {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("running cargo for the preload library");
+    assert!(status.success(), "building the preload library failed");
+    let lib = target_dir.join("release/libleaktrace_preload.so");
+    std::fs::copy(&lib, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", lib.display()));
+}
+
+/// The outer build's wrappers and flags (clippy-driver, coverage, host RUSTFLAGS) and target
+/// choices, which are not for the nested builds.
+fn outer_build_vars() -> [&'static str; 7] {
+    [
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_MAKEFLAGS",
+    ]
+}
+
+fn build_bpf(workspace: &Path, out_dir: &Path) {
     let dest = out_dir.join("leaktrace.bpf.o");
     println!("cargo:rerun-if-env-changed=LEAKTRACE_BPF_OBJECT");
 
@@ -37,7 +95,7 @@ fn main() {
     let target_dir = workspace.join("target").join("bpf");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&workspace)
+    cmd.current_dir(workspace)
         .args([
             "build",
             "--release",
@@ -57,17 +115,7 @@ fn main() {
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
         .env("CARGO_PROFILE_RELEASE_DEBUG", "2");
-    // The outer build's wrappers and flags (clippy-driver, coverage, host RUSTFLAGS) are for the
-    // host compiler, not for this one.
-    for var in [
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTC_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_MAKEFLAGS",
-    ] {
+    for var in outer_build_vars() {
         cmd.env_remove(var);
     }
     // BTF with func_info: the kernel requires it for bpf_loop's callback.

@@ -52,7 +52,13 @@ fn sampled_estimate_is_within_20_percent_and_exact_within_1() {
 
     // One sample per 64 KiB: each 10,000-byte block is sampled with p = 14 %, about 570 samples,
     // a standard deviation of 4 % on the estimate.
-    let sampled = run_python(&["--sample", "64KiB"], &py, &s, &args);
+    // The kernel samples (every allocator call probed): tests/usdt.rs has the process sample.
+    let sampled = run_python(
+        &["--sample", "64KiB", "--sampler", "kernel"],
+        &py,
+        &s,
+        &args,
+    );
     assert_eq!(sampled.code, 0);
     let j = sampled.json.as_ref().unwrap();
     assert_eq!(j["mode"], "sampled");

@@ -47,6 +47,9 @@ pub enum AllocFn {
     PyDebugCalloc = 26,
     PyDebugRealloc = 27,
     PyDebugFree = 28,
+    /// Not a function: an allocation the process sampled itself and announced on a
+    /// heap-sampling USDT (`otel_memory:alloc`, `ddheap:alloc`), with its weight.
+    UsdtAlloc = 29,
 }
 
 /// How a function takes and returns its memory; decides which registers a probe reads.
@@ -81,7 +84,7 @@ pub enum Family {
 
 impl AllocFn {
     /// Every function, in discriminant order.
-    pub const ALL: [AllocFn; 29] = [
+    pub const ALL: [AllocFn; 30] = [
         AllocFn::Malloc,
         AllocFn::Calloc,
         AllocFn::Realloc,
@@ -111,6 +114,7 @@ impl AllocFn {
         AllocFn::PyDebugCalloc,
         AllocFn::PyDebugRealloc,
         AllocFn::PyDebugFree,
+        AllocFn::UsdtAlloc,
     ];
 
     /// Decodes an attach cookie or a stored discriminant.
@@ -155,6 +159,7 @@ impl AllocFn {
             AllocFn::PyDebugCalloc => "_PyMem_DebugCalloc",
             AllocFn::PyDebugRealloc => "_PyMem_DebugRealloc",
             AllocFn::PyDebugFree => "_PyMem_DebugFree",
+            AllocFn::UsdtAlloc => "alloc",
         }
     }
 
@@ -173,6 +178,7 @@ impl AllocFn {
         match self {
             AllocFn::PyArenaAlloc => "pymalloc arena",
             AllocFn::PyArenaFree => "pymalloc arena free",
+            AllocFn::UsdtAlloc => "sampled in-process",
             _ => self.symbol(),
         }
     }
@@ -189,6 +195,7 @@ impl AllocFn {
             | AllocFn::PyMemMalloc
             | AllocFn::PyArenaAlloc
             | AllocFn::PyDebugMalloc
+            | AllocFn::UsdtAlloc
             | AllocFn::PageFault => Shape::Malloc,
             AllocFn::Calloc
             | AllocFn::PyObjectCallocImpl
@@ -243,6 +250,7 @@ impl AllocFn {
             | AllocFn::Memalign
             | AllocFn::Valloc
             | AllocFn::Pvalloc
+            | AllocFn::UsdtAlloc
             | AllocFn::Free => Family::Libc,
             AllocFn::PyObjectMallocImpl
             | AllocFn::PyObjectCallocImpl

@@ -41,10 +41,14 @@ pub enum Counter {
     /// Drop: a forked child to follow could not be added or announced (map or ring buffer
     /// full); it runs untraced.
     ForksMissed = 15,
+    /// Allocations the process sampled itself and announced on a heap-sampling USDT.
+    UsdtSamples = 16,
+    /// Drop: a heap-sampling USDT fired whose spec or arguments could not be read.
+    UsdtBadArg = 17,
 }
 
 /// Number of counters in `COUNTERS`.
-pub const NUM_COUNTERS: u32 = 16;
+pub const NUM_COUNTERS: u32 = 18;
 
 impl Counter {
     /// Every counter, in index order.
@@ -65,6 +69,8 @@ impl Counter {
         Counter::StackDeferred,
         Counter::Unsampled,
         Counter::ForksMissed,
+        Counter::UsdtSamples,
+        Counter::UsdtBadArg,
     ];
 
     /// Whether the counter records lost data (as opposed to information).
@@ -77,6 +83,7 @@ impl Counter {
                 | Counter::MissedReturn
                 | Counter::SitesCoarsened
                 | Counter::ForksMissed
+                | Counter::UsdtBadArg
         )
     }
 
@@ -99,6 +106,8 @@ impl Counter {
             Counter::StackDeferred => "stack_deferred",
             Counter::Unsampled => "unsampled",
             Counter::ForksMissed => "forks_missed",
+            Counter::UsdtSamples => "usdt_samples",
+            Counter::UsdtBadArg => "usdt_bad_arg",
         }
     }
 }

@@ -19,6 +19,7 @@ mod records;
 mod sample;
 mod site_id;
 mod targets;
+mod usdt;
 pub use alloc_fn::*;
 pub use counters::*;
 pub use events::*;
@@ -29,6 +30,7 @@ pub use records::*;
 pub use sample::*;
 pub use site_id::*;
 pub use targets::*;
+pub use usdt::*;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -47,6 +49,7 @@ mod pod {
     unsafe impl aya::Pod for PyFrameRec {}
     unsafe impl aya::Pod for UnwindKey {}
     unsafe impl aya::Pod for UnwindRow {}
+    unsafe impl aya::Pod for UsdtSpec {}
 }
 
 #[cfg(test)]
@@ -60,6 +63,24 @@ mod tests {
             assert_eq!(AllocFn::from_u8(f as u8), Some(f));
         }
         assert_eq!(AllocFn::from_u8(AllocFn::ALL.len() as u8), None);
+    }
+
+    #[test]
+    fn usdt_args_keep_their_width_and_sign() {
+        let arg = |size, signed| UsdtArg {
+            kind: usdt_arg::REG,
+            size,
+            signed,
+            ..UsdtArg::default()
+        };
+        assert_eq!(arg(4, 1).narrow(0xffff_ffff_ffff_fffe), u64::MAX - 1);
+        assert_eq!(arg(4, 0).narrow(0x1234_5678_ffff_fffe), 0xffff_fffe);
+        assert_eq!(arg(4, 1).narrow(0x1234_5678_0000_0005), 5);
+        assert_eq!(arg(1, 1).narrow(0x80), (-128i64) as u64);
+        assert_eq!(
+            arg(8, 0).narrow(0xdead_beef_0000_0001),
+            0xdead_beef_0000_0001
+        );
     }
 
     #[test]

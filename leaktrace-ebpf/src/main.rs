@@ -33,6 +33,7 @@ mod sampler;
 mod site;
 mod tracepoints;
 mod unwind;
+mod usdt_probe;
 use live::remove_live;
 use maps::{CONTROL, COUNTERS, EVENTS, FLOOR_MODE, PENDING, TARGETS};
 use record::record_alloc;

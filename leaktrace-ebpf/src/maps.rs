@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use leaktrace_ebpf::{
     DeathInfo, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyOffsets, SiteStats, StackEvent,
-    UnwindKey, UnwindRow, MAX_NATIVE_FRAMES, NUM_COUNTERS, PY_FRAME_READ,
+    UnwindKey, UnwindRow, UsdtSpec, MAX_NATIVE_FRAMES, NUM_COUNTERS, PY_FRAME_READ,
+    USDT_SPEC_ENTRIES,
 };
 
 use crate::python::WalkCtx;
@@ -97,6 +98,11 @@ pub(crate) static PYPROCS: HashMap<u32, PyOffsets> = HashMap::with_max_entries(1
 /// thread list (and refreshed by userspace); least recently used entries make room.
 #[map]
 pub(crate) static THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 16, 0);
+
+/// The heap-sampling USDT sites attached: attach cookie → where the probe's arguments are.
+#[map]
+pub(crate) static USDT_SPECS: HashMap<u64, UsdtSpec> =
+    HashMap::with_max_entries(USDT_SPEC_ENTRIES, 0);
 
 /// Per-CPU room for building a new-site record and reading one frame: too big for the stack.
 #[repr(C)]

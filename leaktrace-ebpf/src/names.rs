@@ -31,6 +31,8 @@ pub mod map {
     pub const STACKBUF: &str = "STACKBUF";
     /// Growth mode: each traced process's last program break (tgid → address).
     pub const BRKS: &str = "BRKS";
+    /// The heap-sampling USDT sites attached (attach cookie → `UsdtSpec`).
+    pub const USDT_SPECS: &str = "USDT_SPECS";
 }
 
 /// Programs, by name.
@@ -43,8 +45,16 @@ pub mod program {
     pub const FREE_ENTER: &str = "free_enter";
     /// Entry of an interpreter lifecycle function (uprobe; the cookie is the event kind).
     pub const LIFECYCLE_ENTER: &str = "lifecycle_enter";
+    /// A heap-sampling USDT (`alloc` or `free`; the cookie keys `USDT_SPECS`).
+    pub const USDT_ENTER: &str = "usdt_enter";
     /// The uprobe programs, loaded for every session.
-    pub const UPROBES: [&str; 4] = [ALLOC_ENTER, ALLOC_EXIT, FREE_ENTER, LIFECYCLE_ENTER];
+    pub const UPROBES: [&str; 5] = [
+        ALLOC_ENTER,
+        ALLOC_EXIT,
+        FREE_ENTER,
+        LIFECYCLE_ENTER,
+        USDT_ENTER,
+    ];
 }
 
 /// Globals userspace sets before loading (`EbpfLoader::override_global`).

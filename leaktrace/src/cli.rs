@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::capture::render::{Format, RenderOptions};
 use crate::error::Error;
-use crate::options::{PyMallocMode, TraceMode, TraceOptions};
+use crate::options::{PyMallocMode, Sampler, TraceMode, TraceOptions};
 use crate::probes::loader::LoadOptions;
 use crate::probes::plan::Families;
 use crate::report::ReportOptions;
@@ -68,6 +68,15 @@ pub enum Command {
     /// too (all of 512 B or less, and larger ones the collector tracks): no probe, no pause.
     /// With `--count`, growth per type.
     Snapshot(SnapshotArgs),
+    /// Write the in-process heap sampler library and print its path, for services started with
+    /// `LD_PRELOAD=$(leaktrace preload)`: it costs a branch per allocation until leaktrace
+    /// attaches in sampled mode, then fires the heap-sampling USDTs on sampled allocations only.
+    Preload {
+        /// Directory to write it to (default: /var/lib/leaktrace as root, else
+        /// ~/.cache/leaktrace).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Compare two JSON reports (`--json`), e.g. of an old and a new version: unfreed memory
     /// per stack in each, matched by symbolized frames, largest growth first.
     Diff {
@@ -283,6 +292,12 @@ pub struct CommonOpts {
     /// `--mode sampled` when no mode is given) and growth mode (default 256KiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_sample_rate)]
     pub sample: Option<u64>,
+    /// Sampled mode: `process` has the process sample itself (`run` preloads leaktrace's
+    /// sampler; `attach` uses a process's heap-sampling USDTs, `otel_memory` or `ddheap`, when
+    /// it has them), so only sampled allocations trap; `kernel` probes every allocator call and
+    /// samples in the kernel.
+    #[arg(long, value_enum, default_value_t = Sampler::Process)]
+    pub sampler: Sampler,
     /// Also trace the processes the target forks (pre-fork servers, multiprocessing pools):
     /// each is stopped at its first instruction until its probes are attached.
     #[arg(long)]
@@ -382,6 +397,7 @@ impl CommonOpts {
                 follow_forks: self.follow_forks,
             },
             mode,
+            sampler: self.sampler,
             duration: duration.map(|d| secs(d, "--duration", 0.01)).transpose()?,
             interval: self
                 .interval
@@ -495,9 +511,10 @@ mod tests {
                 Command::Run { opts, .. } => opts.trace_mode(false, None).ok(),
                 Command::Attach { opts, duration, .. } => opts.trace_mode(true, duration).ok(),
                 Command::Top { opts, .. } => opts.trace_mode(true, None).ok(),
-                Command::Diff { .. } | Command::Report(_) | Command::Snapshot(_) => {
-                    panic!("not a tracing command")
-                }
+                Command::Diff { .. }
+                | Command::Report(_)
+                | Command::Snapshot(_)
+                | Command::Preload { .. } => panic!("not a tracing command"),
             }
         };
         assert_eq!(mode(&["leaktrace", "run", "x"]), Some(TraceMode::Exact));

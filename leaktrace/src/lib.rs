@@ -14,6 +14,7 @@ pub mod error;
 pub mod events;
 pub mod heap;
 pub mod options;
+pub mod preload;
 pub mod probes;
 pub mod process;
 pub mod report;

@@ -27,6 +27,18 @@ fn main() {
     {
         std::process::exit(run_diff(old, new, *top, json.as_deref()));
     }
+    if let Command::Preload { dir } = &cli.command {
+        std::process::exit(match leaktrace::preload::install(dir.as_deref()) {
+            Ok(path) => {
+                println!("{}", path.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("leaktrace: {e}");
+                e.exit_code()
+            }
+        });
+    }
     if let Command::Report(args) = &cli.command {
         std::process::exit(run_report(args));
     }
@@ -57,7 +69,10 @@ fn trace_request(cli: &Cli) -> (TargetSpec, &CommonOpts, Option<f64>) {
             opts,
         } => (TargetSpec::Pid(*pid), opts, *duration),
         Command::Top { pid, opts } => (TargetSpec::Pid(*pid), opts, None),
-        Command::Diff { .. } | Command::Report(_) | Command::Snapshot(_) => {
+        Command::Diff { .. }
+        | Command::Report(_)
+        | Command::Snapshot(_)
+        | Command::Preload { .. } => {
             unreachable!("handled in main")
         }
     }

@@ -98,6 +98,27 @@ pub struct TraceOptions {
     /// `attach --redirect-pymalloc`: switch a stripped interpreter's allocator tables while
     /// attached (`probes::redirect`).
     pub redirect_pymalloc: bool,
+    /// Who decides which allocation to sample in sampled mode.
+    pub sampler: Sampler,
+}
+
+/// Who decides which allocation to sample in sampled mode (`--sampler`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sampler {
+    /// The process itself, through the heap-sampling USDTs: `run` starts the command with
+    /// leaktrace's preloaded sampler, `attach` uses them where the process has them (a trap per
+    /// sample); elsewhere the kernel samples.
+    #[default]
+    Process,
+    /// The kernel, after a probe on every allocator call.
+    Kernel,
+}
+
+impl TraceOptions {
+    /// Whether the process samples itself: sampled mode, and the process sampler chosen.
+    pub fn samples_in_process(&self) -> bool {
+        matches!(self.mode, TraceMode::Sampled { .. }) && self.sampler == Sampler::Process
+    }
 }
 
 /// What `run` does about Python's allocator.

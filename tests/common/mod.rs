@@ -408,9 +408,20 @@ pub fn run_python(flags: &[&str], python: &Path, script: &Path, args: &[&str]) -
 
 /// Starts `python script args…` and waits until it prints a line containing `READY`.
 pub fn start_ready(python: &Path, script: &Path, args: &[&str]) -> Target {
+    start_ready_with(python, script, args, &[])
+}
+
+/// `start_ready` with variables added to the environment.
+pub fn start_ready_with(
+    python: &Path,
+    script: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Target {
     let mut child = Command::new(python)
         .arg(script)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

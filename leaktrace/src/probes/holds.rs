@@ -277,6 +277,8 @@ impl Tracer {
     /// breakpoints a hit costs the trap alone and records nothing.
     pub fn detach_in_background(mut self) {
         self.end_holds();
+        // In-process samplers stop firing now, not when the links are gone.
+        self.lower_semaphores();
         if let Ok(mut targets) = self.targets_mut() {
             let all: Vec<u32> = targets.keys().filter_map(|k| k.ok()).collect();
             for pid in all {

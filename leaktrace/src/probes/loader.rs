@@ -93,6 +93,8 @@ pub struct Tracer {
     pub(super) guardian: Option<Guardian>,
     /// Holds are off and every held process was let go (`end_holds`).
     pub(super) holds_ended: bool,
+    /// The heap-sampling USDT sites attached and the semaphores raised for them.
+    pub(super) usdt: super::usdt_attach::UsdtState,
 }
 
 pub(super) fn bpf_err(what: &str, e: impl std::error::Error) -> Error {
@@ -230,6 +232,7 @@ impl Tracer {
             deaths_unavailable: None,
             guardian: None,
             holds_ended: false,
+            usdt: Default::default(),
         };
         if let Some(wake) = wake {
             // Only followed children are held with a real SIGSTOP (`run`'s own child is held
@@ -301,13 +304,13 @@ impl Tracer {
             let at = (&f.host_path, f.file_offset, u64::from(f.kind.event_kind()));
             self.attach_point(pid, scope, &[program::LIFECYCLE_ENTER], at, what)?;
         }
-        Ok(())
+        self.attach_usdt(&plan.usdt, pid, scope)
     }
 
     /// Attaches programs `progs` at (file, offset), with `cookie`, unless this process has them
     /// there already (uprobes live on files: a program that execs into another one mapping the
     /// same libc keeps them).
-    fn attach_point(
+    pub(super) fn attach_point(
         &mut self,
         pid: u32,
         scope: UProbeScope,
@@ -360,6 +363,8 @@ impl Tracer {
     /// Detaches every probe. Removing a uprobe waits for the kernel (≈60 ms each here, and the
     /// kernel serializes them: dropping links from parallel threads measured no faster).
     pub fn detach(&mut self) {
+        // The samplers stop firing before their probes go.
+        self.lower_semaphores();
         self.detach_where(|_| true);
     }
 

@@ -10,3 +10,5 @@ pub mod redirect;
 pub mod sampling;
 pub mod tables;
 pub mod tracefs;
+pub mod usdt;
+mod usdt_attach;

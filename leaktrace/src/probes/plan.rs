@@ -140,6 +140,9 @@ pub struct ProbePlan {
     pub notes: Vec<String>,
     /// `--redirect-pymalloc`: the allocator tables to switch once the probes are in.
     pub redirect: Option<Redirect>,
+    /// Heap-sampling USDT sites (sampled mode on a process that samples itself): the libc
+    /// allocator is then not probed call by call.
+    pub usdt: Vec<super::usdt::UsdtPoint>,
 }
 
 const LIBC_FNS: &[AllocFn] = &[
@@ -235,6 +238,7 @@ pub fn plan(
     exe: Option<&str>,
     families: Families,
     redirect: bool,
+    usdt: bool,
 ) -> Result<ProbePlan> {
     let python = python::detect(pid, modules, exe);
     let mut plan = ProbePlan {
@@ -244,8 +248,10 @@ pub fn plan(
     if families == Families::PythonOnly && python.is_none() {
         return Err(Error::NotPython(pid));
     }
-
-    if families.libc() {
+    if usdt && families.libc() {
+        (plan.usdt, plan.notes) = super::usdt::choose(pid, modules);
+    }
+    if families.libc() && plan.usdt.is_empty() {
         plan_libc(&mut plan, pid, modules, exe)?;
     }
     if let Some(py) = &python {
@@ -273,11 +279,8 @@ pub fn plan(
         (None, _) => {}
     }
 
-    if !plan
-        .points
-        .iter()
-        .any(|p| p.func.shape() != leaktrace_ebpf::Shape::Free)
-    {
+    let allocating = |p: &ProbePoint| p.func.shape() != leaktrace_ebpf::Shape::Free;
+    if plan.usdt.is_empty() && !plan.points.iter().any(allocating) {
         return Err(nothing_to_probe(&plan, pid, exe, families));
     }
     Ok(plan)
@@ -538,6 +541,7 @@ impl ProbePlan {
             missing: Vec::new(),
             notes: Vec::new(),
             redirect: None,
+            usdt: Vec::new(),
         }
     }
 }
@@ -562,7 +566,15 @@ mod tests {
     fn plans_libc_for_a_non_python_process() {
         let me = Process::open(std::process::id()).unwrap();
         let mm = me.module_map().unwrap();
-        let plan = plan(me.pid, &mm, me.exe().as_deref(), Families::default(), false).unwrap();
+        let plan = plan(
+            me.pid,
+            &mm,
+            me.exe().as_deref(),
+            Families::default(),
+            false,
+            false,
+        )
+        .unwrap();
         assert!(plan.python.is_none());
         assert!(plan.points.iter().any(|p| p.func == AllocFn::Malloc));
         assert!(plan.points.iter().any(|p| p.func == AllocFn::Free));
@@ -579,6 +591,7 @@ mod tests {
                 &mm,
                 me.exe().as_deref(),
                 Families::PythonOnly,
+                false,
                 false
             ),
             Err(Error::NotPython(_))

@@ -168,6 +168,30 @@ impl ElfFile {
             .map(<[u8]>::to_vec)
     }
 
+    /// The SystemTap SDT notes (`.note.stapsdt`), addresses adjusted for prelinking by the
+    /// `.stapsdt.base` section as SystemTap specifies. Malformed notes are counted, not fatal.
+    pub fn sdt_notes(&self) -> (Vec<SdtNote>, usize) {
+        let Ok(obj) = self.parse() else {
+            return (Vec::new(), 0);
+        };
+        let Some(section) = obj.section_by_name(".note.stapsdt") else {
+            return (Vec::new(), 0);
+        };
+        let Ok(data) = section.data() else {
+            return (Vec::new(), 1);
+        };
+        let base = obj.section_by_name(".stapsdt.base").map(|s| s.address());
+        let mut bad = 0;
+        let notes = sdt_note_descs(data)
+            .filter_map(|desc| {
+                let n = SdtNote::parse(desc, base);
+                bad += usize::from(n.is_none());
+                n
+            })
+            .collect();
+        (notes, bad)
+    }
+
     /// Converts a virtual address to the file offset the kernel's uprobe API wants.
     pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
         let obj = self.parse().ok()?;
@@ -229,6 +253,78 @@ impl ElfFile {
             .map(|d| Path::new(&d.replace("$ORIGIN", &origin)).join(&needed))
             .find(|p| p.exists())
     }
+}
+
+/// One SystemTap SDT probe site, as its note describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SdtNote {
+    pub provider: String,
+    pub name: String,
+    /// Virtual address of the probe's instruction (a `nop`).
+    pub pc: u64,
+    /// Virtual address of the provider's semaphore (a 16-bit use count), 0 if it has none.
+    pub semaphore: u64,
+    /// The argument specs, e.g. `8@%rdi -4@-20(%rbp)`.
+    pub args: String,
+}
+
+/// The note type SystemTap's `sys/sdt.h` (version 3) writes.
+const NT_STAPSDT: u32 = 3;
+
+impl SdtNote {
+    /// Parses a note's descriptor: three addresses, then three NUL-terminated strings.
+    fn parse(desc: &[u8], base_section: Option<u64>) -> Option<SdtNote> {
+        let word = |i: usize| {
+            Some(u64::from_le_bytes(
+                desc.get(8 * i..8 * i + 8)?.try_into().ok()?,
+            ))
+        };
+        let (pc, base, semaphore) = (word(0)?, word(1)?, word(2)?);
+        let mut strings = desc.get(24..)?.split(|b| *b == 0);
+        let mut text = || {
+            std::str::from_utf8(strings.next()?)
+                .ok()
+                .map(str::to_string)
+        };
+        let (provider, name, args) = (text()?, text()?, text()?);
+        if provider.is_empty() || name.is_empty() {
+            return None;
+        }
+        // Prelink moved the file: every address moves with `.stapsdt.base`.
+        let shift = base_section.map_or(0, |b| b.wrapping_sub(base));
+        Some(SdtNote {
+            provider,
+            name,
+            pc: pc.wrapping_add(shift),
+            semaphore: if semaphore == 0 {
+                0
+            } else {
+                semaphore.wrapping_add(shift)
+            },
+            args,
+        })
+    }
+}
+
+/// The descriptors of the `stapsdt` notes of type 3 in a note section's bytes (4-byte aligned
+/// name and descriptor, as every ELF64 note section on x86-64).
+fn sdt_note_descs(mut data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || loop {
+        let word = |d: &[u8], i: usize| -> Option<usize> {
+            Some(u32::from_le_bytes(d.get(4 * i..4 * i + 4)?.try_into().ok()?) as usize)
+        };
+        let (namesz, descsz, kind) = (word(data, 0)?, word(data, 1)?, word(data, 2)?);
+        let name_end = 12usize.checked_add(namesz)?;
+        let desc_start = name_end.checked_add(3)? & !3;
+        let desc_end = desc_start.checked_add(descsz)?;
+        let next = desc_end.checked_add(3)? & !3;
+        let name = data.get(12..name_end)?;
+        let desc = data.get(desc_start..desc_end)?;
+        data = data.get(next.min(data.len())..)?;
+        if kind as u32 == NT_STAPSDT && name == b"stapsdt\0" {
+            return Some(desc);
+        }
+    })
 }
 
 #[cfg(test)]

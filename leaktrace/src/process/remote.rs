@@ -32,6 +32,23 @@ impl Remote {
         (n == len).then_some(buf)
     }
 
+    /// Writes `bytes` at `addr` whole, or reports how much was written.
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> std::result::Result<(), String> {
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len: bytes.len(),
+        }];
+        match nix::sys::uio::process_vm_writev(
+            Pid::from_raw(self.pid as i32),
+            &[std::io::IoSlice::new(bytes)],
+            &remote,
+        ) {
+            Ok(n) if n == bytes.len() => Ok(()),
+            Ok(n) => Err(format!("{n} of {} bytes written", bytes.len())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Reads many small ranges with few system calls; an unreadable range is `None`.
     pub fn read_many(&self, ranges: &[(u64, usize)]) -> Vec<Option<Vec<u8>>> {
         const BATCH: usize = 512;

@@ -83,7 +83,7 @@ pub enum Control {
 /// on `events`.
 pub fn spawn(
     argv: Vec<String>,
-    env: Option<(String, String)>,
+    env: Vec<(String, String)>,
     events: UnboundedSender<SpawnEvent>,
 ) -> mpsc::Sender<Control> {
     let (tx, rx) = mpsc::channel();
@@ -107,7 +107,7 @@ fn spawn_error(argv: &[String], detail: impl std::fmt::Display) -> Error {
 
 fn run(
     argv: &[String],
-    env: Option<(String, String)>,
+    env: Vec<(String, String)>,
     events: &UnboundedSender<SpawnEvent>,
     rx: &mpsc::Receiver<Control>,
 ) -> Result<(), Error> {
@@ -128,10 +128,10 @@ fn run(
 
 /// Starts `argv` under ptrace and runs it to its executable's entry point, where it stops with
 /// every library mapped.
-fn start_traced(argv: &[String], env: Option<(String, String)>) -> Result<Pid, Error> {
+fn start_traced(argv: &[String], env: Vec<(String, String)>) -> Result<Pid, Error> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    if let Some((k, v)) = env {
+    for (k, v) in env {
         cmd.env(k, v);
     }
     // SAFETY: the closure only makes one async-signal-safe system call.

@@ -15,7 +15,7 @@ pub mod top;
 
 use std::collections::{BTreeMap, HashMap};
 
-use leaktrace_ebpf::{Counter, Family};
+use leaktrace_ebpf::{AllocFn, Counter, Family};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::census::{Census, TypeCensus};
@@ -362,8 +362,19 @@ impl SiteReport {
         let site = self
             .native_stack
             .iter()
-            .rposition(|f| !f.in_python_allocator())
+            .rposition(|f| !f.in_python_allocator() && !f.in_sampler())
             .unwrap_or(self.native_stack.len() - 1);
+        if self.allocator == AllocFn::UsdtAlloc.label() {
+            // A sampled allocation's allocator is the function the sampler stood in for (its
+            // `malloc`, `calloc`, …): the first frame of the layer.
+            let hook = self
+                .native_stack
+                .get(site + 1)
+                .and_then(|f| f.function.as_deref());
+            if let Some(hook) = hook.filter(|h| AllocFn::ALL.iter().any(|f| f.symbol() == *h)) {
+                self.allocator = hook.to_string();
+            }
+        }
         self.caller = self.native_stack.get(site).unwrap_or(innermost).clone();
         let layer = self.native_stack.len() - 1 - site;
         let mut left = layer;

@@ -81,12 +81,15 @@ impl Session<'_> {
                 proc.exe().as_deref(),
                 self.opts.families,
                 false,
+                self.opts.samples_in_process(),
             )?;
             if let TraceMode::Growth { .. } = self.opts.mode {
                 plan.points.clear();
                 plan.lifecycle.clear();
                 seed_brk(&mut self.tracer, pid);
             }
+            // A forked child's memory is its parent's copy, semaphores raised by leaktrace too.
+            self.tracer.inherit_semaphores(parent, pid);
             self.tracer.attach(&plan, pid)?;
             let Some(info) = &plan.python else {
                 return Ok(None);

@@ -21,6 +21,7 @@ impl Session<'_> {
             self.proc.exe().as_deref(),
             self.opts.families,
             self.opts.redirect_pymalloc && self.redirect.is_none(),
+            self.opts.samples_in_process(),
         )?;
         if let TraceMode::Growth { .. } = self.opts.mode {
             // Page faults stand in for the allocator: nothing to probe, nothing to freeze at
@@ -51,6 +52,7 @@ impl Session<'_> {
             self.census_base = self.take_census().map(|c| (0.0, c));
         }
         self.tracer.attach(&plan, pid)?;
+        plan.notes.extend(self.tracer.take_usdt_problems());
         if let Some(r) = &plan.redirect {
             // After the probes: no allocation goes unseen between the switch and them.
             let applied = r.apply()?;
@@ -101,6 +103,20 @@ impl Session<'_> {
                 p.table,
                 p.module,
                 p.file_offset
+            );
+        }
+        for u in &plan.usdt {
+            let kind = if u.spec.kind == leaktrace_ebpf::USDT_KIND_ALLOC {
+                "alloc"
+            } else {
+                "free"
+            };
+            eprintln!(
+                "leaktrace:   {}:{kind:<8} USDT, semaphore {} {} @{:#x}",
+                u.provider,
+                u.semaphore.map_or("none".into(), |a| format!("{a:#x}")),
+                u.module,
+                u.file_offset
             );
         }
         for missing in &plan.missing {

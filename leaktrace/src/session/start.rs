@@ -14,7 +14,7 @@ use crate::capture::{writer::CaptureWriter, Header};
 use crate::error::{Error, Result};
 use crate::events::EventReader;
 use crate::heap::Heap;
-use crate::options::{TargetSpec, TraceOptions};
+use crate::options::{TargetSpec, TraceMode, TraceOptions};
 use crate::probes::loader::{check_privileges, Tracer};
 use crate::probes::plan::ProbePlan;
 use crate::probes::tables::Counters;
@@ -114,14 +114,16 @@ async fn start_target(spec: &TargetSpec, opts: &TraceOptions) -> Result<(u32, Ch
     match spec {
         TargetSpec::Pid(pid) => Ok((*pid, None)),
         TargetSpec::Command { argv, pymalloc } => {
-            let env = python_malloc_env(argv, *pymalloc, opts.families.python_calls());
-            if let Some((k, v)) = &env {
+            let pymalloc_env = python_malloc_env(argv, *pymalloc, opts.families.python_calls());
+            if let Some((k, v)) = &pymalloc_env {
                 eprintln!(
                     "leaktrace: {} has no pymalloc symbols; starting it with {k}={v} so every Python \
                      allocation is seen (--pymalloc keep to leave it)",
                     argv[0]
                 );
             }
+            let mut env: Vec<(String, String)> = pymalloc_env.into_iter().collect();
+            env.extend(sampler_env(opts));
             let (tx, mut rx) = unbounded_channel();
             let ctl = spawn(argv.clone(), env, tx);
             match rx.recv().await {
@@ -129,6 +131,31 @@ async fn start_target(spec: &TargetSpec, opts: &TraceOptions) -> Result<(u32, Ch
                 Some(SpawnEvent::Failed(e)) => Err(e),
                 other => Err(Error::Internal(format!("starting {argv:?}: {other:?}"))),
             }
+        }
+    }
+}
+
+/// `run --mode sampled`: the command samples itself through the preloaded sampler, so its
+/// allocator calls cost no trap. Where the library cannot be written the kernel samples.
+fn sampler_env(opts: &TraceOptions) -> Vec<(String, String)> {
+    let TraceMode::Sampled { rate } = opts.mode else {
+        return Vec::new();
+    };
+    if !opts.samples_in_process() {
+        return Vec::new();
+    }
+    if rate < crate::preload::MIN_RATE {
+        eprintln!(
+            "leaktrace: the in-process sampler samples at most once per {} KiB (asked: {rate} B); \
+             --sampler kernel samples finer",
+            crate::preload::MIN_RATE >> 10
+        );
+    }
+    match crate::preload::install(None) {
+        Ok(path) => crate::preload::environment(&path, rate),
+        Err(e) => {
+            eprintln!("leaktrace: the in-process sampler is not used ({e}); the kernel samples");
+            Vec::new()
         }
     }
 }

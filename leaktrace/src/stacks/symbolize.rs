@@ -65,6 +65,22 @@ const PYTHON_ALLOCATOR_LAYER: &[&str] = &[
 ];
 
 impl Frame {
+    /// Whether the frame is in an in-process heap sampler (leaktrace's preload library, or
+    /// Datadog's sampler functions linked into any producer of the heap-sampling USDTs): the
+    /// layer between the program's allocator call and the USDT, never the site.
+    pub fn in_sampler(&self) -> bool {
+        let module = self
+            .module
+            .as_deref()
+            .and_then(|m| m.rsplit('/').next())
+            .is_some_and(|m| m.starts_with("libleaktrace_preload"));
+        module
+            || self
+                .function
+                .as_deref()
+                .is_some_and(|f| f.starts_with("dd_allocation_") || f.starts_with("dd_probe_"))
+    }
+
     /// Whether the frame is in CPython's allocator layer (`obmalloc.c`), not a caller of it.
     /// The function the code belongs to decides, not what was inlined into it: under LTO a
     /// constructor (`PyUnicode_New`) has `PyObject_Malloc` inlined at its call, and stays the

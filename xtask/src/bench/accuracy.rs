@@ -38,7 +38,7 @@ pub fn found(tool: Tool, m: &Measure, python: &Path, truth: &Truth) -> Result<Op
         return Ok(None);
     };
     Ok(Some(match tool {
-        Tool::Untraced => return Ok(None),
+        Tool::Untraced | Tool::Preloaded => return Ok(None),
         Tool::Leaktrace(_) => {
             let v: Value = serde_json::from_str(&std::fs::read_to_string(out)?)?;
             let mut f = Found {

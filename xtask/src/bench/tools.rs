@@ -17,6 +17,9 @@ pub enum Tool {
     Memray(&'static [&'static str]),
     /// `valgrind --leak-check=full` with `PYTHONMALLOC=malloc`.
     Valgrind,
+    /// The workload alone with leaktrace's in-process sampler preloaded and no tracer attached:
+    /// what a service deployed with `LD_PRELOAD=$(leaktrace preload)` pays while nobody looks.
+    Preloaded,
 }
 
 /// One configuration of the tables.
@@ -39,7 +42,7 @@ pub const CONFIGS: &[Config] = &[
         tool: Tool::Leaktrace(&["--mode", "exact"]),
     },
     Config {
-        name: "sampled 512 KiB",
+        name: "sampled 512 KiB (in-process sampler)",
         tool: Tool::Leaktrace(&["--mode", "sampled"]),
     },
     Config {
@@ -60,6 +63,14 @@ pub const CONFIGS: &[Config] = &[
         name: "valgrind memcheck",
         tool: Tool::Valgrind,
     },
+    Config {
+        name: "sampled 512 KiB (kernel sampler)",
+        tool: Tool::Leaktrace(&["--mode", "sampled", "--sampler", "kernel"]),
+    },
+    Config {
+        name: "untraced, sampler preloaded (idle)",
+        tool: Tool::Preloaded,
+    },
 ];
 
 /// What one run measured.
@@ -78,6 +89,18 @@ pub struct Measure {
     pub report_s: Option<f64>,
     /// Where the tool's report went (leaktrace JSON, memray capture, memcheck XML).
     pub output: Option<PathBuf>,
+}
+
+/// `leaktrace preload`'s path (written once, then found).
+fn preload_path(leaktrace: &Path) -> Result<String> {
+    let out = Command::new(leaktrace).arg("preload").output()?;
+    if !out.status.success() {
+        bail!(
+            "leaktrace preload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 fn field(out: &str, key: &str) -> Option<f64> {
@@ -105,6 +128,11 @@ pub fn run(
     let (leaktrace, python, ext) = (e.leaktrace, e.python, e.ext);
     let (mut cmd, output) = match tool {
         Tool::Untraced => (Command::new(python), None),
+        Tool::Preloaded => {
+            let mut c = Command::new(python);
+            c.env("LD_PRELOAD", preload_path(leaktrace)?);
+            (c, None)
+        }
         Tool::Leaktrace(flags) => {
             let json = scratch.join("leaktrace.json");
             let mut c = Command::new(leaktrace);

@@ -139,6 +139,13 @@ fn headlines(w: &Workload, sums: &[Option<Summary>]) -> Vec<String> {
         }
     }
     let slowdown = |i: usize| sums[i].as_ref().map(|s| per(s) / per(base));
+    if let (Some(p), Some(k), Some(idle)) = (slowdown(3), slowdown(8), slowdown(9)) {
+        headline.push(format!(
+            "{}: sampled {p:.2}× untraced with the in-process sampler, {k:.2}× with the \
+             kernel's; the sampler preloaded and idle {idle:.3}×",
+            w.script
+        ));
+    }
     if let (Some(e), Some(m), Some(mp)) = (slowdown(2), slowdown(5), slowdown(6)) {
         headline.push(format!(
             "{}: exact {e:.2}× untraced; memray --native {m:.2}×, with \
@@ -177,7 +184,7 @@ fn print_accuracy(
         let (Some(m), Some(s)) = (&last[i], &sums[i]) else {
             continue;
         };
-        if matches!(c.tool, Tool::Untraced) || c.name == "floor" {
+        if matches!(c.tool, Tool::Untraced | Tool::Preloaded) || c.name == "floor" {
             continue;
         }
         let Some(f) = accuracy::found(c.tool, m, env.python, truth)? else {

@@ -1,0 +1,115 @@
+//! The `LEAKTRACE_SAMPLE_BYTES` setting, read without allocating.
+
+use core::ffi::CStr;
+
+/// Name of the variable that sets the mean number of bytes between samples.
+pub const SAMPLE_BYTES_VAR: &CStr = c"LEAKTRACE_SAMPLE_BYTES";
+
+/// What the variable asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleBytes {
+    /// Unset, empty or zero: keep the sampler's own default.
+    Default,
+    /// A mean interval in bytes (the sampler raises anything under 64 KiB to 64 KiB).
+    Bytes(u64),
+    /// Not a number we understand; the default applies.
+    Invalid,
+}
+
+/// Parses a decimal byte count with an optional `k`/`K` (KiB) or `m`/`M` (MiB) suffix.
+pub fn parse_sample_bytes(value: &[u8]) -> SampleBytes {
+    let (digits, scale) = match value.split_last() {
+        None => return SampleBytes::Default,
+        Some((b'k' | b'K', rest)) => (rest, 1u64 << 10),
+        Some((b'm' | b'M', rest)) => (rest, 1u64 << 20),
+        Some(_) => (value, 1),
+    };
+    if digits.is_empty() {
+        return SampleBytes::Invalid;
+    }
+    let mut n: u64 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return SampleBytes::Invalid;
+        }
+        n = match n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(b - b'0')))
+        {
+            Some(n) => n,
+            None => return SampleBytes::Invalid,
+        };
+    }
+    match n.checked_mul(scale) {
+        // The sampler treats 0 as "revert to the default", so say so rather than pretend that
+        // zero means "sample everything".
+        Some(0) => SampleBytes::Default,
+        Some(bytes) => SampleBytes::Bytes(bytes),
+        None => SampleBytes::Invalid,
+    }
+}
+
+/// Reads `LEAKTRACE_SAMPLE_BYTES` through libc, because `std::env` allocates and this runs
+/// inside the allocator before the process has started.
+pub fn read_sample_bytes() -> SampleBytes {
+    // SAFETY: the name is a NUL-terminated literal; getenv only reads the environment, and the
+    // constructor that calls this runs before the program can start threads that change it.
+    let value = unsafe { libc::getenv(SAMPLE_BYTES_VAR.as_ptr()) };
+    if value.is_null() {
+        return SampleBytes::Default;
+    }
+    // SAFETY: getenv returned a non-null pointer to a NUL-terminated string owned by the
+    // environment, which nothing frees while we read it.
+    let value = unsafe { CStr::from_ptr(value) };
+    parse_sample_bytes(value.to_bytes())
+}
+
+/// Tells the user on stderr that their setting was ignored, with a plain write(2) because
+/// stdio may allocate.
+pub fn warn_invalid_sample_bytes() {
+    const MSG: &[u8] =
+        b"leaktrace-preload: ignoring LEAKTRACE_SAMPLE_BYTES (want e.g. 524288, 512k or 1M)\n";
+    // SAFETY: MSG is a valid buffer of MSG.len() bytes; a failed or short write only loses the
+    // warning, which is acceptable.
+    let _ = unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_sample_bytes as parse, SampleBytes::*};
+
+    #[test]
+    fn plain_and_suffixed_sizes() {
+        assert_eq!(parse(b"524288"), Bytes(524_288));
+        assert_eq!(parse(b"64k"), Bytes(65_536));
+        assert_eq!(parse(b"64K"), Bytes(65_536));
+        assert_eq!(parse(b"1m"), Bytes(1 << 20));
+        assert_eq!(parse(b"2M"), Bytes(2 << 20));
+    }
+
+    #[test]
+    fn zero_and_empty_keep_the_default() {
+        assert_eq!(parse(b""), Default);
+        assert_eq!(parse(b"0"), Default);
+        assert_eq!(parse(b"0k"), Default);
+    }
+
+    #[test]
+    fn rejects_junk_and_overflow() {
+        for bad in [
+            &b"k"[..],
+            b"12x",
+            b"-5",
+            b" 5",
+            b"5 ",
+            b"1.5m",
+            b"5kb",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(parse(bad), Invalid, "{:?}", core::str::from_utf8(bad));
+        }
+        assert_eq!(parse(b"18446744073709551615m"), Invalid);
+        assert_eq!(parse(b"17592186044416m"), Invalid); // 2^44 MiB = 2^64 bytes
+        assert_eq!(parse(b"17592186044415m"), Bytes(17_592_186_044_415 << 20));
+    }
+}

@@ -1,0 +1,110 @@
+//! Attaching the heap-sampling USDTs: each site's argument spec goes into `USDT_SPECS` under a
+//! cookie of its own, then the probe, then the provider's semaphore is raised so the process's
+//! sampler starts firing. aya 0.14 cannot pass the kernel a semaphore offset (`ref_ctr_offset`),
+//! so leaktrace raises and lowers the 16-bit count itself, as bcc did before the kernel could.
+
+use aya::maps::HashMap as BpfHashMap;
+use aya::programs::uprobe::UProbeScope;
+use leaktrace_ebpf::{map, program, UsdtSpec};
+
+use super::loader::{bpf_err, Tracer};
+use super::usdt::UsdtPoint;
+use crate::error::Result;
+use crate::process::remote::Remote;
+
+/// What leaktrace gave out for the USDTs: cookies, and the semaphores it raised.
+#[derive(Default)]
+pub struct UsdtState {
+    next_cookie: u64,
+    /// (process, address) of each semaphore raised by one.
+    raised: Vec<(u32, u64)>,
+    /// Semaphores that could not be raised, with why.
+    problems: Vec<String>,
+}
+
+impl UsdtState {
+    /// Process `pid` exec'd: the semaphores raised in its old image went with it.
+    pub fn forget(&mut self, pid: u32) {
+        self.raised.retain(|(p, _)| *p != pid);
+    }
+}
+
+impl Tracer {
+    /// Attaches every heap-sampling site of process `pid`, then raises their semaphores.
+    pub(super) fn attach_usdt(
+        &mut self,
+        points: &[UsdtPoint],
+        pid: u32,
+        scope: UProbeScope,
+    ) -> Result<()> {
+        for p in points {
+            let cookie = self.usdt.next_cookie;
+            self.usdt.next_cookie += 1;
+            let mut specs: BpfHashMap<_, u64, UsdtSpec> =
+                BpfHashMap::try_from(self.ebpf.map_mut(map::USDT_SPECS).ok_or_else(|| {
+                    crate::error::Error::Bpf(format!("no {} map", map::USDT_SPECS))
+                })?)
+                .map_err(|e| bpf_err(map::USDT_SPECS, e))?;
+            specs
+                .insert(cookie, p.spec, 0)
+                .map_err(|e| bpf_err("adding a USDT site", e))?;
+            let what = || format!("{} USDT in {}", p.provider, p.module);
+            let at = (&p.host_path, p.file_offset, cookie);
+            self.attach_point(pid, scope, &[program::USDT_ENTER], at, what)?;
+        }
+        let mut semaphores: Vec<u64> = points.iter().filter_map(|p| p.semaphore).collect();
+        semaphores.sort_unstable();
+        semaphores.dedup();
+        for addr in semaphores {
+            if self.usdt.raised.contains(&(pid, addr)) {
+                continue;
+            }
+            match add_to_semaphore(pid, addr, 1) {
+                Ok(()) => self.usdt.raised.push((pid, addr)),
+                Err(e) => self.usdt.problems.push(format!(
+                    "process {pid}: the sampler's semaphore at {addr:#x} could not be raised \
+                     ({e}); it samples only if something else turned it on"
+                )),
+            }
+        }
+        Ok(())
+    }
+
+    /// A child forked by `parent` holds a copy of the semaphores leaktrace raised there: they
+    /// count as raised in the child too (lowered at the end, not raised again). A child that
+    /// exec'd has a new image: what it inherited is forgotten.
+    pub fn inherit_semaphores(&mut self, parent: u32, child: u32) {
+        self.usdt.forget(child);
+        let copied: Vec<(u32, u64)> = self
+            .usdt
+            .raised
+            .iter()
+            .filter(|(p, _)| *p == parent)
+            .map(|(_, a)| (child, *a))
+            .collect();
+        self.usdt.raised.extend(copied);
+    }
+
+    /// What went wrong with semaphores since the last call, for the report's notes.
+    pub fn take_usdt_problems(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.usdt.problems)
+    }
+
+    /// Lowers every semaphore leaktrace raised (processes that are gone are skipped).
+    pub(super) fn lower_semaphores(&mut self) {
+        for (pid, addr) in std::mem::take(&mut self.usdt.raised) {
+            if let Err(e) = add_to_semaphore(pid, addr, -1) {
+                log::debug!("semaphore {addr:#x} of {pid} not lowered: {e}");
+            }
+        }
+    }
+}
+
+/// Adds `delta` to the 16-bit use count at `addr` in process `pid`, never below zero.
+fn add_to_semaphore(pid: u32, addr: u64, delta: i32) -> std::result::Result<(), String> {
+    let r = Remote { pid };
+    let now = r.read(addr, 2).ok_or("unreadable")?;
+    let now = u16::from_le_bytes([now[0], now[1]]);
+    let new = (i32::from(now) + delta).clamp(0, i32::from(u16::MAX)) as u16;
+    r.write(addr, &new.to_le_bytes())
+}
