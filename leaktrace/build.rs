@@ -32,9 +32,14 @@ fn build_preload(workspace: &Path, out_dir: &Path) {
         return;
     }
     let crate_dir = workspace.join("leaktrace").join("preload");
-    for p in ["src", "Cargo.toml"] {
+    for p in ["src", "Cargo.toml", "build.rs"] {
         println!("cargo:rerun-if-changed={}", crate_dir.join(p).display());
     }
+    // Its release profile is set there.
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("Cargo.toml").display()
+    );
     let target_dir = workspace.join("target").join("preload");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);

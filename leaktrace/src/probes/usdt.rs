@@ -141,16 +141,15 @@ fn point(
     })
 }
 
-/// Where a file's virtual address `vaddr` is in the process: through the mapping of the file
-/// that holds its file offset.
+/// Where a file's virtual address `vaddr` is in the process, if a writable mapping of the file
+/// holds it (the semaphore is data; a read-only page there would mean the address is wrong).
 fn runtime_address(modules: &ModuleMap, module: &str, elf: &ElfFile, vaddr: u64) -> Option<u64> {
-    let off = elf.file_offset(vaddr)?;
+    let at = vaddr.wrapping_add(modules.load_bias(module, elf.first_load_vaddr())?);
     modules
         .mappings()
         .iter()
-        .filter(|m| m.path == module)
-        .find(|m| m.offset <= off && off < m.offset + (m.end - m.start))
-        .map(|m| m.start + (off - m.offset))
+        .any(|m| m.path == module && m.contains(at) && m.perms.starts_with("rw"))
+        .then_some(at)
 }
 
 /// Parses a note's argument list (`8@%rdi -4@-20(%rbp) 8@$5`), x86-64 operands.

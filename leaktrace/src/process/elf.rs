@@ -331,6 +331,66 @@ fn sdt_note_descs(mut data: &[u8]) -> impl Iterator<Item = &[u8]> {
 mod tests {
     use super::*;
 
+    /// An ELF note: sizes, type, owner and descriptor, each padded to 4 bytes.
+    fn note(owner: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend((owner.len() as u32).to_le_bytes());
+        v.extend((desc.len() as u32).to_le_bytes());
+        v.extend(kind.to_le_bytes());
+        v.extend(owner);
+        v.resize(v.len().next_multiple_of(4), 0);
+        v.extend(desc);
+        v.resize(v.len().next_multiple_of(4), 0);
+        v
+    }
+
+    fn sdt_desc(pc: u64, base: u64, sem: u64, strings: &[&str]) -> Vec<u8> {
+        let mut d = Vec::new();
+        for w in [pc, base, sem] {
+            d.extend(w.to_le_bytes());
+        }
+        for s in strings {
+            d.extend(s.as_bytes());
+            d.push(0);
+        }
+        d
+    }
+
+    #[test]
+    fn sdt_notes_are_read_and_corrupt_ones_skipped() {
+        let good = sdt_desc(0x1000, 0x5000, 0x9000, &["otel_memory", "alloc", "8@%rdi"]);
+        let mut section = note(b"stapsdt\0", NT_STAPSDT, &good);
+        // Another owner's note, a note of another type, and descriptors cut short.
+        section.extend(note(b"GNU\0", NT_STAPSDT, &good));
+        section.extend(note(b"stapsdt\0", 1, &good));
+        section.extend(note(b"stapsdt\0", NT_STAPSDT, &good[..20]));
+        section.extend(note(b"stapsdt\0", NT_STAPSDT, &sdt_desc(1, 2, 3, &["p"])));
+        section.extend(note(
+            b"stapsdt\0",
+            NT_STAPSDT,
+            &sdt_desc(1, 2, 3, &["", "x", ""]),
+        ));
+        let descs: Vec<&[u8]> = sdt_note_descs(&section).collect();
+        assert_eq!(descs.len(), 4, "only stapsdt notes of type 3");
+        let parsed: Vec<Option<SdtNote>> = descs
+            .iter()
+            .map(|d| SdtNote::parse(d, Some(0x5100)))
+            .collect();
+        let first = parsed[0].as_ref().unwrap();
+        assert_eq!(
+            (first.provider.as_str(), first.name.as_str()),
+            ("otel_memory", "alloc")
+        );
+        // Prelinked 0x100 further: both addresses follow `.stapsdt.base`.
+        assert_eq!((first.pc, first.semaphore), (0x1100, 0x9100));
+        assert!(parsed[1..].iter().all(Option::is_none), "{parsed:?}");
+        // A note whose sizes run past the section ends the walk instead of reading beyond it.
+        let mut bad = note(b"stapsdt\0", NT_STAPSDT, &good);
+        bad[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(sdt_note_descs(&bad).count(), 0);
+        assert_eq!(sdt_note_descs(&[1, 2, 3]).count(), 0);
+    }
+
     fn libc() -> PathBuf {
         for p in [
             "/usr/lib/x86_64-linux-gnu/libc.so.6",

@@ -64,6 +64,22 @@ pub struct ModuleMap {
 }
 
 impl ModuleMap {
+    /// How far `module` is mapped from its link-time addresses: where its mapping of file
+    /// offset 0 starts, less its first loadable segment's page (`first_load_vaddr`). A file's
+    /// pages can be mapped twice (RELRO and data share a page), so an address is never found
+    /// through a file offset.
+    pub fn load_bias(&self, module: &str, first_load_vaddr: Option<u64>) -> Option<u64> {
+        let first = self
+            .mappings()
+            .iter()
+            .filter(|m| m.path == module)
+            .min_by_key(|m| m.offset)?;
+        if first.offset != 0 {
+            return None;
+        }
+        Some(first.start.wrapping_sub(first_load_vaddr? & !0xfff))
+    }
+
     /// Wraps parsed mappings (sorted by address).
     pub fn new(mut mappings: Vec<Mapping>) -> Self {
         mappings.retain(Mapping::is_file);

@@ -8,6 +8,7 @@
 //! reported. It prints numbers, never a verdict.
 
 mod accuracy;
+mod cycles;
 mod fixed;
 mod plugin;
 mod real;
@@ -204,6 +205,9 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("pytest-plugin") {
         plugin::run_plugin(leaktrace, &python, &ext, reps, &scratch)?;
+    }
+    if wanted("preload-cycles") {
+        cycles::run(leaktrace, &python, &scratch)?;
     }
     if wanted("snapshot") {
         let py312 = crate::pythons::listed()

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use crate::root;
 
 /// Requests served so far, from the service's counts file (its last line).
-fn served(counts: &Path) -> Option<(f64, u64)> {
+pub(super) fn served(counts: &Path) -> Option<(f64, u64)> {
     let text = std::fs::read_to_string(counts).ok()?;
     // The last line may be half written: the last whole one.
     text.lines().rev().find_map(|line| {
@@ -22,7 +22,7 @@ fn served(counts: &Path) -> Option<(f64, u64)> {
 }
 
 /// Requests per second over `window`.
-fn rate(counts: &Path, window: Duration) -> Result<f64> {
+pub(super) fn rate(counts: &Path, window: Duration) -> Result<f64> {
     let (t0, n0) = served(counts).context("the service reports no counts")?;
     std::thread::sleep(window);
     let (t1, n1) = served(counts).context("the service stopped reporting")?;
@@ -30,7 +30,7 @@ fn rate(counts: &Path, window: Duration) -> Result<f64> {
 }
 
 /// (resident bytes, CPU seconds) of `pid`.
-fn usage(pid: u32) -> Option<(u64, f64)> {
+pub(super) fn usage(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb: u64 = status
         .lines()
@@ -47,7 +47,7 @@ fn usage(pid: u32) -> Option<(u64, f64)> {
     Some((rss_kb * 1024, ticks as f64 / 100.0))
 }
 
-struct Killed(Child);
+pub(super) struct Killed(pub(super) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {

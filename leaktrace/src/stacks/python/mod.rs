@@ -94,7 +94,8 @@ impl PythonProcess {
         let sym = elf
             .data_symbol("_PyRuntime")
             .ok_or_else(|| unsupported(format!("{} has no _PyRuntime symbol", info.module)))?;
-        let bias = load_bias(&elf, modules, &info.module)
+        let bias = modules
+            .load_bias(&info.module, elf.first_load_vaddr())
             .ok_or_else(|| unsupported(format!("{} is not mapped", info.module)))?;
         let runtime = sym.wrapping_add(bias);
         let type_type = elf.data_symbol("PyType_Type").map(|a| a.wrapping_add(bias));
@@ -320,17 +321,4 @@ impl PythonProcess {
             )
             .collect()
     }
-}
-
-/// How far a module is mapped from its link-time addresses.
-fn load_bias(elf: &ElfFile, modules: &ModuleMap, module: &str) -> Option<u64> {
-    let first = modules
-        .mappings()
-        .iter()
-        .filter(|m| m.path == module)
-        .min_by_key(|m| m.offset)?;
-    if first.offset != 0 {
-        return None;
-    }
-    Some(first.start.wrapping_sub(elf.first_load_vaddr()? & !0xfff))
 }
