@@ -41,30 +41,24 @@ fn build_preload(workspace: &Path, out_dir: &Path) {
         workspace.join("Cargo.toml").display()
     );
     let target_dir = workspace.join("target").join("preload");
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "leaktrace-preload",
-            "--target-dir",
-        ])
-        .arg(&target_dir);
-    for var in outer_build_vars() {
-        cmd.env_remove(var);
-    }
+    let mut cmd = nested_cargo(workspace, &target_dir);
+    cmd.args(["-p", "leaktrace-preload"]);
     let status = cmd.status().expect("running cargo for the preload library");
     assert!(status.success(), "building the preload library failed");
     let lib = target_dir.join("release/libleaktrace_preload.so");
     std::fs::copy(&lib, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", lib.display()));
 }
 
-/// The outer build's wrappers and flags (clippy-driver, coverage, host RUSTFLAGS) and target
-/// choices, which are not for the nested builds.
-fn outer_build_vars() -> [&'static str; 7] {
-    [
+/// `cargo build --release --target-dir TARGET_DIR` in the workspace, without the outer build's
+/// wrappers and flags (clippy-driver, coverage, host RUSTFLAGS) and target choices, which are
+/// not for the nested builds.
+fn nested_cargo(workspace: &Path, target_dir: &Path) -> Command {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args(["build", "--release", "--target-dir"])
+        .arg(target_dir);
+    for var in [
         "RUSTC_WORKSPACE_WRAPPER",
         "RUSTC_WRAPPER",
         "RUSTFLAGS",
@@ -72,7 +66,10 @@ fn outer_build_vars() -> [&'static str; 7] {
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET",
         "CARGO_MAKEFLAGS",
-    ]
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 fn build_bpf(workspace: &Path, out_dir: &Path) {
@@ -98,31 +95,22 @@ fn build_bpf(workspace: &Path, out_dir: &Path) {
         );
     }
     let target_dir = workspace.join("target").join("bpf");
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-p",
-            "leaktrace-ebpf",
-            "--bin",
-            "leaktrace-ebpf",
-            "--features",
-            "bpf-bin",
-            "--ignore-rust-version",
-            "--target-dir",
-        ])
-        .arg(&target_dir)
-        .env("RUSTC", &rustc)
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "2");
-    for var in outer_build_vars() {
-        cmd.env_remove(var);
-    }
+    let mut cmd = nested_cargo(workspace, &target_dir);
+    cmd.args([
+        "--target",
+        "bpfel-unknown-none",
+        "-p",
+        "leaktrace-ebpf",
+        "--bin",
+        "leaktrace-ebpf",
+        "--features",
+        "bpf-bin",
+        "--ignore-rust-version",
+    ])
+    .env("RUSTC", &rustc)
+    .env("RUSTC_BOOTSTRAP", "1")
+    .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
+    .env("CARGO_PROFILE_RELEASE_DEBUG", "2");
     // BTF with func_info: the kernel requires it for bpf_loop's callback.
     cmd.env(
         "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",

@@ -25,10 +25,6 @@ leak(int(sys.argv[2]))
 churn()
 "#;
 
-fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
-}
-
 #[test]
 fn sampled_estimate_is_within_20_percent_and_exact_within_1() {
     let _g = serial();

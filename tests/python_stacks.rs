@@ -430,12 +430,7 @@ fn redirect_refuses_hooked_tables() {
 
 /// The 8 bytes at `at` in process `pid`.
 fn word_at(pid: u32, at: u64) -> u64 {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    f.seek(SeekFrom::Start(at)).unwrap();
-    let mut b = [0u8; 8];
-    f.read_exact(&mut b).unwrap();
-    u64::from_le_bytes(b)
+    u64::from_le_bytes(mem_bytes(pid, at, 8).try_into().unwrap())
 }
 
 #[test]

@@ -25,10 +25,6 @@ leak(int(sys.argv[2]))
 churn()
 "#;
 
-fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
-}
-
 #[test]
 fn run_sampled_preloads_the_sampler_and_estimates_the_leak() {
     let _g = serial();
@@ -152,10 +148,5 @@ fn semaphore_of(stderr: &str) -> u64 {
 }
 
 fn read_u16(pid: u32, addr: u64) -> u16 {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    f.seek(SeekFrom::Start(addr)).unwrap();
-    let mut b = [0u8; 2];
-    f.read_exact(&mut b).unwrap();
-    u16::from_le_bytes(b)
+    u16::from_le_bytes(mem_bytes(pid, addr, 2).try_into().unwrap())
 }

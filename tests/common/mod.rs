@@ -535,3 +535,18 @@ pub fn probe_bytes(pid: u32, points: &[(String, String, u64)]) -> Vec<(String, u
         })
         .collect()
 }
+
+/// `len` bytes at `at` in process `pid`, through /proc/PID/mem.
+pub fn mem_bytes(pid: u32, at: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+/// The unsigned integer field `k` of a JSON object.
+pub fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
