@@ -42,7 +42,11 @@ fn build_preload(workspace: &Path, out_dir: &Path) {
     );
     let target_dir = workspace.join("target").join("preload");
     let mut cmd = nested_cargo(workspace, &target_dir);
-    cmd.args(["-p", "leaktrace-preload"]);
+    // Frame pointers through the sampler's frames: the kernel's unwinder walks a sampled
+    // allocation's stack from the USDT, inside them, before it has rows for this library.
+    cmd.args(["-p", "leaktrace-preload"])
+        .env("RUSTFLAGS", "-C force-frame-pointers=yes")
+        .env("CFLAGS", "-fno-omit-frame-pointer");
     let status = cmd.status().expect("running cargo for the preload library");
     assert!(status.success(), "building the preload library failed");
     let lib = target_dir.join("release/libleaktrace_preload.so");

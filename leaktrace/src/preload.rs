@@ -18,6 +18,8 @@ pub const MIN_RATE: u64 = 64 << 10;
 
 /// The environment variable the library reads its mean sampling interval from (bytes).
 pub const SAMPLE_ENV: &str = "LEAKTRACE_SAMPLE_BYTES";
+/// Set to `1`, the library samples CPython's object and mem domains too (pymalloc's objects).
+pub const SAMPLE_PYTHON_ENV: &str = "LEAKTRACE_SAMPLE_PYTHON";
 
 /// Writes the library into `dir` (default: `/var/lib/leaktrace` for root, the user's cache
 /// directory otherwise) under a name that changes with its content, so a path handed to a
@@ -63,6 +65,9 @@ pub fn environment(path: &Path, rate: u64) -> Vec<(String, String)> {
     vec![
         ("LD_PRELOAD".into(), preload),
         (SAMPLE_ENV.into(), rate.to_string()),
+        // Traced from its first instruction, the command pays for the Python domains' wrappers
+        // only while it is traced; a deployed service opts in itself (docs/sampling.md).
+        (SAMPLE_PYTHON_ENV.into(), "1".into()),
     ]
 }
 

@@ -7,6 +7,7 @@
 
 use core::ffi::{c_int, c_void};
 use core::ptr::null_mut;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use libdd_profiling_heap_sampler::{
     dd_alloc_req_t, dd_allocation_created, dd_allocation_freed, dd_allocation_realloc_commit,
@@ -49,10 +50,17 @@ unsafe fn sampled(
     // every caller guarantees.
     let req = unsafe { dd_allocation_requested(size, alignment) };
     let raw = alloc(&req);
+    if is_sampled(&req) && !raw.is_null() {
+        SAMPLED.fetch_add(1, Ordering::Relaxed);
+    }
     // SAFETY: `raw` is what the real allocator returned for `req` (possibly NULL), and `req` is
     // passed back unchanged, as created requires.
     unsafe { dd_allocation_created(raw, req) }
 }
+
+/// How many allocations the libc hooks sampled, for the report that `LEAKTRACE_PRELOAD_STATS`
+/// asks for; counted on the sampled path only, and realloc(NULL, n) is not counted.
+pub static SAMPLED: AtomicU64 = AtomicU64::new(0);
 
 /// Whether the sampler chose this request (a zero weight means it did not).
 #[inline(always)]

@@ -373,6 +373,9 @@ impl SiteReport {
                 .and_then(|f| f.function.as_deref());
             if let Some(hook) = hook.filter(|h| AllocFn::ALL.iter().any(|f| f.symbol() == *h)) {
                 self.allocator = hook.to_string();
+            } else if hook.is_some_and(|h| h.contains("python_hooks")) {
+                // The preload's wrapper of CPython's object and mem domains.
+                self.allocator = "PyObject_Malloc".to_string();
             }
         }
         self.caller = self.native_stack.get(site).unwrap_or(innermost).clone();

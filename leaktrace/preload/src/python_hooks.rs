@@ -1,0 +1,539 @@
+//! The allocator installed in CPython's `PYMEM_DOMAIN_MEM` and `PYMEM_DOMAIN_OBJ`.
+//!
+//! Each domain gets the same four functions; their `ctx` is the [`Wrapped`] that holds the
+//! allocator they wrap, the way CPython's own debug hooks are built. They run each request
+//! through the sampler like the libc hooks do, with three differences:
+//!
+//! * While a domain allocation is inside the wrapped allocator, the libc hooks pass straight
+//!   through (see [`alloc_traced`]), so that pymalloc's fallback to malloc for requests over
+//!   512 bytes, or the debug hooks' blocks, are neither sampled nor counted a second time.
+//! * A free trusts a sampler header only for blocks recorded in `src/python_blocks.rs`.
+//! * `realloc(p, 0)` keeps a block, as CPython's allocators do, instead of freeing it.
+//!
+//! Nothing here may allocate: these functions sit under every Python object.
+
+use core::cell::UnsafeCell;
+use core::ffi::c_void;
+use core::ptr::null_mut;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use libdd_profiling_heap_sampler::{
+    dd_alloc_req_t, dd_allocation_created, dd_allocation_freed, dd_allocation_realloc_commit,
+    dd_allocation_realloc_prepare, dd_allocation_requested_slow, dd_sample_flag_apply,
+    dd_sample_flag_peek, dd_tl_state_get_or_init,
+};
+
+use crate::python_blocks;
+use crate::tag::{classify, tracer_attached, Tag};
+
+/// `void *malloc(void *ctx, size_t size)`.
+pub type MallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+/// `void *calloc(void *ctx, size_t nelem, size_t elsize)`.
+pub type CallocFn = unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
+/// `void *realloc(void *ctx, void *ptr, size_t new_size)`.
+pub type ReallocFn = unsafe extern "C" fn(*mut c_void, *mut c_void, usize) -> *mut c_void;
+/// `void free(void *ctx, void *ptr)`.
+pub type FreeFn = unsafe extern "C" fn(*mut c_void, *mut c_void);
+
+/// CPython's `PyMemAllocatorEx` (3.5 and later), as `PyMem_GetAllocator` fills it in.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PyMemAllocatorEx {
+    /// First argument of every function below.
+    pub ctx: *mut c_void,
+    /// Allocates a block.
+    pub malloc: Option<MallocFn>,
+    /// Allocates a zeroed block.
+    pub calloc: Option<CallocFn>,
+    /// Resizes a block; a null pointer allocates one.
+    pub realloc: Option<ReallocFn>,
+    /// Frees a block; a null pointer is ignored.
+    pub free: Option<FreeFn>,
+}
+
+impl PyMemAllocatorEx {
+    /// All fields null, for `PyMem_GetAllocator` to fill in.
+    pub const EMPTY: Self = Self {
+        ctx: null_mut(),
+        malloc: None,
+        calloc: None,
+        realloc: None,
+        free: None,
+    };
+
+    /// Whether every function is there; only then can it be wrapped.
+    pub fn is_complete(&self) -> bool {
+        self.malloc.is_some()
+            && self.calloc.is_some()
+            && self.realloc.is_some()
+            && self.free.is_some()
+    }
+
+    /// Whether this is one of our wrappers. (One non-generic function has one address.)
+    pub fn is_ours(&self) -> bool {
+        self.words()[1] == py_malloc as MallocFn as usize
+    }
+
+    /// Whether both describe the same allocator: the same context and function addresses.
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+
+    /// The context and the functions as addresses (0 for none), which is how they compare:
+    /// they come from C.
+    fn words(&self) -> [usize; 5] {
+        [
+            self.ctx as usize,
+            self.malloc.map_or(0, |f| f as usize),
+            self.calloc.map_or(0, |f| f as usize),
+            self.realloc.map_or(0, |f| f as usize),
+            self.free.map_or(0, |f| f as usize),
+        ]
+    }
+}
+
+/// A domain's wrapped allocator and what its wrappers did.
+///
+/// Statics of this type are filled in once, by the thread that installs them and before
+/// `PyMem_SetAllocator` publishes them; after that they are only read, and may be installed
+/// again around the same allocator.
+#[repr(C, align(64))]
+pub struct Wrapped {
+    /// The allocator underneath, complete (checked before installing).
+    inner: UnsafeCell<PyMemAllocatorEx>,
+    /// Counters, on their own cache line: `inner` is read on every call.
+    pub stats: Stats,
+}
+
+/// What one domain's wrappers did, for the optional report at exit.
+#[repr(C, align(64))]
+pub struct Stats {
+    /// Allocations sampled.
+    pub sampled: AtomicU64,
+    /// Sampled blocks freed (or moved by realloc, which ends their sample).
+    pub released: AtomicU64,
+    /// Samples given back at once because the block table was full there.
+    pub dropped: AtomicU64,
+}
+
+// SAFETY: `inner` is written only before the wrappers are published (see `Wrapped::set`) and
+// read-only afterwards; the counters are atomics.
+unsafe impl Sync for Wrapped {}
+
+impl Wrapped {
+    /// An unused slot.
+    pub const fn new() -> Self {
+        Self {
+            inner: UnsafeCell::new(PyMemAllocatorEx::EMPTY),
+            stats: Stats {
+                sampled: AtomicU64::new(0),
+                released: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+            },
+        }
+    }
+
+    /// Whether this slot has never wrapped anything.
+    pub fn is_unused(&self) -> bool {
+        self.inner().malloc.is_none()
+    }
+
+    /// Whether this slot wraps exactly `allocator`.
+    pub fn wraps(&self, allocator: &PyMemAllocatorEx) -> bool {
+        self.inner().same_as(allocator)
+    }
+
+    /// Stores the allocator to wrap and returns the allocator to install in its place.
+    ///
+    /// # Safety
+    ///
+    /// `inner` must be complete, and nothing may be using this slot: it must be unused.
+    pub unsafe fn set(&'static self, inner: PyMemAllocatorEx) -> PyMemAllocatorEx {
+        // SAFETY: by the caller's guarantee nothing reads `inner` concurrently.
+        unsafe { *self.inner.get() = inner };
+        self.installer()
+    }
+
+    /// The allocator that installs this slot's wrappers.
+    pub fn installer(&'static self) -> PyMemAllocatorEx {
+        PyMemAllocatorEx {
+            ctx: core::ptr::from_ref(self).cast_mut().cast(),
+            malloc: Some(py_malloc),
+            calloc: Some(py_calloc),
+            realloc: Some(py_realloc),
+            free: Some(py_free),
+        }
+    }
+
+    /// The wrapped allocator.
+    #[inline(always)]
+    fn inner(&self) -> &PyMemAllocatorEx {
+        // SAFETY: written once before publication, read-only since (see `set`).
+        unsafe { &*self.inner.get() }
+    }
+}
+
+/// The `Wrapped` behind a wrapper's `ctx`.
+///
+/// # Safety
+///
+/// `ctx` must be the ctx that `Wrapped::set` returned, which CPython passes back unchanged.
+#[inline(always)]
+unsafe fn wrapped<'a>(ctx: *mut c_void) -> &'a Wrapped {
+    // SAFETY: the caller guarantees ctx points at a static Wrapped.
+    unsafe { &*ctx.cast::<Wrapped>() }
+}
+
+/// The alignment every CPython domain gives its blocks on x86-64 (pymalloc's ALIGNMENT, and
+/// malloc's); a sampled block's user pointer must keep it.
+const PY_ALIGNMENT: usize = 16;
+
+/// The request for `size` bytes that is not sampled.
+fn plain(size: usize) -> dd_alloc_req_t {
+    dd_alloc_req_t {
+        size,
+        user_size: size,
+        alignment: PY_ALIGNMENT,
+        weight: 0,
+    }
+}
+
+/// A domain allocation while a tracer is attached: the sampling decision, the allocator, and
+/// for a sampled block the header, the probe and the block table.
+///
+/// While the wrapped allocator runs, the sampler's reentry guard is set, so that the libc hooks
+/// neither sample nor count the malloc calls it makes (pymalloc's requests over 512 bytes, the
+/// debug hooks' blocks): those bytes were counted here, once. The guard is what
+/// `dd_allocation_requested` already tests, so the libc hooks pay nothing for it. A sampled
+/// request leaves it set from `dd_allocation_requested_slow` to `dd_allocation_created`; this
+/// sets it around unsampled requests too.
+///
+/// # Safety
+///
+/// `alloc` must call the wrapped allocator for the request's `size` (or an equivalent
+/// request) and return what it returned.
+#[inline(never)]
+unsafe fn alloc_traced(
+    d: &Wrapped,
+    size: usize,
+    alloc: impl FnOnce(&dd_alloc_req_t) -> *mut c_void,
+) -> *mut c_void {
+    // SAFETY: this thread's sampler state, initialised on first use; static TLS (the library
+    // is preloaded), so this never allocates. Only this thread writes the fields used here
+    // (an eBPF tracer may change `sampling_interval`), and they are accessed through the raw
+    // pointer because the libc hooks change them, through their own, inside `alloc`.
+    let tl = unsafe { dd_tl_state_get_or_init() };
+    // SAFETY: see above.
+    if tl.is_null() || unsafe { (*tl).reentry_guard } {
+        // Inside a sampled allocation's slow path, or under another layer that counted these
+        // bytes: neither sample nor count, as dd_allocation_requested would.
+        return alloc(&plain(size));
+    }
+    // The counting half of dd_allocation_requested (allocation_requested.h), with the state
+    // pointer the guard needs anyway: one thread-local lookup instead of two. Sizes come from
+    // CPython, which refuses any over PY_SSIZE_T_MAX.
+    // SAFETY: see above.
+    let owed = unsafe {
+        (*tl).remaining_bytes = (*tl).remaining_bytes.wrapping_add(size as i64);
+        (*tl).remaining_bytes >= 0
+    };
+    let req = if owed {
+        // SAFETY: tl is this thread's state; PY_ALIGNMENT is a power of two.
+        unsafe { dd_allocation_requested_slow(tl, size, PY_ALIGNMENT) }
+    } else {
+        plain(size)
+    };
+    if req.weight == 0 {
+        // SAFETY: see above; no sampled request is open, so the guard was clear.
+        unsafe { (*tl).reentry_guard = true };
+        let raw = alloc(&req);
+        // SAFETY: see above.
+        unsafe { (*tl).reentry_guard = false };
+        return raw;
+    }
+    // requested_slow left the guard set; created clears it.
+    let raw = alloc(&req);
+    // SAFETY: `raw` is what the allocator returned for `req` (maybe NULL); created stamps the
+    // header, fires ddheap:alloc and closes the guard.
+    let user = unsafe { dd_allocation_created(raw, req) };
+    if user.is_null() {
+        return user;
+    }
+    if python_blocks::insert(user as usize) {
+        d.stats.sampled.fetch_add(1, Ordering::Relaxed);
+        return user;
+    }
+    // No room to remember it, and a free must not trust an unrecorded header: end the sample
+    // now (the tracer sees an allocation and its free) and hand out the block unsampled; it
+    // is `req.size` bytes, more than asked for.
+    d.stats.dropped.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: `user` carries the header created just stamped; freed clears it and fires
+    // ddheap:free, and returns `raw`.
+    unsafe { dd_allocation_freed(user, 0, 0) }.ptr
+}
+
+/// The sampler's header magic, learnt from the sampler itself at load (`learn_header_magic`),
+/// so that a free can rule out almost every block with one compare instead of a call. 0 until
+/// learnt, which sends every check to the sampler.
+static MAGIC: AtomicU64 = AtomicU64::new(0);
+
+/// Has the sampler stamp a header on a scratch buffer and keeps its magic word, checking that
+/// the sampler recognises the header it stamped.
+pub fn learn_header_magic() {
+    #[repr(C, align(64))]
+    struct Scratch([u8; 128]);
+    let mut scratch = Scratch([0; 128]);
+    let raw: *mut c_void = scratch.0.as_mut_ptr().cast();
+    // SAFETY: apply writes a 16-byte header before raw + 16 (or raw + 32 if that would sit at
+    // the start of a page), inside the 128-byte buffer, and returns that user pointer.
+    let user = unsafe { dd_sample_flag_apply(raw, PY_ALIGNMENT) };
+    // SAFETY: the header lies within the buffer, 16 bytes before `user`.
+    let magic = unsafe { user.cast::<u64>().sub(2).read_unaligned() };
+    let (mut found, mut offset) = (null_mut(), 0usize);
+    // SAFETY: `user` is in the live buffer; peek reads the header and fills the out-params.
+    let recognised = unsafe { dd_sample_flag_peek(user, &mut found, &mut offset) };
+    if recognised && found == raw && magic != 0 {
+        MAGIC.store(magic, Ordering::Relaxed);
+    }
+}
+
+/// False if the 16 bytes before `ptr` cannot be a sampler header: `ptr` in the first 16 bytes
+/// of a page (the sampler never puts a header there, and the bytes before it may be unmapped),
+/// or no magic word.
+///
+/// # Safety
+///
+/// `ptr` must be null or a live block.
+#[inline(always)]
+unsafe fn may_carry_header(ptr: *mut c_void) -> bool {
+    let magic = MAGIC.load(Ordering::Relaxed);
+    let addr = ptr as usize;
+    if magic == 0 {
+        return true;
+    }
+    if addr & 4095 < 16 {
+        return false;
+    }
+    // SAFETY: 16 bytes before a live block that is not in the first 16 bytes of its page lie
+    // in the same (mapped) page.
+    unsafe { ptr.cast::<u64>().sub(2).read_unaligned() == magic }
+}
+
+/// Whether `ptr` is a block these wrappers sampled and still own.
+///
+/// # Safety
+///
+/// `ptr` must be null or a live block of the wrapped domain.
+#[inline(always)]
+unsafe fn is_sampled_here(ptr: *mut c_void) -> bool {
+    // SAFETY: both read the 16 bytes before `ptr` only when they are in `ptr`'s own page,
+    // which is mapped because `ptr` is a live block of at least one byte (every domain
+    // allocator hands out at least that, even for 0).
+    let header = unsafe { may_carry_header(ptr) && matches!(classify(ptr), Tag::Sampled { .. }) };
+    header && python_blocks::contains(ptr as usize)
+}
+
+// The four entry points keep their untraced paths free of stack frames: a test, the loads of
+// the wrapped function and its context, and a tail call. Everything else is out of line.
+
+/// `malloc` of the wrapped domains.
+unsafe extern "C" fn py_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: CPython passes back the ctx we installed.
+    let d = unsafe { wrapped(ctx) };
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    let malloc = unsafe { inner.malloc.unwrap_unchecked() };
+    if !tracer_attached() {
+        // SAFETY: the caller's request, forwarded unchanged.
+        return unsafe { malloc(inner.ctx, size) };
+    }
+    // SAFETY: the closure calls the wrapped malloc with the request's size.
+    unsafe { alloc_traced(d, size, |req| malloc(inner.ctx, req.size)) }
+}
+
+/// `calloc` of the wrapped domains.
+unsafe extern "C" fn py_calloc(ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
+    // SAFETY: CPython passes back the ctx we installed.
+    let d = unsafe { wrapped(ctx) };
+    let inner = d.inner();
+    if !tracer_attached() {
+        // SAFETY: only complete allocators are wrapped; the caller's request, unchanged.
+        return unsafe { inner.calloc.unwrap_unchecked()(inner.ctx, nelem, elsize) };
+    }
+    // SAFETY: as above.
+    unsafe { calloc_traced(d, nelem, elsize) }
+}
+
+/// calloc while a tracer is attached.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped`.
+#[inline(never)]
+unsafe fn calloc_traced(d: &Wrapped, nelem: usize, elsize: usize) -> *mut c_void {
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    let calloc = unsafe { inner.calloc.unwrap_unchecked() };
+    let Some(total) = nelem.checked_mul(elsize) else {
+        // An overflow, for the wrapped allocator to refuse.
+        // SAFETY: the caller's request, forwarded unchanged.
+        return unsafe { calloc(inner.ctx, nelem, elsize) };
+    };
+    // A sampled request has grown by the header and no longer factors as nelem * elsize;
+    // calloc(1, bumped) zeroes every byte the caller will see.
+    // SAFETY: the closure calls the wrapped calloc for the request.
+    unsafe {
+        alloc_traced(d, total, |req| {
+            if req.weight != 0 {
+                calloc(inner.ctx, 1, req.size)
+            } else {
+                calloc(inner.ctx, nelem, elsize)
+            }
+        })
+    }
+}
+
+/// `realloc` of the wrapped domains.
+unsafe extern "C" fn py_realloc(ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: CPython passes back the ctx we installed.
+    let d = unsafe { wrapped(ctx) };
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    let realloc = unsafe { inner.realloc.unwrap_unchecked() };
+    // realloc(NULL, n) is a malloc, sampled like one; a block is sampled only if some are live.
+    let untraced = if ptr.is_null() {
+        !tracer_attached()
+    } else {
+        !python_blocks::any()
+    };
+    if untraced {
+        // SAFETY: the caller's request, forwarded unchanged.
+        return unsafe { realloc(inner.ctx, ptr, size) };
+    }
+    // SAFETY: the caller's guarantees about `ptr`, passed on.
+    unsafe { realloc_traced(d, ptr, size) }
+}
+
+/// realloc of a null pointer while a tracer is attached, or of a block while sampled blocks
+/// are live.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped`; `ptr` null or a live block of its domain.
+#[inline(never)]
+unsafe fn realloc_traced(d: &Wrapped, ptr: *mut c_void, size: usize) -> *mut c_void {
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    let realloc = unsafe { inner.realloc.unwrap_unchecked() };
+    if ptr.is_null() {
+        // SAFETY: the closure calls the wrapped realloc with the request's size.
+        return unsafe { alloc_traced(d, size, |req| realloc(inner.ctx, null_mut(), req.size)) };
+    }
+    // SAFETY: the caller guarantees a live block.
+    if unsafe { is_sampled_here(ptr) } {
+        // SAFETY: as above, and it is one of our sampled blocks.
+        return unsafe { realloc_sampled(d, ptr, size) };
+    }
+    // Like the libc hook, an unsampled block stays unsampled and is not counted.
+    // SAFETY: the caller's request, forwarded unchanged.
+    unsafe { realloc(inner.ctx, ptr, size) }
+}
+
+/// Resizes a sampled block, which ends its sample (docs/realloc.md in the sampler).
+///
+/// # Safety
+///
+/// `ptr` must be a live block these wrappers sampled (`is_sampled_here`).
+#[cold]
+#[inline(never)]
+unsafe fn realloc_sampled(d: &Wrapped, ptr: *mut c_void, size: usize) -> *mut c_void {
+    // CPython's domains refuse sizes over PY_SSIZE_T_MAX; refusing here keeps prepare() off its
+    // overflow path. And realloc(p, 0) keeps a block in CPython, where prepare() would treat
+    // it as free(p): ask for one byte instead, as PyMem_RawRealloc does.
+    if size > isize::MAX as usize {
+        return null_mut();
+    }
+    let size = size.max(1);
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    let realloc = unsafe { inner.realloc.unwrap_unchecked() };
+    // SAFETY: `ptr` is a live sampled block and size is non-zero, so prepare returns the raw
+    // block and its size plus the header offset, without touching the guard; the wrapped
+    // realloc gets exactly those, and commit gets its result with the same prep.
+    let out = unsafe {
+        let prep = dd_allocation_realloc_prepare(ptr, size);
+        let new_raw = realloc(inner.ctx, prep.raw_ptr, prep.raw_size);
+        dd_allocation_realloc_commit(ptr, new_raw, prep)
+    };
+    // On failure the old block is still live, still sampled (commit put its header back) and
+    // still recorded.
+    if !out.is_null() && python_blocks::remove(ptr as usize) {
+        d.stats.released.fetch_add(1, Ordering::Relaxed);
+    }
+    out
+}
+
+/// `free` of the wrapped domains.
+unsafe extern "C" fn py_free(ctx: *mut c_void, ptr: *mut c_void) {
+    // SAFETY: CPython passes back the ctx we installed.
+    let d = unsafe { wrapped(ctx) };
+    if python_blocks::any() {
+        // SAFETY: the C contract makes `ptr` null or a live block of this domain.
+        return unsafe { free_traced(d, ptr) };
+    }
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped; the caller's block, unchanged.
+    unsafe { inner.free.unwrap_unchecked()(inner.ctx, ptr) }
+}
+
+/// free while sampled blocks are live: ends the block's sample if it has one, and frees the
+/// pointer the wrapped allocator handed out.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped`; `ptr` null or a live block of its domain.
+#[inline(never)]
+unsafe fn free_traced(d: &Wrapped, mut ptr: *mut c_void) {
+    // SAFETY: see is_sampled_here; reads only the 16 bytes in the block's own page.
+    if unsafe { may_carry_header(ptr) && matches!(classify(ptr), Tag::Sampled { .. }) }
+        && python_blocks::remove(ptr as usize)
+    {
+        d.stats.released.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: a recorded block with its header: freed fires ddheap:free, clears the header
+        // and returns the raw pointer.
+        ptr = unsafe { dd_allocation_freed(ptr, 0, 0) }.ptr;
+    }
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped; `ptr` is the caller's block, or the raw
+    // block under our header.
+    unsafe { inner.free.unwrap_unchecked()(inner.ctx, ptr) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_the_samplers_magic() {
+        learn_header_magic();
+        let magic = MAGIC.load(Ordering::Relaxed);
+        assert_eq!(
+            magic, 0xfab1_edde_c0de_dca7,
+            "the x86-64 magic of sample_flag.h"
+        );
+        #[repr(C, align(4096))]
+        struct Page([u64; 512]);
+        let mut page = Page([0; 512]);
+        page.0[8] = magic;
+        let base: *mut c_void = page.0.as_mut_ptr().cast();
+        // SAFETY: pointers into `page`, which is live.
+        unsafe {
+            assert!(may_carry_header(base.byte_add(80)), "magic 16 bytes before");
+            assert!(!may_carry_header(base.byte_add(96)), "no magic");
+            assert!(
+                !may_carry_header(base.byte_add(8)),
+                "first 16 bytes of a page"
+            );
+        }
+    }
+}
