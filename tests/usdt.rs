@@ -61,14 +61,22 @@ fn run_sampled_on(py: &std::path::Path) {
     let site = r.site("leak_malloc", "malloc");
     let est = u(&site, "unfreed_bytes");
     let err = est.abs_diff(truth) as f64 / truth as f64;
-    assert!(err <= 0.15, "estimate {est} vs {truth}");
+    assert!(
+        err <= 0.15,
+        "estimate {est} vs {truth}; counters {}",
+        j["counters"]
+    );
     assert!(
         site["python_stack"].to_string().contains("\"leak\""),
         "{site}"
     );
     // Blocks of the same size that were freed leave nothing: each sampled one's free fired.
     let churned: u64 = r.sites("ok").iter().map(|s| u(s, "unfreed_bytes")).sum();
-    assert_eq!(churned, 0, "freed blocks reported unfreed");
+    assert_eq!(
+        churned, 0,
+        "freed blocks reported unfreed; counters {}",
+        j["counters"]
+    );
     assert!(
         r.counter("usdt_samples") >= 300,
         "{}",

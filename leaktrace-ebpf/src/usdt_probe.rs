@@ -55,8 +55,9 @@ fn on_alloc(ctx: &ProbeContext, spec: &UsdtSpec, tgid: u32, tid: u32, ptr: u64) 
         bump(Counter::UsdtBadArg);
         return;
     };
-    // A weight below the size would undercount; the sampler's estimate is never below it.
-    let weight = weight.max(size);
+    // The producer's weight is its unbiased estimate of the bytes, kept as given (for blocks
+    // larger than the interval it can be below the size). A live entry counts at least one
+    // block, so for those the block estimate leans high.
     // SAFETY: a helper with no arguments that returns a random u32.
     let blocks = sample_count(weight, size, unsafe { bpf_get_prandom_u32() }).max(1);
     let regs = ctx.regs;
@@ -69,6 +70,7 @@ fn on_alloc(ctx: &ProbeContext, spec: &UsdtSpec, tgid: u32, tid: u32, ptr: u64) 
         }
     };
     bump(Counter::UsdtSamples);
+    // Counted before recording: a full `LIVE` or `SITES` counts its own drop.
     record_alloc(
         tgid,
         tid,
@@ -90,8 +92,9 @@ fn arg(ctx: &ProbeContext, a: &UsdtArg) -> Option<u64> {
             // The register's slot is chosen at run time, so it is read through a helper: the
             // verifier allows only constant offsets into the context itself.
             let slot = (ctx.regs as u64).wrapping_add(u64::from(a.reg_off & 0xff8));
-            // SAFETY: a checked kernel read of 8 bytes inside this probe's `pt_regs` (the offset
-            // is masked below its size, 168 bytes); a fault is an error.
+            // SAFETY: a checked kernel read of 8 bytes near this probe's `pt_regs`: the offset is
+            // one userspace took from its table of slots (masked to an aligned word within
+            // 4 KiB); a fault is an error.
             let reg = unsafe { bpf_probe_read_kernel(slot as *const u64) }.ok()?;
             if a.kind == usdt_arg::REG {
                 reg

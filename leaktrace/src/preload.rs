@@ -54,12 +54,13 @@ pub fn install(dir: Option<&Path>) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The environment a command is started with so it samples itself: the library first in
-/// `LD_PRELOAD`, and the interval.
+/// The environment a command is started with so it samples itself: the library last in
+/// `LD_PRELOAD` (an allocator the user preloads, jemalloc or tcmalloc, keeps `malloc`, and the
+/// sampler sees none of its calls), and the interval.
 pub fn environment(path: &Path, rate: u64) -> Vec<(String, String)> {
     let lib = path.display().to_string();
     let preload = match std::env::var("LD_PRELOAD") {
-        Ok(old) if !old.trim().is_empty() => format!("{lib} {old}"),
+        Ok(old) if !old.trim().is_empty() => format!("{old} {lib}"),
         _ => lib,
     };
     vec![

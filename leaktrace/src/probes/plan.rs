@@ -79,6 +79,10 @@ pub enum PythonCoverage {
     /// reaches libc's malloc; pymalloc's own functions, found through the tables, are probed
     /// for the few direct calls.
     Redirected,
+    /// The process samples CPython's object and mem domains itself (leaktrace's preload with
+    /// `LEAKTRACE_SAMPLE_PYTHON=1`): every Python allocation may be sampled; no arena probe,
+    /// which would count small objects a second time.
+    SampledInProcess,
     /// No Python allocator probed.
     #[default]
     None,
@@ -260,6 +264,9 @@ pub fn plan(
     let raw_malloc = python.is_some() && python_malloc_is_raw(pid);
     match (&python, families) {
         (_, Families::LibcOnly) => {}
+        (Some(_), _) if super::usdt::samples_python(pid, modules, &plan.usdt) => {
+            plan.python_coverage = PythonCoverage::SampledInProcess;
+        }
         (Some(py), _) if raw_malloc && families != Families::PythonOnly => {
             // Every Python allocation reaches malloc; the exported entry points still name
             // Python allocations where they are called, when they are asked for.

@@ -95,6 +95,28 @@ pub fn choose(pid: u32, modules: &ModuleMap) -> (Vec<UsdtPoint>, Vec<String>) {
     (points, notes)
 }
 
+/// Whether a chosen producer samples CPython's allocator domains too: leaktrace's preload
+/// exports which domains it wrapped (`leaktrace_preload_python_domains`, set by its
+/// constructor, which has run by the time the program's entry point is reached).
+pub fn samples_python(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> bool {
+    let mut files: Vec<(&str, &std::path::Path)> = points
+        .iter()
+        .map(|p| (p.module.as_str(), p.host_path.as_path()))
+        .collect();
+    files.dedup();
+    files.into_iter().any(|(module, host)| {
+        let Ok(elf) = ElfFile::open(host) else {
+            return false;
+        };
+        let at = elf
+            .data_symbol("leaktrace_preload_python_domains")
+            .zip(modules.load_bias(module, elf.first_load_vaddr()))
+            .map(|(vaddr, bias)| vaddr.wrapping_add(bias));
+        at.and_then(|a| crate::process::remote::Remote { pid }.read(a, 4))
+            .is_some_and(|b| b.iter().any(|x| *x != 0))
+    })
+}
+
 fn is_heap_probe(n: &SdtNote) -> bool {
     USDT_PROVIDERS.contains(&n.provider.as_str()) && (n.name == USDT_ALLOC || n.name == USDT_FREE)
 }
@@ -168,7 +190,7 @@ pub fn parse_args(text: &str) -> Result<Vec<UsdtArg>, String> {
 fn parse_arg(spec: &str) -> Result<UsdtArg, String> {
     let bad = |why: &str| format!("argument `{spec}`: {why}");
     let (size, operand) = spec.split_once('@').ok_or_else(|| bad("no size@"))?;
-    let size: i32 = size.parse().map_err(|_| bad("size is not a number"))?;
+    let size: i64 = size.parse().map_err(|_| bad("size is not a number"))?;
     if ![1, 2, 4, 8].contains(&size.abs()) {
         return Err(bad("size is not 1, 2, 4 or 8"));
     }
@@ -237,7 +259,9 @@ fn reg_offset(name: &str) -> Option<u32> {
         .iter()
         .find(|(full, short)| *full == name || short.contains(&name))
         .map(|(full, _)| *full)
-        .or((name == "rip").then_some("rip"))?;
+        // `%rip`-relative operands are refused: at the probe the saved rip is the `nop`
+        // itself, not the next instruction the operand is relative to.
+        ?;
     PT_REGS_X86_64
         .iter()
         .find(|(n, _)| *n == full)

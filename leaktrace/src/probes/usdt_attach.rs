@@ -15,7 +15,9 @@ use crate::process::remote::Remote;
 /// What leaktrace gave out for the USDTs: cookies, and the semaphores it raised.
 #[derive(Default)]
 pub struct UsdtState {
-    next_cookie: u64,
+    /// The cookie of each site (file, offset) already given a spec: one `USDT_SPECS` entry per
+    /// site however many processes map it.
+    cookies: std::collections::HashMap<(std::path::PathBuf, u64), u64>,
     /// (process, address) of each semaphore raised by one.
     raised: Vec<(u32, u64)>,
     /// Semaphores that could not be raised, with why.
@@ -38,16 +40,7 @@ impl Tracer {
         scope: UProbeScope,
     ) -> Result<()> {
         for p in points {
-            let cookie = self.usdt.next_cookie;
-            self.usdt.next_cookie += 1;
-            let mut specs: BpfHashMap<_, u64, UsdtSpec> =
-                BpfHashMap::try_from(self.ebpf.map_mut(map::USDT_SPECS).ok_or_else(|| {
-                    crate::error::Error::Bpf(format!("no {} map", map::USDT_SPECS))
-                })?)
-                .map_err(|e| bpf_err(map::USDT_SPECS, e))?;
-            specs
-                .insert(cookie, p.spec, 0)
-                .map_err(|e| bpf_err("adding a USDT site", e))?;
+            let cookie = self.usdt_cookie(p)?;
             let what = || format!("{} USDT in {}", p.provider, p.module);
             let at = (&p.host_path, p.file_offset, cookie);
             self.attach_point(pid, scope, &[program::USDT_ENTER], at, what)?;
@@ -83,6 +76,31 @@ impl Tracer {
             .map(|(_, a)| (child, *a))
             .collect();
         self.usdt.raised.extend(copied);
+    }
+
+    /// The cookie of `p`'s site, its spec put in `USDT_SPECS` the first time.
+    fn usdt_cookie(&mut self, p: &UsdtPoint) -> Result<u64> {
+        let site = (p.host_path.clone(), p.file_offset);
+        if let Some(cookie) = self.usdt.cookies.get(&site) {
+            return Ok(*cookie);
+        }
+        let cookie = self.usdt.cookies.len() as u64;
+        let mut specs: BpfHashMap<_, u64, UsdtSpec> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(map::USDT_SPECS)
+                .ok_or_else(|| crate::error::Error::Bpf(format!("no {} map", map::USDT_SPECS)))?,
+        )
+        .map_err(|e| bpf_err(map::USDT_SPECS, e))?;
+        specs
+            .insert(cookie, p.spec, 0)
+            .map_err(|e| bpf_err("adding a USDT site", e))?;
+        self.usdt.cookies.insert(site, cookie);
+        Ok(cookie)
+    }
+
+    /// Process `pid` exec'd another program: what was raised in its old image is gone.
+    pub fn forget_semaphores(&mut self, pid: u32) {
+        self.usdt.forget(pid);
     }
 
     /// What went wrong with semaphores since the last call, for the report's notes.

@@ -142,6 +142,10 @@ fn coverage_words(c: PythonCoverage) -> &'static str {
             "complete while attached (--redirect-pymalloc: pymalloc's allocations sent to libc's \
              malloc, restored at detach)"
         }
+        PythonCoverage::SampledInProcess => {
+            "sampled inside the process (the preloaded sampler wraps CPython's object and mem \
+             allocators), every size"
+        }
         PythonCoverage::None => "none (--libc-only)",
     }
 }

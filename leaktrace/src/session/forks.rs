@@ -65,6 +65,13 @@ impl Session<'_> {
     /// instruction and marked it traced; attach its probes (the parent's plan, at the child's
     /// pid), give the kernel its interpreter, and let it run. It is let go whatever happens.
     pub(super) fn follow(&mut self, parent: u32, pid: u32) {
+        self.follow_child(parent, pid, true);
+    }
+
+    /// `follow`, saying whether the child was forked after leaktrace raised its parent's sampler
+    /// semaphores (a new fork) or before (a worker `attach --follow-forks` adopts): only the
+    /// first holds a raised copy.
+    pub(super) fn follow_child(&mut self, parent: u32, pid: u32, forked_since_attach: bool) {
         let proc = Process { pid };
         if self.ending {
             // Announced as tracing ended: attaching its probes would only keep it waiting.
@@ -88,8 +95,10 @@ impl Session<'_> {
                 plan.lifecycle.clear();
                 seed_brk(&mut self.tracer, pid);
             }
-            // A forked child's memory is its parent's copy, semaphores raised by leaktrace too.
-            self.tracer.inherit_semaphores(parent, pid);
+            // A child forked since is its parent's copy, semaphores raised by leaktrace too.
+            if forked_since_attach {
+                self.tracer.inherit_semaphores(parent, pid);
+            }
             self.tracer.attach(&plan, pid)?;
             let Some(info) = &plan.python else {
                 return Ok(None);
@@ -166,8 +175,10 @@ impl Session<'_> {
                 if f.failed.is_none() {
                     f.failed = Some(format!("exec'd {new}; traced until then"));
                 }
-                // Let go while its hold is still recorded in `TARGETS`, then forget it.
+                // Let go while its hold is still recorded in `TARGETS`, then forget it (and the
+                // semaphores raised in its old image: not lowered in the new one).
                 self.tracer.release(pid);
+                self.tracer.forget_semaphores(pid);
                 if let Err(e) = self.tracer.remove_target(pid) {
                     log::debug!("{e}");
                 }

@@ -173,7 +173,7 @@ impl Session<'_> {
     fn adopt_descendants(&mut self) {
         for (pid, parent) in self.proc.descendants() {
             if self.tracer.add_target(pid, false).is_ok() {
-                self.follow(parent, pid);
+                self.follow_child(parent, pid, false);
             }
         }
     }
