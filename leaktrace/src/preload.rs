@@ -72,6 +72,27 @@ pub fn environment(path: &Path, rate: u64) -> Vec<(String, String)> {
     ]
 }
 
+/// The oldest glibc the library loads under (its newest symbol version, `GLIBC_2.34`).
+pub const MIN_GLIBC: (u32, u32) = (2, 34);
+
+/// Whether a program started here can load the library: this host's C library is glibc of at
+/// least `MIN_GLIBC` (a program with a C library of its own, older, would fail to start).
+pub fn host_can_load() -> std::result::Result<(), String> {
+    // SAFETY: gnu_get_libc_version takes nothing and returns a static NUL-terminated string.
+    let text = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+    let text = text.to_string_lossy();
+    let mut parts = text.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version >= MIN_GLIBC {
+        Ok(())
+    } else {
+        Err(format!(
+            "it needs glibc {}.{} or newer, this host has {text}",
+            MIN_GLIBC.0, MIN_GLIBC.1
+        ))
+    }
+}
+
 fn default_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
@@ -114,6 +135,11 @@ mod tests {
         assert!(names.contains(&"ddheap:alloc".to_string()), "{names:?}");
         assert!(names.contains(&"ddheap:free".to_string()), "{names:?}");
         assert!(notes.iter().all(|n| n.semaphore != 0));
+    }
+
+    #[test]
+    fn this_host_can_load_it() {
+        host_can_load().unwrap();
     }
 
     #[test]

@@ -151,6 +151,10 @@ fn sampler_env(opts: &TraceOptions) -> Vec<(String, String)> {
             crate::preload::MIN_RATE >> 10
         );
     }
+    if let Err(why) = crate::preload::host_can_load() {
+        eprintln!("leaktrace: the in-process sampler is not used ({why}); the kernel samples");
+        return Vec::new();
+    }
     match crate::preload::install(None) {
         Ok(path) => crate::preload::environment(&path, rate),
         Err(e) => {
