@@ -215,22 +215,34 @@ pub unsafe extern "C" fn memalign(alignment: usize, size: usize) -> *mut c_void 
     unsafe { memalign_like(alignment, size) }
 }
 
-/// Interposed `valloc(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+/// A page-aligned allocation of `sampled_size` bytes as the sampler sees it: a sampled one from
+/// `__libc_memalign`, an unsampled one from glibc's own function (`plain`), as the caller asked.
+///
+/// # Safety
+///
+/// `plain` must be a call into glibc's allocator for the caller's request.
+#[inline(always)]
+unsafe fn page_aligned(sampled_size: usize, plain: impl FnOnce() -> *mut c_void) -> *mut c_void {
     let page = page_size();
     // The sampler refuses alignments above 1 KiB, so a page-aligned block is never tagged; the
     // sampled branch is here so that a future sampler that does tag them stays correct.
-    // SAFETY: the page size is a power of two; both allocators accept any size.
+    // SAFETY: the page size is a power of two; __libc_memalign accepts any size.
     unsafe {
-        sampled(size, page, |req| {
+        sampled(sampled_size, page, |req| {
             if is_sampled(req) {
                 __libc_memalign(page, req.size)
             } else {
-                __libc_valloc(size)
+                plain()
             }
         })
     }
+}
+
+/// Interposed `valloc(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+    // SAFETY: __libc_valloc accepts any size.
+    unsafe { page_aligned(size, || __libc_valloc(size)) }
 }
 
 /// Interposed `pvalloc(3)`.
@@ -242,16 +254,9 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
         // SAFETY: __libc_pvalloc accepts any size.
         return unsafe { __libc_pvalloc(size) };
     };
-    // SAFETY: as for valloc; the sampler sees the size the caller will really get.
-    unsafe {
-        sampled(rounded, page, |req| {
-            if is_sampled(req) {
-                __libc_memalign(page, req.size)
-            } else {
-                __libc_pvalloc(size)
-            }
-        })
-    }
+    // SAFETY: __libc_pvalloc accepts any size; the sampler sees the size the caller will
+    // really get.
+    unsafe { page_aligned(rounded, || __libc_pvalloc(size)) }
 }
 
 /// Interposed `malloc_usable_size(3)`.

@@ -1,6 +1,7 @@
 //! The uprobes: which allocator functions to probe (`plan`), at which instruction
 //! (`placement`), and loading and attaching the BPF programs (`loader`).
 
+mod coverage;
 pub mod holds;
 pub mod loader;
 mod names;

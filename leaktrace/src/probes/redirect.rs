@@ -15,11 +15,7 @@
 //! compares it with its default function. The tables are checked in the target before anything
 //! is written (no hooks, no `PYTHONMALLOC`, tracemalloc not started); anything else is refused.
 
-use std::io::IoSlice;
-
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
-use nix::sys::uio::{process_vm_writev, RemoteIoVec};
-use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
 use crate::process::elf::ElfFile;
@@ -315,18 +311,11 @@ fn read_table(pid: u32, at: u64) -> Option<[u64; SLOTS]> {
 /// program's threads see the old value or the new one (shared/DESIGN.md: no torn value in 5 M
 /// writes).
 fn write_word(pid: u32, at: u64, value: u64) -> Result<()> {
-    let bytes = value.to_le_bytes();
-    let remote = [RemoteIoVec {
-        base: at as usize,
-        len: 8,
-    }];
-    match process_vm_writev(Pid::from_raw(pid as i32), &[IoSlice::new(&bytes)], &remote) {
-        Ok(8) => Ok(()),
-        r => Err(Error::Internal(format!(
-            "--redirect-pymalloc: cannot write the allocator slot at {at:#x} of process {pid}: \
-             {r:?}"
-        ))),
-    }
+    Remote { pid }.write(at, &value.to_le_bytes()).map_err(|e| {
+        Error::Internal(format!(
+            "--redirect-pymalloc: cannot write the allocator slot at {at:#x} of process {pid}: {e}"
+        ))
+    })
 }
 
 #[cfg(test)]
