@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use leaktrace_ebpf::{
     AllocFn, Counter, FrameRegs, LifecycleEvent, Pending, Shape, CONTROL_HOLDS_OFF, EVENT_FINALIZE,
-    EVENT_MAIN, TARGET_FROZEN, TARGET_MAIN_STARTED, TARGET_PAUSE,
+    EVENT_MAIN, TARGET_FROZEN, TARGET_MAIN_STARTED, TARGET_PAUSE, TARGET_PAUSE_SENT,
 };
 
 mod ids;
@@ -295,6 +295,8 @@ pub fn lifecycle_enter(ctx: ProbeContext) -> u32 {
         bump(Counter::RingbufFull);
     }
     if pause && holds_allowed() {
+        // SAFETY: a live map value.
+        unsafe { *flags |= TARGET_PAUSE_SENT };
         // Delivered on the way back to user space, before the next line of Python runs. To this
         // thread, which leaktrace traces and whose stop it swallows: a process-wide SIGSTOP could
         // be taken by an untraced thread (numpy's BLAS workers) and stop it for good.

@@ -9,8 +9,9 @@ pub const TARGET_FROZEN: u32 = 2;
 /// Pause the process (SIGSTOP to the thread) at its interpreter's lifecycle points (main
 /// module start, shutdown), so userspace takes the type census there and decodes every Python
 /// stack while the code objects still exist. Only for `run`'s own child: leaktrace is its ptrace
-/// tracer and swallows that stop (a tracer's death resumes a tracee in a signal stop and drops
-/// the signal, so the pause never outlives leaktrace).
+/// tracer and swallows that stop. A tracer's death resumes a tracee in a signal stop and drops
+/// the signal; a stop still on its way when the tracer goes is lifted by the guardian
+/// (`TARGET_PAUSE_SENT`).
 pub const TARGET_PAUSE: u32 = 4;
 /// Children the process forks are traced too (`--follow-forks`).
 pub const TARGET_FOLLOW_FORKS: u32 = 8;
@@ -23,6 +24,11 @@ pub const TARGET_HELD: u32 = 32;
 
 /// Set by the kernel when the process's interpreter entered `Py_RunMain`: its start-up is over.
 pub const TARGET_MAIN_STARTED: u32 = 64;
+
+/// Set by the kernel when it sends a lifecycle pause (`TARGET_PAUSE`); cleared by userspace when
+/// it takes that stop. Still set when leaktrace dies: the SIGSTOP may land after its tracer has
+/// gone and become a real stop, which the guardian undoes.
+pub const TARGET_PAUSE_SENT: u32 = 128;
 
 /// Set when the session ends (or leaktrace dies, by its guardian): the kernel stops no process
 /// any more, so nothing can be held with no one left to let it go.

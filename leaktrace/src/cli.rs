@@ -395,6 +395,7 @@ impl CommonOpts {
                 sample_rate: mode.rate(),
                 growth: matches!(mode, TraceMode::Growth { .. }),
                 follow_forks: self.follow_forks,
+                lifecycle_pauses: !attach,
             },
             mode,
             sampler: self.sampler,

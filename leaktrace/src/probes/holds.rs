@@ -14,6 +14,13 @@
 //!   sits at the lowest descriptor leaktrace opens, the other at the highest it may, so
 //!   whichever the kernel releases first wakes the guardian at the start of leaktrace's exit,
 //!   SIGKILL included. It runs in its own session, so a terminal's Ctrl-C does not reach it.
+//!
+//! `run`'s own child is paused the same way at its interpreter's lifecycle points, but as its
+//! tracer leaktrace takes that stop, and a tracer's death drops it. A pause sent while a killed
+//! leaktrace's tracing thread was already gone (its other threads still closing links) lands as
+//! a real stop instead: the kernel marks each pause it sends (`TARGET_PAUSE_SENT`), leaktrace
+//! clears the mark when it takes the stop, and the guardian continues a marked process found
+//! stopped once nobody traces it. So `run` starts a guardian too.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -22,7 +29,7 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 
 use super::loader::Tracer;
-use leaktrace_ebpf::{map, CONTROL_HOLDS_OFF, TARGET_HELD};
+use leaktrace_ebpf::{map, CONTROL_HOLDS_OFF, TARGET_HELD, TARGET_PAUSE_SENT};
 
 use crate::error::{Error, Result};
 
@@ -233,7 +240,76 @@ pub fn guardian_main() -> Result<()> {
         }
     }
     end_holds(&mut targets, &mut control);
+    // No pause is sent any more, and one in flight has set its flag by now.
+    let paused: Vec<u32> = targets
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, flags)| flags & TARGET_PAUSE_SENT != 0)
+        .map(|(pid, _)| pid)
+        .collect();
+    for pid in paused {
+        lift_stray_pause(pid);
+    }
     Ok(())
+}
+
+/// `run`'s child was sent a lifecycle pause that leaktrace never took. Sent to a thread whose
+/// tracer is still there, the stop is the tracer's, and its death lets the thread go. Sent just
+/// as the tracing thread died (a SIGKILLed leaktrace's threads die one by one, and the last one
+/// wakes the guardian), it lands as a real stop that nobody would lift. So: wait until the
+/// process is nobody's tracee, then continue it if it stopped, looking again a few times for a
+/// signal still on its way.
+fn lift_stray_pause(pid: u32) {
+    let deadline = std::time::Instant::now() + UNTRACED_WAIT;
+    loop {
+        match status_of(pid) {
+            None => return,
+            Some(s) if s.tracer == 0 => break,
+            Some(_) if std::time::Instant::now() >= deadline => return,
+            Some(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    for pause in RELEASE_ROUNDS {
+        std::thread::sleep(pause);
+        match status_of(pid) {
+            None => return,
+            Some(s) if s.stopped => {
+                // SAFETY: a plain syscall.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// How long the guardian waits for a dying leaktrace to stop tracing `run`'s child: its
+/// threads exit one by one, each after its share of the slow link releases.
+const UNTRACED_WAIT: Duration = Duration::from_secs(120);
+
+/// What the guardian needs of `/proc/PID/status`.
+struct TraceStatus {
+    /// In a group stop (`T`), not a tracer's stop (`t`).
+    stopped: bool,
+    /// The tracer's pid, 0 when untraced.
+    tracer: u32,
+}
+
+/// Process `pid`'s stop state and tracer; `None` once it is gone or a zombie.
+fn status_of(pid: u32) -> Option<TraceStatus> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let state = field("State:")?.chars().next()?;
+    if state == 'Z' || state == 'X' {
+        return None;
+    }
+    Some(TraceStatus {
+        stopped: state == 'T',
+        tracer: field("TracerPid:")?.parse().ok()?,
+    })
 }
 
 impl Tracer {
@@ -250,7 +326,7 @@ impl Tracer {
     /// The session is ending: the kernel stops no process any more, and every process it holds
     /// is let go. Done before the slow detach, while forks may still happen.
     pub fn end_holds(&mut self) {
-        if !self.follow_forks || self.holds_ended {
+        if self.guardian.is_none() || self.holds_ended {
             return;
         }
         self.holds_ended = true;

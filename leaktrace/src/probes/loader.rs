@@ -45,6 +45,8 @@ pub struct LoadOptions {
     pub growth: bool,
     /// Trace the processes targets fork.
     pub follow_forks: bool,
+    /// `run`'s child is paused at its interpreter's lifecycle points (`TARGET_PAUSE`).
+    pub lifecycle_pauses: bool,
 }
 
 impl Default for LoadOptions {
@@ -60,6 +62,7 @@ impl Default for LoadOptions {
             sample_rate: 0,
             growth: false,
             follow_forks: false,
+            lifecycle_pauses: false,
         }
     }
 }
@@ -211,7 +214,9 @@ impl Tracer {
     /// Loads the BPF object and its programs (nothing is attached yet).
     pub fn load(opts: LoadOptions) -> Result<Self> {
         // Opened before any probe's descriptor (see `holds`).
-        let wake = opts.follow_forks.then(holds::WakePipe::low).transpose()?;
+        let wake = (opts.follow_forks || opts.lifecycle_pauses)
+            .then(holds::WakePipe::low)
+            .transpose()?;
         let mut ebpf = load_object(&opts)?;
         for name in program::UPROBES {
             let prog: &mut UProbe = program(&mut ebpf, name)?;
@@ -235,8 +240,9 @@ impl Tracer {
             usdt: Default::default(),
         };
         if let Some(wake) = wake {
-            // Only followed children are held with a real SIGSTOP (`run`'s own child is held
-            // through ptrace, which its tracer's death undoes).
+            // Followed children are held with a real SIGSTOP. `run`'s own child is paused
+            // through ptrace, which its tracer's death undoes, except for a pause still on its
+            // way when the tracing thread went: the guardian lifts that one too.
             tracer.guardian = Some(Guardian::start(
                 wake,
                 holds::WakePipe::high()?,

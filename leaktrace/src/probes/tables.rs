@@ -100,6 +100,17 @@ impl Tracer {
         BpfHashMap::try_from(self.map_mut(map::TARGETS)?).map_err(|e| bpf_err(map::TARGETS, e))
     }
 
+    /// Clears `mask` from process `tgid`'s `TARGET_*` flags.
+    pub fn clear_flags(&mut self, tgid: u32, mask: u32) -> Result<()> {
+        let mut targets = self.targets_mut()?;
+        let Ok(flags) = targets.get(&tgid, 0) else {
+            return Ok(());
+        };
+        targets
+            .insert(tgid, flags & !mask, 0)
+            .map_err(|e| bpf_err("clearing a target's flags", e))
+    }
+
     /// Process `tgid`'s `TARGET_*` flags (0 when it is not traced). Read from the map, so they
     /// hold even when the ring buffer had no room to announce what set them.
     pub fn flags(&self, tgid: u32) -> u32 {

@@ -3,7 +3,7 @@
 //! in it and nothing of start-up is outside it, however long start-up took), and the end census at
 //! interpreter shutdown, while every object is intact.
 
-use leaktrace_ebpf::{AllocFn, TARGET_FROZEN, TARGET_MAIN_STARTED};
+use leaktrace_ebpf::{AllocFn, TARGET_FROZEN, TARGET_MAIN_STARTED, TARGET_PAUSE_SENT};
 
 use super::{Session, TraceMode};
 use crate::analysis::census::Census;
@@ -117,6 +117,11 @@ impl Session<'_> {
             self.census_end = self.take_census();
         } else {
             return Ok(false);
+        }
+        // Taken: nothing is left for the guardian to lift should leaktrace die now. The child
+        // is stopped, so no program changes its flags meanwhile.
+        if let Err(e) = self.tracer.clear_flags(self.proc.pid, TARGET_PAUSE_SENT) {
+            log::warn!("{e}");
         }
         Ok(true)
     }
