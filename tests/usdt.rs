@@ -158,3 +158,274 @@ fn semaphore_of(stderr: &str) -> u64 {
 fn read_u16(pid: u32, addr: u64) -> u16 {
     u16::from_le_bytes(mem_bytes(pid, addr, 2).try_into().unwrap())
 }
+
+/// Loads a second copy of the sampler with `dlopen` once told to (as a C extension with a
+/// sampler of its own is loaded by `import`), then, told again, leaks 500 blocks of 100,000
+/// bytes through it and churns as many, and says it is done.
+const LOADS_A_SAMPLER_LATER: &str = r#"
+import ctypes, os, sys, time
+d, lib_path = sys.argv[1], sys.argv[2]
+def wait(name):
+    while not os.path.exists(os.path.join(d, name)):
+        time.sleep(0.02)
+print("READY", flush=True)
+wait("load")
+lib = ctypes.CDLL(lib_path)
+lib.malloc.restype = ctypes.c_void_p
+lib.malloc.argtypes = [ctypes.c_size_t]
+lib.free.argtypes = [ctypes.c_void_p]
+wait("go")
+def leak_late(n):
+    return [lib.malloc(100000) for _ in range(n)]
+def churn_late(n):
+    for _ in range(n):
+        lib.free(lib.malloc(100000))
+kept = leak_late(500)
+churn_late(500)
+open(os.path.join(d, "done"), "w").close()
+while True:
+    time.sleep(1)
+"#;
+
+#[test]
+fn attach_finds_a_sampler_the_program_loads_later() {
+    let _g = serial();
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let install = |dir: &std::path::Path| {
+        let out = succeed(
+            Command::new(leaktrace_bin())
+                .args(["preload", "--dir"])
+                .arg(dir),
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (preloaded, later) = (install(first.path()), install(second.path()));
+    let work = tempfile::tempdir().unwrap();
+    let py = pyenv_python();
+    let s = script(LOADS_A_SAMPLER_LATER);
+    let target = start_ready_with(
+        &py,
+        &s,
+        &[work.path().to_str().unwrap(), &later],
+        &[
+            ("LD_PRELOAD", &preloaded),
+            ("LEAKTRACE_SAMPLE_BYTES", "64k"),
+        ],
+    );
+    let pids = target.id().to_string();
+    let tracer = Tracer::spawn(&[
+        "attach", "-p", &pids, "--mode", "sampled", "--sample", "1MiB", "-d", "60",
+    ]);
+    let touch = |name: &str| std::fs::write(work.path().join(name), b"").unwrap();
+    touch("load");
+    assert!(
+        tracer.wait_said("samples inside the process too: its USDTs are attached", 30),
+        "the library loaded later was not attached"
+    );
+    touch("go");
+    assert!(wait_for(30, || work.path().join("done").exists()));
+    kill(tracer.id(), libc::SIGINT);
+    let r = tracer.finish();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(second.path().to_str().unwrap()),
+        "{}",
+        r.stderr
+    );
+    let by_function = |name: &str| -> u64 {
+        let sites = r.json.as_ref().unwrap()["sites"].as_array().unwrap();
+        sites
+            .iter()
+            .filter(|s| {
+                s["python_stack"]
+                    .to_string()
+                    .contains(&format!("\"{name}\""))
+            })
+            .map(|s| u(s, "unfreed_bytes"))
+            .sum()
+    };
+    // The process samples at the interval it was started with, not the one asked for.
+    assert_eq!(r.json.as_ref().unwrap()["sample_rate"], 65536);
+    assert!(r
+        .stderr
+        .contains("the interval its sampler was started with"));
+    // About 760 samples: a standard deviation of 3.6 % on the estimate.
+    let truth = 500u64 * 100_000;
+    let est = by_function("leak_late");
+    assert!(
+        est.abs_diff(truth) as f64 / truth as f64 <= 0.15,
+        "estimate {est} vs {truth}"
+    );
+    assert_eq!(by_function("churn_late"), 0);
+    assert_eq!(r.counter("usdt_bad_arg"), 0);
+    assert!(alive(target.id()));
+}
+
+/// A producer of the OpenTelemetry contract that is not leaktrace's: a C program with
+/// `otel_memory` notes written the way `sys/sdt.h` writes them, which fires `alloc(ptr, size,
+/// weight)` with weight = size for every allocation while its semaphore is raised. Told to
+/// (`DIR/go`), it leaks 1,000 blocks of 4,096 bytes in `leaky_path` and churns as many in
+/// `churn_path`, then says it is done (`DIR/done`). With `-DRO_SEMAPHORE` its semaphores are
+/// read-only: nobody can raise them.
+const OTEL_PRODUCER: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#ifdef RO_SEMAPHORE
+/* Not volatile, which would make its section writable: read through a volatile pointer. */
+#define SEMAPHORE const unsigned short
+#else
+#define SEMAPHORE __attribute__((section(".probes"))) unsigned short
+#endif
+#define RAISED(s) (*(volatile const unsigned short *)&(s))
+SEMAPHORE otel_memory_alloc_semaphore = 0;
+SEMAPHORE otel_memory_free_semaphore = 0;
+
+#define SDT_BASE                                                                   \
+    ".ifndef _.stapsdt.base\n"                                                     \
+    ".pushsection .stapsdt.base,\"aG\",\"progbits\",.stapsdt.base,comdat\n"        \
+    ".weak _.stapsdt.base\n.hidden _.stapsdt.base\n"                               \
+    "_.stapsdt.base: .space 1\n.size _.stapsdt.base, 1\n.popsection\n.endif\n"
+#define SDT_NOTE(name, semaphore, args)                                            \
+    "990: nop\n"                                                                   \
+    ".pushsection .note.stapsdt,\"\",\"note\"\n.balign 4\n"                        \
+    ".4byte 992f-991f, 994f-993f, 3\n991: .asciz \"stapsdt\"\n992: .balign 4\n"    \
+    "993: .8byte 990b\n.8byte _.stapsdt.base\n.8byte " semaphore "\n"              \
+    ".asciz \"otel_memory\"\n.asciz \"" name "\"\n.asciz \"" args "\"\n"           \
+    "994: .balign 4\n.popsection\n" SDT_BASE
+
+__attribute__((noinline)) void *sampled_malloc(size_t n) {
+    void *p = malloc(n);
+    if (RAISED(otel_memory_alloc_semaphore))
+        __asm__ __volatile__(SDT_NOTE("alloc", "otel_memory_alloc_semaphore", "8@%0 8@%1 8@%2")
+                             :: "r"(p), "r"(n), "r"(n));
+    return p;
+}
+
+__attribute__((noinline)) void sampled_free(void *p) {
+    if (RAISED(otel_memory_free_semaphore))
+        __asm__ __volatile__(SDT_NOTE("free", "otel_memory_free_semaphore", "8@%0") :: "r"(p));
+    free(p);
+}
+
+#define N 1000
+static void *kept[N];
+
+__attribute__((noinline)) void leaky_path(void) {
+    for (int i = 0; i < N; i++)
+        kept[i] = sampled_malloc(4096);
+}
+
+__attribute__((noinline)) void churn_path(void) {
+    for (int i = 0; i < N; i++)
+        sampled_free(sampled_malloc(4096));
+}
+
+static void wait_for(const char *dir, const char *name) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    while (access(path, F_OK) != 0)
+        usleep(20000);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    printf("READY\n");
+    fflush(stdout);
+    wait_for(argv[1], "go");
+    leaky_path();
+    churn_path();
+    char path[4096];
+    snprintf(path, sizeof path, "%s/done", argv[1]);
+    fclose(fopen(path, "w"));
+    for (;;)
+        sleep(1);
+}
+"#;
+
+/// Starts the foreign producer built with `flags`; returns its guard and its folder.
+fn start_producer(flags: &[&str]) -> (Target, tempfile::TempDir, tempfile::TempDir) {
+    let mut all = vec!["-O1", "-g", "-fno-omit-frame-pointer"];
+    all.extend_from_slice(flags);
+    let (dir, bin) = compile_c(OTEL_PRODUCER, &all);
+    let work = tempfile::tempdir().unwrap();
+    let mut child = Command::new(&bin)
+        .arg(work.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "READY");
+    (Target(child), work, dir)
+}
+
+#[test]
+fn attach_consumes_a_foreign_otel_memory_producer() {
+    let _g = serial();
+    let (target, work, _bin) = start_producer(&[]);
+    let pids = target.id().to_string();
+    let tracer = Tracer::spawn(&["attach", "-p", &pids, "--mode", "sampled", "-d", "60"]);
+    std::fs::write(work.path().join("go"), b"").unwrap();
+    assert!(wait_for(30, || work.path().join("done").exists()));
+    kill(tracer.id(), libc::SIGINT);
+    let r = tracer.finish();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("(otel_memory)"), "{}", r.stderr);
+    // Its interval is its own: the header does not claim one.
+    assert!(r.json.as_ref().unwrap()["sample_rate"].is_null());
+    assert!(
+        r.stdout.contains("by the process's own sampler"),
+        "{}",
+        r.stdout
+    );
+    // Weight = size for every block: the figures are exact.
+    let leaky: Vec<&serde_json::Value> = r.json.as_ref().unwrap()["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s.to_string().contains("leaky_path"))
+        .collect();
+    let bytes: u64 = leaky.iter().map(|s| u(s, "unfreed_bytes")).sum();
+    let blocks: u64 = leaky.iter().map(|s| u(s, "unfreed_count")).sum();
+    assert_eq!((bytes, blocks), (4_096_000, 1000), "{}", r.stdout);
+    let churned: u64 = r.json.as_ref().unwrap()["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s.to_string().contains("churn_path"))
+        .map(|s| u(s, "unfreed_bytes"))
+        .sum();
+    assert_eq!(churned, 0);
+    assert_eq!(r.counter("usdt_samples"), 2000);
+    assert!(alive(target.id()));
+}
+
+#[test]
+fn a_semaphore_that_cannot_be_raised_is_said_and_the_allocator_is_probed_instead() {
+    let _g = serial();
+    let (target, work, _bin) = start_producer(&["-DRO_SEMAPHORE"]);
+    let pids = target.id().to_string();
+    let tracer = Tracer::spawn(&["attach", "-p", &pids, "--mode", "sampled", "-d", "60"]);
+    std::fs::write(work.path().join("go"), b"").unwrap();
+    assert!(wait_for(30, || work.path().join("done").exists()));
+    kill(tracer.id(), libc::SIGINT);
+    let r = tracer.finish();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("semaphore at 0x") && r.stdout.contains("it cannot be raised"),
+        "{}",
+        r.stdout
+    );
+    // The kernel samples the C library instead, at the session's interval: about 8 samples of
+    // the 4 MB leak at 512 KiB (none at all has odds of e^-8).
+    assert_eq!(r.json.as_ref().unwrap()["sample_rate"], 524288);
+    assert!(r.stdout.contains("leaky_path"), "{}", r.stdout);
+    assert_eq!(r.counter("usdt_samples"), 0);
+    assert!(alive(target.id()));
+}

@@ -309,6 +309,8 @@ pub struct Tracer {
     child: Child,
     json: tempfile::TempPath,
     stderr: std::thread::JoinHandle<String>,
+    /// What it printed on stderr so far.
+    said: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 /// What leaktrace prints with `--verbose` once every probe is attached: tracing is under way.
@@ -331,6 +333,8 @@ impl Tracer {
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let err = child.stderr.take().unwrap();
+        let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let so_far = said.clone();
         let stderr = std::thread::spawn(move || {
             let mut text = String::new();
             for l in BufReader::new(err).lines().map_while(Result::ok) {
@@ -339,6 +343,9 @@ impl Tracer {
                 }
                 text.push_str(&l);
                 text.push('\n');
+                let mut s = so_far.lock().unwrap();
+                s.push_str(&l);
+                s.push('\n');
             }
             text
         });
@@ -348,7 +355,13 @@ impl Tracer {
             child,
             json,
             stderr,
+            said,
         }
+    }
+
+    /// Waits up to `secs` for a line of its stderr to contain `needle`.
+    pub fn wait_said(&self, needle: &str, secs: u64) -> bool {
+        wait_for(secs, || self.said.lock().unwrap().contains(needle))
     }
 
     /// The tracer's pid.

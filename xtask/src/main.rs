@@ -51,7 +51,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Run only the parts whose name contains TEXT: a workload's script name
-        /// (`numpy_leak`), `tracemalloc`, `scale`, `real-leaks`, `pytest-plugin` or `fixed-cost` (with
+        /// (`numpy_leak`), `tracemalloc`, `scale`, `real-leaks`, `pytest-plugin`, `sampling-cost`
+        /// (sampled mode's paired ratios), `preload-cycles`, `snapshot` or `fixed-cost` (with
         /// `LEAKTRACE_COMPARE=BIN`, another build's rows beside this one's); `soak` (30 minutes
         /// of `attach --mode sampled`; `LEAKTRACE_SOAK_MINUTES` sets the length) runs only when
         /// named.

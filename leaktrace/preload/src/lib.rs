@@ -79,6 +79,7 @@
 compile_error!("leaktrace-preload interposes glibc's allocator on x86-64 Linux only");
 
 use core::ffi::c_char;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 mod env;
 mod hooks;
@@ -109,6 +110,13 @@ pub extern "C" fn leaktrace_preload_force_active(on: bool) {
     unsafe { libdd_profiling_heap_sampler::dd_test_set_profiler_active(on) }
 }
 
+/// The mean sampling interval in bytes this library's sampler was started with (after
+/// `LEAKTRACE_SAMPLE_BYTES` and the sampler's own floor), for a tracer to read from the
+/// process's memory: an attached tracer cannot change it, so its report says what it is.
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static leaktrace_preload_sample_bytes: AtomicU64 = AtomicU64::new(0);
+
 /// Runs when the library loads: before the program's constructors, after those of libraries
 /// that ld.so initialises first.
 extern "C" fn init() {
@@ -122,6 +130,9 @@ extern "C" fn init() {
         SampleBytes::Invalid => env::warn_invalid_sample_bytes(),
     }
     adopt_interval_on_this_thread();
+    // SAFETY: a relaxed atomic load in the sampler.
+    let interval = unsafe { libdd_profiling_heap_sampler::dd_sampling_interval_effective() };
+    leaktrace_preload_sample_bytes.store(interval, Ordering::Relaxed);
     real::warm_up();
     // SAFETY: the constructor, run once, before the program (and so the interpreter) starts.
     unsafe { python::install() };

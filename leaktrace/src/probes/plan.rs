@@ -116,6 +116,9 @@ pub struct ProbePlan {
     /// Heap-sampling USDT sites (sampled mode on a process that samples itself): the libc
     /// allocator is then not probed call by call.
     pub usdt: Vec<super::usdt::UsdtPoint>,
+    /// The mean interval in bytes the process's sampler was started with, where it says
+    /// (leaktrace's preload); `None` for another producer, whose interval is its own.
+    pub usdt_interval: Option<u64>,
 }
 
 const LIBC_FNS: &[AllocFn] = &[
@@ -223,6 +226,7 @@ pub fn plan(
     }
     if usdt && families.libc() {
         (plan.usdt, plan.notes) = super::usdt::choose(pid, modules);
+        plan.usdt_interval = super::usdt::producer_interval(pid, modules, &plan.usdt);
     }
     if families.libc() && plan.usdt.is_empty() {
         plan_libc(&mut plan, pid, modules, exe)?;
@@ -518,6 +522,7 @@ impl ProbePlan {
             notes: Vec::new(),
             redirect: None,
             usdt: Vec::new(),
+            usdt_interval: None,
         }
     }
 }

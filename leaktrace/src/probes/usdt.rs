@@ -30,9 +30,14 @@ pub struct UsdtPoint {
 /// Every heap-sampling probe in the files process `pid` maps, and the count of notes that could
 /// not be used (malformed, or arguments leaktrace cannot read), each with why.
 pub fn find(pid: u32, modules: &ModuleMap) -> (Vec<UsdtPoint>, Vec<String>) {
+    find_in(pid, modules, &modules.files())
+}
+
+/// `find`, over `files` of those process `pid` maps.
+fn find_in(pid: u32, modules: &ModuleMap, files: &[&str]) -> (Vec<UsdtPoint>, Vec<String>) {
     let mut points = Vec::new();
     let mut problems = Vec::new();
-    for module in modules.files() {
+    for &module in files {
         let host_path = modules.host_path(pid, module);
         let Ok(elf) = ElfFile::open(&host_path) else {
             continue;
@@ -58,7 +63,40 @@ pub fn find(pid: u32, modules: &ModuleMap) -> (Vec<UsdtPoint>, Vec<String>) {
 /// heap cannot be kept: a sampler built without live-heap tracking only counts allocations),
 /// with notes on what was found and not used.
 pub fn choose(pid: u32, modules: &ModuleMap) -> (Vec<UsdtPoint>, Vec<String>) {
-    let (mut points, mut notes) = find(pid, modules);
+    let (points, notes) = find(pid, modules);
+    let (points, mut notes) = whole_producers(points, notes);
+    let users = producers(&points);
+    if !users.is_empty() {
+        notes.push(format!(
+            "allocations are sampled inside the process by {users} (heap-sampling USDT): the C \
+             library's allocator is not probed call by call"
+        ));
+    }
+    (points, notes)
+}
+
+/// The sites of `files`, mapped since the session began (a library the program loaded with
+/// `dlopen`), that can be used: those of files firing both probes, with notes as `choose`.
+pub fn choose_in(pid: u32, modules: &ModuleMap, files: &[&str]) -> (Vec<UsdtPoint>, Vec<String>) {
+    let (points, notes) = find_in(pid, modules, files);
+    whole_producers(points, notes)
+}
+
+/// The producers among `points`, named for a note: "FILE (provider), …".
+pub fn producers(points: &[UsdtPoint]) -> String {
+    let mut users: Vec<String> = points
+        .iter()
+        .map(|p| format!("{} ({})", p.module, p.provider))
+        .collect();
+    users.dedup();
+    users.join(", ")
+}
+
+/// Keeps the sites of files that fire both `alloc` and `free`, with a note for each file left.
+fn whole_producers(
+    mut points: Vec<UsdtPoint>,
+    mut notes: Vec<String>,
+) -> (Vec<UsdtPoint>, Vec<String>) {
     let fires = |module: &str, kind: u32| {
         points
             .iter()
@@ -80,18 +118,6 @@ pub fn choose(pid: u32, modules: &ModuleMap) -> (Vec<UsdtPoint>, Vec<String>) {
         }
         whole
     });
-    let mut users: Vec<String> = points
-        .iter()
-        .map(|p| format!("{} ({})", p.module, p.provider))
-        .collect();
-    users.dedup();
-    if !users.is_empty() {
-        notes.push(format!(
-            "allocations are sampled inside the process by {} (heap-sampling USDT): the C \
-             library's allocator is not probed call by call",
-            users.join(", ")
-        ));
-    }
     (points, notes)
 }
 
@@ -99,21 +125,37 @@ pub fn choose(pid: u32, modules: &ModuleMap) -> (Vec<UsdtPoint>, Vec<String>) {
 /// exports which domains it wrapped (`leaktrace_preload_python_domains`, set by its
 /// constructor, which has run by the time the program's entry point is reached).
 pub fn samples_python(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> bool {
+    read_export(pid, modules, points, "leaktrace_preload_python_domains", 4)
+        .is_some_and(|b| b.iter().any(|x| *x != 0))
+}
+
+/// The mean interval the chosen producer samples at, where it exports it (leaktrace's
+/// preload: `leaktrace_preload_sample_bytes`, set by its constructor).
+pub fn producer_interval(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> Option<u64> {
+    let bytes = read_export(pid, modules, points, "leaktrace_preload_sample_bytes", 8)?;
+    let n = u64::from_le_bytes(bytes.try_into().ok()?);
+    (n > 0).then_some(n)
+}
+
+/// `len` bytes of data symbol `symbol` in process `pid`, from the first of the producers'
+/// files that exports it.
+fn read_export(
+    pid: u32,
+    modules: &ModuleMap,
+    points: &[UsdtPoint],
+    symbol: &str,
+    len: usize,
+) -> Option<Vec<u8>> {
     let mut files: Vec<(&str, &std::path::Path)> = points
         .iter()
         .map(|p| (p.module.as_str(), p.host_path.as_path()))
         .collect();
     files.dedup();
-    files.into_iter().any(|(module, host)| {
-        let Ok(elf) = ElfFile::open(host) else {
-            return false;
-        };
-        let at = elf
-            .data_symbol("leaktrace_preload_python_domains")
-            .zip(modules.load_bias(module, elf.first_load_vaddr()))
-            .map(|(vaddr, bias)| vaddr.wrapping_add(bias));
-        at.and_then(|a| crate::process::remote::Remote { pid }.read(a, 4))
-            .is_some_and(|b| b.iter().any(|x| *x != 0))
+    files.into_iter().find_map(|(module, host)| {
+        let elf = ElfFile::open(host).ok()?;
+        let vaddr = elf.data_symbol(symbol)?;
+        let bias = modules.load_bias(module, elf.first_load_vaddr())?;
+        crate::process::remote::Remote { pid }.read(vaddr.wrapping_add(bias), len)
     })
 }
 
@@ -149,9 +191,10 @@ fn point(
         .ok_or_else(|| format!("its address {:#x} is in no loaded segment", note.pc))?;
     let semaphore = match note.semaphore {
         0 => None,
-        vaddr => Some(runtime_address(modules, module, elf, vaddr).ok_or_else(|| {
-            format!("its semaphore at {vaddr:#x} is not mapped in process {pid}")
-        })?),
+        vaddr => Some(
+            runtime_address(modules, module, elf, vaddr)
+                .map_err(|why| format!("its semaphore at {vaddr:#x} {why} in process {pid}"))?,
+        ),
     };
     Ok(UsdtPoint {
         provider: note.provider.clone(),
@@ -165,13 +208,28 @@ fn point(
 
 /// Where a file's virtual address `vaddr` is in the process, if a writable mapping of the file
 /// holds it (the semaphore is data; a read-only page there would mean the address is wrong).
-fn runtime_address(modules: &ModuleMap, module: &str, elf: &ElfFile, vaddr: u64) -> Option<u64> {
-    let at = vaddr.wrapping_add(modules.load_bias(module, elf.first_load_vaddr())?);
-    modules
+/// Where a semaphore at `vaddr` of `module` is in the process; it must be writable there, or
+/// nobody could raise it (the producer would never fire, so the allocator is probed instead).
+fn runtime_address(
+    modules: &ModuleMap,
+    module: &str,
+    elf: &ElfFile,
+    vaddr: u64,
+) -> Result<u64, &'static str> {
+    let bias = modules
+        .load_bias(module, elf.first_load_vaddr())
+        .ok_or("is not mapped")?;
+    let at = vaddr.wrapping_add(bias);
+    let mapping = modules
         .mappings()
         .iter()
-        .any(|m| m.path == module && m.contains(at) && m.perms.starts_with("rw"))
-        .then_some(at)
+        .find(|m| m.path == module && m.contains(at))
+        .ok_or("is not mapped")?;
+    if mapping.perms.starts_with("rw") {
+        Ok(at)
+    } else {
+        Err("is in read-only memory: it cannot be raised")
+    }
 }
 
 /// Parses a note's argument list (`8@%rdi -4@-20(%rbp) 8@$5`), x86-64 operands.

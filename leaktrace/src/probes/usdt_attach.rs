@@ -9,7 +9,7 @@ use leaktrace_ebpf::{map, program, UsdtSpec};
 
 use super::loader::{bpf_err, Tracer};
 use super::usdt::UsdtPoint;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::process::remote::Remote;
 
 /// What leaktrace gave out for the USDTs: cookies, and the semaphores it raised.
@@ -61,6 +61,13 @@ impl Tracer {
             }
         }
         Ok(())
+    }
+
+    /// Attaches sites found once the session was under way (in a library the program loaded
+    /// later), scoped to process `pid`, and raises their semaphores.
+    pub fn attach_late_usdt(&mut self, points: &[UsdtPoint], pid: u32) -> Result<()> {
+        let pid_nz = std::num::NonZeroU32::new(pid).ok_or(Error::NoSuchProcess(pid))?;
+        self.attach_usdt(points, pid, UProbeScope::OneProcess(pid_nz))
     }
 
     /// A child forked by `parent` holds a copy of the semaphores leaktrace raised there: they

@@ -82,8 +82,16 @@ fn target_lines(o: &mut String, r: &Report, growth: bool) {
         "  traced {:.1} s in {} mode; target {}",
         r.duration_s, r.mode, t.end
     );
-    if let Some(rate) = r.sample_rate {
-        sampling_line(o, r, rate, growth);
+    match r.sample_rate {
+        Some(rate) => sampling_line(o, r, rate, growth),
+        None if r.mode == ModeKind::Sampled => {
+            let _ = writeln!(
+                o,
+                "  sampled mode: by the process's own sampler, at an interval it does not say; \
+                 bytes are the weights it gives its samples"
+            );
+        }
+        None => {}
     }
     match (&t.python, &t.python_module) {
         (Some(v), Some(m)) if growth => {

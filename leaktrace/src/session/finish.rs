@@ -106,7 +106,7 @@ impl Session<'_> {
             processes: self.processes(&target),
             target,
             mode: opts.mode.kind(),
-            sample_rate: opts.mode.sample_rate(),
+            sample_rate: self.sample_rate(),
             duration_s: duration,
             probes: ReportMeta::probes_of(&self.plan),
             python_coverage: self.plan.python_coverage,

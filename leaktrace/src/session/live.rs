@@ -102,7 +102,7 @@ impl Session<'_> {
                 ..TargetInfo::default()
             },
             mode: self.opts.mode.kind(),
-            sample_rate: self.opts.mode.sample_rate(),
+            sample_rate: self.sample_rate(),
             duration_s: self.start.elapsed().as_secs_f64(),
             counters: self.counters.named(),
             interpreter: self.plan.python.as_ref().map(|p| p.module.clone()),

@@ -101,6 +101,9 @@ struct Session<'a> {
     redirect: Option<crate::probes::redirect::Applied>,
     /// `--control`: the interpreter's allocator tables, once a `redirect` request found them.
     tables: Option<crate::probes::redirect::Redirect>,
+    /// The files the target mapped when its probes were planned, and those looked at since for
+    /// heap-sampling USDTs: a library loaded later is looked at once.
+    scanned: HashSet<String>,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts; with `live`, feeds
@@ -222,6 +225,7 @@ impl Session<'_> {
     /// Reads the kernel's counters into the heap model and appends a time-series point.
     fn refresh(&mut self) -> Result<Sample> {
         self.enable_python();
+        self.rescan_usdt();
         // Followed children's libraries, while they live: their sites are placed from them.
         let children: Vec<u32> = self.forked.keys().copied().collect();
         for pid in children {

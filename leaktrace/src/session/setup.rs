@@ -7,14 +7,17 @@ use super::{Session, TraceMode};
 use crate::error::Result;
 use crate::probes::loader::Tracer;
 use crate::probes::plan::{plan, ProbePlan};
+use crate::probes::usdt;
 use crate::process::Process;
 use crate::stacks::python::PythonProcess;
+use crate::units::human_bytes;
 
 impl Session<'_> {
     /// Plans the probes for the process's current mappings and attaches the new ones.
     pub(super) fn setup_probes(&mut self) -> Result<()> {
         let pid = self.proc.pid;
         let modules = self.proc.module_map()?;
+        self.scanned = modules.files().into_iter().map(String::from).collect();
         let mut plan = plan(
             pid,
             &modules,
@@ -23,6 +26,10 @@ impl Session<'_> {
             self.opts.redirect_pymalloc && self.redirect.is_none(),
             self.opts.samples_in_process(),
         )?;
+        if !plan.usdt.is_empty() {
+            let note = interval_note(self.opts.mode.sample_rate(), plan.usdt_interval);
+            plan.notes.extend(note);
+        }
         if let TraceMode::Growth { .. } = self.opts.mode {
             // Page faults stand in for the allocator: nothing to probe, nothing to freeze at
             // shutdown. The plan still says where the interpreter is, for Python stacks.
@@ -80,6 +87,72 @@ impl Session<'_> {
         self.plan.notes.extend(notes);
         self.enable_python();
         Ok(())
+    }
+
+    /// A library the target loaded since its probes were planned may carry the heap-sampling
+    /// USDTs (a C extension with a sampler of its own). Where this session samples through them,
+    /// its sites are attached too. Where the kernel samples, they are named and not used: the C
+    /// library's probes already count what that library allocates through it.
+    pub(super) fn rescan_usdt(&mut self) {
+        if !self.opts.samples_in_process() || self.ending {
+            return;
+        }
+        let pid = self.proc.pid;
+        let Ok(modules) = self.proc.module_map() else {
+            return;
+        };
+        let new: Vec<&str> = modules
+            .files()
+            .into_iter()
+            .filter(|f| !self.scanned.contains(*f))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        self.scanned.extend(new.iter().map(|f| f.to_string()));
+        let (points, mut notes) = usdt::choose_in(pid, &modules, &new);
+        if !points.is_empty() {
+            let t = self.start.elapsed().as_secs_f64();
+            let who = usdt::producers(&points);
+            if self.plan.usdt.is_empty() {
+                notes.push(format!(
+                    "{who}, loaded {t:.1} s into the session, fires the heap-sampling USDTs: not \
+                     used, as this session has sampled in the kernel since it began (attach \
+                     again to sample through them)"
+                ));
+            } else {
+                match self.tracer.attach_late_usdt(&points, pid) {
+                    Ok(()) => {
+                        notes.push(format!(
+                            "{who}, loaded {t:.1} s into the session, samples inside the process \
+                             too: its USDTs are attached"
+                        ));
+                        self.plan.usdt.extend(points);
+                    }
+                    Err(e) => notes.push(format!(
+                        "{who}, loaded {t:.1} s into the session: its USDTs could not be attached \
+                         ({e})"
+                    )),
+                }
+                notes.extend(self.tracer.take_usdt_problems());
+            }
+        }
+        for n in notes {
+            if self.notes_shown.insert(n.clone()) {
+                eprintln!("leaktrace: {n}");
+            }
+            self.plan.notes.push(n);
+        }
+    }
+
+    /// The mean interval the report's estimates come from: the process's own where it samples
+    /// itself (unknown when its producer does not say), else the session's.
+    pub(super) fn sample_rate(&self) -> Option<u64> {
+        if self.plan.usdt.is_empty() {
+            self.opts.mode.sample_rate()
+        } else {
+            self.plan.usdt_interval
+        }
     }
 
     /// `--verbose`: every point probed, how, and what was not.
@@ -174,5 +247,28 @@ pub(super) fn seed_brk(tracer: &mut Tracer, pid: u32) {
         if let Err(e) = tracer.set_brk(pid, end) {
             log::debug!("{e}");
         }
+    }
+}
+
+/// What the report says when the process samples itself at an interval other than the one
+/// asked for (`--sample`): a running sampler keeps the interval it was started with.
+fn interval_note(asked: Option<u64>, found: Option<u64>) -> Option<String> {
+    match found {
+        Some(n) if asked != Some(n) => Some(format!(
+            "the process samples one allocation per ~{} on average, the interval its sampler \
+             was started with (LEAKTRACE_SAMPLE_BYTES{}); --sample cannot change it once it runs",
+            human_bytes(n),
+            if n == crate::preload::MIN_RATE && asked.is_some_and(|a| a < n) {
+                ", raised to the sampler's floor"
+            } else {
+                ""
+            }
+        )),
+        Some(_) => None,
+        None => Some(
+            "the process's sampler chooses its own interval: --sample does not apply, and the \
+             estimates carry the weights it gives"
+                .into(),
+        ),
     }
 }

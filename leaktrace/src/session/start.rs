@@ -190,7 +190,9 @@ impl Session<'_> {
         };
         let interval = opts.interval.unwrap_or(Duration::from_secs(1));
         let interpreter = self.plan.python.as_ref().map(|p| p.module.clone());
-        let header = Header::new(self.proc.pid, command, opts.mode, interval, interpreter);
+        let mut header = Header::new(self.proc.pid, command, opts.mode, interval, interpreter);
+        // A process that samples itself does so at its own interval.
+        header.sample_rate = self.sample_rate();
         self.capture = Some(CaptureWriter::create(path, header)?);
         Ok(())
     }
@@ -232,6 +234,7 @@ impl<'a> Session<'a> {
             ending: false,
             redirect: None,
             tables: None,
+            scanned: HashSet::new(),
         }
     }
 }

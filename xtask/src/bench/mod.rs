@@ -12,6 +12,7 @@ mod cycles;
 mod fixed;
 mod plugin;
 mod real;
+mod sampling;
 mod scale;
 mod snapshot;
 mod soak;
@@ -205,6 +206,9 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("pytest-plugin") {
         plugin::run_plugin(leaktrace, &python, &ext, reps, &scratch)?;
+    }
+    if wanted("sampling-cost") {
+        sampling::run(&env, quick, &scratch)?;
     }
     if wanted("preload-cycles") {
         cycles::run(leaktrace, &python, &scratch)?;
