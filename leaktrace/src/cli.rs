@@ -396,6 +396,8 @@ impl CommonOpts {
                 growth: matches!(mode, TraceMode::Growth { .. }),
                 follow_forks: self.follow_forks,
                 lifecycle_pauses: !attach,
+                in_process_sampling: matches!(mode, TraceMode::Sampled { .. })
+                    && self.sampler == Sampler::Process,
             },
             mode,
             sampler: self.sampler,

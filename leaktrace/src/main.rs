@@ -9,9 +9,9 @@ use leaktrace::session::{trace_live, LiveView};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    if std::env::args().nth(1).as_deref() == Some(leaktrace::probes::holds::GUARDIAN_ARG) {
-        // leaktrace's own guardian (probes/holds.rs), not a user's command.
-        if let Err(e) = leaktrace::probes::holds::guardian_main() {
+    if std::env::args().nth(1).as_deref() == Some(leaktrace::probes::guardian::GUARDIAN_ARG) {
+        // leaktrace's own guardian (probes/guardian.rs), not a user's command.
+        if let Err(e) = leaktrace::probes::guardian::guardian_main() {
             eprintln!("leaktrace guardian: {e}");
             std::process::exit(1);
         }

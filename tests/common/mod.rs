@@ -359,6 +359,11 @@ impl Tracer {
         }
     }
 
+    /// What it printed on stderr so far.
+    pub fn said(&self) -> String {
+        self.said.lock().unwrap().clone()
+    }
+
     /// Waits up to `secs` for a line of its stderr to contain `needle`.
     pub fn wait_said(&self, needle: &str, secs: u64) -> bool {
         wait_for(secs, || self.said.lock().unwrap().contains(needle))

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::os::unix::fs::MetadataExt;
 
-use super::holds::{self, Guardian};
+use super::guardian::{self, Guardian};
 use super::plan::ProbePlan;
 use crate::error::{Error, Result};
 use aya::maps::MapData;
@@ -47,6 +47,9 @@ pub struct LoadOptions {
     pub follow_forks: bool,
     /// `run`'s child is paused at its interpreter's lifecycle points (`TARGET_PAUSE`).
     pub lifecycle_pauses: bool,
+    /// Processes that sample themselves are traced through their USDTs, whose semaphores
+    /// leaktrace raises (and its guardian lowers should leaktrace die).
+    pub in_process_sampling: bool,
 }
 
 impl Default for LoadOptions {
@@ -63,6 +66,7 @@ impl Default for LoadOptions {
             growth: false,
             follow_forks: false,
             lifecycle_pauses: false,
+            in_process_sampling: false,
         }
     }
 }
@@ -214,8 +218,8 @@ impl Tracer {
     /// Loads the BPF object and its programs (nothing is attached yet).
     pub fn load(opts: LoadOptions) -> Result<Self> {
         // Opened before any probe's descriptor (see `holds`).
-        let wake = (opts.follow_forks || opts.lifecycle_pauses)
-            .then(holds::WakePipe::low)
+        let wake = (opts.follow_forks || opts.lifecycle_pauses || opts.in_process_sampling)
+            .then(guardian::WakePipe::low)
             .transpose()?;
         let mut ebpf = load_object(&opts)?;
         for name in program::UPROBES {
@@ -242,10 +246,11 @@ impl Tracer {
         if let Some(wake) = wake {
             // Followed children are held with a real SIGSTOP. `run`'s own child is paused
             // through ptrace, which its tracer's death undoes, except for a pause still on its
-            // way when the tracing thread went: the guardian lifts that one too.
+            // way when the tracing thread went: the guardian lifts that one too. And a raised
+            // semaphore would keep a service sampling for nobody: the guardian lowers it.
             tracer.guardian = Some(Guardian::start(
                 wake,
-                holds::WakePipe::high()?,
+                guardian::WakePipe::high()?,
                 tracer.map(map::TARGETS)?,
                 tracer.map(map::CONTROL)?,
             )?);

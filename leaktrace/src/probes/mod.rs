@@ -2,6 +2,7 @@
 //! (`placement`), and loading and attaching the BPF programs (`loader`).
 
 mod coverage;
+pub mod guardian;
 pub mod holds;
 pub mod loader;
 mod names;

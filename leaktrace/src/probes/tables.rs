@@ -153,7 +153,7 @@ impl Tracer {
 
     /// Forgets everything recorded for process `tgid` (it exec'd: its old address space is gone).
     pub fn forget_process(&mut self, tgid: u32) -> Result<()> {
-        self.usdt.forget(tgid);
+        self.forget_semaphores(tgid);
         {
             let mut live: BpfHashMap<&mut MapData, LiveKey, LiveAlloc> =
                 BpfHashMap::try_from(self.map_mut(map::LIVE)?)

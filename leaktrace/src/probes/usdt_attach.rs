@@ -25,9 +25,13 @@ pub struct UsdtState {
 }
 
 impl UsdtState {
-    /// Process `pid` exec'd: the semaphores raised in its old image went with it.
-    pub fn forget(&mut self, pid: u32) {
-        self.raised.retain(|(p, _)| *p != pid);
+    /// Process `pid` exec'd: the semaphores raised in its old image went with it. Returns them.
+    fn forget(&mut self, pid: u32) -> Vec<(u32, u64)> {
+        let (gone, kept) = std::mem::take(&mut self.raised)
+            .into_iter()
+            .partition(|(p, _)| *p == pid);
+        self.raised = kept;
+        gone
     }
 }
 
@@ -53,7 +57,10 @@ impl Tracer {
                 continue;
             }
             match add_to_semaphore(pid, addr, 1) {
-                Ok(()) => self.usdt.raised.push((pid, addr)),
+                Ok(()) => {
+                    self.usdt.raised.push((pid, addr));
+                    self.journal(true, pid, addr);
+                }
                 Err(e) => self.usdt.problems.push(format!(
                     "process {pid}: the sampler's semaphore at {addr:#x} could not be raised \
                      ({e}); it samples only if something else turned it on"
@@ -74,7 +81,7 @@ impl Tracer {
     /// count as raised in the child too (lowered at the end, not raised again). A child that
     /// exec'd has a new image: what it inherited is forgotten.
     pub fn inherit_semaphores(&mut self, parent: u32, child: u32) {
-        self.usdt.forget(child);
+        self.forget_semaphores(child);
         let copied: Vec<(u32, u64)> = self
             .usdt
             .raised
@@ -82,7 +89,17 @@ impl Tracer {
             .filter(|(p, _)| *p == parent)
             .map(|(_, a)| (child, *a))
             .collect();
+        for &(pid, addr) in &copied {
+            self.journal(true, pid, addr);
+        }
         self.usdt.raised.extend(copied);
+    }
+
+    /// Tells the guardian, which lowers what is still raised should leaktrace die.
+    fn journal(&self, raised: bool, pid: u32, addr: u64) {
+        if let Some(g) = &self.guardian {
+            g.note_semaphore(raised, pid, addr);
+        }
     }
 
     /// The cookie of `p`'s site, its spec put in `USDT_SPECS` the first time.
@@ -107,7 +124,9 @@ impl Tracer {
 
     /// Process `pid` exec'd another program: what was raised in its old image is gone.
     pub fn forget_semaphores(&mut self, pid: u32) {
-        self.usdt.forget(pid);
+        for (pid, addr) in self.usdt.forget(pid) {
+            self.journal(false, pid, addr);
+        }
     }
 
     /// What went wrong with semaphores since the last call, for the report's notes.
@@ -121,12 +140,15 @@ impl Tracer {
             if let Err(e) = add_to_semaphore(pid, addr, -1) {
                 log::debug!("semaphore {addr:#x} of {pid} not lowered: {e}");
             }
+            // Lowered first: should leaktrace die between the two, the guardian lowers it
+            // again (never below 0) rather than leave it raised.
+            self.journal(false, pid, addr);
         }
     }
 }
 
 /// Adds `delta` to the 16-bit use count at `addr` in process `pid`, never below zero.
-fn add_to_semaphore(pid: u32, addr: u64, delta: i32) -> std::result::Result<(), String> {
+pub(super) fn add_to_semaphore(pid: u32, addr: u64, delta: i32) -> std::result::Result<(), String> {
     let r = Remote { pid };
     let now = r.read(addr, 2).ok_or("unreadable")?;
     let now = u16::from_le_bytes([now[0], now[1]]);

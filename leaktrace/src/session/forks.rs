@@ -9,6 +9,7 @@ use super::setup::seed_brk;
 use super::{Session, TraceMode};
 use crate::error::Result;
 use crate::probes::plan::plan;
+use crate::probes::usdt;
 use crate::process::death::Death;
 use crate::process::python::PythonInfo;
 use crate::process::Process;
@@ -214,6 +215,15 @@ impl Session<'_> {
                 Err(e) => {
                     log::debug!("pid {pid}: {e}");
                     return;
+                }
+            }
+            if f.execd && self.opts.samples_in_process() {
+                // The new image's sampler starts with its semaphore at 0; the USDT probes on
+                // its file stayed attached for this pid. Raised again once its libraries are
+                // mapped (found with the interpreter), it samples from then on.
+                let (points, _) = usdt::choose(pid, &modules);
+                if let Err(e) = self.tracer.attach_late_usdt(&points, pid) {
+                    log::debug!("pid {pid}: {e}");
                 }
             }
         }

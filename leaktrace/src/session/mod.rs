@@ -129,7 +129,10 @@ impl Session<'_> {
             Event::Exec(e) => self.child_exec(e.child),
             Event::Finalize(f) if f.tgid == self.proc.pid => self.lifecycle(Lifecycle::Finalize),
             Event::MainStart(f) if f.tgid == self.proc.pid => self.lifecycle(Lifecycle::MainStart),
-            Event::Finalize(_) | Event::MainStart(_) => {}
+            // A followed child that exec'd has its interpreter by now: walk it (and raise its
+            // sampler's semaphore) without waiting for the next tick.
+            Event::MainStart(f) => self.enable_child_python(f.tgid),
+            Event::Finalize(_) => {}
         }
     }
 
