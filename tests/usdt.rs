@@ -143,12 +143,7 @@ while True:
 fn attach_finds_a_preloaded_services_probes_and_lowers_its_semaphore() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let out = succeed(
-        Command::new(leaktrace_bin())
-            .args(["preload", "--dir"])
-            .arg(dir.path()),
-    );
-    let lib = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let lib = install_preload(dir.path());
     assert!(
         lib.starts_with(dir.path().to_str().unwrap()) && lib.ends_with(".so"),
         "{lib}"
@@ -190,12 +185,7 @@ fn attach_finds_a_preloaded_services_probes_and_lowers_its_semaphore() {
 fn a_killed_leaktrace_leaves_no_semaphore_raised() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let out = succeed(
-        Command::new(leaktrace_bin())
-            .args(["preload", "--dir"])
-            .arg(dir.path()),
-    );
-    let lib = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let lib = install_preload(dir.path());
     let py = pyenv_python();
     let ext = ext_dir(&py);
     let s = script(SERVICE);
@@ -218,6 +208,16 @@ fn a_killed_leaktrace_leaves_no_semaphore_raised() {
         );
         assert!(alive(pid));
     }
+}
+
+/// `leaktrace preload --dir DIR`: the library's path.
+fn install_preload(dir: &std::path::Path) -> String {
+    let out = succeed(
+        Command::new(leaktrace_bin())
+            .args(["preload", "--dir"])
+            .arg(dir),
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// The semaphore address `--verbose` printed for the `alloc` probe.
@@ -267,15 +267,10 @@ while True:
 fn attach_finds_a_sampler_the_program_loads_later() {
     let _g = serial();
     let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let install = |dir: &std::path::Path| {
-        let out = succeed(
-            Command::new(leaktrace_bin())
-                .args(["preload", "--dir"])
-                .arg(dir),
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    let (preloaded, later) = (install(first.path()), install(second.path()));
+    let (preloaded, later) = (
+        install_preload(first.path()),
+        install_preload(second.path()),
+    );
     let work = tempfile::tempdir().unwrap();
     let py = pyenv_python();
     let s = script(LOADS_A_SAMPLER_LATER);
@@ -420,31 +415,14 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// Starts the foreign producer built with `flags`; returns its guard and its folder.
-fn start_producer(flags: &[&str]) -> (Target, tempfile::TempDir, tempfile::TempDir) {
+/// Builds the foreign producer with `flags`, attaches to it in sampled mode, tells it to run
+/// its allocations, and ends the session once it is done: the producer, and the run.
+fn trace_producer(flags: &[&str]) -> (Target, Run) {
     let mut all = vec!["-O1", "-g", "-fno-omit-frame-pointer"];
     all.extend_from_slice(flags);
-    let (dir, bin) = compile_c(OTEL_PRODUCER, &all);
+    let (_dir, bin) = compile_c(OTEL_PRODUCER, &all);
     let work = tempfile::tempdir().unwrap();
-    let mut child = Command::new(&bin)
-        .arg(work.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "READY");
-    (Target(child), work, dir)
-}
-
-#[test]
-fn attach_consumes_a_foreign_otel_memory_producer() {
-    let _g = serial();
-    let (target, work, _bin) = start_producer(&[]);
+    let target = start_ready_cmd(Command::new(&bin).arg(work.path()));
     let pids = target.id().to_string();
     let tracer = Tracer::spawn(&["attach", "-p", &pids, "--mode", "sampled", "-d", "60"]);
     std::fs::write(work.path().join("go"), b"").unwrap();
@@ -452,6 +430,24 @@ fn attach_consumes_a_foreign_otel_memory_producer() {
     kill(tracer.id(), libc::SIGINT);
     let r = tracer.finish();
     assert_eq!(r.code, 0, "{}", r.stderr);
+    (target, r)
+}
+
+/// The unfreed bytes and blocks of the sites whose stacks mention `function`.
+fn unfreed_in(r: &Run, function: &str) -> (u64, u64) {
+    let sites = r.json.as_ref().unwrap()["sites"].as_array().unwrap();
+    sites
+        .iter()
+        .filter(|s| s.to_string().contains(function))
+        .fold((0, 0), |(b, n), s| {
+            (b + u(s, "unfreed_bytes"), n + u(s, "unfreed_count"))
+        })
+}
+
+#[test]
+fn attach_consumes_a_foreign_otel_memory_producer() {
+    let _g = serial();
+    let (target, r) = trace_producer(&[]);
     assert!(r.stderr.contains("(otel_memory)"), "{}", r.stderr);
     // Its interval is its own: the header does not claim one.
     assert!(r.json.as_ref().unwrap()["sample_rate"].is_null());
@@ -461,23 +457,13 @@ fn attach_consumes_a_foreign_otel_memory_producer() {
         r.stdout
     );
     // Weight = size for every block: the figures are exact.
-    let leaky: Vec<&serde_json::Value> = r.json.as_ref().unwrap()["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s.to_string().contains("leaky_path"))
-        .collect();
-    let bytes: u64 = leaky.iter().map(|s| u(s, "unfreed_bytes")).sum();
-    let blocks: u64 = leaky.iter().map(|s| u(s, "unfreed_count")).sum();
-    assert_eq!((bytes, blocks), (4_096_000, 1000), "{}", r.stdout);
-    let churned: u64 = r.json.as_ref().unwrap()["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s.to_string().contains("churn_path"))
-        .map(|s| u(s, "unfreed_bytes"))
-        .sum();
-    assert_eq!(churned, 0);
+    assert_eq!(
+        unfreed_in(&r, "leaky_path"),
+        (4_096_000, 1000),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(unfreed_in(&r, "churn_path").0, 0);
     assert_eq!(r.counter("usdt_samples"), 2000);
     assert!(alive(target.id()));
 }
@@ -485,14 +471,7 @@ fn attach_consumes_a_foreign_otel_memory_producer() {
 #[test]
 fn a_semaphore_that_cannot_be_raised_is_said_and_the_allocator_is_probed_instead() {
     let _g = serial();
-    let (target, work, _bin) = start_producer(&["-DRO_SEMAPHORE"]);
-    let pids = target.id().to_string();
-    let tracer = Tracer::spawn(&["attach", "-p", &pids, "--mode", "sampled", "-d", "60"]);
-    std::fs::write(work.path().join("go"), b"").unwrap();
-    assert!(wait_for(30, || work.path().join("done").exists()));
-    kill(tracer.id(), libc::SIGINT);
-    let r = tracer.finish();
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (target, r) = trace_producer(&["-DRO_SEMAPHORE"]);
     assert!(
         r.stdout.contains("semaphore at 0x") && r.stdout.contains("it cannot be raised"),
         "{}",

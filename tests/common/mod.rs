@@ -436,13 +436,17 @@ pub fn start_ready_with(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Target {
-    let mut child = Command::new(python)
-        .arg(script)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    start_ready_cmd(
+        Command::new(python)
+            .arg(script)
+            .args(args)
+            .envs(env.iter().copied()),
+    )
+}
+
+/// Starts `cmd` and waits until it prints a line containing `READY`.
+pub fn start_ready_cmd(cmd: &mut Command) -> Target {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let deadline = Instant::now() + Duration::from_secs(20);
