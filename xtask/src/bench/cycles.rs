@@ -1,8 +1,9 @@
 //! `--only preload-cycles`: a busy service started with leaktrace's in-process sampler
 //! (`LD_PRELOAD=$(leaktrace preload)`, `bench/soak_service.py`), attached in sampled mode and
 //! detached 100 times. Each session must end normally; the service must stay up, keep its
-//! throughput (preloaded and idle, against the same service untraced) and its memory, and have
-//! its sampler's semaphore back at 0.
+//! throughput (preloaded and idle, against the same service untraced) and its memory (against a
+//! control: the same service, preloaded, run alongside and never attached), and have its
+//! sampler's semaphore back at 0.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -34,6 +35,9 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
     let svc = service(python, &counts, Some(&lib))?;
     let pid = svc.0.id();
     let idle_rate = rate(&counts, window)?;
+    // Started now, so both have served the same time when their memory is compared.
+    let control = service(python, &dir.join("control"), Some(&lib))?;
+    let control_pid = control.0.id();
     let mut rss = Vec::new();
     let mut semaphore = None;
     for i in 0..CYCLES {
@@ -59,9 +63,15 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
         }
         semaphore = semaphore.or_else(|| semaphore_of(&stderr));
         if i == 9 || i == CYCLES - 1 {
-            rss.push(usage(pid).context("the service is gone")?.0);
+            rss.push((
+                usage(pid).context("the service is gone")?.0,
+                usage(control_pid).context("the control is gone")?.0,
+            ));
         }
     }
+    drop(control);
+    // The last sessions' background detachers still hold probes for a few seconds.
+    super::probes_gone()?;
     let after_rate = rate(&counts, window)?;
     let sem = semaphore.context("no ddheap semaphore in --verbose: the sampler was not used")?;
     let raised = read_u16(pid, sem)?;
@@ -83,8 +93,14 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
     );
     println!(
         "| service RSS after 10 cycles / after {CYCLES} | {:.1} MB / {:.1} MB |",
-        rss[0] as f64 / 1e6,
-        rss[1] as f64 / 1e6
+        rss[0].0 as f64 / 1e6,
+        rss[1].0 as f64 / 1e6
+    );
+    println!(
+        "| control (preloaded, never attached, run alongside) RSS at the same moments | \
+         {:.1} MB / {:.1} MB |",
+        rss[0].1 as f64 / 1e6,
+        rss[1].1 as f64 / 1e6
     );
     println!("| sessions that ended normally | {CYCLES} of {CYCLES} |");
     println!("| semaphore after the last detach | {raised} |");
