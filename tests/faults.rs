@@ -127,6 +127,20 @@ fn watch_until_gone(root: u32, what: &str) {
     }
 }
 
+/// The processes `parent` started that are not leaktrace itself (its guardian, its detacher):
+/// `run`'s command.
+fn commands_started_by(parent: u32) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|&(_, _, ppid)| ppid == parent)
+        .map(|(pid, _, _)| pid)
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| !c.trim().starts_with("leaktrace"))
+        })
+        .collect()
+}
+
 /// The workload's output untraced.
 fn reference(py: &Path, s: &Path) -> String {
     let d = tempfile::tempdir().unwrap();
@@ -178,14 +192,20 @@ fn kill_at(mode: Mode, after: Duration, py: &Path, s: &Path, expected: &str) {
         .spawn()
         .unwrap();
     std::thread::sleep(after);
+    // `run`'s child, which may not have reached the script yet (stopped at its entry point, or
+    // paused where its main module starts): it must not be left stopped either.
+    let started = commands_started_by(lt.id());
     kill(lt.id(), libc::SIGKILL);
     let _ = lt.wait();
+    for child in started {
+        watch_until_gone(child, &what);
+    }
     let pid: Option<u32> = std::fs::read_to_string(d.path().join("pid"))
         .ok()
         .and_then(|p| p.trim().parse().ok());
     match pid {
         Some(pid) => watch_until_gone(pid, &what),
-        // `run` killed before its child reached the script: nothing ran, nothing to harm.
+        // `run` killed before it started its child: nothing ran, nothing to harm.
         None => assert!(matches!(mode, Mode::Run | Mode::RunFollowForks), "{what}"),
     }
     if let Some(mut t) = target {
