@@ -93,8 +93,14 @@ import multiprocessing as mp, sys, time
 sys.path.insert(0, sys.argv[1])
 import leakyext
 def leak_in_worker(n):
-    # The semaphore is raised once leaktrace has found the new interpreter (docs/sampling.md).
-    time.sleep(0.5)
+    # The semaphore is raised once leaktrace has found the new interpreter (docs/sampling.md):
+    # wait for it, as a test must, however loaded the machine.
+    import ctypes
+    traced = ctypes.CDLL(None).leaktrace_preload_traced
+    traced.restype = ctypes.c_bool
+    deadline = time.monotonic() + 30
+    while not traced() and time.monotonic() < deadline:
+        time.sleep(0.01)
     for _ in range(n):
         leakyext.leak_malloc(10000)
     time.sleep(1)

@@ -295,13 +295,16 @@ pub fn lifecycle_enter(ctx: ProbeContext) -> u32 {
         bump(Counter::RingbufFull);
     }
     if pause && holds_allowed() {
-        // SAFETY: a live map value.
-        unsafe { *flags |= TARGET_PAUSE_SENT };
         // Delivered on the way back to user space, before the next line of Python runs. To this
         // thread, which leaktrace traces and whose stop it swallows: a process-wide SIGSTOP could
         // be taken by an untraced thread (numpy's BLAS workers) and stop it for good.
         // SAFETY: a helper signalling the current thread.
-        unsafe { bpf_send_signal_thread(SIGSTOP) };
+        if unsafe { bpf_send_signal_thread(SIGSTOP) } == 0 {
+            // Marked only when sent (it lands after this program returns): the guardian
+            // continues a marked process it finds stopped.
+            // SAFETY: a live map value.
+            unsafe { *flags |= TARGET_PAUSE_SENT };
+        }
     }
     0
 }

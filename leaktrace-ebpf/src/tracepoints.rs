@@ -15,6 +15,7 @@ use aya_ebpf::{
 use leaktrace_ebpf::{
     death, AllocFn, Counter, DeathInfo, ForkEvent, FrameRegs, EVENT_EXEC, EVENT_FORK,
     TARGET_FOLLOW_FORKS, TARGET_FORKED_CHILD, TARGET_FROZEN, TARGET_HELD, TARGET_PAUSE,
+    TARGET_PAUSE_SENT,
 };
 
 use crate::live::retire_if_live;
@@ -408,7 +409,8 @@ pub fn fork_return(_ctx: TracePointContext) -> u32 {
     // (stopped) until userspace has attached its probes, unless the session is ending: nobody
     // would let it go.
     let hold = holds_allowed();
-    let mut flags = (flags & !(TARGET_PAUSE | TARGET_FROZEN | TARGET_HELD)) | TARGET_FORKED_CHILD;
+    let inherited_not = TARGET_PAUSE | TARGET_PAUSE_SENT | TARGET_FROZEN | TARGET_HELD;
+    let mut flags = (flags & !inherited_not) | TARGET_FORKED_CHILD;
     if hold {
         flags |= TARGET_HELD;
     }

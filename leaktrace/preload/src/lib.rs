@@ -100,6 +100,14 @@ pub extern "C" fn leaktrace_preload_version() -> *const c_char {
     VERSION.as_ptr().cast()
 }
 
+/// Whether a tracer listens now (the `ddheap` semaphore is raised): what a program or a test can
+/// ask before it relies on being sampled.
+#[no_mangle]
+pub extern "C" fn leaktrace_preload_traced() -> bool {
+    // SAFETY: a single read of the 16-bit semaphore in our own data section.
+    unsafe { libdd_profiling_heap_sampler::dd_heap_profiler_attached() }
+}
+
 /// Test-only: sets the `ddheap` semaphore as if a tracer were (or were no longer) attached.
 ///
 /// This overwrites the counter the kernel keeps for attached tracers rather than adding to it,

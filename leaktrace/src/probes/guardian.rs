@@ -24,7 +24,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use leaktrace_ebpf::{map, TARGET_PAUSE_SENT};
 
 use super::holds::{end_holds, RELEASE_ROUNDS};
-use super::usdt_attach::add_to_semaphore;
+use super::usdt_attach::Raised;
 use crate::error::{Error, Result};
 
 /// The hidden subcommand that runs the guardian.
@@ -33,8 +33,9 @@ pub const GUARDIAN_ARG: &str = "__guardian";
 /// Where the guardian finds its two pipes and the two maps.
 const GUARDIAN_FDS: [RawFd; 4] = [3, 4, 5, 6];
 
-/// A journal record: `+` or `-`, the pid (u32), the semaphore's address (u64), little-endian.
-const RECORD: usize = 13;
+/// A journal record: `+` or `-`, then the semaphore's pid (u32), address (u64) and file inode
+/// (u64), little-endian.
+const RECORD: usize = 21;
 
 /// The descriptor of a hash or array map.
 fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
@@ -142,13 +143,15 @@ impl Guardian {
         })
     }
 
-    /// Tells the guardian that leaktrace raised (`true`) the semaphore at `addr` in process
-    /// `pid`, or no longer holds it raised (lowered, or gone with an exec).
-    pub fn note_semaphore(&self, raised: bool, pid: u32, addr: u64) {
+    /// Tells the guardian that leaktrace raised (`true`) semaphore `r`, or no longer holds it
+    /// raised (lowered, or gone with an exec).
+    pub fn note_semaphore(&self, raised: bool, r: Raised) {
+        let (pid, addr) = (r.pid, r.addr);
         let mut rec = [0u8; RECORD];
         rec[0] = if raised { b'+' } else { b'-' };
         rec[1..5].copy_from_slice(&pid.to_le_bytes());
-        rec[5..].copy_from_slice(&addr.to_le_bytes());
+        rec[5..13].copy_from_slice(&addr.to_le_bytes());
+        rec[13..].copy_from_slice(&r.inode.to_le_bytes());
         // SAFETY: writes RECORD bytes from a live buffer; a pipe write of under PIPE_BUF bytes
         // is whole or nothing.
         let n = unsafe { libc::write(self.journal.as_raw_fd(), rec.as_ptr().cast(), RECORD) };
@@ -162,6 +165,9 @@ impl Guardian {
 /// switches holds off and lets every held process go, lowers the semaphores still raised, and
 /// lifts a lifecycle pause that outlived its tracer.
 pub fn guardian_main() -> Result<()> {
+    // Named for `ps` and `top` (exec'd through /proc/self/exe, it would read "exe").
+    // SAFETY: PR_SET_NAME copies at most 16 bytes from a NUL-terminated string.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"leaktrace-guard".as_ptr()) };
     // SAFETY: these descriptors were put there by `Guardian::start` and are owned by nobody
     // else in this process.
     let [low, high, targets_fd, control_fd] =
@@ -178,9 +184,13 @@ pub fn guardian_main() -> Result<()> {
         .map_err(|e| Error::Bpf(format!("guardian: {}: {e}", map::CONTROL)))?;
     let raised = follow_journal(low, &high);
     end_holds(&mut targets, &mut control);
-    for ((pid, addr), n) in raised {
-        if let Err(e) = add_to_semaphore(pid, addr, -i32::from(n)) {
-            log::debug!("guardian: semaphore {addr:#x} of {pid} not lowered: {e}");
+    for (r, n) in raised {
+        if let Err(e) = r.lower(n) {
+            log::debug!(
+                "guardian: semaphore {:#x} of {} not lowered: {e}",
+                r.addr,
+                r.pid
+            );
         }
     }
     // No pause is sent any more, and one in flight has set its flag by now.
@@ -198,8 +208,8 @@ pub fn guardian_main() -> Result<()> {
 
 /// Reads the journal until either pipe's writer is gone (leaktrace is exiting, or let go of
 /// the session); returns the semaphores leaktrace still held raised, with how many times.
-fn follow_journal(low: OwnedFd, high: &OwnedFd) -> HashMap<(u32, u64), u16> {
-    let mut raised: HashMap<(u32, u64), u16> = HashMap::new();
+fn follow_journal(low: OwnedFd, high: &OwnedFd) -> HashMap<Raised, u16> {
+    let mut raised: HashMap<Raised, u16> = HashMap::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut journal = std::fs::File::from(low);
     let mut buf = [0u8; 4096];
@@ -233,19 +243,22 @@ fn follow_journal(low: OwnedFd, high: &OwnedFd) -> HashMap<(u32, u64), u16> {
 }
 
 /// Applies the whole records in `pending` + `bytes` to `raised`, keeping a partial one.
-fn absorb(raised: &mut HashMap<(u32, u64), u16>, pending: &mut Vec<u8>, bytes: &[u8]) {
+fn absorb(raised: &mut HashMap<Raised, u16>, pending: &mut Vec<u8>, bytes: &[u8]) {
     pending.extend_from_slice(bytes);
     let whole = pending.len() / RECORD * RECORD;
     for rec in pending[..whole].chunks_exact(RECORD) {
-        let pid = u32::from_le_bytes(rec[1..5].try_into().unwrap_or_default());
-        let addr = u64::from_le_bytes(rec[5..].try_into().unwrap_or_default());
-        let n = raised.entry((pid, addr)).or_default();
+        let r = Raised {
+            pid: u32::from_le_bytes(rec[1..5].try_into().unwrap_or_default()),
+            addr: u64::from_le_bytes(rec[5..13].try_into().unwrap_or_default()),
+            inode: u64::from_le_bytes(rec[13..].try_into().unwrap_or_default()),
+        };
+        let n = raised.entry(r).or_default();
         match rec[0] {
             b'+' => *n = n.saturating_add(1),
             _ => *n = n.saturating_sub(1),
         }
         if *n == 0 {
-            raised.remove(&(pid, addr));
+            raised.remove(&r);
         }
     }
     pending.drain(..whole);

@@ -18,18 +18,47 @@ pub struct UsdtState {
     /// The cookie of each site (file, offset) already given a spec: one `USDT_SPECS` entry per
     /// site however many processes map it.
     cookies: std::collections::HashMap<(std::path::PathBuf, u64), u64>,
-    /// (process, address) of each semaphore raised by one.
-    raised: Vec<(u32, u64)>,
+    /// Each semaphore raised by one.
+    raised: Vec<Raised>,
     /// Semaphores that could not be raised, with why.
     problems: Vec<String>,
 }
 
+/// A semaphore leaktrace raised by one: in which process, where, and in which file (its
+/// inode), so that it is lowered only in the image it was raised in, not in a program the
+/// process exec'd since or in another process that got its pid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Raised {
+    pub pid: u32,
+    pub addr: u64,
+    /// 0 when the file could not be looked at: then any writable mapping there will do.
+    pub inode: u64,
+}
+
+impl Raised {
+    /// Lowers it by `n`, if it is still where it was raised; never below 0.
+    pub fn lower(&self, n: u16) -> std::result::Result<(), String> {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))
+            .map_err(|e| format!("process gone ({e})"))?;
+        let there = crate::process::maps::parse_maps(&maps).iter().any(|m| {
+            m.start <= self.addr
+                && self.addr + 2 <= m.end
+                && m.perms.starts_with("rw")
+                && (self.inode == 0 || m.inode == self.inode)
+        });
+        if !there {
+            return Err("no longer mapped from the file it was raised in".into());
+        }
+        add_to_semaphore(self.pid, self.addr, -i32::from(n))
+    }
+}
+
 impl UsdtState {
     /// Process `pid` exec'd: the semaphores raised in its old image went with it. Returns them.
-    fn forget(&mut self, pid: u32) -> Vec<(u32, u64)> {
+    fn forget(&mut self, pid: u32) -> Vec<Raised> {
         let (gone, kept) = std::mem::take(&mut self.raised)
             .into_iter()
-            .partition(|(p, _)| *p == pid);
+            .partition(|r| r.pid == pid);
         self.raised = kept;
         gone
     }
@@ -49,17 +78,31 @@ impl Tracer {
             let at = (&p.host_path, p.file_offset, cookie);
             self.attach_point(pid, scope, &[program::USDT_ENTER], at, what)?;
         }
-        let mut semaphores: Vec<u64> = points.iter().filter_map(|p| p.semaphore).collect();
-        semaphores.sort_unstable();
+        let mut semaphores: Vec<Raised> = points
+            .iter()
+            .filter_map(|p| {
+                use std::os::unix::fs::MetadataExt;
+                let inode = std::fs::metadata(&p.host_path).map_or(0, |m| m.ino());
+                let addr = p.semaphore?;
+                Some(Raised { pid, addr, inode })
+            })
+            .collect();
+        semaphores.sort_unstable_by_key(|r| r.addr);
         semaphores.dedup();
-        for addr in semaphores {
-            if self.usdt.raised.contains(&(pid, addr)) {
+        for r in semaphores {
+            let addr = r.addr;
+            if self
+                .usdt
+                .raised
+                .iter()
+                .any(|q| q.pid == pid && q.addr == addr)
+            {
                 continue;
             }
             match add_to_semaphore(pid, addr, 1) {
                 Ok(()) => {
-                    self.usdt.raised.push((pid, addr));
-                    self.journal(true, pid, addr);
+                    self.usdt.raised.push(r);
+                    self.journal(true, r);
                 }
                 Err(e) => self.usdt.problems.push(format!(
                     "process {pid}: the sampler's semaphore at {addr:#x} could not be raised \
@@ -82,23 +125,23 @@ impl Tracer {
     /// exec'd has a new image: what it inherited is forgotten.
     pub fn inherit_semaphores(&mut self, parent: u32, child: u32) {
         self.forget_semaphores(child);
-        let copied: Vec<(u32, u64)> = self
+        let copied: Vec<Raised> = self
             .usdt
             .raised
             .iter()
-            .filter(|(p, _)| *p == parent)
-            .map(|(_, a)| (child, *a))
+            .filter(|r| r.pid == parent)
+            .map(|r| Raised { pid: child, ..*r })
             .collect();
-        for &(pid, addr) in &copied {
-            self.journal(true, pid, addr);
+        for &r in &copied {
+            self.journal(true, r);
         }
         self.usdt.raised.extend(copied);
     }
 
     /// Tells the guardian, which lowers what is still raised should leaktrace die.
-    fn journal(&self, raised: bool, pid: u32, addr: u64) {
+    fn journal(&self, raised: bool, r: Raised) {
         if let Some(g) = &self.guardian {
-            g.note_semaphore(raised, pid, addr);
+            g.note_semaphore(raised, r);
         }
     }
 
@@ -124,8 +167,8 @@ impl Tracer {
 
     /// Process `pid` exec'd another program: what was raised in its old image is gone.
     pub fn forget_semaphores(&mut self, pid: u32) {
-        for (pid, addr) in self.usdt.forget(pid) {
-            self.journal(false, pid, addr);
+        for r in self.usdt.forget(pid) {
+            self.journal(false, r);
         }
     }
 
@@ -136,19 +179,19 @@ impl Tracer {
 
     /// Lowers every semaphore leaktrace raised (processes that are gone are skipped).
     pub(super) fn lower_semaphores(&mut self) {
-        for (pid, addr) in std::mem::take(&mut self.usdt.raised) {
-            if let Err(e) = add_to_semaphore(pid, addr, -1) {
-                log::debug!("semaphore {addr:#x} of {pid} not lowered: {e}");
+        for r in std::mem::take(&mut self.usdt.raised) {
+            if let Err(e) = r.lower(1) {
+                log::debug!("semaphore {:#x} of {} not lowered: {e}", r.addr, r.pid);
             }
             // Lowered first: should leaktrace die between the two, the guardian lowers it
             // again (never below 0) rather than leave it raised.
-            self.journal(false, pid, addr);
+            self.journal(false, r);
         }
     }
 }
 
 /// Adds `delta` to the 16-bit use count at `addr` in process `pid`, never below zero.
-pub(super) fn add_to_semaphore(pid: u32, addr: u64, delta: i32) -> std::result::Result<(), String> {
+fn add_to_semaphore(pid: u32, addr: u64, delta: i32) -> std::result::Result<(), String> {
     let r = Remote { pid };
     let now = r.read(addr, 2).ok_or("unreadable")?;
     let now = u16::from_le_bytes([now[0], now[1]]);

@@ -118,8 +118,9 @@ impl Session<'_> {
         } else {
             return Ok(false);
         }
-        // Taken: nothing is left for the guardian to lift should leaktrace die now. The child
-        // is stopped, so no program changes its flags meanwhile.
+        // Taken (collected by the tracing thread, so a tracer's death now drops the signal):
+        // nothing is left for the guardian to lift. Only the paused thread is stopped; no
+        // program clears or sets this mark meanwhile.
         if let Err(e) = self.tracer.clear_flags(self.proc.pid, TARGET_PAUSE_SENT) {
             log::warn!("{e}");
         }

@@ -189,6 +189,14 @@ impl Session<'_> {
         self.tracer.release(pid);
     }
 
+    /// A followed child's interpreter entered `Py_RunMain`: it exists, look now (not throttled).
+    pub(super) fn child_main_started(&mut self, pid: u32) {
+        if let Some(f) = self.forked.get_mut(&pid) {
+            f.py_tried = None;
+        }
+        self.enable_child_python(pid);
+    }
+
     /// After an exec: finds a followed child's interpreter once its libraries are mapped, and
     /// gives the kernel its walk parameters once the interpreter exists (tried at most every
     /// 20 ms).

@@ -131,7 +131,7 @@ impl Session<'_> {
             Event::MainStart(f) if f.tgid == self.proc.pid => self.lifecycle(Lifecycle::MainStart),
             // A followed child that exec'd has its interpreter by now: walk it (and raise its
             // sampler's semaphore) without waiting for the next tick.
-            Event::MainStart(f) => self.enable_child_python(f.tgid),
+            Event::MainStart(f) => self.child_main_started(f.tgid),
             Event::Finalize(_) => {}
         }
     }

@@ -16,6 +16,9 @@ use crate::root;
 
 const CYCLES: usize = 100;
 
+/// The service's and the control's resident memory at one moment, in bytes.
+type RssPair = (u64, u64);
+
 pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
     let dir = scratch.join("cycles");
     std::fs::create_dir_all(&dir)?;
@@ -38,37 +41,7 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
     // Started now, so both have served the same time when their memory is compared.
     let control = service(python, &dir.join("control"), Some(&lib))?;
     let control_pid = control.0.id();
-    let mut rss = Vec::new();
-    let mut semaphore = None;
-    for i in 0..CYCLES {
-        let o = Command::new(leaktrace)
-            .args([
-                "attach",
-                "-p",
-                &pid.to_string(),
-                "--mode",
-                "sampled",
-                "-d",
-                "0.3",
-            ])
-            .args(["--verbose", "--top", "3"])
-            .stdout(Stdio::null())
-            .output()?;
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        if o.status.code() != Some(0) {
-            bail!(
-                "cycle {i}: leaktrace exited {:?}: {stderr}",
-                o.status.code()
-            );
-        }
-        semaphore = semaphore.or_else(|| semaphore_of(&stderr));
-        if i == 9 || i == CYCLES - 1 {
-            rss.push((
-                usage(pid).context("the service is gone")?.0,
-                usage(control_pid).context("the control is gone")?.0,
-            ));
-        }
-    }
+    let (rss, semaphore) = cycle(leaktrace, pid, control_pid)?;
     drop(control);
     // The last sessions' background detachers still hold probes for a few seconds.
     super::probes_gone()?;
@@ -108,6 +81,43 @@ pub fn run(leaktrace: &Path, python: &Path, scratch: &Path) -> Result<()> {
         bail!("the sampler's semaphore was left at {raised}");
     }
     Ok(())
+}
+
+/// Attaches to `pid` and detaches `CYCLES` times; returns the service's and the control's RSS
+/// after 10 cycles and after the last, and the semaphore address `--verbose` named.
+fn cycle(leaktrace: &Path, pid: u32, control_pid: u32) -> Result<(Vec<RssPair>, Option<u64>)> {
+    let mut rss = Vec::new();
+    let mut semaphore = None;
+    for i in 0..CYCLES {
+        let o = Command::new(leaktrace)
+            .args([
+                "attach",
+                "-p",
+                &pid.to_string(),
+                "--mode",
+                "sampled",
+                "-d",
+                "0.3",
+            ])
+            .args(["--verbose", "--top", "3"])
+            .stdout(Stdio::null())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if o.status.code() != Some(0) {
+            bail!(
+                "cycle {i}: leaktrace exited {:?}: {stderr}",
+                o.status.code()
+            );
+        }
+        semaphore = semaphore.or_else(|| semaphore_of(&stderr));
+        if i == 9 || i == CYCLES - 1 {
+            rss.push((
+                usage(pid).context("the service is gone")?.0,
+                usage(control_pid).context("the control is gone")?.0,
+            ));
+        }
+    }
+    Ok((rss, semaphore))
 }
 
 fn service(python: &Path, counts: &Path, preload: Option<&str>) -> Result<Killed> {
