@@ -4,15 +4,15 @@
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use leaktrace_ebpf::{
     native_end, py_status, site_id_add_pc, site_id_finish, site_id_start, AllocFn, Counter,
-    FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, PyFrameRec, SiteStats, UnwindKey, EVENT_NEW_SITE,
-    MAX_NATIVE_WALK, MAX_PY_FRAMES,
+    FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, PyFrameRec, SiteStats, UnwindKey,
+    CONTROL_NO_NEW_BLOCKS, EVENT_NEW_SITE, MAX_NATIVE_WALK, MAX_PY_FRAMES,
 };
 
 use crate::bump;
 use crate::live::remove_stale;
 use crate::maps::{
-    Scratch, BPF_RB_AVAIL_DATA, EVENTS, LIVE, PYPROCS, REQUESTED, RING_BYTES, SCRATCH, SITES,
-    SITES_SOFT_LIMIT, SITE_COUNT,
+    Scratch, BPF_RB_AVAIL_DATA, CONTROL, EVENTS, LIVE, PYPROCS, REQUESTED, RING_BYTES, SCRATCH,
+    SITES, SITES_SOFT_LIMIT, SITE_COUNT,
 };
 use crate::python::{check_step, python_stack, CheckCtx};
 use crate::read_global;
@@ -30,6 +30,12 @@ pub(crate) fn record_alloc(
     func: AllocFn,
     caller: FrameRegs,
 ) {
+    if CONTROL
+        .get(0)
+        .is_some_and(|c| *c & CONTROL_NO_NEW_BLOCKS != 0)
+    {
+        return;
+    }
     let start = site_id_start(tgid, func as u8);
     let coarse = site_id_add_pc(start, caller.pc);
     let native = native_stack(tgid, caller, start);

@@ -33,3 +33,8 @@ pub const TARGET_PAUSE_SENT: u32 = 128;
 /// Set when the session ends (or leaktrace dies, by its guardian): the kernel stops no process
 /// any more, so nothing can be held with no one left to let it go.
 pub const CONTROL_HOLDS_OFF: u32 = 1;
+
+/// Set when the window closes on a process that runs on: new blocks are no longer recorded while
+/// frees still are, for the moment userspace waits before its last read, so a block the program
+/// frees a moment after the window's end is not reported unfreed.
+pub const CONTROL_NO_NEW_BLOCKS: u32 = 2;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 
 use super::loader::Tracer;
-use leaktrace_ebpf::{map, CONTROL_HOLDS_OFF, TARGET_HELD};
+use leaktrace_ebpf::{map, CONTROL_HOLDS_OFF, CONTROL_NO_NEW_BLOCKS, TARGET_HELD};
 
 use crate::error::{Error, Result};
 
@@ -34,10 +34,19 @@ pub(super) const RELEASE_ROUNDS: [Duration; 4] = [
 
 /// Switches holds off: from now on the kernel stops no process for leaktrace.
 pub fn holds_off<T: std::borrow::BorrowMut<MapData>>(control: &mut Array<T, u32>) -> Result<()> {
+    set_control(control, CONTROL_HOLDS_OFF, "switching holds off")
+}
+
+/// Sets `bit` in the session's control word.
+fn set_control<T: std::borrow::BorrowMut<MapData>>(
+    control: &mut Array<T, u32>,
+    bit: u32,
+    what: &str,
+) -> Result<()> {
     let now = control.get(&0, 0).unwrap_or(0);
     control
-        .set(0, now | CONTROL_HOLDS_OFF, 0)
-        .map_err(|e| Error::Bpf(format!("switching holds off: {e}")))
+        .set(0, now | bit, 0)
+        .map_err(|e| Error::Bpf(format!("{what}: {e}")))
 }
 
 /// Lets process `pid` go if the kernel holds it: clears its `TARGET_HELD` flag, then sends
@@ -99,6 +108,24 @@ impl Tracer {
                 release(&mut targets, pid);
             }
             Err(e) => log::warn!("cannot let process {pid} go: {e}"),
+        }
+    }
+
+    /// The window closed on processes that run on: new blocks are no longer recorded, frees
+    /// still are, for `settle`, so a block freed a moment after the window's end (allocated,
+    /// used and freed around it) is not read as unfreed.
+    pub fn stop_new_blocks(&mut self, settle: Duration) {
+        let done = self
+            .ebpf
+            .map_mut(map::CONTROL)
+            .ok_or_else(|| Error::Bpf(format!("no {} map", map::CONTROL)))
+            .and_then(|m| {
+                Array::<&mut MapData, u32>::try_from(m).map_err(|e| Error::Bpf(e.to_string()))
+            })
+            .and_then(|mut c| set_control(&mut c, CONTROL_NO_NEW_BLOCKS, "ending the window"));
+        match done {
+            Ok(()) => std::thread::sleep(settle),
+            Err(e) => log::warn!("{e}"),
         }
     }
 

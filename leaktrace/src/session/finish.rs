@@ -46,6 +46,12 @@ impl Session<'_> {
             }
         }
         let duration = self.start.elapsed().as_secs_f64();
+        if self.proc.alive() {
+            // The window ends on a running program: the blocks it is about to free are not
+            // leaks. 20 ms is thousands of times the malloc-to-free span of a short-lived block.
+            self.tracer
+                .stop_new_blocks(std::time::Duration::from_millis(20));
+        }
         phase.done("trace");
         let ended = Instant::now();
         if self.live_progress {
