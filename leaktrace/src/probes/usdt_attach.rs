@@ -42,7 +42,7 @@ impl Raised {
             .map_err(|e| format!("process gone ({e})"))?;
         let there = crate::process::maps::parse_maps(&maps).iter().any(|m| {
             m.start <= self.addr
-                && self.addr + 2 <= m.end
+                && self.addr.saturating_add(2) <= m.end
                 && m.perms.starts_with("rw")
                 && (self.inode == 0 || m.inode == self.inode)
         });
