@@ -23,7 +23,7 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use leaktrace_ebpf::{map, TARGET_PAUSE_SENT};
 
-use super::holds::{end_holds, RELEASE_ROUNDS};
+use super::holds::{end_holds, flagged, RELEASE_ROUNDS};
 use super::usdt_attach::Raised;
 use crate::error::{Error, Result};
 
@@ -194,13 +194,7 @@ pub fn guardian_main() -> Result<()> {
         }
     }
     // No pause is sent any more, and one in flight has set its flag by now.
-    let paused: Vec<u32> = targets
-        .iter()
-        .filter_map(|r| r.ok())
-        .filter(|(_, flags)| flags & TARGET_PAUSE_SENT != 0)
-        .map(|(pid, _)| pid)
-        .collect();
-    for pid in paused {
+    for pid in flagged(&targets, TARGET_PAUSE_SENT) {
         lift_stray_pause(pid);
     }
     Ok(())

@@ -72,13 +72,21 @@ pub fn release<T: std::borrow::BorrowMut<MapData>>(
 pub fn release_all<T: std::borrow::BorrowMut<MapData>>(
     targets: &mut BpfHashMap<T, u32, u32>,
 ) -> usize {
-    let held: Vec<u32> = targets
+    let held = flagged(targets, TARGET_HELD);
+    held.into_iter().filter(|p| release(targets, *p)).count()
+}
+
+/// The processes in `TARGETS` whose flags carry `flag`.
+pub fn flagged<T: std::borrow::Borrow<MapData>>(
+    targets: &BpfHashMap<T, u32, u32>,
+    flag: u32,
+) -> Vec<u32> {
+    targets
         .iter()
         .filter_map(|r| r.ok())
-        .filter(|(_, flags)| flags & TARGET_HELD != 0)
+        .filter(|(_, flags)| flags & flag != 0)
         .map(|(pid, _)| pid)
-        .collect();
-    held.into_iter().filter(|p| release(targets, *p)).count()
+        .collect()
 }
 
 /// Switches holds off and lets every held process go, looking again a few times for stops

@@ -224,9 +224,11 @@ pub fn plan(
     if families == Families::PythonOnly && python.is_none() {
         return Err(Error::NotPython(pid));
     }
+    let mut producer = super::usdt::ProducerExports::default();
     if usdt && families.libc() {
         (plan.usdt, plan.notes) = super::usdt::choose(pid, modules);
-        plan.usdt_interval = super::usdt::producer_interval(pid, modules, &plan.usdt);
+        producer = super::usdt::producer_exports(pid, modules, &plan.usdt);
+        plan.usdt_interval = producer.interval;
     }
     if families.libc() && plan.usdt.is_empty() {
         plan_libc(&mut plan, pid, modules, exe)?;
@@ -237,7 +239,7 @@ pub fn plan(
     let raw_malloc = python.is_some() && python_malloc_is_raw(pid);
     match (&python, families) {
         (_, Families::LibcOnly) => {}
-        (Some(_), _) if super::usdt::samples_python(pid, modules, &plan.usdt) => {
+        (Some(_), _) if producer.samples_python => {
             plan.python_coverage = PythonCoverage::SampledInProcess;
         }
         (Some(py), _) if raw_malloc && families != Families::PythonOnly => {

@@ -121,42 +121,49 @@ fn whole_producers(
     (points, notes)
 }
 
-/// Whether a chosen producer samples CPython's allocator domains too: leaktrace's preload
-/// exports which domains it wrapped (`leaktrace_preload_python_domains`, set by its
-/// constructor, which has run by the time the program's entry point is reached).
-pub fn samples_python(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> bool {
-    read_export(pid, modules, points, "leaktrace_preload_python_domains", 4)
-        .is_some_and(|b| b.iter().any(|x| *x != 0))
+/// What leaktrace's preload says of itself, read from the process's memory (its constructor
+/// has set both by the time the program's entry point is reached); another producer says
+/// nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProducerExports {
+    /// It samples CPython's allocator domains too (`leaktrace_preload_python_domains`).
+    pub samples_python: bool,
+    /// The mean interval it samples at (`leaktrace_preload_sample_bytes`).
+    pub interval: Option<u64>,
 }
 
-/// The mean interval the chosen producer samples at, where it exports it (leaktrace's
-/// preload: `leaktrace_preload_sample_bytes`, set by its constructor).
-pub fn producer_interval(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> Option<u64> {
-    let bytes = read_export(pid, modules, points, "leaktrace_preload_sample_bytes", 8)?;
-    let n = u64::from_le_bytes(bytes.try_into().ok()?);
-    (n > 0).then_some(n)
-}
-
-/// `len` bytes of data symbol `symbol` in process `pid`, from the first of the producers'
-/// files that exports it.
-fn read_export(
-    pid: u32,
-    modules: &ModuleMap,
-    points: &[UsdtPoint],
-    symbol: &str,
-    len: usize,
-) -> Option<Vec<u8>> {
+/// The exports of the first of the chosen producers' files that has them, each file's ELF
+/// read once.
+pub fn producer_exports(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> ProducerExports {
     let mut files: Vec<(&str, &std::path::Path)> = points
         .iter()
         .map(|p| (p.module.as_str(), p.host_path.as_path()))
         .collect();
     files.dedup();
-    files.into_iter().find_map(|(module, host)| {
-        let elf = ElfFile::open(host).ok()?;
-        let vaddr = elf.data_symbol(symbol)?;
-        let bias = modules.load_bias(module, elf.first_load_vaddr())?;
-        crate::process::remote::Remote { pid }.read(vaddr.wrapping_add(bias), len)
-    })
+    let remote = crate::process::remote::Remote { pid };
+    files
+        .into_iter()
+        .find_map(|(module, host)| {
+            let elf = ElfFile::open(host).ok()?;
+            let bias = modules.load_bias(module, elf.first_load_vaddr())?;
+            let read = |symbol: &str, len: usize| {
+                let vaddr = elf.data_symbol(symbol)?;
+                remote.read(vaddr.wrapping_add(bias), len)
+            };
+            let domains = read("leaktrace_preload_python_domains", 4);
+            let interval = read("leaktrace_preload_sample_bytes", 8);
+            if domains.is_none() && interval.is_none() {
+                return None;
+            }
+            Some(ProducerExports {
+                samples_python: domains.is_some_and(|b| b.iter().any(|x| *x != 0)),
+                interval: interval
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .filter(|n| *n > 0),
+            })
+        })
+        .unwrap_or_default()
 }
 
 fn is_heap_probe(n: &SdtNote) -> bool {
