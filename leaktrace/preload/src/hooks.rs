@@ -5,13 +5,14 @@
 //! the sampler hands back. Nothing here may allocate through Rust's global allocator or call into
 //! anything that might: every hook can be reached from inside malloc.
 
+use core::cell::Cell;
 use core::ffi::{c_int, c_void};
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use libdd_profiling_heap_sampler::{
     dd_alloc_req_t, dd_allocation_created, dd_allocation_freed, dd_allocation_realloc_commit,
-    dd_allocation_realloc_prepare, dd_allocation_requested,
+    dd_allocation_realloc_prepare, dd_allocation_requested_slow,
 };
 
 use crate::real::{
@@ -19,6 +20,7 @@ use crate::real::{
     __libc_valloc, page_size, real_usable_size_fn, restore_errno,
 };
 use crate::tag::{classify, tracer_attached, Tag};
+use crate::tls;
 
 /// glibc's MALLOC_ALIGNMENT on x86-64, and what the sampler assumes for realloc(NULL, n); a
 /// sampled malloc must land its user pointer on the same boundary plain malloc would.
@@ -39,23 +41,74 @@ unsafe fn sampled(
         // What requested() answers when the semaphore is down, without the two out-of-line calls
         // (requested and created are inline only for C callers; Rust reaches them through
         // bindgen's wrappers), which are most of an idle hook's cost.
-        return alloc(&dd_alloc_req_t {
-            size,
-            user_size: size,
-            alignment,
-            weight: 0,
-        });
+        return alloc(&plain(size, alignment));
     }
-    // SAFETY: requested has no preconditions beyond `alignment` being a power of two, which
-    // every caller guarantees.
-    let req = unsafe { dd_allocation_requested(size, alignment) };
+    let req = request(size, alignment);
     let raw = alloc(&req);
-    if is_sampled(&req) && !raw.is_null() {
+    if !is_sampled(&req) {
+        if req.weight == GUARDED {
+            WITNESS.set(raw);
+        }
+        return raw;
+    }
+    if !raw.is_null() {
         SAMPLED.fetch_add(1, Ordering::Relaxed);
     }
     // SAFETY: `raw` is what the real allocator returned for `req` (possibly NULL), and `req` is
-    // passed back unchanged, as created requires.
+    // passed back unchanged, as created requires; it closes the guard the slow path opened.
     unsafe { dd_allocation_created(raw, req) }
+}
+
+/// dd_allocation_requested (allocation_requested.h) once the semaphore is known to be up,
+/// inline: the reentry guard, then the countdown; only a crossing leaves for the sampler's slow
+/// path, which opens the guard when it samples.
+#[inline(always)]
+fn request(size: usize, alignment: usize) -> dd_alloc_req_t {
+    let tl = tls::state();
+    // SAFETY: this thread's own state; only this thread writes the fields used here (an eBPF
+    // tracer may change `sampling_interval`, which this does not read).
+    let owed = unsafe {
+        if (*tl).reentry_guard {
+            return dd_alloc_req_t {
+                weight: GUARDED,
+                ..plain(size, alignment)
+            };
+        }
+        (*tl).remaining_bytes = (*tl).remaining_bytes.wrapping_add(size as i64);
+        (*tl).remaining_bytes >= 0
+    };
+    if !owed {
+        return plain(size, alignment);
+    }
+    // SAFETY: tl is this thread's state with its guard clear; every caller passes a power-of-two
+    // alignment.
+    unsafe { dd_allocation_requested_slow(tl, size, alignment) }
+}
+
+/// The weight `request` gives a request it passes through because the thread's reentry guard
+/// is set; like 0, it means "not sampled" (`is_sampled`).
+const GUARDED: u64 = u64::MAX;
+
+thread_local! {
+    /// The last block this thread's libc hooks handed out while its reentry guard was set:
+    /// how `src/python_direct.rs` checks that a block it had pymalloc allocate came from malloc.
+    static WITNESS: Cell<*mut c_void> = const { Cell::new(null_mut()) };
+}
+
+/// Takes the block the libc hooks last handed out on this thread under the reentry guard.
+pub fn take_witness() -> *mut c_void {
+    WITNESS.replace(null_mut())
+}
+
+/// The request the sampler makes of an allocation it does not sample: the caller's own.
+#[inline(always)]
+fn plain(size: usize, alignment: usize) -> dd_alloc_req_t {
+    dd_alloc_req_t {
+        size,
+        user_size: size,
+        alignment,
+        weight: 0,
+    }
 }
 
 /// How many allocations the libc hooks sampled, for the report that `LEAKTRACE_PRELOAD_STATS`
@@ -65,7 +118,7 @@ pub static SAMPLED: AtomicU64 = AtomicU64::new(0);
 /// Whether the sampler chose this request (a zero weight means it did not).
 #[inline(always)]
 fn is_sampled(req: &dd_alloc_req_t) -> bool {
-    req.weight != 0
+    req.weight != 0 && req.weight != GUARDED
 }
 
 /// Interposed `malloc(3)`.

@@ -56,9 +56,12 @@
 //! interpreter starts, and samples them the same way, with the same probes and header.
 //! `PYMEM_DOMAIN_RAW` is malloc (or debug hooks over it), which the libc hooks already sample.
 //!
-//! * An allocation is sampled, and its bytes counted, once: while a domain allocation is inside
-//!   pymalloc (or the debug hooks), the libc hooks pass the malloc calls it makes straight
-//!   through.
+//! * Over CPython's own pymalloc (`src/python_direct.rs`) only requests of up to 512 bytes are
+//!   counted here, inline and without a guard; pymalloc passes larger ones to malloc, where the
+//!   libc hooks count them.
+//! * Over anything else (debug hooks, an embedder's allocator: `src/python_hooks.rs`), an
+//!   allocation is sampled, and its bytes counted, once: while a domain allocation is inside
+//!   the wrapped allocator, the libc hooks pass the malloc calls it makes straight through.
 //! * pymalloc blocks have no glibc chunk header to tell a sampler header from a program's
 //!   bytes, so a domain free trusts a header only for blocks it recorded when sampling them.
 //! * Untraced, a domain wrapper costs a load and a branch (the semaphore, or for frees and
@@ -85,9 +88,11 @@ mod env;
 mod hooks;
 mod python;
 mod python_blocks;
+mod python_direct;
 mod python_hooks;
 mod real;
 mod tag;
+mod tls;
 
 use env::SampleBytes;
 

@@ -286,8 +286,9 @@ unsafe fn wrap_domains(api: &Api) -> bool {
             continue;
         };
         let mut ours = if slot.is_unused() {
+            let direct = is_cpython_pymalloc(api, &current, &raw);
             // SAFETY: complete, and an unused slot is used by nothing.
-            unsafe { slot.set(current) }
+            unsafe { slot.set(current, direct) }
         } else {
             slot.installer()
         };
@@ -298,6 +299,42 @@ unsafe fn wrap_domains(api: &Api) -> bool {
     }
     leaktrace_preload_python_domains.store(mask, Ordering::Relaxed);
     installed
+}
+
+/// Whether `current` is CPython's own pymalloc over CPython's own malloc, which
+/// `src/python_direct.rs` wraps more cheaply: no context in either domain (CPython's debug
+/// hooks keep one), every function in the object that exports `PyMem_SetAllocator` (no
+/// embedder's allocator), and `PYTHONMALLOC` naming no other allocator (3.13's mimalloc is
+/// CPython's too). An embedder that picks mimalloc through its configuration passes these
+/// checks; the wrappers find out at a sample over 512 bytes and count those requests again.
+fn is_cpython_pymalloc(api: &Api, current: &PyMemAllocatorEx, raw: &PyMemAllocatorEx) -> bool {
+    if !current.ctx.is_null() || !raw.ctx.is_null() || !pymalloc_by_environment() {
+        return false;
+    }
+    let home = object_of(api.set as *const c_void);
+    home.is_some()
+        && current
+            .functions()
+            .into_iter()
+            .chain(raw.functions())
+            .all(|f| object_of(f) == home)
+}
+
+/// Whether `PYTHONMALLOC` is unset, empty or `pymalloc`.
+fn pymalloc_by_environment() -> bool {
+    // SAFETY: getenv with a NUL-terminated name; only reads the environment.
+    let v = unsafe { libc::getenv(c"PYTHONMALLOC".as_ptr()) };
+    // SAFETY: a non-null getenv result is a NUL-terminated string.
+    v.is_null() || matches!(unsafe { CStr::from_ptr(v) }.to_bytes(), b"" | b"pymalloc")
+}
+
+/// The base address of the loaded object that holds `f`, if any.
+fn object_of(f: *const c_void) -> Option<usize> {
+    // SAFETY: an all-zero Dl_info is valid; dladdr only fills it in.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: dladdr reads the loader's tables for any address and writes `info`.
+    let found = unsafe { libc::dladdr(f, &mut info) } != 0;
+    (found && !info.dli_fbase.is_null()).then_some(info.dli_fbase as usize)
 }
 
 /// The slot to wrap `current` in domain `i` with: the one already wrapping that very
@@ -407,6 +444,13 @@ extern "C" fn report() {
         line.push_u64(count(|w| &w.stats.released));
         line.push(b", dropped ");
         line.push_u64(count(|w| &w.stats.dropped));
+        let slots = || SLOTS.iter().map(|g| &g[i]);
+        if slots().any(Wrapped::is_direct) {
+            line.push(b" (as pymalloc)");
+        }
+        if slots().any(|w| w.stats.not_pymalloc.load(Ordering::Relaxed)) {
+            line.push(b", found not to be pymalloc");
+        }
     }
     line.push(b"; live ");
     line.push_u64(python_blocks::live() as u64);

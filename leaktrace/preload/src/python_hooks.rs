@@ -15,16 +15,18 @@
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use libdd_profiling_heap_sampler::{
     dd_alloc_req_t, dd_allocation_created, dd_allocation_freed, dd_allocation_realloc_commit,
     dd_allocation_realloc_prepare, dd_allocation_requested_slow, dd_sample_flag_apply,
-    dd_sample_flag_peek, dd_tl_state_get_or_init,
+    dd_sample_flag_peek,
 };
 
 use crate::python_blocks;
+use crate::python_direct;
 use crate::tag::{classify, tracer_attached, Tag};
+use crate::tls;
 
 /// `void *malloc(void *ctx, size_t size)`.
 pub type MallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
@@ -71,12 +73,20 @@ impl PyMemAllocatorEx {
 
     /// Whether this is one of our wrappers. (One non-generic function has one address.)
     pub fn is_ours(&self) -> bool {
-        self.words()[1] == py_malloc as MallocFn as usize
+        let malloc = self.words()[1];
+        malloc == py_malloc as MallocFn as usize
+            || malloc == python_direct::malloc as MallocFn as usize
     }
 
     /// Whether both describe the same allocator: the same context and function addresses.
     pub fn same_as(&self, other: &Self) -> bool {
         self.words() == other.words()
+    }
+
+    /// The four functions' addresses (null for a missing one).
+    pub fn functions(&self) -> [*const c_void; 4] {
+        let w = self.words();
+        [w[1], w[2], w[3], w[4]].map(|a| a as *const c_void)
     }
 
     /// The context and the functions as addresses (0 for none), which is how they compare:
@@ -101,6 +111,8 @@ impl PyMemAllocatorEx {
 pub struct Wrapped {
     /// The allocator underneath, complete (checked before installing).
     inner: UnsafeCell<PyMemAllocatorEx>,
+    /// Whether it is CPython's own pymalloc, wrapped by `src/python_direct.rs`.
+    direct: UnsafeCell<bool>,
     /// Counters, on their own cache line: `inner` is read on every call.
     pub stats: Stats,
 }
@@ -114,6 +126,9 @@ pub struct Stats {
     pub released: AtomicU64,
     /// Samples given back at once because the block table was full there.
     pub dropped: AtomicU64,
+    /// Set when a wrapper for pymalloc found a block it had pymalloc allocate outside malloc,
+    /// and so stopped sampling (`src/python_direct.rs`).
+    pub not_pymalloc: AtomicBool,
 }
 
 // SAFETY: `inner` is written only before the wrappers are published (see `Wrapped::set`) and
@@ -125,10 +140,12 @@ impl Wrapped {
     pub const fn new() -> Self {
         Self {
             inner: UnsafeCell::new(PyMemAllocatorEx::EMPTY),
+            direct: UnsafeCell::new(false),
             stats: Stats {
                 sampled: AtomicU64::new(0),
                 released: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
+                not_pymalloc: AtomicBool::new(false),
             },
         }
     }
@@ -143,21 +160,35 @@ impl Wrapped {
         self.inner().same_as(allocator)
     }
 
-    /// Stores the allocator to wrap and returns the allocator to install in its place.
+    /// Stores the allocator to wrap and returns the allocator to install in its place;
+    /// `direct` says that it is CPython's own pymalloc (see `src/python_direct.rs`).
     ///
     /// # Safety
     ///
     /// `inner` must be complete, and nothing may be using this slot: it must be unused.
-    pub unsafe fn set(&'static self, inner: PyMemAllocatorEx) -> PyMemAllocatorEx {
-        // SAFETY: by the caller's guarantee nothing reads `inner` concurrently.
-        unsafe { *self.inner.get() = inner };
+    pub unsafe fn set(&'static self, inner: PyMemAllocatorEx, direct: bool) -> PyMemAllocatorEx {
+        // SAFETY: by the caller's guarantee nothing reads `inner` or `direct` concurrently.
+        unsafe {
+            *self.inner.get() = inner;
+            *self.direct.get() = direct;
+        }
         self.installer()
     }
 
     /// The allocator that installs this slot's wrappers.
     pub fn installer(&'static self) -> PyMemAllocatorEx {
+        let ctx = core::ptr::from_ref(self).cast_mut().cast();
+        if self.is_direct() {
+            return PyMemAllocatorEx {
+                ctx,
+                malloc: Some(python_direct::malloc),
+                calloc: Some(python_direct::calloc),
+                realloc: Some(py_realloc),
+                free: Some(py_free),
+            };
+        }
         PyMemAllocatorEx {
-            ctx: core::ptr::from_ref(self).cast_mut().cast(),
+            ctx,
             malloc: Some(py_malloc),
             calloc: Some(py_calloc),
             realloc: Some(py_realloc),
@@ -165,9 +196,15 @@ impl Wrapped {
         }
     }
 
+    /// Whether this slot wraps CPython's own pymalloc with `src/python_direct.rs`.
+    pub fn is_direct(&self) -> bool {
+        // SAFETY: written once before publication, read-only since (see `set`).
+        unsafe { *self.direct.get() }
+    }
+
     /// The wrapped allocator.
     #[inline(always)]
-    fn inner(&self) -> &PyMemAllocatorEx {
+    pub(crate) fn inner(&self) -> &PyMemAllocatorEx {
         // SAFETY: written once before publication, read-only since (see `set`).
         unsafe { &*self.inner.get() }
     }
@@ -179,14 +216,14 @@ impl Wrapped {
 ///
 /// `ctx` must be the ctx that `Wrapped::set` returned, which CPython passes back unchanged.
 #[inline(always)]
-unsafe fn wrapped<'a>(ctx: *mut c_void) -> &'a Wrapped {
+pub(crate) unsafe fn wrapped<'a>(ctx: *mut c_void) -> &'a Wrapped {
     // SAFETY: the caller guarantees ctx points at a static Wrapped.
     unsafe { &*ctx.cast::<Wrapped>() }
 }
 
 /// The alignment every CPython domain gives its blocks on x86-64 (pymalloc's ALIGNMENT, and
 /// malloc's); a sampled block's user pointer must keep it.
-const PY_ALIGNMENT: usize = 16;
+pub(crate) const PY_ALIGNMENT: usize = 16;
 
 /// The request for `size` bytes that is not sampled.
 fn plain(size: usize) -> dd_alloc_req_t {
@@ -213,18 +250,17 @@ fn plain(size: usize) -> dd_alloc_req_t {
 /// `alloc` must call the wrapped allocator for the request's `size` (or an equivalent
 /// request) and return what it returned.
 #[inline(never)]
-unsafe fn alloc_traced(
+pub(crate) unsafe fn alloc_traced(
     d: &Wrapped,
     size: usize,
     alloc: impl FnOnce(&dd_alloc_req_t) -> *mut c_void,
 ) -> *mut c_void {
-    // SAFETY: this thread's sampler state, initialised on first use; static TLS (the library
-    // is preloaded), so this never allocates. Only this thread writes the fields used here
-    // (an eBPF tracer may change `sampling_interval`), and they are accessed through the raw
-    // pointer because the libc hooks change them, through their own, inside `alloc`.
-    let tl = unsafe { dd_tl_state_get_or_init() };
+    // This thread's sampler state. Only this thread writes the fields used here (an eBPF tracer
+    // may change `sampling_interval`), and they are accessed through the raw pointer because
+    // the libc hooks change them, through their own, inside `alloc`.
+    let tl = tls::state();
     // SAFETY: see above.
-    if tl.is_null() || unsafe { (*tl).reentry_guard } {
+    if unsafe { (*tl).reentry_guard } {
         // Inside a sampled allocation's slow path, or under another layer that counted these
         // bytes: neither sample nor count, as dd_allocation_requested would.
         return alloc(&plain(size));
@@ -251,10 +287,26 @@ unsafe fn alloc_traced(
         unsafe { (*tl).reentry_guard = false };
         return raw;
     }
-    // requested_slow left the guard set; created clears it.
+    // requested_slow left the guard set; keep_sample's created clears it.
     let raw = alloc(&req);
-    // SAFETY: `raw` is what the allocator returned for `req` (maybe NULL); created stamps the
-    // header, fires ddheap:alloc and closes the guard.
+    // SAFETY: `raw` is what the allocator returned for `req`.
+    unsafe { keep_sample(d, raw, req) }
+}
+
+/// Ends a sampled domain allocation: stamps the header on `raw` and fires ddheap:alloc (which
+/// closes the sampler's reentry guard), and records the block for its free.
+///
+/// # Safety
+///
+/// `raw` must be what the wrapped allocator returned (maybe NULL) for `req`, a sampled request
+/// from `dd_allocation_requested_slow` on this thread.
+pub(crate) unsafe fn keep_sample(
+    d: &Wrapped,
+    raw: *mut c_void,
+    req: dd_alloc_req_t,
+) -> *mut c_void {
+    // SAFETY: as the caller guarantees; created stamps the header, fires ddheap:alloc and
+    // closes the guard.
     let user = unsafe { dd_allocation_created(raw, req) };
     if user.is_null() {
         return user;
