@@ -47,7 +47,7 @@ pub mod program {
     pub const LIFECYCLE_ENTER: &str = "lifecycle_enter";
     /// A heap-sampling USDT (`alloc` or `free`; the cookie keys `USDT_SPECS`).
     pub const USDT_ENTER: &str = "usdt_enter";
-    /// The uprobe programs, loaded for every session.
+    /// The uprobe programs, each loaded when a session first attaches it.
     pub const UPROBES: [&str; 5] = [
         ALLOC_ENTER,
         ALLOC_EXIT,

@@ -23,12 +23,16 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use leaktrace_ebpf::{map, TARGET_PAUSE_SENT};
 
-use super::holds::{end_holds, flagged, RELEASE_ROUNDS};
+use super::holds::{end_holds, flagged, holds_off, RELEASE_ROUNDS};
 use super::usdt_attach::Raised;
 use crate::error::{Error, Result};
 
 /// The hidden subcommand that runs the guardian.
 pub const GUARDIAN_ARG: &str = "__guardian";
+/// The guardian's second argument when the kernel may hold followed children.
+const HOLDS_ARG: &str = "holds";
+/// The guardian's second argument when it may not.
+const NO_HOLDS_ARG: &str = "no-holds";
 
 /// Where the guardian finds its two pipes and the two maps.
 const GUARDIAN_FDS: [RawFd; 4] = [3, 4, 5, 6];
@@ -93,7 +97,16 @@ pub struct Guardian {
 
 impl Guardian {
     /// Starts the guardian with the two pipes (`low` opened before any probe) and the two maps.
-    pub fn start(low: WakePipe, high: WakePipe, targets: &Map, control: &Map) -> Result<Self> {
+    ///
+    /// `holds` says whether the kernel may hold followed children (`--follow-forks`): only
+    /// then must the guardian look again for a hold still on its way (0.31 s) at the end.
+    pub fn start(
+        low: WakePipe,
+        high: WakePipe,
+        targets: &Map,
+        control: &Map,
+        holds: bool,
+    ) -> Result<Self> {
         let fds = [
             low.read.as_raw_fd(),
             high.read.as_raw_fd(),
@@ -106,6 +119,7 @@ impl Guardian {
         ];
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg(GUARDIAN_ARG)
+            .arg(if holds { HOLDS_ARG } else { NO_HOLDS_ARG })
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
         // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
@@ -183,7 +197,15 @@ pub fn guardian_main() -> Result<()> {
     let mut control: Array<MapData, u32> = Array::try_from(open(control_fd, map::CONTROL)?)
         .map_err(|e| Error::Bpf(format!("guardian: {}: {e}", map::CONTROL)))?;
     let raised = follow_journal(low, &high);
-    end_holds(&mut targets, &mut control);
+    // Without holds, leaving the release rounds out spares every `run` 0.31 s at its end:
+    // the guardian keeps leaktrace's standard error open, and so the end of its output.
+    if std::env::args().nth(2).as_deref() == Some(NO_HOLDS_ARG) {
+        if let Err(e) = holds_off(&mut control) {
+            log::warn!("guardian: {e}");
+        }
+    } else {
+        end_holds(&mut targets, &mut control);
+    }
     for (r, n) in raised {
         if let Err(e) = r.lower(n) {
             log::debug!(

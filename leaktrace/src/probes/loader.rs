@@ -222,10 +222,11 @@ impl Tracer {
             .then(guardian::WakePipe::low)
             .transpose()?;
         let mut ebpf = load_object(&opts)?;
+        // Uprobe programs are loaded when first attached (`attach_point`): a session sampled
+        // inside the process never attaches the allocator programs, and their verification was
+        // a tenth of its start-up. Each one is known to the object now.
         for name in program::UPROBES {
-            let prog: &mut UProbe = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
+            let _: &mut UProbe = program(&mut ebpf, name)?;
         }
         if opts.sample_rate > 0 {
             fill_sampling_table(&mut ebpf)?;
@@ -253,6 +254,7 @@ impl Tracer {
                 guardian::WakePipe::high()?,
                 tracer.map(map::TARGETS)?,
                 tracer.map(map::CONTROL)?,
+                opts.follow_forks,
             )?);
         }
         tracer.attach_session_tracepoints(&opts)?;
@@ -343,9 +345,13 @@ impl Tracer {
             let prog: &mut UProbe = self
                 .ebpf
                 .program_mut(name)
-                .expect("loaded in Tracer::load")
+                .expect("checked in Tracer::load")
                 .try_into()
                 .map_err(|e| bpf_err(name, e))?;
+            if prog.fd().is_err() {
+                prog.load()
+                    .map_err(|e| bpf_err(&format!("loading {name}"), e))?;
+            }
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(file_offset),
                 cookie: Some(cookie),

@@ -41,19 +41,24 @@ pub struct FnSymbol {
     pub table: SymbolTable,
 }
 
-/// An ELF file read into memory.
+/// An ELF file mapped into memory.
 pub struct ElfFile {
     path: PathBuf,
-    data: Vec<u8>,
+    data: memmap2::Mmap,
 }
 
 impl ElfFile {
     /// Reads and validates an ELF file.
     pub fn open(path: &Path) -> Result<Self> {
-        let data = std::fs::read(path).map_err(|source| Error::Read {
+        let read_err = |source| Error::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        // SAFETY: a private, read-only mapping. The one hazard is the file shrinking while it is
+        // mapped (SIGBUS on a read past its new end): package managers and linkers replace a
+        // library by renaming a new file over it, which leaves this mapping on the old one.
+        let data = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
         let f = Self {
             path: path.to_path_buf(),
             data,
