@@ -52,8 +52,9 @@ enum Cmd {
         quick: bool,
         /// Run only the parts whose name contains TEXT: a workload's script name
         /// (`numpy_leak`), `tracemalloc`, `scale`, `real-leaks`, `pytest-plugin`, `sampling-cost`
-        /// (sampled mode's paired ratios), `preload-cycles`, `snapshot` or `fixed-cost` (with
-        /// `LEAKTRACE_COMPARE=BIN`, another build's rows beside this one's); `soak` (30 minutes
+        /// (sampled mode's paired ratios), `preload-cycles`, `snapshot` or `fixed-cost`
+        /// (`snapshot`, `fixed-cost` and `sampling-cost` take `LEAKTRACE_COMPARE=BIN`: another
+        /// build's rows beside this one's); `soak` (30 minutes
         /// of `attach --mode sampled`; `LEAKTRACE_SOAK_MINUTES` sets the length) runs only when
         /// named.
         #[arg(long, value_name = "TEXT")]

@@ -4,7 +4,8 @@
 //! sampler), many times. Each repetition runs every configuration back to back in an order that
 //! rotates, and each traced run is divided by the untraced run of its own repetition: the host's
 //! slow minutes then slow both sides of a ratio. Reported: the median of those paired ratios with
-//! their quartiles, and the whole command's extra wall time.
+//! their quartiles, and the whole command's extra wall time. With
+//! `LEAKTRACE_COMPARE=/path/to/leaktrace`, another build's `run --mode sampled` takes its turn too.
 
 use std::path::Path;
 
@@ -35,6 +36,21 @@ const CONFIGS: &[(&str, Tool)] = &[
     ),
 ];
 
+/// Another build's `run --mode sampled`, with `LEAKTRACE_COMPARE=/path/to/leaktrace`.
+const COMPARED: (&str, Tool) = (
+    "run --mode sampled, LEAKTRACE_COMPARE build",
+    Tool::Leaktrace(&["--mode", "sampled"]),
+);
+
+/// The configurations measured: `CONFIGS`, then the compared build's, if any.
+fn configs() -> Vec<(&'static str, Tool)> {
+    let mut all = CONFIGS.to_vec();
+    if std::env::var_os("LEAKTRACE_COMPARE").is_some() {
+        all.push(COMPARED);
+    }
+    all
+}
+
 /// Runs every workload `reps` times under every configuration and prints one table each.
 pub fn run(env: &Env<'_>, quick: bool, scratch: &Path) -> Result<()> {
     let reps = if quick { 5 } else { 11 };
@@ -58,17 +74,25 @@ fn measure(
     reps: usize,
     scratch: &Path,
 ) -> Result<Vec<Vec<Measure>>> {
-    let mut runs: Vec<Vec<Measure>> = vec![Vec::with_capacity(reps); CONFIGS.len()];
+    let configs = configs();
+    let compare = std::env::var_os("LEAKTRACE_COMPARE").map(std::path::PathBuf::from);
+    let other = Env {
+        leaktrace: compare.as_deref().unwrap_or(env.leaktrace),
+        python: env.python,
+        ext: env.ext,
+    };
+    let mut runs: Vec<Vec<Measure>> = vec![Vec::with_capacity(reps); configs.len()];
     for rep in 0..reps {
-        for k in 0..CONFIGS.len() {
-            let i = (rep + k) % CONFIGS.len();
+        for k in 0..configs.len() {
+            let i = (rep + k) % configs.len();
+            let env = if i >= CONFIGS.len() { &other } else { env };
             let dir = scratch.join(format!("sampling{i}"));
             std::fs::create_dir_all(&dir)?;
             // A run's background detacher still removes its probes for seconds after the
             // command returned (the kernel sampler's, one grace period per link): the next
             // command would pay for them in its own start-up.
             super::fixed::probes_gone()?;
-            runs[i].push(tools::run(CONFIGS[i].1, env, script, n, &dir, &[])?);
+            runs[i].push(tools::run(configs[i].1, env, script, n, &dir, &[])?);
         }
     }
     Ok(runs)
@@ -90,7 +114,7 @@ fn print_table(script: &str, n: u64, runs: &[Vec<Measure>]) {
     );
     println!("|---|---|---|---|---|---|---|");
     let base = &runs[0];
-    for ((name, _), rs) in CONFIGS.iter().zip(runs) {
+    for ((name, _), rs) in configs().iter().zip(runs) {
         let paired = |f: fn(&Measure) -> f64, op: fn(f64, f64) -> f64| -> Vec<f64> {
             rs.iter().zip(base).map(|(m, b)| op(f(m), f(b))).collect()
         };
