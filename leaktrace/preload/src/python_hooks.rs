@@ -126,8 +126,8 @@ pub struct Stats {
     pub released: AtomicU64,
     /// Samples given back at once because the block table was full there.
     pub dropped: AtomicU64,
-    /// Set when a wrapper for pymalloc found a block it had pymalloc allocate outside malloc,
-    /// and so stopped sampling (`src/python_direct.rs`).
+    /// Set when the wrappers for pymalloc found that a request over 512 bytes did not reach
+    /// malloc, and so count such requests themselves from then on (`src/python_direct.rs`).
     pub not_pymalloc: AtomicBool,
 }
 
