@@ -120,13 +120,7 @@ fn print_table(script: &str, n: u64, runs: &[Vec<Measure>]) {
         };
         let (q1, ratio, q3) = quartiles(paired(|m| m.loop_s, |a, b| a / b));
         let extra = median(&mut paired(|m| m.wall_s, |a, b| a - b));
-        let outside = median(
-            &mut rs
-                .iter()
-                .zip(base)
-                .map(|(m, b)| (m.wall_s - m.loop_s) - (b.wall_s - b.loop_s))
-                .collect::<Vec<_>>(),
-        );
+        let outside = median(&mut paired(|m| m.wall_s - m.loop_s, |a, b| a - b));
         println!(
             "| {name} | {:.3} | {ratio:.3}× | {q1:.3}–{q3:.3} | {:.3} | {extra:+.3} | \
              {outside:+.3} |",
