@@ -165,15 +165,33 @@ fn children_states(pid: u32) -> HashMap<u32, char> {
         .collect()
 }
 
+/// Whether a process named `leaktrace` runs (a session, or one's background detacher).
+fn leaktrace_running() -> bool {
+    processes().into_iter().any(|(pid, state, _)| {
+        state != 'Z'
+            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end() == "leaktrace")
+    })
+}
+
 /// Attaches with `--follow-forks` to a process that forks all along, sends leaktrace `sig`
-/// while it traces, and checks that no child stays stopped and the target finishes.
+/// once it traces, and checks that no child stays stopped and the target finishes.
 fn no_child_left_stopped(sig: i32) {
     let _g = serial();
+    // An earlier session's background detacher holds the kernel's uprobe locks for seconds
+    // while it removes its probes, and every attach waits behind it: a child held at its fork
+    // would then wait too, and this test is about what leaktrace does, not the kernel.
+    assert!(
+        wait_for(60, || !leaktrace_running()),
+        "an earlier leaktrace is still running"
+    );
     let py = pyenv_python();
     let s = script(FORKER);
+    // 80 children, 12 s: long enough to outlive an attach that waits for the kernel to finish
+    // removing an earlier session's probes.
     let mut target = Command::new(&py)
         .arg(&s)
-        .arg("30")
+        .arg("80")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -182,13 +200,8 @@ fn no_child_left_stopped(sig: i32) {
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     assert!(line.contains("READY"));
     let pid = target.id();
-    let mut lt = Command::new(leaktrace_bin())
-        .args(["attach", "-p", &pid.to_string(), "--follow-forks"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Signal it once it has followed a few children: tracing is under way.
+    // Returns once the probes are attached: the signal falls while it traces.
+    let lt = Tracer::spawn(&["attach", "-p", &pid.to_string(), "--follow-forks"]);
     assert!(
         wait_for(60, || children_states(pid).len() >= 2),
         "the target forked no children"
@@ -219,9 +232,9 @@ fn no_child_left_stopped(sig: i32) {
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     assert!(rest.contains("done"), "{rest}");
     assert!(target.wait().unwrap().success());
-    let status = lt.wait().unwrap();
+    let run = lt.finish();
     if sig == libc::SIGTERM {
-        assert_eq!(status.code(), Some(0));
+        assert_eq!(run.code, 0, "{}", run.stderr);
     }
 }
 

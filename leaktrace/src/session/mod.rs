@@ -113,9 +113,10 @@ pub async fn trace_live(
     opts: &TraceOptions,
     mut live: Option<LiveView>,
 ) -> Result<Outcome> {
+    let mut signals = watch::Signals::catch()?;
     let phase = Phases::new(opts.verbose);
     let (mut s, mut watch) = start::start(spec, opts, &mut live, &phase).await?;
-    let ending = s.trace(&mut watch, &live).await?;
+    let ending = s.trace(&mut watch, &live, &mut signals).await?;
     s.finish(watch, ending, &phase)
 }
 

@@ -17,6 +17,27 @@ use crate::error::{Error, Result, EXIT_TARGET_EXITED_DURING_TRACE};
 use crate::events::{parse, EventReader};
 use crate::process::spawn::{Control, ExitKind, SpawnEvent};
 
+/// SIGINT and SIGTERM, caught from the session's very start: one that comes while the probes
+/// are still loading or attaching is taken once tracing starts, and ends the session as it
+/// would then. Caught only from the trace loop on, it killed leaktrace outright (its default
+/// action), which lets no held child go and writes no report.
+pub(super) struct Signals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (inside the runtime).
+    pub(super) fn catch() -> Result<Self> {
+        let handler =
+            |e: std::io::Error| Error::Internal(format!("installing a signal handler: {e}"));
+        Ok(Self {
+            sigint: signal(SignalKind::interrupt()).map_err(handler)?,
+            sigterm: signal(SignalKind::terminate()).map_err(handler)?,
+        })
+    }
+}
+
 /// What the loop watches besides the session's own state.
 pub(super) struct Watch {
     pub(super) reader: EventReader,
@@ -66,16 +87,18 @@ impl Ending {
 
 impl Session<'_> {
     /// Traces until the target exits, the window ends, or the user interrupts.
-    pub(super) async fn trace(&mut self, w: &mut Watch, live: &Option<LiveView>) -> Result<Ending> {
+    pub(super) async fn trace(
+        &mut self,
+        w: &mut Watch,
+        live: &Option<LiveView>,
+        signals: &mut Signals,
+    ) -> Result<Ending> {
         let opts = self.opts;
         let pid = self.proc.pid;
         let mut tick = tokio::time::interval(opts.interval.unwrap_or(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-        let handler =
-            |e: std::io::Error| Error::Internal(format!("installing a signal handler: {e}"));
-        let mut sigint = signal(SignalKind::interrupt()).map_err(handler)?;
-        let mut sigterm = signal(SignalKind::terminate()).map_err(handler)?;
+        let Signals { sigint, sigterm } = signals;
         let own = w.child.is_some();
         if w.control.is_some() {
             self.announce_ready();
