@@ -48,7 +48,7 @@ pub struct ElfFile {
 }
 
 impl ElfFile {
-    /// Reads and validates an ELF file.
+    /// Maps and validates an ELF file.
     pub fn open(path: &Path) -> Result<Self> {
         let read_err = |source| Error::Read {
             path: path.to_path_buf(),
