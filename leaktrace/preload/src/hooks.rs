@@ -20,7 +20,7 @@ use crate::real::{
     __libc_valloc, page_size, real_usable_size_fn, restore_errno,
 };
 use crate::tag::{classify, tracer_attached, Tag};
-use crate::tls;
+use crate::tls::{self, Count};
 
 /// glibc's MALLOC_ALIGNMENT on x86-64, and what the sampler assumes for realloc(NULL, n); a
 /// sampled malloc must land its user pointer on the same boundary plain malloc would.
@@ -65,24 +65,17 @@ unsafe fn sampled(
 #[inline(always)]
 fn request(size: usize, alignment: usize) -> dd_alloc_req_t {
     let tl = tls::state();
-    // SAFETY: this thread's own state; only this thread writes the fields used here (an eBPF
-    // tracer may change `sampling_interval`, which this does not read).
-    let owed = unsafe {
-        if (*tl).reentry_guard {
-            return dd_alloc_req_t {
-                weight: GUARDED,
-                ..plain(size, alignment)
-            };
-        }
-        (*tl).remaining_bytes = (*tl).remaining_bytes.wrapping_add(size as i64);
-        (*tl).remaining_bytes >= 0
-    };
-    if !owed {
-        return plain(size, alignment);
+    // SAFETY: this thread's initialised state.
+    match unsafe { tls::count_on(tl, size) } {
+        Count::NotCounted => dd_alloc_req_t {
+            weight: GUARDED,
+            ..plain(size, alignment)
+        },
+        Count::Below => plain(size, alignment),
+        // SAFETY: tl is this thread's state with its guard clear; every caller passes a
+        // power-of-two alignment.
+        Count::Crossed => unsafe { dd_allocation_requested_slow(tl, size, alignment) },
     }
-    // SAFETY: tl is this thread's state with its guard clear; every caller passes a power-of-two
-    // alignment.
-    unsafe { dd_allocation_requested_slow(tl, size, alignment) }
 }
 
 /// The weight `request` gives a request it passes through because the thread's reentry guard

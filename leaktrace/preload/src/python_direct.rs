@@ -82,20 +82,10 @@ unsafe fn traced(
     alloc: impl FnOnce(usize) -> *mut c_void,
 ) -> *mut c_void {
     let tl = tls::state();
-    if counted == Count::NotCounted {
-        // SAFETY: this thread's own state, now initialised; only this thread writes the
-        // fields used here (an eBPF tracer may change `sampling_interval`, not read here).
-        let owed = unsafe {
-            if (*tl).reentry_guard {
-                // Inside a sampled allocation's slow path: neither sample nor count.
-                return alloc(size);
-            }
-            (*tl).remaining_bytes = (*tl).remaining_bytes.wrapping_add(size as i64);
-            (*tl).remaining_bytes >= 0
-        };
-        if !owed {
-            return alloc(size);
-        }
+    // Inside a sampled allocation's slow path (NotCounted again) nothing is sampled or counted.
+    // SAFETY: this thread's state, now initialised.
+    if counted == Count::NotCounted && unsafe { tls::count_on(tl, size) } != Count::Crossed {
+        return alloc(size);
     }
     // SAFETY: tl is this thread's state with its guard clear; PY_ALIGNMENT is a power of two.
     let req: dd_alloc_req_t = unsafe { dd_allocation_requested_slow(tl, size, PY_ALIGNMENT) };

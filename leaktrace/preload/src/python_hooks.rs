@@ -26,7 +26,7 @@ use libdd_profiling_heap_sampler::{
 use crate::python_blocks;
 use crate::python_direct;
 use crate::tag::{classify, tracer_attached, Tag};
-use crate::tls;
+use crate::tls::{self, Count};
 
 /// `void *malloc(void *ctx, size_t size)`.
 pub type MallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
@@ -259,25 +259,16 @@ pub(crate) unsafe fn alloc_traced(
     // may change `sampling_interval`), and they are accessed through the raw pointer because
     // the libc hooks change them, through their own, inside `alloc`.
     let tl = tls::state();
+    // Sizes come from CPython, which refuses any over PY_SSIZE_T_MAX.
     // SAFETY: see above.
-    if unsafe { (*tl).reentry_guard } {
+    let req = match unsafe { tls::count_on(tl, size) } {
         // Inside a sampled allocation's slow path, or under another layer that counted these
         // bytes: neither sample nor count, as dd_allocation_requested would.
-        return alloc(&plain(size));
-    }
-    // The counting half of dd_allocation_requested (allocation_requested.h), with the state
-    // pointer the guard needs anyway: one thread-local lookup instead of two. Sizes come from
-    // CPython, which refuses any over PY_SSIZE_T_MAX.
-    // SAFETY: see above.
-    let owed = unsafe {
-        (*tl).remaining_bytes = (*tl).remaining_bytes.wrapping_add(size as i64);
-        (*tl).remaining_bytes >= 0
-    };
-    let req = if owed {
-        // SAFETY: tl is this thread's state; PY_ALIGNMENT is a power of two.
-        unsafe { dd_allocation_requested_slow(tl, size, PY_ALIGNMENT) }
-    } else {
-        plain(size)
+        Count::NotCounted => return alloc(&plain(size)),
+        Count::Below => plain(size),
+        // SAFETY: tl is this thread's state with its guard clear; PY_ALIGNMENT is a power of
+        // two.
+        Count::Crossed => unsafe { dd_allocation_requested_slow(tl, size, PY_ALIGNMENT) },
     };
     if req.weight == 0 {
         // SAFETY: see above; no sampled request is open, so the guard was clear.

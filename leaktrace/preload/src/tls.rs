@@ -64,9 +64,27 @@ pub fn address() -> *mut dd_tl_state_t {
 pub fn count(size: usize) -> Count {
     let tl = address();
     // SAFETY: this thread's own copy, initialised or still zero (static TLS starts zeroed);
-    // only this thread writes the fields used here.
+    // only this thread reads `initialized`.
+    if !unsafe { (*tl).initialized } {
+        return Count::NotCounted;
+    }
+    // SAFETY: as above, and initialised.
+    unsafe { count_on(tl, size) }
+}
+
+/// The counting half of `dd_allocation_requested` (allocation_requested.h) on a thread's
+/// initialised state: nothing while its reentry guard is set (`NotCounted`), else `size`
+/// bytes off the countdown.
+///
+/// # Safety
+///
+/// `tl` must be this thread's initialised state (`state()`). Only this thread writes the fields
+/// used here; an eBPF tracer may change `sampling_interval`, which this does not read.
+#[inline(always)]
+pub unsafe fn count_on(tl: *mut dd_tl_state_t, size: usize) -> Count {
+    // SAFETY: by the caller's guarantee.
     unsafe {
-        if !(*tl).initialized || (*tl).reentry_guard {
+        if (*tl).reentry_guard {
             return Count::NotCounted;
         }
         (*tl).remaining_bytes = (*tl).remaining_bytes.wrapping_add(size as i64);
@@ -85,7 +103,7 @@ pub enum Count {
     Below,
     /// Counted, and the countdown crossed zero: the sampler's slow path decides.
     Crossed,
-    /// Not counted: the state is not initialised yet, or the reentry guard is set.
+    /// Not counted: the reentry guard is set, or (`count` only) the state is not initialised.
     NotCounted,
 }
 
