@@ -54,14 +54,15 @@ fn configs() -> Vec<(&'static str, Tool)> {
 /// Runs every workload `reps` times under every configuration and prints one table each.
 pub fn run(env: &Env<'_>, quick: bool, scratch: &Path) -> Result<()> {
     let reps = if quick { 5 } else { 11 };
+    let configs = configs();
     println!(
         "\n## Sampling cost: paired ratios ({reps} repetitions, each configuration divided by \
          the untraced run of its own repetition; order rotates)\n"
     );
     for &(script, iterations) in WORKLOADS {
         let n = if quick { iterations / 4 } else { iterations };
-        let runs = measure(env, &root().join(script), n, reps, scratch)?;
-        print_table(script, n, &runs);
+        let runs = measure(env, &configs, &root().join(script), n, reps, scratch)?;
+        print_table(script, n, &configs, &runs);
     }
     Ok(())
 }
@@ -69,12 +70,12 @@ pub fn run(env: &Env<'_>, quick: bool, scratch: &Path) -> Result<()> {
 /// `runs[config][rep]`, each repetition's configurations run in a rotated order.
 fn measure(
     env: &Env<'_>,
+    configs: &[(&str, Tool)],
     script: &Path,
     n: u64,
     reps: usize,
     scratch: &Path,
 ) -> Result<Vec<Vec<Measure>>> {
-    let configs = configs();
     let compare = std::env::var_os("LEAKTRACE_COMPARE").map(std::path::PathBuf::from);
     let other = Env {
         leaktrace: compare.as_deref().unwrap_or(env.leaktrace),
@@ -105,7 +106,7 @@ fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     (at(0.25), median(&mut v.clone()), at(0.75))
 }
 
-fn print_table(script: &str, n: u64, runs: &[Vec<Measure>]) {
+fn print_table(script: &str, n: u64, configs: &[(&str, Tool)], runs: &[Vec<Measure>]) {
     println!("`{script}` ({n} iterations)\n");
     println!(
         "| configuration | loop s (median) | loop ratio, paired (median) | quartiles | \
@@ -114,7 +115,7 @@ fn print_table(script: &str, n: u64, runs: &[Vec<Measure>]) {
     );
     println!("|---|---|---|---|---|---|---|");
     let base = &runs[0];
-    for ((name, _), rs) in configs().iter().zip(runs) {
+    for ((name, _), rs) in configs.iter().zip(runs) {
         let paired = |f: fn(&Measure) -> f64, op: fn(f64, f64) -> f64| -> Vec<f64> {
             rs.iter().zip(base).map(|(m, b)| op(f(m), f(b))).collect()
         };
