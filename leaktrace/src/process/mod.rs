@@ -63,9 +63,15 @@ impl Process {
         PathBuf::from(format!("/proc/{}", self.pid))
     }
 
-    /// Whether the process still runs (a zombie has exited and lost its memory).
+    /// Whether the process still runs: not a zombie, and not exiting (a killed process tears
+    /// its memory down while its state still reads `R` or `D`; the kernel's `PF_EXITING` flag,
+    /// set before that, tells reads that failed for that reason from reads that failed).
     pub fn alive(&self) -> bool {
-        self.state().is_some_and(|s| s != 'Z' && s != 'X')
+        let Ok(stat) = std::fs::read_to_string(self.proc_dir().join("stat")) else {
+            return false;
+        };
+        let exiting = flags_in(&stat).is_none_or(|f| f & PF_EXITING != 0);
+        state_in(&stat).is_some_and(|s| s != 'Z' && s != 'X') && !exiting
     }
 
     /// The process's state letter (`R`, `S`, `T`, `Z`…), `None` once it is gone.
@@ -235,6 +241,19 @@ pub fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
 
 /// The state letter of a `stat` line: it follows the parenthesised command, which may itself
 /// contain ')'.
+/// `PF_EXITING` in include/linux/sched.h: set by `do_exit` before the memory goes.
+const PF_EXITING: u64 = 0x4;
+
+/// The ninth field of `/proc/PID/stat`, the task's `PF_*` flags.
+fn flags_in(stat: &str) -> Option<u64> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(6)?
+        .parse()
+        .ok()
+}
+
 fn state_in(stat: &str) -> Option<char> {
     stat.rsplit_once(')')?
         .1
@@ -300,6 +319,14 @@ mod tests {
         assert!(mm.files().iter().any(|f| f.contains("libc")));
         assert!(me.rss_bytes().unwrap() > 0);
         assert!(!me.cmdline().is_empty());
+    }
+
+    #[test]
+    fn exiting_flag_is_read_from_the_ninth_field() {
+        let stat = "42 (a) b) R 1 42 42 0 -1 4194564 0 0";
+        assert_eq!(state_in(stat), Some('R'));
+        assert_eq!(flags_in(stat).map(|f| f & PF_EXITING), Some(4));
+        assert_eq!(flags_in("42 (a) S 1 42 42 0 -1 4194560 0"), Some(4194560));
     }
 
     #[test]
