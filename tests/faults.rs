@@ -134,10 +134,7 @@ fn commands_started_by(parent: u32) -> Vec<u32> {
         .into_iter()
         .filter(|&(_, _, ppid)| ppid == parent)
         .map(|(pid, _, _)| pid)
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| !c.trim().starts_with("leaktrace"))
-        })
+        .filter(|&pid| comm(pid).is_some_and(|c| !c.starts_with("leaktrace")))
         .collect()
 }
 

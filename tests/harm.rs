@@ -167,11 +167,9 @@ fn children_states(pid: u32) -> HashMap<u32, char> {
 
 /// Whether a process named `leaktrace` runs (a session, or one's background detacher).
 fn leaktrace_running() -> bool {
-    processes().into_iter().any(|(pid, state, _)| {
-        state != 'Z'
-            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim_end() == "leaktrace")
-    })
+    processes()
+        .into_iter()
+        .any(|(pid, state, _)| state != 'Z' && comm(pid).is_some_and(|c| c == "leaktrace"))
 }
 
 /// Attaches with `--follow-forks` to a process that forks all along, sends leaktrace `sig`

@@ -1,7 +1,7 @@
 //! Real leaks in released PyPI packages (bench/real_leaks/, venvs made by `cargo xtask setup`),
-//! traced with the default options: each found on its Python line with its bytes (or, for a
-//! small leaked object, its type's count in the census), and nothing there on the release that
-//! fixed it.
+//! traced with the default options: each of the six found on its Python line with its bytes
+//! (or, for a small leaked object, its type's count in the census), and nothing there on the
+//! release that fixed it.
 
 mod common;
 
@@ -159,6 +159,54 @@ fn isal_decompressobj_refcount() {
     let fixed = traced("isal", "1.5.2", script, &["100"]);
     let left = sum(&at_line(&fixed, script, 15), "unfreed_bytes");
     assert!(left < bytes / 100, "{left} B at the line on 1.5.2");
+}
+
+/// The sites at `script`'s `line` whose blocks hold `str` and whose native stack passes through
+/// `function` in ujson's extension: a refcount leak's objects, named with the C code that made
+/// or asked for them.
+fn ujson_str_sites<'a>(r: &'a Run, script: &str, line: u64, function: &str) -> Vec<&'a Value> {
+    at_line(r, script, line)
+        .into_iter()
+        .filter(|s| s["types"].to_string().contains("\"str\""))
+        .filter(|s| {
+            s["native_stack"].as_array().unwrap().iter().any(|f| {
+                f["function"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(function))
+                    && f["module"].as_str().is_some_and(|m| m.contains("/ujson."))
+            })
+        })
+        .collect()
+}
+
+/// ujson 5.12.0 leaks the non-ASCII str `default=` returned (ultrajson#631): one 2,001-char
+/// latin-1 str per call, 2,074 B (compact header, characters, NUL), made by Python code that
+/// ujson's `objToJSON` called.
+#[test]
+fn ujson_default_str_refcount() {
+    let script = "ujson_default_refcount.py";
+    let r = traced("ujson", "5.12.0", script, &["2000"]);
+    let sites = ujson_str_sites(&r, script, 22, "objToJSON");
+    // 2,000 iterations and 50 of warm-up, exactly.
+    assert_eq!(sum(&sites, "unfreed_count"), 2050, "{sites:#?}");
+    assert_eq!(sum(&sites, "unfreed_bytes"), 2050 * 2074);
+    let fixed = traced("ujson", "5.12.1", script, &["2000"]);
+    let left = sum(&at_line(&fixed, script, 22), "unfreed_bytes");
+    assert!(left < 2050 * 2074 / 100, "{left} B at the line on 5.12.1");
+}
+
+/// ujson 5.12.0 leaks the serialised document when `fp.write` raises in `dump`
+/// (CVE-2026-44660): one 2,067-char ASCII str per call, 2,116 B.
+#[test]
+fn ujson_dump_document_refcount() {
+    let script = "ujson_dump_refcount.py";
+    let r = traced("ujson", "5.12.0", script, &["2000"]);
+    let sites = ujson_str_sites(&r, script, 20, "objToJSON");
+    assert_eq!(sum(&sites, "unfreed_count"), 2050, "{sites:#?}");
+    assert_eq!(sum(&sites, "unfreed_bytes"), 2050 * 2116);
+    let fixed = traced("ujson", "5.12.1", script, &["2000"]);
+    let left = sum(&at_line(&fixed, script, 20), "unfreed_bytes");
+    assert!(left < 2050 * 2116 / 100, "{left} B at the line on 5.12.1");
 }
 
 /// Sampled mode, the process sampling itself (leaktrace's preloaded sampler): the native leaks

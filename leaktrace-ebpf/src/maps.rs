@@ -14,7 +14,7 @@ use leaktrace_ebpf::{
 };
 
 use crate::python::WalkCtx;
-use crate::unwind::NativeWalk;
+use crate::unwind::{NativeWalk, StackWindow};
 
 /// Allocations smaller than this are not tracked (`--min-size`).
 #[no_mangle]
@@ -111,6 +111,7 @@ pub(crate) struct Scratch {
     pub(crate) frame: [u8; PY_FRAME_READ],
     pub(crate) walk: WalkCtx,
     pub(crate) native: NativeWalk,
+    pub(crate) window: StackWindow,
 }
 
 #[map]

@@ -18,6 +18,77 @@ use crate::{read_global, read_user_u64};
 /// of failing whole.
 const PAGE: usize = 4096;
 
+/// Bytes of user stack the native walk reads at once. Each `bpf_probe_read_user` pays a fixed
+/// cost (the nofault copy's checks) far above copying 8 bytes; a walk from an allocator's
+/// caller to the eval loop reads two words per frame over a few hundred bytes of stack, so one
+/// read of a window serves most frames (measured in docs/native-stacks.md).
+const WINDOW: usize = 1024;
+
+/// The part of the user stack the walk has read: `len` bytes from `base` (0 until read).
+#[repr(C)]
+pub struct StackWindow {
+    base: u64,
+    len: u64,
+    buf: [u8; WINDOW],
+}
+
+impl StackWindow {
+    /// The u64 at `addr`: from the window when it holds all 8 bytes, else read again from
+    /// `addr` on (a window, or the part of one up to the page end, which is where a stack's
+    /// mapping can end), else read alone. Returns what a direct read would, one read fewer.
+    #[inline(always)]
+    fn read(&mut self, addr: u64) -> Option<u64> {
+        if let Some(v) = self.cached(addr) {
+            return Some(v);
+        }
+        self.fill(addr);
+        self.cached(addr).or_else(|| read_user_u64(addr))
+    }
+
+    #[inline(always)]
+    fn cached(&self, addr: u64) -> Option<u64> {
+        let off = addr.wrapping_sub(self.base);
+        if self.len < 8 || off > self.len - 8 {
+            return None;
+        }
+        let o = off as usize;
+        if o > WINDOW - 8 {
+            return None;
+        }
+        // SAFETY: `o + 8 <= WINDOW`, checked above, so the read stays inside `buf`.
+        Some(unsafe { core::ptr::read_unaligned(self.buf.as_ptr().add(o) as *const u64) })
+    }
+
+    #[inline(always)]
+    fn fill(&mut self, addr: u64) {
+        self.base = addr;
+        self.len = 0;
+        // SAFETY: a checked user read of exactly the buffer's length; a fault is an error.
+        if unsafe { aya_ebpf::helpers::bpf_probe_read_user_buf(addr as *const u8, &mut self.buf) }
+            .is_ok()
+        {
+            self.len = WINDOW as u64;
+            return;
+        }
+        let to_page_end = PAGE - (addr as usize & (PAGE - 1));
+        if !(8..WINDOW).contains(&to_page_end) {
+            return;
+        }
+        // SAFETY: `to_page_end < WINDOW` bytes into the buffer, checked above; a fault is an
+        // error.
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                self.buf.as_mut_ptr() as *mut core::ffi::c_void,
+                to_page_end as u32,
+                addr as *const core::ffi::c_void,
+            )
+        };
+        if rc == 0 {
+            self.len = to_page_end as u64;
+        }
+    }
+}
+
 /// State of the kernel's native walk, shared with its `bpf_loop` callback through the scratch
 /// map (see `WalkCtx` for why not the stack).
 #[repr(C)]
@@ -79,7 +150,8 @@ extern "C" fn native_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         return end(c, native_end::UNSUPPORTED);
     }
     let pause = c.hashing != 0 && (row.flags & unwind_flags::STOP != 0 || c.n >= c.hash_max);
-    match row.step(c.regs, read_user_u64) {
+    let window = &mut scratch.window;
+    match row.step(c.regs, |a| window.read(a)) {
         Some(up) => c.regs = up,
         None => return end(c, native_end::READ_ERROR),
     }
@@ -134,7 +206,11 @@ pub(crate) fn native_stack(tgid: u32, caller: FrameRegs, h: u64) -> u64 {
         _pad: 0,
     };
     // SAFETY: this CPU's scratch slot, through the raw pointer only (the callback writes it).
-    unsafe { core::ptr::write_volatile(&raw mut (*s).native, walk) };
+    // The window another walk left on this CPU is of another stack.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*s).native, walk);
+        core::ptr::write_volatile(&raw mut (*s).window.len, 0);
+    }
     native_walk_run().map(|c| c.h).unwrap_or(h)
 }
 

@@ -476,6 +476,12 @@ pub fn stat_of(pid: u32) -> Option<(char, u32)> {
     Some((state, f.next()?.parse().ok()?))
 }
 
+/// The command name of `pid` (`/proc/PID/comm`, without its newline).
+pub fn comm(pid: u32) -> Option<String> {
+    let c = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(c.trim_end().to_string())
+}
+
 /// Every process now: (pid, state letter, parent pid).
 pub fn processes() -> Vec<(u32, char, u32)> {
     std::fs::read_dir("/proc")

@@ -427,28 +427,15 @@ pub fn allocator_tables(pid: u32, py: &PythonInfo, modules: &ModuleMap) -> Resul
 }
 
 fn tables_in(elf: &ElfFile, pid: u32, py: &PythonInfo, modules: &ModuleMap) -> Result<Redirect> {
-    let bias = load_bias(elf, &py.module, modules).ok_or_else(|| {
-        Error::Usage(format!(
-            "--redirect-pymalloc: {} is not mapped as its ELF headers say",
-            py.module
-        ))
-    })?;
+    let bias = modules
+        .load_bias(&py.module, elf.first_load_vaddr())
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "--redirect-pymalloc: {} is not mapped as its ELF headers say",
+                py.module
+            ))
+        })?;
     redirect::find(pid, elf, bias)
-}
-
-/// What to add to `module`'s virtual addresses for the addresses it has in the process: the
-/// mapping that holds the file offset of its first executable code tells.
-fn load_bias(elf: &ElfFile, module: &str, modules: &ModuleMap) -> Option<u64> {
-    let vaddr = elf
-        .functions(&["PyObject_Malloc"])
-        .ok()?
-        .remove("PyObject_Malloc")?
-        .vaddr;
-    let offset = elf.file_offset(vaddr)?;
-    let m = modules.mappings().iter().find(|m| {
-        m.path == module && m.offset <= offset && offset < m.offset + (m.end - m.start)
-    })?;
-    Some((m.start + (offset - m.offset)).wrapping_sub(vaddr))
 }
 
 fn add_points(plan: &mut ProbePlan, elf: &ElfFile, module: &str, funcs: &[AllocFn]) -> Result<()> {

@@ -1,7 +1,8 @@
 //! `--only real-leaks`: the real leaks of `crate::real_leaks`, each run untraced, under
 //! leaktrace's default options, under `--python-allocators` (every Python-allocator call), and
 //! under `memray run --native`, configurations alternating; whole-command seconds, and what
-//! leaktrace's default run found on the leaking line.
+//! leaktrace's default run found on the leaking line. `LEAKTRACE_COMPARE=/path/to/leaktrace`
+//! adds that build's default run, in the same rotation.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,18 +15,26 @@ use super::median;
 use crate::real_leaks::{venv_python, RealLeak, LEAKS};
 use crate::root;
 
-/// Wall seconds of `cmd`, which must succeed.
-fn timed(cmd: &mut Command) -> Result<f64> {
+/// Wall seconds of `cmd`, which must succeed, and the loop's own seconds as the reproducer
+/// printed them (`loop_time_s=` on its RESULT line, `bench/real_leaks/_leakcommon.py`).
+fn timed(cmd: &mut Command) -> Result<(f64, f64)> {
     let t = Instant::now();
     let out = cmd
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
         .with_context(|| format!("{cmd:?}"))?;
+    let whole = t.elapsed().as_secs_f64();
     if !out.status.success() {
         bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(t.elapsed().as_secs_f64())
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let loop_s = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("loop_time_s="))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{cmd:?} printed no loop_time_s: {stdout}"))?;
+    Ok((whole, loop_s))
 }
 
 /// Unfreed bytes on the leaking line, and the sites that hold them, from a JSON report.
@@ -55,27 +64,41 @@ fn found(json: &Path, leak: &RealLeak) -> Option<(u64, usize)> {
 }
 
 pub fn run(leaktrace: &Path, reps: usize, scratch: &Path) -> Result<()> {
+    let compare = std::env::var_os("LEAKTRACE_COMPARE").map(std::path::PathBuf::from);
     println!("\n### Real leaks in released packages (`--only real-leaks`), medians of {reps}\n");
     println!(
-        "Whole command, seconds (ratio to untraced). `BALLAST` left at each reproducer's \
-         default. \"on the line\": what leaktrace's default run held on the leaking line (the \
-         leaky release; the fixed release's figure after the arrow).\n"
+        "Whole command, then the reproducer's loop alone (its `loop_time_s`), seconds (ratio to \
+         untraced). `BALLAST` left at each reproducer's default. \"on the line\": what \
+         leaktrace's default run held on the leaking line (the leaky release; the fixed \
+         release's figure after the arrow).\n"
+    );
+    let compared = compare
+        .as_ref()
+        .map_or(String::new(), |c| format!(" {} (default) |", c.display()));
+    println!(
+        "| leak | untraced | leaktrace (default) |{compared} leaktrace --python-allocators | \
+         memray run --native | on the line, default: leaky → fixed |"
     );
     println!(
-        "| leak | untraced | leaktrace (default) | leaktrace --python-allocators | memray run \
-         --native | on the line, default: leaky → fixed |"
+        "|---|---|---|{}---|---|---|",
+        "---|".repeat(compare.is_some() as usize)
     );
-    println!("|---|---|---|---|---|---|");
     let json = scratch.join("real.json");
     let bin = scratch.join("real.memray");
     for leak in LEAKS {
         let script = root().join("bench/real_leaks").join(leak.script);
         let py = venv_python(leak.package, leak.leaky);
-        let mut times: Vec<Vec<f64>> = vec![Vec::new(); 4];
+        // untraced, default, --python-allocators, memray, the compared build's default.
+        let mut times: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 5];
         for _ in 0..reps {
             times[0].push(timed(Command::new(&py).arg(&script).args(leak.args))?);
-            for (i, extra) in [(1, None), (2, Some("--python-allocators"))] {
-                let mut c = Command::new(leaktrace);
+            let builds = [
+                (1, leaktrace, None),
+                (2, leaktrace, Some("--python-allocators")),
+            ];
+            let other = compare.as_deref().map(|c| (4, c, None));
+            for (i, bin, extra) in builds.into_iter().chain(other) {
+                let mut c = Command::new(bin);
                 c.arg("run").args(extra).arg("--json").arg(&json).arg("--");
                 times[i].push(timed(c.arg(&py).arg(&script).args(leak.args))?);
             }
@@ -103,15 +126,33 @@ pub fn run(leaktrace: &Path, reps: usize, scratch: &Path) -> Result<()> {
             Ok(found(&json, leak).map_or("—".into(), |(b, n)| format!("{b} B in {n} sites")))
         };
         let (leaky, fixed) = (line(leak.leaky)?, line(leak.fixed)?);
-        let m: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
-        let cell = |x: f64| format!("{x:.2} s ({:.1}×)", x / m[0]);
+        // Medians of the whole command and of the loop, each on its own.
+        let m: Vec<(f64, f64)> = times
+            .iter()
+            .map(|t| {
+                let (mut w, mut l): (Vec<f64>, Vec<f64>) = t.iter().copied().unzip();
+                (median(&mut w), median(&mut l))
+            })
+            .collect();
+        let cell = |(w, l): (f64, f64)| {
+            format!(
+                "{w:.2} s ({:.1}×) · {l:.2} s ({:.1}×)",
+                w / m[0].0,
+                l / m[0].1
+            )
+        };
+        let compared = match compare {
+            Some(_) => format!(" {} |", cell(m[4])),
+            None => String::new(),
+        };
         println!(
-            "| {} {} → {} ({}) | {:.2} s | {} | {} | {} | {leaky} → {fixed} |",
+            "| {} {} → {} ({}) | {:.2} s · {:.2} s | {} |{compared} {} | {} | {leaky} → {fixed} |",
             leak.package,
             leak.leaky,
             leak.fixed,
             leak.kind,
-            m[0],
+            m[0].0,
+            m[0].1,
             cell(m[1]),
             cell(m[2]),
             cell(m[3]),
