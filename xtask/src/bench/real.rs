@@ -11,7 +11,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use super::median;
+use super::fixed::settled;
+use super::{median, probes_gone};
 use crate::real_leaks::{venv_python, RealLeak, LEAKS};
 use crate::root;
 
@@ -90,7 +91,11 @@ pub fn run(leaktrace: &Path, reps: usize, scratch: &Path) -> Result<()> {
         let py = venv_python(leak.package, leak.leaky);
         // untraced, default, --python-allocators, memray, the compared build's default.
         let mut times: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 5];
+        // Each run starts once the previous session's processes are gone, and each leaktrace
+        // run once the kernel has settled after it (`fixed::settled`): what a session leaves
+        // the kernel to finish is its own cost, not the next run's.
         for _ in 0..reps {
+            probes_gone()?;
             times[0].push(timed(Command::new(&py).arg(&script).args(leak.args))?);
             let builds = [
                 (1, leaktrace, None),
@@ -98,10 +103,12 @@ pub fn run(leaktrace: &Path, reps: usize, scratch: &Path) -> Result<()> {
             ];
             let other = compare.as_deref().map(|c| (4, c, None));
             for (i, bin, extra) in builds.into_iter().chain(other) {
+                settled()?;
                 let mut c = Command::new(bin);
                 c.arg("run").args(extra).arg("--json").arg(&json).arg("--");
                 times[i].push(timed(c.arg(&py).arg(&script).args(leak.args))?);
             }
+            probes_gone()?;
             let _ = std::fs::remove_file(&bin);
             times[3].push(timed(
                 Command::new(&py)
