@@ -129,6 +129,8 @@ fn track_block(
         _pad: 0,
         addr: ptr,
     };
+    // An address still marked live was freed by a path leaktrace did not see; retire it.
+    remove_stale(&key);
     let rec = LiveAlloc {
         size,
         // SAFETY: a helper with no arguments that only reads the clock.
@@ -139,16 +141,7 @@ fn track_block(
         func: func as u8,
         _pad: [0; 3],
     };
-    // One map operation in the common case; an address still marked live was freed by a path
-    // leaktrace did not see, and is retired before it is taken again.
-    let inserted = match LIVE.insert(&key, &rec, BPF_NOEXIST) {
-        Err(e) if i64::from(e) == -EEXIST => {
-            remove_stale(&key);
-            LIVE.insert(&key, &rec, 0)
-        }
-        other => other,
-    };
-    if inserted.is_err() {
+    if LIVE.insert(&key, &rec, 0).is_err() {
         bump(Counter::LiveFull);
         return false;
     }
@@ -258,5 +251,3 @@ const ANNOUNCED_SITE: u8 = 1;
 const ANNOUNCED_STACK: u8 = 2;
 /// `bpf_map_update_elem` flag: create the element only if it does not exist yet.
 const BPF_NOEXIST: u64 = 1;
-/// What a `BPF_NOEXIST` insert of a key already there returns (negated errno).
-const EEXIST: i64 = 17;
