@@ -161,52 +161,43 @@ fn isal_decompressobj_refcount() {
     assert!(left < bytes / 100, "{left} B at the line on 1.5.2");
 }
 
-/// The sites at `script`'s `line` whose blocks hold `str` and whose native stack passes through
-/// `function` in ujson's extension: a refcount leak's objects, named with the C code that made
-/// or asked for them.
-fn ujson_str_sites<'a>(r: &'a Run, script: &str, line: u64, function: &str) -> Vec<&'a Value> {
-    at_line(r, script, line)
+/// A ujson 5.12.0 reference-count leak of one `str` of `each` bytes per call on `script`'s
+/// `line`: 2,000 iterations and 50 of warm-up found exactly, on sites whose blocks hold `str` and
+/// whose native stack passes through ujson's `objToJSON` (the C code that made the str or called
+/// the Python code that did); under 1 % of it on 5.12.1.
+fn ujson_str_leak(script: &str, line: u64, each: u64) {
+    let r = traced("ujson", "5.12.0", script, &["2000"]);
+    let sites: Vec<&Value> = at_line(&r, script, line)
         .into_iter()
         .filter(|s| s["types"].to_string().contains("\"str\""))
         .filter(|s| {
             s["native_stack"].as_array().unwrap().iter().any(|f| {
                 f["function"]
                     .as_str()
-                    .is_some_and(|n| n.starts_with(function))
+                    .is_some_and(|n| n.starts_with("objToJSON"))
                     && f["module"].as_str().is_some_and(|m| m.contains("/ujson."))
             })
         })
-        .collect()
+        .collect();
+    assert_eq!(sum(&sites, "unfreed_count"), 2050, "{sites:#?}");
+    assert_eq!(sum(&sites, "unfreed_bytes"), 2050 * each);
+    let fixed = traced("ujson", "5.12.1", script, &["2000"]);
+    let left = sum(&at_line(&fixed, script, line), "unfreed_bytes");
+    assert!(left < 2050 * each / 100, "{left} B at the line on 5.12.1");
 }
 
 /// ujson 5.12.0 leaks the non-ASCII str `default=` returned (ultrajson#631): one 2,001-char
-/// latin-1 str per call, 2,074 B (compact header, characters, NUL), made by Python code that
-/// ujson's `objToJSON` called.
+/// latin-1 str per call, 2,074 B (compact header, characters, NUL).
 #[test]
 fn ujson_default_str_refcount() {
-    let script = "ujson_default_refcount.py";
-    let r = traced("ujson", "5.12.0", script, &["2000"]);
-    let sites = ujson_str_sites(&r, script, 22, "objToJSON");
-    // 2,000 iterations and 50 of warm-up, exactly.
-    assert_eq!(sum(&sites, "unfreed_count"), 2050, "{sites:#?}");
-    assert_eq!(sum(&sites, "unfreed_bytes"), 2050 * 2074);
-    let fixed = traced("ujson", "5.12.1", script, &["2000"]);
-    let left = sum(&at_line(&fixed, script, 22), "unfreed_bytes");
-    assert!(left < 2050 * 2074 / 100, "{left} B at the line on 5.12.1");
+    ujson_str_leak("ujson_default_refcount.py", 22, 2074);
 }
 
 /// ujson 5.12.0 leaks the serialised document when `fp.write` raises in `dump`
 /// (CVE-2026-44660): one 2,067-char ASCII str per call, 2,116 B.
 #[test]
 fn ujson_dump_document_refcount() {
-    let script = "ujson_dump_refcount.py";
-    let r = traced("ujson", "5.12.0", script, &["2000"]);
-    let sites = ujson_str_sites(&r, script, 20, "objToJSON");
-    assert_eq!(sum(&sites, "unfreed_count"), 2050, "{sites:#?}");
-    assert_eq!(sum(&sites, "unfreed_bytes"), 2050 * 2116);
-    let fixed = traced("ujson", "5.12.1", script, &["2000"]);
-    let left = sum(&at_line(&fixed, script, 20), "unfreed_bytes");
-    assert!(left < 2050 * 2116 / 100, "{left} B at the line on 5.12.1");
+    ujson_str_leak("ujson_dump_refcount.py", 20, 2116);
 }
 
 /// Sampled mode, the process sampling itself (leaktrace's preloaded sampler): the native leaks
