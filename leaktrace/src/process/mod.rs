@@ -239,9 +239,8 @@ pub fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
     (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The state letter of a `stat` line: it follows the parenthesised command, which may itself
-/// contain ')'.
-/// `PF_EXITING` in include/linux/sched.h: set by `do_exit` before the memory goes.
+/// `PF_EXITING` in include/linux/sched.h: set by `do_exit` before the memory goes (and after a
+/// ptraced child's `PTRACE_EVENT_EXIT` stop, where `run` still reads it).
 const PF_EXITING: u64 = 0x4;
 
 /// The ninth field of `/proc/PID/stat`, the task's `PF_*` flags.
@@ -254,6 +253,8 @@ fn flags_in(stat: &str) -> Option<u64> {
         .ok()
 }
 
+/// The state letter of a `stat` line: it follows the parenthesised command, which may itself
+/// contain ')'.
 fn state_in(stat: &str) -> Option<char> {
     stat.rsplit_once(')')?
         .1
