@@ -68,10 +68,26 @@ pub(super) fn read_tcaches(mem: &Remote, candidates: &[(u64, u64)]) -> Tcaches {
                 out.listed.extend(entries);
                 out.key = out.key.or(key);
             }
-            None => out.torn += 1,
+            None if any_head_fits(mem, &bins) => out.torn += 1,
+            // Someone's data that only looks like a tcache: with 2.42+'s `num_slots` the
+            // counts say nothing, and a chunk of aligned pointers passes for heads (sid's
+            // 3.14.10 has one, of 0x300 bytes, pointing into a mapping outside the heap).
+            None => {}
         }
     }
     out
+}
+
+/// Whether any head of the first 64 bins points at a chunk of its bin's size: what a tcache
+/// torn by the running target still has, and a chunk of someone's pointers does not.
+fn any_head_fits(mem: &Remote, bins: &[(u64, u16, u64)]) -> bool {
+    bins.iter()
+        .filter(|(i, _, _)| *i < 64)
+        .any(|&(i, _, head)| {
+            mem.read(head.wrapping_sub(8), 8)
+                .and_then(|b| word(&b, 0))
+                .is_some_and(|w| w & !FLAGS == MIN_CHUNK + HDR * i)
+        })
 }
 
 /// The non-empty bins `(index, count, head)` of what may be a `tcache_perthread_struct`, or
