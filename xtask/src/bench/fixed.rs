@@ -81,7 +81,7 @@ fn peak_rss_mb(json: &Path) -> Option<f64> {
 }
 
 pub fn fixed_cost(leaktrace: &Path, python: &Path, reps: usize, scratch: &Path) -> Result<()> {
-    let compare = std::env::var_os("LEAKTRACE_COMPARE").map(std::path::PathBuf::from);
+    let compare = super::compare_build();
     let mut builds: Vec<(String, &Path)> = vec![("this build".into(), leaktrace)];
     if let Some(other) = compare.as_deref() {
         builds.push((format!("{}", other.display()), other));

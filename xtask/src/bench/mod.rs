@@ -105,6 +105,11 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
+/// The other build a bench part runs beside this one: `LEAKTRACE_COMPARE=/path/to/leaktrace`.
+fn compare_build() -> Option<std::path::PathBuf> {
+    std::env::var_os("LEAKTRACE_COMPARE").map(std::path::PathBuf::from)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;

@@ -65,7 +65,7 @@ fn found(json: &Path, leak: &RealLeak) -> Option<(u64, usize)> {
 }
 
 pub fn run(leaktrace: &Path, reps: usize, scratch: &Path) -> Result<()> {
-    let compare = std::env::var_os("LEAKTRACE_COMPARE").map(std::path::PathBuf::from);
+    let compare = super::compare_build();
     println!("\n### Real leaks in released packages (`--only real-leaks`), medians of {reps}\n");
     println!(
         "Whole command, then the reproducer's loop alone (its `loop_time_s`), seconds (ratio to \

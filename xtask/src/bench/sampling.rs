@@ -45,7 +45,7 @@ const COMPARED: (&str, Tool) = (
 /// The configurations measured: `CONFIGS`, then the compared build's, if any.
 fn configs() -> Vec<(&'static str, Tool)> {
     let mut all = CONFIGS.to_vec();
-    if std::env::var_os("LEAKTRACE_COMPARE").is_some() {
+    if super::compare_build().is_some() {
         all.push(COMPARED);
     }
     all
@@ -76,7 +76,7 @@ fn measure(
     reps: usize,
     scratch: &Path,
 ) -> Result<Vec<Vec<Measure>>> {
-    let compare = std::env::var_os("LEAKTRACE_COMPARE").map(std::path::PathBuf::from);
+    let compare = super::compare_build();
     let other = Env {
         leaktrace: compare.as_deref().unwrap_or(env.leaktrace),
         python: env.python,

@@ -92,7 +92,7 @@ fn configs(leaktrace: &Path) -> Vec<Config> {
             vec!["--why", "NoSuchType"],
         ),
     ];
-    if let Some(old) = std::env::var_os("LEAKTRACE_COMPARE").map(PathBuf::from) {
+    if let Some(old) = super::compare_build() {
         configs.insert(0, (format!("`snapshot`, {}", old.display()), old, vec![]));
     }
     configs
