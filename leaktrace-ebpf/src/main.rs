@@ -27,6 +27,7 @@ use leaktrace_ebpf::{
 mod ids;
 mod live;
 mod maps;
+mod py_window;
 mod python;
 mod record;
 mod sampler;
@@ -111,7 +112,9 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: `ctx.regs` is the probe's `pt_regs`, valid for the program's whole run.
     let sp = unsafe { (*ctx.regs).rsp };
 
-    if let Some(p) = PENDING.get_ptr_mut(&tid) {
+    // Looked up once: the thread's entry is checked for nesting, then overwritten in place.
+    let entry = PENDING.get_ptr_mut(&tid);
+    if let Some(p) = entry {
         // SAFETY: a live map value keyed by this thread's tid: only this thread's probes touch it.
         let p = unsafe { &mut *p };
         if p.depth > 0 {
@@ -161,7 +164,7 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
     }
     // The thread's entry from its previous call is overwritten in place: cheaper than a hash
     // insert, which takes a new element and frees the old one on every call.
-    match PENDING.get_ptr_mut(&tid) {
+    match entry {
         // SAFETY: this thread's own entry; only this thread writes it.
         Some(p) => unsafe { *p = pending },
         None => {

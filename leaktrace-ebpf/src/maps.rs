@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use leaktrace_ebpf::{
     DeathInfo, LiveAlloc, LiveKey, NewSiteEvent, Pending, PyOffsets, SiteStats, StackEvent,
-    UnwindKey, UnwindRow, UsdtSpec, MAX_NATIVE_FRAMES, NUM_COUNTERS, PY_FRAME_READ,
-    USDT_SPEC_ENTRIES,
+    UnwindKey, UnwindRow, UsdtSpec, MAX_NATIVE_FRAMES, NUM_COUNTERS, USDT_SPEC_ENTRIES,
 };
 
+use crate::py_window::{PyWindow, TstateBytes};
 use crate::python::WalkCtx;
 use crate::unwind::{NativeWalk, StackWindow};
 
@@ -104,11 +104,13 @@ pub(crate) static THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1
 pub(crate) static USDT_SPECS: HashMap<u64, UsdtSpec> =
     HashMap::with_max_entries(USDT_SPEC_ENTRIES, 0);
 
-/// Per-CPU room for building a new-site record and reading one frame: too big for the stack.
+/// Per-CPU room for building a new-site record and for what the walks read: too big for the
+/// stack.
 #[repr(C)]
 pub(crate) struct Scratch {
     pub(crate) ev: NewSiteEvent,
-    pub(crate) frame: [u8; PY_FRAME_READ],
+    pub(crate) tstate: TstateBytes,
+    pub(crate) pywin: PyWindow,
     pub(crate) walk: WalkCtx,
     pub(crate) native: NativeWalk,
     pub(crate) window: StackWindow,

@@ -3,18 +3,17 @@
 
 use aya_ebpf::bindings::bpf_pidns_info;
 use aya_ebpf::helpers::generated::{bpf_get_ns_current_pid_tgid, bpf_loop};
-use leaktrace_ebpf::{
-    py_status, site_id_add_frame, PyFrameRec, PyOffsets, MAX_PY_FRAMES, PY_FRAME_READ,
-};
+use leaktrace_ebpf::{py_status, site_id_add_frame, PyFrameRec, PyOffsets, MAX_PY_FRAMES};
 
 use crate::maps::{PYPROCS, PY_MAX_DEPTH, SCRATCH, THREADS};
+use crate::py_window::TstateBytes;
 use crate::{read_global, read_user_u64};
 
 /// The thread state of thread `tid`: the GIL holder if that is this thread, else the one
 /// userspace mapped from the interpreter's thread list. Both are checked against the tid, so a
-/// stale pointer is never walked as this thread's.
+/// stale pointer is never walked as this thread's. `ts` is left holding the one returned.
 #[inline(always)]
-fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
+fn find_tstate(off: &PyOffsets, tid: u32, ts: &mut TstateBytes) -> Option<u64> {
     // The id the interpreter knows this thread by: the host's, or the container's.
     let own = if off.pidns_ino != 0 {
         let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
@@ -34,8 +33,12 @@ fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
     } else {
         tid
     };
-    let matches = |t: u64| {
-        t != 0 && read_user_u64(t + off.ts_native_thread_id as u64).map(|v| v as u32) == Some(own)
+    let mut matches = |t: u64| {
+        if t == 0 {
+            return false;
+        }
+        ts.load(t);
+        ts.field(off.ts_native_thread_id).map(|v| v as u32) == Some(own)
     };
     if off.holder_addr != 0 {
         if let Some(t) = read_user_u64(off.holder_addr) {
@@ -75,6 +78,7 @@ fn find_tstate(off: &PyOffsets, tid: u32) -> Option<u64> {
         return None;
     }
     let _ = THREADS.insert(&tid, &search.found, 0);
+    ts.load(search.found);
     Some(search.found)
 }
 
@@ -106,17 +110,6 @@ extern "C" fn thread_search_step(_index: u64, ctx: *mut core::ffi::c_void) -> i6
         None => return 1,
     }
     0
-}
-
-/// A u64 at a run-time offset in the frame buffer (0 when out of range).
-#[inline(always)]
-fn frame_u64(buf: &[u8; PY_FRAME_READ], off: u16) -> u64 {
-    let o = (off as usize) & 0x7f;
-    if o > PY_FRAME_READ - 8 {
-        return 0;
-    }
-    // SAFETY: bounds checked above.
-    unsafe { core::ptr::read_unaligned(buf.as_ptr().add(o) as *const u64) }
 }
 
 #[repr(C)]
@@ -173,31 +166,24 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         c.truncated = 1;
         return 1;
     }
-    // SAFETY: a checked user read, bounded by the scratch buffer's length; a fault is an error.
-    if unsafe {
-        aya_ebpf::helpers::bpf_probe_read_user_buf(c.frame as *const u8, &mut scratch.frame)
-    }
-    .is_err()
-    {
+    let Some(o) = scratch.pywin.frame_at(c.frame) else {
         c.status = py_status::READ_ERROR;
         return 1;
-    }
-    let buf = &scratch.frame;
-    let code = frame_u64(buf, c.off.fr_code) & c.off.code_mask;
-    let oi = (c.off.fr_owner as usize) & 0x7f;
-    let owner = if oi < PY_FRAME_READ { buf[oi] } else { 0 };
-    let previous = frame_u64(buf, c.off.fr_previous);
+    };
+    let win = &scratch.pywin;
+    let code = win.u64_at(o, c.off.fr_code) & c.off.code_mask;
+    let owner = win.byte_at(o, c.off.fr_owner);
+    let previous = win.u64_at(o, c.off.fr_previous);
     if code != 0 && owner < c.off.owner_skip_min {
         let rec = PyFrameRec {
             code,
-            instr: frame_u64(buf, c.off.fr_instr),
+            instr: win.u64_at(o, c.off.fr_instr),
             check: 0,
         };
         c.h = site_id_add_frame(c.h, &rec);
         let i = (c.n as usize) & (MAX_PY_FRAMES - 1);
         scratch.ev.py_frames[i] = rec;
-        let ei = (c.off.fr_is_entry as usize) & 0x7f;
-        if c.off.fr_is_entry != u16::MAX && ei < PY_FRAME_READ && buf[ei] != 0 {
+        if c.off.fr_is_entry != u16::MAX && win.byte_at(o, c.off.fr_is_entry) != 0 {
             mark_entry(&mut scratch.ev.py_entry, i);
         }
         c.n += 1;
@@ -231,26 +217,30 @@ pub(crate) fn python_stack(tgid: u32, tid: u32, h: u64) -> u64 {
         (*s).ev.py_entry = [0; MAX_PY_FRAMES / 64];
     }
     // SAFETY: as above: `s` is this CPU's scratch slot, written through the raw pointer only.
-    let status = |v: u8| unsafe { (*s).ev.py_status = v };
+    let status = move |v: u8| unsafe { (*s).ev.py_status = v };
     // SAFETY: plain integers set by userspace; each use is bounds-masked or a checked user read.
     let Some(off) = (unsafe { PYPROCS.get(&tgid) }) else {
         status(py_status::NOT_PYTHON);
         return h;
     };
-    let Some(tstate) = find_tstate(off, tid) else {
+    // SAFETY: as above: this CPU's slot, through the raw pointer; nothing else holds it now.
+    let ts = unsafe { &mut (*s).tstate };
+    if find_tstate(off, tid, ts).is_none() {
         status(py_status::NO_THREAD_STATE);
         return h;
-    };
+    }
     let first = if off.ts_cframe != u16::MAX {
-        read_user_u64(tstate + off.ts_cframe as u64)
+        ts.field(off.ts_cframe)
             .and_then(|cf| read_user_u64(cf + off.frame_ptr as u64))
     } else {
-        read_user_u64(tstate + off.frame_ptr as u64)
+        ts.field(off.frame_ptr)
     };
     let Some(frame) = first else {
         status(py_status::READ_ERROR);
         return h;
     };
+    // SAFETY: as above.
+    unsafe { (*s).pywin.reset() };
     let walk = WalkCtx {
         off: *off,
         frame,

@@ -129,8 +129,6 @@ fn track_block(
         _pad: 0,
         addr: ptr,
     };
-    // An address still marked live was freed by a path leaktrace did not see; retire it.
-    remove_stale(&key);
     let rec = LiveAlloc {
         size,
         // SAFETY: a helper with no arguments that only reads the clock.
@@ -141,7 +139,19 @@ fn track_block(
         func: func as u8,
         _pad: [0; 3],
     };
-    if LIVE.insert(&key, &rec, 0).is_err() {
+    // One map operation in the common case: the address is new.
+    LIVE.insert(&key, &rec, BPF_NOEXIST).is_ok() || insert_over_stale(&key, &rec)
+}
+
+/// Inserts `rec` where an address is still marked live (freed by a path leaktrace did not see,
+/// which is retired first) or the map is full (counted); says whether it is in.
+///
+/// Out of line on purpose: inlined into `usdt_enter`, this path's code read a register a helper
+/// call had clobbered and the verifier refused the program (docs/native-stacks.md).
+#[inline(never)]
+fn insert_over_stale(key: &LiveKey, rec: &LiveAlloc) -> bool {
+    remove_stale(key);
+    if LIVE.insert(key, rec, 0).is_err() {
         bump(Counter::LiveFull);
         return false;
     }

@@ -31,7 +31,7 @@ pub fn usdt_enter(ctx: ProbeContext) -> u32 {
         bump(Counter::UsdtBadArg);
         return 0;
     };
-    let (Some(ptr), kind) = (arg(&ctx, &spec.args[0]), spec.kind) else {
+    let (Ok(ptr), kind) = (arg(&ctx, &spec.args[0]), spec.kind) else {
         bump(Counter::UsdtBadArg);
         return 0;
     };
@@ -51,7 +51,7 @@ pub fn usdt_enter(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn on_alloc(ctx: &ProbeContext, spec: &UsdtSpec, tgid: u32, tid: u32, ptr: u64) {
-    let (Some(size), Some(weight)) = (arg(ctx, &spec.args[1]), arg(ctx, &spec.args[2])) else {
+    let (Ok(size), Ok(weight)) = (arg(ctx, &spec.args[1]), arg(ctx, &spec.args[2])) else {
         bump(Counter::UsdtBadArg);
         return;
     };
@@ -84,8 +84,12 @@ fn on_alloc(ctx: &ProbeContext, spec: &UsdtSpec, tgid: u32, tid: u32, ptr: u64) 
 
 /// Reads one argument as its spec says: a constant, a register, or memory at a register plus a
 /// displacement.
+///
+/// A failure is `Err(0)`, never an `Option`'s `None`: LLVM may carry a `None`'s undefined payload
+/// in a register a helper call clobbered, which the verifier refuses to read (it did, in
+/// `usdt_enter`, once other code changed around it).
 #[inline(always)]
-fn arg(ctx: &ProbeContext, a: &UsdtArg) -> Option<u64> {
+fn arg(ctx: &ProbeContext, a: &UsdtArg) -> Result<u64, u64> {
     let raw = match a.kind {
         usdt_arg::CONST => a.val as u64,
         usdt_arg::REG | usdt_arg::REG_DEREF => {
@@ -95,16 +99,16 @@ fn arg(ctx: &ProbeContext, a: &UsdtArg) -> Option<u64> {
             // SAFETY: a checked kernel read of 8 bytes near this probe's `pt_regs`: the offset is
             // one userspace took from its table of slots (masked to an aligned word within
             // 4 KiB); a fault is an error.
-            let reg = unsafe { bpf_probe_read_kernel(slot as *const u64) }.ok()?;
+            let reg = unsafe { bpf_probe_read_kernel(slot as *const u64) }.map_err(|_| 0u64)?;
             if a.kind == usdt_arg::REG {
                 reg
             } else {
                 let at = reg.wrapping_add(a.val as u64);
                 // SAFETY: a checked user read; a bad address is an error, any 8 bytes a u64.
-                unsafe { bpf_probe_read_user(at as *const u64) }.ok()?
+                unsafe { bpf_probe_read_user(at as *const u64) }.map_err(|_| 0u64)?
             }
         }
-        _ => return None,
+        _ => return Err(0),
     };
-    Some(a.narrow(raw))
+    Ok(a.narrow(raw))
 }
