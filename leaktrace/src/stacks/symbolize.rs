@@ -262,7 +262,15 @@ impl Symbolizer {
         };
         frame.function = Some(Arc::from(&*sym.name));
         frame.function_offset = sym.offset as u64 + 1;
-        if let Some(ci) = &sym.code_info {
+        // The line is where the code is: in the innermost inlined function when there is one
+        // (blazesym gives `sym.code_info` as the outer function's call into the inlined chain,
+        // and each inlined function's own location in its entry), so it goes with the name the
+        // report shows first.
+        let code_info = match sym.inlined.last() {
+            Some(inner) => inner.code_info.as_ref(),
+            None => sym.code_info.as_deref(),
+        };
+        if let Some(ci) = code_info {
             let file = match &ci.dir {
                 Some(d) => d.join(&*ci.file).to_string_lossy().into_owned(),
                 None => ci.file.to_string_lossy().into_owned(),
@@ -304,5 +312,69 @@ mod tests {
         s.resolve(pid, &mut unknown);
         assert!(unknown.module.is_none());
         assert!(unknown.display().contains("unknown module"));
+    }
+
+    /// A program whose `outer` has `inner` inlined, and `inner` calls `grab`, which prints its
+    /// return address (inside `outer`'s copy of `inner`) and waits.
+    const INLINED: &str = r#"#include <stdio.h>
+__attribute__((noinline)) void grab(void) {
+    printf("%p\n", __builtin_return_address(0));
+    fflush(stdout);
+    getchar();
+}
+static inline __attribute__((always_inline)) void inner(int n) {
+    if (n > 0)
+        grab(); /* line 9: where the code is */
+}
+__attribute__((noinline)) void outer(int n) {
+    inner(n); /* line 12: the call into inner */
+    __asm__ volatile("" ::: "memory");
+}
+int main(int argc, char **argv) { (void)argv; outer(argc); return 0; }
+"#;
+
+    #[test]
+    fn an_inlined_frame_has_the_inlined_functions_line() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let (src, exe) = (dir.path().join("inl.c"), dir.path().join("inl"));
+        std::fs::write(&src, INLINED).unwrap();
+        let cc = Command::new("cc")
+            .args(["-O2", "-g", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .status();
+        assert!(
+            cc.is_ok_and(|s| s.success()),
+            "cc (build-essential) is needed"
+        );
+        let mut child = Command::new(&exe)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ret = u64::from_str_radix(line.trim().trim_start_matches("0x"), 16).unwrap();
+        let mut s = Symbolizer::new();
+        let mut f = s.return_address(child.id(), ret);
+        s.resolve(child.id(), &mut f);
+        let _ = child.stdin.take().unwrap().write_all(b"\n");
+        let _ = child.wait();
+        assert_eq!(f.function.as_deref(), Some("outer"), "{f:?}");
+        assert_eq!(f.inlined, vec![Arc::<str>::from("inner")], "{f:?}");
+        assert_eq!(
+            f.line,
+            Some(9),
+            "the line in inner, not outer's call: {f:?}"
+        );
+        assert!(
+            f.display().starts_with("inner (inlined in outer+"),
+            "{}",
+            f.display()
+        );
     }
 }
