@@ -129,6 +129,40 @@ fn two_c_callers_of_one_helper_are_two_sites_on(py: &std::path::Path) {
     assert_eq!(total(&a, "unfreed_bytes"), 31 * 503 + 505);
 }
 
+/// In sampled mode the stack is walked from the heap-sampling USDT's site, an instruction, not a
+/// return address. Walked as if it were one, the kernel never got past that first frame: every
+/// sample from one Python call fell into one site, shown with whichever path came first
+/// (Pillow's leaked `PyMem_New` buffer was reported under FreeType's `ft_alloc`).
+#[test]
+fn two_c_callers_of_one_helper_are_two_sites_when_sampled() {
+    let _g = serial();
+    let py = pyenv_python();
+    let ext = ext_dir(&py);
+    // 150 calls of 2 × 256 KiB: each path leaks 38.4 MB, about 73 samples at 512 KiB.
+    let s = script(
+        "import sys, time\nsys.path.insert(0, sys.argv[1])\nimport leakyext\n\
+         time.sleep(1)\n\
+         leakyext.leak_two(262144)\ntime.sleep(0.5)\n\
+         for _ in range(149):\n    leakyext.leak_two(262144)\n",
+    );
+    let run = run_python(&["--mode", "sampled"], &py, &s, &[ext.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let a = sites_through(&run, &["via_a", "shared_alloc"]);
+    let b = sites_through(&run, &["via_b", "shared_alloc"]);
+    assert!(!a.is_empty() && !b.is_empty(), "{}", run.stdout);
+    assert!(a.iter().all(|s| !shown(s).contains(&"via_b".to_string())));
+    let truth = 150.0 * 262_147.0;
+    for (name, sites) in [("via_a", &a), ("via_b", &b)] {
+        let est = total(sites, "unfreed_bytes") as f64;
+        // Poisson sampling: about ±12 % at one standard deviation here.
+        assert!(
+            (est / truth - 1.0).abs() < 0.4,
+            "{name}: {est} B estimated for {truth} B\n{}",
+            run.stdout
+        );
+    }
+}
+
 #[test]
 fn threads_unwind_their_own_stacks() {
     let _g = serial();

@@ -110,6 +110,11 @@ impl Heap {
         }
     }
 
+    /// The allocator function a site was announced with.
+    pub fn func(&self, id: u64) -> Option<AllocFn> {
+        self.sites.get(&id).map(|s| s.func)
+    }
+
     /// Whether the site already has a native stack from a copy or a whole kernel walk.
     pub fn has_full_native(&self, id: u64) -> bool {
         self.sites

@@ -199,9 +199,11 @@ impl Session<'_> {
 
     /// A site's stack copy: unwound here, and the rows learned taught to the kernel.
     fn stack_copy(&mut self, copy: &StackCopy<'_>) {
-        let (stack, rows) = self
-            .unwinder
-            .unwind(&mut self.sym, copy.tgid, copy.regs, copy.data);
+        // A heap-sampling USDT's copy starts at the probe site, not at a return address.
+        let at_probe = self.heap.func(copy.site_id) == Some(AllocFn::UsdtAlloc);
+        let (stack, rows) =
+            self.unwinder
+                .unwind(&mut self.sym, copy.tgid, copy.regs, copy.data, at_probe);
         log::trace!(
             "site {:#x}: {} native frames ({:?}) from {} of {} stack bytes",
             copy.site_id,

@@ -118,12 +118,20 @@ pub struct Unwinder {
 impl Unwinder {
     /// Unwinds process `pid`'s stack copy, whose first frame is the allocation's caller with
     /// registers `regs`. Also returns the rows of the first frames, for the kernel.
+    ///
+    /// `regs.pc` is a return address (the allocator's caller, after it returned) unless
+    /// `at_probe`: then it is the probe site of a heap-sampling USDT, the instruction about to
+    /// run, whose own row applies. (A probe's `nop` can be its function's first byte, where the
+    /// byte before belongs to another function: that row made the first step fail, so the
+    /// kernel could never follow a sampled site past it and every sample on a Python line fell
+    /// into one site.)
     pub fn unwind(
         &mut self,
         sym: &mut Symbolizer,
         pid: u32,
         regs: FrameRegs,
         stack: &[u8],
+        at_probe: bool,
     ) -> (NativeStack, Vec<(u64, UnwindRow)>) {
         let started = Instant::now();
         let mut out = NativeStack {
@@ -146,7 +154,9 @@ impl Unwinder {
         };
         while out.pcs.len() < MAX_FRAMES {
             out.pcs.push(r.pc);
-            let Some((row, guessed)) = self.row_at(sym, pid, r.pc, &mut out, &mut rows) else {
+            let leaf = at_probe && out.pcs.len() == 1;
+            let Some((row, guessed)) = self.row_at(sym, pid, (r.pc, leaf), &mut out, &mut rows)
+            else {
                 break;
             };
             match row.step(r, &mut read) {
@@ -171,14 +181,14 @@ impl Unwinder {
         (out, rows)
     }
 
-    /// The unwind row for return address `pc` (and whether it is a frame-pointer guess), or
-    /// `None` when the walk ends there (`out.end` says why). Rows found are kept in `rows`
-    /// to teach the kernel.
+    /// The unwind row for return address `pc` (or, with `at`, for the instruction at `pc`) and
+    /// whether it is a frame-pointer guess, or `None` when the walk ends there (`out.end` says
+    /// why). Rows found are kept in `rows` to teach the kernel.
     fn row_at(
         &mut self,
         sym: &mut Symbolizer,
         pid: u32,
-        pc: u64,
+        (pc, at): (u64, bool),
         out: &mut NativeStack,
         rows: &mut Vec<(u64, UnwindRow)>,
     ) -> Option<(UnwindRow, bool)> {
@@ -193,7 +203,8 @@ impl Unwinder {
             return None;
         };
         // A return address follows its call: the call's own row is at the byte before.
-        let svma = cfi.svma(m.file_offset(pc)).map(|a| a.saturating_sub(1));
+        let back = u64::from(!at);
+        let svma = cfi.svma(m.file_offset(pc)).map(|a| a.saturating_sub(back));
         let eval = svma.is_some_and(|a| cfi.is_eval(a));
         out.eval.push(eval);
         let (row, guessed) = match svma.map(|a| cfi.lookup(a)) {
@@ -276,7 +287,7 @@ mod tests {
         let (regs, copy) = capture();
         let mut sym = Symbolizer::new();
         let mut u = Unwinder::default();
-        let (stack, rows) = u.unwind(&mut sym, std::process::id(), regs, &copy);
+        let (stack, rows) = u.unwind(&mut sym, std::process::id(), regs, &copy, false);
         assert!(stack.pcs.len() >= 3, "{stack:?}");
         assert!(!rows.is_empty());
         let names: Vec<String> = stack
