@@ -205,26 +205,58 @@ fn stack_key(site: &Value) -> Vec<String> {
             if e["kind"] == "python" {
                 format!(
                     "{}:{line} in {}",
-                    e["filename"].as_str().unwrap_or("?"),
+                    installed_path(e["filename"].as_str().unwrap_or("?")),
                     e["function"].as_str().unwrap_or("?")
                 )
             } else {
-                let module = e["module"]
-                    .as_str()
-                    .map(|m| m.rsplit('/').next().unwrap_or(m))
-                    .unwrap_or("?");
+                let module = e["module"].as_str().map_or("?".into(), module_name);
                 let func = match e["function"].as_str() {
                     Some(f) => f.to_string(),
                     // Without a symbol, the offset in the file: the same build, the same place.
                     None => format!("{:#x}", e["file_offset"].as_u64().unwrap_or(0)),
                 };
                 match e["file"].as_str() {
-                    Some(file) => format!("{func} ({file}:{line}) in {module}"),
+                    Some(file) => format!("{func} ({}:{line}) in {module}", base_name(file)),
                     None => format!("{func} in {module}"),
                 }
             }
         })
         .collect()
+}
+
+// Two reports of one program usually come from two environments (the old release in one venv,
+// the new in another; two build trees): a frame is keyed by what names it in either.
+
+/// A Python file as installed: the part after `site-packages/` (or `dist-packages/`), so one
+/// package's frames match across virtual environments; any other path as it is.
+fn installed_path(path: &str) -> &str {
+    ["/site-packages/", "/dist-packages/"]
+        .iter()
+        .find_map(|d| path.rfind(d).map(|i| &path[i + d.len()..]))
+        .unwrap_or(path)
+}
+
+/// A path's last component.
+fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// A module's file name without the hash auditwheel gives each library it vendors into a wheel
+/// (`libfreetype-5d47eaee.so.6.20.2` → `libfreetype.so.6.20.2`), which changes from release to
+/// release of the same library.
+fn module_name(path: &str) -> String {
+    let name = base_name(path);
+    if let Some(dash) = name.find('-') {
+        let (stem, rest) = name.split_at(dash);
+        let hash = &rest[1..];
+        if hash.len() > 8
+            && hash[..8].bytes().all(|b| b.is_ascii_hexdigit())
+            && hash[8..].starts_with(".so")
+        {
+            return format!("{stem}{}", &hash[8..]);
+        }
+    }
+    name.to_string()
 }
 
 /// The diff as text: the stacks that changed most, grown first.
@@ -327,6 +359,41 @@ mod tests {
                 {"kind": "native", "hidden": true, "address": addr + 7, "function": "_start"}
             ]
         })
+    }
+
+    #[test]
+    fn matches_one_package_across_environments() {
+        let at = |venv: &str, lib: &str, build: &str| {
+            json!({
+                "allocator": "malloc", "unfreed_bytes": 2400, "unfreed_count": 1,
+                "stack": [
+                    {"kind": "python", "function": "FreeTypeFont.getlength", "line": 390,
+                     "filename": format!("/{venv}/lib/python3.12/site-packages/PIL/ImageFont.py")},
+                    {"kind": "native", "hidden": false, "address": 1, "function": "ft_alloc",
+                     "module": format!("/{venv}/lib/python3.12/site-packages/pillow.libs/{lib}"),
+                     "file": format!("/{build}/src/base/ftsystem.c"), "line": 102}
+                ]
+            })
+        };
+        let old = json!({"totals": {"unfreed_bytes": 2400},
+            "sites": [at("pil-11.2.1", "libfreetype-5d47eaee.so.6.20.2", "tmp/b1")]});
+        let new = json!({"totals": {"unfreed_bytes": 2400},
+            "sites": [at("pil-11.3.0", "libfreetype-0a1b2c3d.so.6.20.2", "tmp/b2")]});
+        let d = diff(&old, &new).unwrap();
+        assert_eq!(d.rows.len(), 1, "{:?}", d.rows);
+        assert_eq!(d.rows[0].change, "same");
+        assert_eq!(
+            d.rows[0].stack,
+            [
+                "PIL/ImageFont.py:390 in FreeTypeFont.getlength",
+                "ft_alloc (ftsystem.c:102) in libfreetype.so.6.20.2"
+            ]
+        );
+        assert_eq!(
+            module_name("/x/_cbor2.cpython-311-x86_64-linux-gnu.so"),
+            "_cbor2.cpython-311-x86_64-linux-gnu.so"
+        );
+        assert_eq!(installed_path("app.py"), "app.py");
     }
 
     #[test]
