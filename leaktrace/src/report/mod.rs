@@ -201,6 +201,10 @@ pub struct ReportMeta {
     /// Seconds into the trace when the interpreter began shutting down: RSS after it says
     /// nothing about the figures, which freeze there.
     pub finalized_at: Option<f64>,
+    /// The target's RSS and pymalloc arenas read when its interpreter began shutting down,
+    /// where the figures freeze (the series' next point comes after teardown).
+    #[serde(default)]
+    pub at_finalize: Option<AtFinalize>,
     /// Seconds into the trace when the interpreter began running the main module.
     #[serde(default)]
     pub main_at: Option<f64>,
@@ -448,14 +452,35 @@ fn named_sites(
     sites
 }
 
-/// The series up to the interpreter's shutdown, if it began.
-fn series_before_shutdown(heap: &Heap, finalized_at: Option<f64>) -> Vec<Sample> {
+/// What was read of the target's memory when its interpreter began shutting down.
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
+pub struct AtFinalize {
+    pub rss_bytes: Option<u64>,
+    pub arena_bytes: Option<u64>,
+}
+
+/// The series up to the interpreter's shutdown, if it began, ending with the point at shutdown
+/// when its memory was read then (a run shorter than one interval has no other point there).
+fn series_before_shutdown(heap: &Heap, meta: &ReportMeta) -> Vec<Sample> {
     // Shutdown teardown frees what the figures freeze at shutdown: RSS after it says nothing.
-    heap.series()
+    let mut before: Vec<Sample> = heap
+        .series()
         .iter()
-        .filter(|p| finalized_at.is_none_or(|t| p.t <= t))
+        .filter(|p| meta.finalized_at.is_none_or(|t| p.t <= t))
         .copied()
-        .collect()
+        .collect();
+    // The live figures froze at shutdown, so the last point's are those of that moment.
+    if let (Some(t), Some(end), Some(last)) =
+        (meta.finalized_at, meta.at_finalize, heap.series().last())
+    {
+        before.push(Sample {
+            t,
+            rss_bytes: end.rss_bytes,
+            arena_bytes: end.arena_bytes,
+            ..*last
+        });
+    }
+    before
 }
 
 impl Report {
@@ -486,7 +511,7 @@ impl Report {
         let omitted = all.len().saturating_sub(keep);
         all.truncate(keep);
         let sites = named_sites(all, sym, interpreter);
-        let before = series_before_shutdown(heap, meta.finalized_at);
+        let before = series_before_shutdown(heap, &meta);
         let mut report = Report {
             schema_version: SCHEMA_VERSION,
             dropped: meta.drops() + sites_without_stack as u64,

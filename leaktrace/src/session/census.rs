@@ -10,6 +10,7 @@ use crate::analysis::census::Census;
 use crate::error::Result;
 use crate::events::EventReader;
 use crate::probes::plan::Lifecycle;
+use crate::report::AtFinalize;
 use crate::stacks::python::objects::TypeReader;
 
 impl Session<'_> {
@@ -60,6 +61,14 @@ impl Session<'_> {
         Some(census)
     }
 
+    /// The target's RSS and pymalloc arenas now.
+    fn memory_now(&self) -> AtFinalize {
+        AtFinalize {
+            rss_bytes: self.proc.rss_bytes(),
+            arena_bytes: self.py.as_ref().and_then(|py| py.arena_bytes()),
+        }
+    }
+
     /// The target's interpreter reached a lifecycle point (its record on the ring buffer).
     pub(super) fn lifecycle(&mut self, kind: Lifecycle) {
         let t = self.start.elapsed().as_secs_f64();
@@ -72,6 +81,7 @@ impl Session<'_> {
                     return;
                 }
                 self.finalized_at = Some(t);
+                self.at_finalize = Some(self.memory_now());
                 if self.opts.verbose {
                     eprintln!("leaktrace: interpreter shutdown began; accounting frozen");
                 }
@@ -112,6 +122,9 @@ impl Session<'_> {
             taken.finalize = true;
             self.paused = Some(taken);
             self.finalized_at.get_or_insert(t);
+            if self.at_finalize.is_none() {
+                self.at_finalize = Some(self.memory_now());
+            }
             // Stopped where shutdown begins: every object is still intact.
             self.catch_up(reader)?;
             self.census_end = self.take_census();

@@ -122,6 +122,7 @@ impl Session<'_> {
             interpreter: self.plan.python.as_ref().map(|p| p.module.clone()),
             finalized_at: self.finalized_at,
             main_at: self.main_at,
+            at_finalize: self.at_finalize,
             census_baseline: Some(self.census_baseline()),
             census_base: self.census_base.take(),
             census_end: self.census_end.take(),

@@ -69,6 +69,8 @@ struct Session<'a> {
     start: Instant,
     /// Seconds into the trace when the interpreter began shutting down.
     finalized_at: Option<f64>,
+    /// The target's memory when its interpreter began shutting down, where the figures freeze.
+    at_finalize: Option<crate::report::AtFinalize>,
     /// Seconds into the trace when the interpreter started running the main module.
     main_at: Option<f64>,
     /// `run`: the child is paused at its lifecycle points; which pauses were taken.

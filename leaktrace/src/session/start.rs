@@ -217,6 +217,7 @@ impl<'a> Session<'a> {
             unwinder: Unwinder::default(),
             start: Instant::now(),
             finalized_at: None,
+            at_finalize: None,
             main_at: None,
             paused: own_child.then(census::Pauses::default),
             census_missing: None,
