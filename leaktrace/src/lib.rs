@@ -20,6 +20,8 @@ pub mod process;
 pub mod report;
 pub mod session;
 pub mod stacks;
+#[cfg(test)]
+mod test_support;
 pub mod units;
 
 pub use error::{Error, Result};

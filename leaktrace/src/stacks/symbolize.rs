@@ -337,18 +337,7 @@ int main(int argc, char **argv) { (void)argv; outer(argc); return 0; }
     fn an_inlined_frame_has_the_inlined_functions_line() {
         use std::io::{BufRead, BufReader, Write};
         use std::process::{Command, Stdio};
-        let dir = tempfile::tempdir().unwrap();
-        let (src, exe) = (dir.path().join("inl.c"), dir.path().join("inl"));
-        std::fs::write(&src, INLINED).unwrap();
-        let cc = Command::new("cc")
-            .args(["-O2", "-g", "-o"])
-            .arg(&exe)
-            .arg(&src)
-            .status();
-        assert!(
-            cc.is_ok_and(|s| s.success()),
-            "cc (build-essential) is needed"
-        );
+        let (_dir, exe) = crate::test_support::compile_c(INLINED, &["-O2", "-g"]);
         let mut child = Command::new(&exe)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -468,19 +468,7 @@ int main(void) {
 
     /// Builds `PROGRAM`, runs it (under `loader` when given: another glibc) and walks it.
     fn walk_program(loader: Option<(&str, &str)>) -> (HeapWalk, Vec<(usize, bool)>, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let (src, exe) = (dir.path().join("heap.c"), dir.path().join("heap"));
-        std::fs::write(&src, PROGRAM).unwrap();
-        let cc = Command::new("cc")
-            .arg("-pthread")
-            .arg("-o")
-            .arg(&exe)
-            .arg(&src)
-            .status();
-        assert!(
-            cc.is_ok_and(|s| s.success()),
-            "cc (build-essential) is needed"
-        );
+        let (_dir, exe) = crate::test_support::compile_c(PROGRAM, &["-pthread"]);
         let mut cmd = match loader {
             Some((ld, libs)) => {
                 let mut c = Command::new(ld);

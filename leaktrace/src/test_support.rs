@@ -1,0 +1,23 @@
+//! What the library's own tests share: small C programs built on the spot.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Builds `source` with the system's C compiler and `flags`; the program lives as long as the
+/// returned directory.
+pub fn compile_c(source: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, exe) = (dir.path().join("prog.c"), dir.path().join("prog"));
+    std::fs::write(&src, source).unwrap();
+    let cc = Command::new("cc")
+        .args(flags)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .status();
+    assert!(
+        cc.is_ok_and(|s| s.success()),
+        "cc (build-essential) is needed"
+    );
+    (dir, exe)
+}
