@@ -297,6 +297,35 @@ fn fragmentation_shows_as_rss_above_live_bytes() {
     assert!(r.stdout.contains("pymalloc arenas"), "{}", r.stdout);
 }
 
+/// A run shorter than one interval has a single point before shutdown: the header compared it
+/// with itself (`RSS 9.0 MB → 9.0 MB` beside 14.8 MB unfreed) until the memory was read at
+/// shutdown too.
+#[test]
+fn a_short_runs_memory_line_ends_at_shutdown() {
+    let _g = serial();
+    let py = pyenv_python();
+    let s = script("import time\ntime.sleep(0.3)\nkeep = [bytearray(1 << 16) for _ in range(320)]\n");
+    let r = run_python(&[], &py, &s, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = r.json.as_ref().unwrap();
+    let h = &j["heap_vs_rss"];
+    let (rss0, rss1) = (
+        h["rss_first"].as_u64().unwrap(),
+        h["rss_last"].as_u64().unwrap(),
+    );
+    let (live0, live1) = (
+        h["live_first"].as_u64().unwrap(),
+        h["live_last"].as_u64().unwrap(),
+    );
+    // 20 MiB kept: live traced and RSS both grew by about that much.
+    assert!(live1 >= live0 + (19 << 20), "{h}");
+    assert!(rss1 >= rss0 + (15 << 20), "{h}");
+    assert!(
+        live1 <= j["totals"]["unfreed_bytes"].as_u64().unwrap(),
+        "{h}"
+    );
+}
+
 /// Makes `argv[1]` objects of each of several types — dicts, instances with and without
 /// `__slots__`, lists, bytes, str, and `array.array` (a C extension's type) — and keeps them in a
 /// global list (`keep`) or drops each at once (`drop`).
