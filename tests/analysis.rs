@@ -304,7 +304,8 @@ fn fragmentation_shows_as_rss_above_live_bytes() {
 fn a_short_runs_memory_line_ends_at_shutdown() {
     let _g = serial();
     let py = pyenv_python();
-    let s = script("import time\ntime.sleep(0.3)\nkeep = [bytearray(1 << 16) for _ in range(320)]\n");
+    let s =
+        script("import time\ntime.sleep(0.3)\nkeep = [bytearray(1 << 16) for _ in range(320)]\n");
     let r = run_python(&[], &py, &s, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let j = r.json.as_ref().unwrap();

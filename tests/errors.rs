@@ -133,6 +133,43 @@ fn python_only_on_a_non_python_process() {
     assert!(r.stderr.contains("not a Python process"), "{}", r.stderr);
 }
 
+/// `snapshot` checks its output before the walk, and says what it can do instead for a process
+/// that is not Python.
+#[test]
+fn snapshot_refuses_an_unwritable_output_and_a_non_python_process_up_front() {
+    let mut py = std::process::Command::new(pyenv_python())
+        .args(["-c", "import time; time.sleep(30)"])
+        .spawn()
+        .unwrap();
+    let pid = py.id().to_string();
+    let out = std::process::Command::new(leaktrace_bin())
+        .args(["snapshot", "-p", &pid, "--json", "/nonexistent-dir/s.json"])
+        .output()
+        .unwrap();
+    let _ = py.kill();
+    let _ = py.wait();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot write /nonexistent-dir/s.json"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "no walk before the check: {stdout}");
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let r = leaktrace(&["snapshot", "-p", &sleeper.id().to_string()]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("not a Python process"), "{}", r.stderr);
+    assert!(!r.stderr.contains("--python-only"), "{}", r.stderr);
+}
+
 /// A statically linked, stripped program has neither a libc to probe nor symbols.
 #[test]
 fn stripped_static_program_has_no_allocator_symbols() {

@@ -28,8 +28,8 @@ pub enum Error {
     },
     #[error("process {pid} exited while leaktrace was attaching: {detail}")]
     TargetExited { pid: u32, detail: String },
-    #[error("process {0} is not a Python process (no libpython and no Python interpreter symbols in its mappings); drop --python-only to trace its libc allocations")]
-    NotPython(u32),
+    #[error("process {0} is not a Python process (no libpython and no Python interpreter symbols in its mappings){1}")]
+    NotPython(u32, &'static str),
     #[error("found no allocator to probe in process {pid}: {detail}")]
     NoAllocatorSymbols { pid: u32, detail: String },
     #[error("cannot start {cmd}: {source}")]
@@ -74,7 +74,7 @@ impl Error {
             Error::NoPrivileges(_) | Error::Denied { .. } => 3,
             Error::NoSuchProcess(_) | Error::NotAProcess { .. } => 4,
             Error::TargetExited { .. } => 5,
-            Error::NotPython(_) => 6,
+            Error::NotPython(..) => 6,
             Error::NoAllocatorSymbols { .. } => 7,
             Error::Bpf(_) => 8,
             Error::Spawn { .. } => 9,

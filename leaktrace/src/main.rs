@@ -243,6 +243,17 @@ fn run_snapshot(args: &leaktrace::cli::SnapshotArgs) -> i32 {
     use leaktrace::analysis::snapshot;
     let interval = std::time::Duration::from_secs_f64(args.interval);
     let why = args.why.as_ref().map(|t| (t, args.why_samples));
+    // An output that cannot be written is found before the walk, not after it.
+    if let Some(path) = &args.json {
+        if let Err(e) = std::fs::File::create(path) {
+            let e = leaktrace::Error::Write {
+                path: path.clone(),
+                detail: e.to_string(),
+            };
+            eprintln!("leaktrace: error: {e}");
+            return e.exit_code();
+        }
+    }
     match snapshot::take(args.pid, args.count, interval, args.freeze, why) {
         Ok(s) => print_and_save(&snapshot::render(&s, args.top), &s, args.json.as_deref()),
         Err(e) => {
@@ -252,7 +263,8 @@ fn run_snapshot(args: &leaktrace::cli::SnapshotArgs) -> i32 {
     }
 }
 
-/// Prints `table`, writes `value` as JSON to `json` if asked; the exit status (1: not written).
+/// Prints `table`, writes `value` as JSON to `json` if asked; the exit status (2, as for every
+/// output that cannot be written: not written).
 fn print_and_save(
     table: &str,
     value: &impl serde::Serialize,
@@ -262,8 +274,12 @@ fn print_and_save(
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(value).expect("reports serialize");
         if let Err(e) = std::fs::write(path, text) {
-            eprintln!("leaktrace: cannot write {}: {e}", path.display());
-            return 1;
+            let e = leaktrace::Error::Write {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            };
+            eprintln!("leaktrace: error: {e}");
+            return e.exit_code();
         }
     }
     0

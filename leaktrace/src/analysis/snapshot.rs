@@ -91,7 +91,10 @@ fn take_from(
 ) -> Result<Snapshot> {
     let pid = proc.pid;
     let modules = proc.module_map()?;
-    let info = python::detect(pid, &modules, proc.exe().as_deref()).ok_or(Error::NotPython(pid))?;
+    let info = python::detect(pid, &modules, proc.exe().as_deref()).ok_or(Error::NotPython(
+        pid,
+        ": a snapshot reads Python objects; `leaktrace attach` traces any process's allocations",
+    ))?;
     let py = PythonProcess::new(pid, &info, &modules)?;
     let type_type = py
         .type_type

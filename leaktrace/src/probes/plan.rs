@@ -222,7 +222,10 @@ pub fn plan(
         ..ProbePlan::empty()
     };
     if families == Families::PythonOnly && python.is_none() {
-        return Err(Error::NotPython(pid));
+        return Err(Error::NotPython(
+            pid,
+            "; drop --python-only to trace its libc allocations",
+        ));
     }
     let mut producer = super::usdt::ProducerExports::default();
     if usdt && families.libc() {
@@ -564,7 +567,7 @@ mod tests {
                 false,
                 false
             ),
-            Err(Error::NotPython(_))
+            Err(Error::NotPython(..))
         ));
     }
 }

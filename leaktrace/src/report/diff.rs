@@ -210,10 +210,13 @@ fn stack_key(site: &Value) -> Vec<String> {
                 )
             } else {
                 let module = e["module"].as_str().map_or("?".into(), module_name);
-                let func = match e["function"].as_str() {
-                    Some(f) => f.to_string(),
+                // The innermost inlined function, whose line `line` is, names the frame.
+                let inlined = e["inlined"].as_array().and_then(|i| i.last());
+                let func = match (inlined.and_then(Value::as_str), e["function"].as_str()) {
+                    (Some(inner), Some(outer)) => format!("{inner} (inlined in {outer})"),
+                    (None, Some(f)) => f.to_string(),
                     // Without a symbol, the offset in the file: the same build, the same place.
-                    None => format!("{:#x}", e["file_offset"].as_u64().unwrap_or(0)),
+                    _ => format!("{:#x}", e["file_offset"].as_u64().unwrap_or(0)),
                 };
                 match e["file"].as_str() {
                     Some(file) => format!("{func} ({}:{line}) in {module}", base_name(file)),
@@ -326,9 +329,25 @@ fn types(o: &mut String, types: &[TypeDiff], top: usize) {
     }
 }
 
-/// The rows that changed, at most `top`.
+/// The `top` rows that changed most either way (a fix shows as a stack that shrank or
+/// vanished), in the order given: grown first.
 fn rows(o: &mut String, rows: &[DiffRow], top: usize) {
-    for r in rows.iter().filter(|r| r.change != "same").take(top) {
+    let mut changed: Vec<&DiffRow> = rows.iter().filter(|r| r.change != "same").collect();
+    if changed.len() > top {
+        let mut by_size: Vec<u64> = changed
+            .iter()
+            .map(|r| r.delta_bytes.unsigned_abs())
+            .collect();
+        by_size.sort_unstable_by(|a, b| b.cmp(a));
+        let least = by_size[top - 1];
+        let mut room = top;
+        changed.retain(|r| {
+            let keep = room > 0 && r.delta_bytes.unsigned_abs() >= least;
+            room -= usize::from(keep);
+            keep
+        });
+    }
+    for r in changed {
         let _ = writeln!(
             o,
             "{:>14} {:>14} {:>14}  {:<8} {}",
@@ -359,6 +378,31 @@ mod tests {
                 {"kind": "native", "hidden": true, "address": addr + 7, "function": "_start"}
             ]
         })
+    }
+
+    #[test]
+    fn the_top_rows_are_the_largest_changes_either_way() {
+        let old = json!({"totals": {"unfreed_bytes": 9_600_000},
+            "sites": [site(9_600_000, "leak", 22, 1)]});
+        let new = json!({"totals": {"unfreed_bytes": 600},
+            "sites": [site(300, "a", 3, 1), site(200, "b", 4, 1), site(100, "c", 5, 1)]});
+        let text = render(&diff(&old, &new).unwrap(), 2);
+        // Two growths of 300 and 200 B are shown with the fix that freed 9.6 MB, not before it.
+        assert!(text.contains("-9600000 B"), "{text}");
+        assert!(text.contains("app.py:3 in a"), "{text}");
+        assert!(!text.contains("app.py:4 in b"), "{text}");
+    }
+
+    #[test]
+    fn an_inlined_frame_is_named_by_the_function_its_line_is_in() {
+        let s = json!({"allocator": "malloc", "unfreed_bytes": 24000, "unfreed_count": 1,
+            "stack": [{"kind": "native", "hidden": false, "address": 1, "function": "text_layout",
+                "inlined": ["text_layout_fallback"], "module": "/x/_imagingft.so",
+                "file": "/src/_imagingft.c", "line": 442}]});
+        assert_eq!(
+            stack_key(&s),
+            ["text_layout_fallback (inlined in text_layout) (_imagingft.c:442) in _imagingft.so"]
+        );
     }
 
     #[test]
