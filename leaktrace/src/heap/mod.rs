@@ -110,6 +110,12 @@ impl Heap {
         }
     }
 
+    /// The process and native return addresses a site holds (the kernel's walk until a copy
+    /// replaces them).
+    pub fn native_of(&self, id: u64) -> Option<(u32, &[u64])> {
+        self.sites.get(&id).map(|s| (s.pid, s.native.as_slice()))
+    }
+
     /// The allocator function a site was announced with.
     pub fn func(&self, id: u64) -> Option<AllocFn> {
         self.sites.get(&id).map(|s| s.func)

@@ -191,6 +191,15 @@ pub(super) fn group<'a>(
             continue;
         }
         let Some(p) = g.first() else { continue };
+        // Frames of an in-process sampler alone say nothing of the program's path: every
+        // sampled call under that Python stack begins with them (samples taken before the
+        // sampler's rows were learned). Folded, they went to whichever path was longest.
+        if p.native
+            .iter()
+            .all(|pc| sym.return_address(p.pid, *pc).in_sampler())
+        {
+            continue;
+        }
         let candidates = by_python.get(&(p.pid, p.func as u8, p.python.as_slice()));
         // The fullest path it begins, the lowest site id among equals.
         let target = candidates
@@ -274,6 +283,71 @@ mod tests {
             bytes,
             vec![400, 600],
             "1 and 2 fold into 3; calloc's stays apart"
+        );
+    }
+
+    /// Places addresses below 0x100 in the preloaded sampler, the others in a program.
+    struct SamplerBelow100;
+
+    impl FrameSource for SamplerBelow100 {
+        fn return_address(&mut self, _pid: u32, addr: u64) -> Frame {
+            let module = if addr < 0x100 {
+                "/var/lib/leaktrace/libleaktrace_preload-0.1.0-0.so"
+            } else {
+                "/usr/lib/program.so"
+            };
+            Frame {
+                address: addr,
+                module: Some(module.into()),
+                ..Frame::default()
+            }
+        }
+        fn resolve(&mut self, _pid: u32, _frame: &mut Frame) {}
+    }
+
+    /// A sampled site the kernel followed only through the sampler's frames stands for every
+    /// path under its Python stack: it is not folded into the longest of them.
+    #[test]
+    fn a_partial_stack_of_sampler_frames_alone_is_not_folded() {
+        let mut heap = Heap::default();
+        let mut sym = SamplerBelow100;
+        let mut placing = Symbolizer::new();
+        let pid = 4_194_301;
+        let sites: [(u64, &[u64], UnwindEnd); 4] = [
+            (1, &[0x10], UnwindEnd::NoStackCopy),
+            (2, &[0x10, 0x20, 0x300, 0x400], UnwindEnd::Complete),
+            (3, &[0x10, 0x20, 0x500, 0x600], UnwindEnd::Complete),
+            (4, &[0x10, 0x20, 0x300], UnwindEnd::NoStackCopy),
+        ];
+        let mut stats = Vec::new();
+        for (id, pcs, end) in sites {
+            heap.announce(id, pid, AllocFn::UsdtAlloc, pcs[0], None);
+            let stack = NativeStack {
+                pcs: pcs.to_vec(),
+                eval: vec![false; pcs.len()],
+                end,
+            };
+            heap.set_native(&mut placing, id, &stack);
+            let func = AllocFn::UsdtAlloc as u8;
+            let live_bytes = 1000 * id;
+            let s = SiteStats {
+                live_bytes,
+                live_count: 1,
+                tgid: pid,
+                func,
+                caller: pcs[0],
+                ..SiteStats::default()
+            };
+            stats.push((id, s));
+        }
+        heap.update(&mut placing, stats);
+        let mut groups = group(&heap, &mut sym, None, true);
+        groups.sort_by_key(|g| g.unfreed_bytes);
+        let bytes: Vec<u64> = groups.iter().map(|g| g.unfreed_bytes).collect();
+        assert_eq!(
+            bytes,
+            vec![1000, 3000, 6000],
+            "4 folds into 2; 1 stays apart"
         );
     }
 }

@@ -214,9 +214,22 @@ impl Session<'_> {
             copy.data.len(),
             copy.wanted
         );
-        self.heap.set_native(&mut self.sym, copy.site_id, &stack);
         if let Err(e) = self.tracer.learn_rows(copy.tgid, &rows) {
             log::debug!("{e}");
+        }
+        // A sample the kernel followed only through the sampler's own frames (their rows were
+        // not learned yet) has an id every call path under its Python stack shares until they
+        // are: the copy shows one of those paths, which the others' bytes must not be put on.
+        // It keeps what the kernel walked (the report shows its Python stack alone).
+        let sampler_only = at_probe
+            && self.heap.native_of(copy.site_id).is_some_and(|(pid, pcs)| {
+                !pcs.is_empty()
+                    && pcs
+                        .iter()
+                        .all(|pc| self.sym.return_address(pid, *pc).in_sampler())
+            });
+        if !sampler_only {
+            self.heap.set_native(&mut self.sym, copy.site_id, &stack);
         }
     }
 
