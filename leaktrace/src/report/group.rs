@@ -1,7 +1,7 @@
 //! Which kernel sites are one report line: sites whose shown stacks are the same, and sites
 //! whose stack copy never came folded into the fuller path they begin.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{family_name, PythonStatus, SiteReport};
 use crate::analysis::classify::{classify, Verdict};
@@ -152,6 +152,22 @@ impl SiteReport {
 /// fuller one it folds into.
 type PythonPath<'a> = (u32, u8, &'a [PyFrame]);
 
+/// How many whole native paths each Python stack has, freed ones included: a path whose
+/// blocks were all freed still shares the early samples of a sampler-only site.
+fn whole_paths(heap: &Heap) -> HashMap<PythonPath<'_>, usize> {
+    let mut distinct: HashMap<PythonPath<'_>, HashSet<&[u64]>> = HashMap::new();
+    for s in heap
+        .sites()
+        .filter(|s| s.native_end != UnwindEnd::NoStackCopy)
+    {
+        distinct
+            .entry((s.pid, s.func as u8, s.python.as_slice()))
+            .or_default()
+            .insert(s.native.as_slice());
+    }
+    distinct.into_iter().map(|(k, v)| (k, v.len())).collect()
+}
+
 /// The live sites of `heap` grouped into report lines (`all`: every native frame counts).
 pub(super) fn group<'a>(
     heap: &'a Heap,
@@ -185,6 +201,7 @@ pub(super) fn group<'a>(
                 .push((k, *q));
         }
     }
+    let paths = whole_paths(heap);
     let mut moves: Vec<(StackKey, StackKey)> = Vec::new();
     for (k, g) in &groups {
         if !g.iter().all(|s| s.native_end == UnwindEnd::NoStackCopy) {
@@ -193,22 +210,23 @@ pub(super) fn group<'a>(
         let Some(p) = g.first() else { continue };
         // Frames of an in-process sampler alone say nothing of the program's path: every
         // sampled call under that Python stack begins with them (samples taken before the
-        // sampler's rows were learned). Folded, they went to whichever path was longest.
-        if p.native
+        // sampler's rows were learned). Such a site folds only into the one path its Python
+        // stack has; among several it cannot tell which, and stays apart.
+        let sampler_only = p
+            .native
             .iter()
-            .all(|pc| sym.return_address(p.pid, *pc).in_sampler())
-        {
-            continue;
-        }
+            .all(|pc| sym.return_address(p.pid, *pc).in_sampler());
         let candidates = by_python.get(&(p.pid, p.func as u8, p.python.as_slice()));
-        // The fullest path it begins, the lowest site id among equals.
-        let target = candidates
-            .into_iter()
-            .flatten()
-            .filter(|(o, q)| {
+        let fuller = || {
+            candidates.into_iter().flatten().filter(|(o, q)| {
                 *o != k && q.native.len() > p.native.len() && q.native.starts_with(&p.native)
             })
-            .max_by_key(|(_, q)| (q.native.len(), std::cmp::Reverse(q.id)));
+        };
+        if sampler_only && paths.get(&(p.pid, p.func as u8, p.python.as_slice())) != Some(&1) {
+            continue;
+        }
+        // The fullest path it begins, the lowest site id among equals.
+        let target = fuller().max_by_key(|(_, q)| (q.native.len(), std::cmp::Reverse(q.id)));
         if let Some((t, _)) = target {
             moves.push((k.clone(), (*t).clone()));
         }
@@ -306,21 +324,47 @@ mod tests {
     }
 
     /// A sampled site the kernel followed only through the sampler's frames stands for every
-    /// path under its Python stack: it is not folded into the longest of them.
+    /// path under its Python stack: it folds into the only one, and stays apart among several
+    /// (not into the longest of them).
     #[test]
-    fn a_partial_stack_of_sampler_frames_alone_is_not_folded() {
-        let mut heap = Heap::default();
-        let mut sym = SamplerBelow100;
-        let mut placing = Symbolizer::new();
-        let pid = 4_194_301;
-        let sites: [(u64, &[u64], UnwindEnd); 4] = [
+    fn a_partial_stack_of_sampler_frames_alone_folds_only_into_the_one_path() {
+        let two_paths: &[(u64, &[u64], UnwindEnd)] = &[
             (1, &[0x10], UnwindEnd::NoStackCopy),
             (2, &[0x10, 0x20, 0x300, 0x400], UnwindEnd::Complete),
             (3, &[0x10, 0x20, 0x500, 0x600], UnwindEnd::Complete),
             (4, &[0x10, 0x20, 0x300], UnwindEnd::NoStackCopy),
         ];
+        assert_eq!(
+            sampled_groups(two_paths),
+            vec![1000, 3000, 6000],
+            "4 folds into 2; 1 stays apart"
+        );
+        assert_eq!(
+            sampled_groups(&two_paths[..2]),
+            vec![3000],
+            "1 folds into 2"
+        );
+        let one_freed: &[(u64, &[u64], UnwindEnd)] = &[
+            (1, &[0x10], UnwindEnd::NoStackCopy),
+            (2, &[0x10, 0x20, 0x300, 0x400], UnwindEnd::Complete),
+            (10, &[0x10, 0x20, 0x500, 0x600], UnwindEnd::Complete),
+        ];
+        assert_eq!(
+            sampled_groups(one_freed),
+            vec![1000, 2000],
+            "a path whose blocks were all freed is a path too"
+        );
+    }
+
+    /// The live bytes of the report lines of in-process sampled sites (pcs below 0x100 are the
+    /// sampler's), smallest first; site `id` holds 1000 × `id` bytes, none from 10 on.
+    fn sampled_groups(sites: &[(u64, &[u64], UnwindEnd)]) -> Vec<u64> {
+        let mut heap = Heap::default();
+        let mut sym = SamplerBelow100;
+        let mut placing = Symbolizer::new();
+        let pid = 4_194_301;
         let mut stats = Vec::new();
-        for (id, pcs, end) in sites {
+        for &(id, pcs, end) in sites {
             heap.announce(id, pid, AllocFn::UsdtAlloc, pcs[0], None);
             let stack = NativeStack {
                 pcs: pcs.to_vec(),
@@ -329,7 +373,7 @@ mod tests {
             };
             heap.set_native(&mut placing, id, &stack);
             let func = AllocFn::UsdtAlloc as u8;
-            let live_bytes = 1000 * id;
+            let live_bytes = if id < 10 { 1000 * id } else { 0 };
             let s = SiteStats {
                 live_bytes,
                 live_count: 1,
@@ -343,11 +387,6 @@ mod tests {
         heap.update(&mut placing, stats);
         let mut groups = group(&heap, &mut sym, None, true);
         groups.sort_by_key(|g| g.unfreed_bytes);
-        let bytes: Vec<u64> = groups.iter().map(|g| g.unfreed_bytes).collect();
-        assert_eq!(
-            bytes,
-            vec![1000, 3000, 6000],
-            "4 folds into 2; 1 stays apart"
-        );
+        groups.iter().map(|g| g.unfreed_bytes).collect()
     }
 }
