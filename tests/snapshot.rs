@@ -316,6 +316,10 @@ fn why_names_the_root_and_every_hop() {
         expect.extend([(".tb_frame", "frame"), ("local body", "bytes")]);
         assert_eq!(chain, (main.clone(), hops(&expect)), "{}", py.display());
         assert!(table.contains(&format!("bytes at {at}")), "{table}");
+        // A name the census never saw is said to be so, not only unreachable; a real one is not.
+        let (code, table, _) = snapshot(&["-p", &pid, "--why", "NoSuchType"]);
+        assert_eq!(code, 0, "{table}");
+        assert!(table.contains("no object of type NoSuchType"), "{table}");
         let (_, _, v) = snapshot(&["-p", &pid, "--why", "SessionRecord"]);
         let root = &v["why"]["chains"][0]["hops"][0];
         assert_eq!(

@@ -269,6 +269,20 @@ pub fn render(s: &Snapshot, top: usize) -> String {
     }
     if let Some(w) = &s.why {
         o.push_str(&why::render(w));
+        // A type name the census never saw is more likely misspelt than held by C code.
+        let a_type = w
+            .target
+            .parse::<Target>()
+            .is_ok_and(|t| matches!(t, Target::Type(_)));
+        if w.chains.is_empty() && a_type && !c.types.iter().any(|t| why::names(&t.name, &w.target))
+        {
+            let _ = writeln!(
+                o,
+                "  (and no object of type {} is in this snapshot's census at all: is the name \
+                 written as the TYPE column writes it?)",
+                w.target
+            );
+        }
     }
     o
 }

@@ -355,7 +355,7 @@ struct Walk {
 
 /// Whether a type named `full` (`app.models.User`, `collections.deque`) is the one a user named
 /// `asked`: the whole name, or its end after a dot (`User`, `models.User`).
-fn names(full: &str, asked: &str) -> bool {
+pub(crate) fn names(full: &str, asked: &str) -> bool {
     full == asked
         || full
             .strip_suffix(asked)
