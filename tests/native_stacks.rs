@@ -138,17 +138,21 @@ fn two_c_callers_of_one_helper_are_two_sites_when_sampled() {
     let _g = serial();
     let py = pyenv_python();
     let ext = ext_dir(&py);
-    // 150 calls of 2 × 256 KiB: each path leaks 38.4 MB, about 73 samples at 512 KiB.
+    // Until userspace has learned a path's frames from a sample's stack copy, the kernel cannot
+    // tell the two paths apart (docs/native-stacks.md), and the measured loop runs in a tenth
+    // of a second: so 30 calls from another Python function first (each path sampled in one
+    // with p = 0.39), and a pause for the copies to be read. Then 150 calls of 2 × 256 KiB:
+    // each path leaks 38.4 MB, about 73 samples at 512 KiB.
     let s = script(
         "import sys, time\nsys.path.insert(0, sys.argv[1])\nimport leakyext\n\
-         time.sleep(1)\n\
-         leakyext.leak_two(262144)\ntime.sleep(0.5)\n\
-         for _ in range(149):\n    leakyext.leak_two(262144)\n",
+         def warm():\n    for _ in range(30):\n        leakyext.leak_two(262144)\n\
+         def measured():\n    for _ in range(150):\n        leakyext.leak_two(262144)\n\
+         time.sleep(1)\nwarm()\ntime.sleep(1.5)\nmeasured()\n",
     );
     let run = run_python(&["--mode", "sampled"], &py, &s, &[ext.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    let a = sites_through(&run, &["via_a", "shared_alloc"]);
-    let b = sites_through(&run, &["via_b", "shared_alloc"]);
+    let a = sites_through(&run, &["py:measured", "via_a", "shared_alloc"]);
+    let b = sites_through(&run, &["py:measured", "via_b", "shared_alloc"]);
     assert!(!a.is_empty() && !b.is_empty(), "{}", run.stdout);
     assert!(a.iter().all(|s| !shown(s).contains(&"via_b".to_string())));
     let truth = 150.0 * 262_147.0;
