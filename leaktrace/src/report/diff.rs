@@ -252,10 +252,9 @@ fn module_name(path: &str) -> String {
     if let Some(dash) = name.find('-') {
         let (stem, rest) = name.split_at(dash);
         let hash = &rest[1..];
-        if hash.len() > 8
-            && hash[..8].bytes().all(|b| b.is_ascii_hexdigit())
-            && hash[8..].starts_with(".so")
-        {
+        // Eight ASCII hex digits first, so byte 8 is a character boundary in any name.
+        let hex = hash.len() > 8 && hash.as_bytes()[..8].iter().all(u8::is_ascii_hexdigit);
+        if hex && hash[8..].starts_with(".so") {
             return format!("{stem}{}", &hash[8..]);
         }
     }
@@ -438,6 +437,8 @@ mod tests {
             "_cbor2.cpython-311-x86_64-linux-gnu.so"
         );
         assert_eq!(installed_path("app.py"), "app.py");
+        // Byte 8 falls inside a character here: no slicing there.
+        assert_eq!(module_name("/x/lib-aéééé.so"), "lib-aéééé.so");
     }
 
     #[test]
