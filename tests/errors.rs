@@ -229,6 +229,37 @@ fn bad_arguments_are_usage_errors() {
         &["attach", "-p", "1", "--max-live", "0"],
         &["attach", "-p", "1", "--max-sites", "0"],
         &["attach", "-p", "1", "--top", "0"],
+        // The ceiling is set in the environment of the process `run` starts, in sampled mode.
+        &[
+            "attach",
+            "-p",
+            "1",
+            "--mode",
+            "sampled",
+            "--sample-limit",
+            "100",
+        ],
+        &["run", "--sample-limit", "100", "--", "true"],
+        &[
+            "run",
+            "--mode",
+            "sampled",
+            "--sampler",
+            "kernel",
+            "--sample-limit",
+            "1",
+            "--",
+            "true",
+        ],
+        &[
+            "run",
+            "--mode",
+            "sampled",
+            "--sample-limit",
+            "-1",
+            "--",
+            "true",
+        ],
     ] {
         let out = Command::new(leaktrace_bin()).args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

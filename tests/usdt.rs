@@ -85,6 +85,72 @@ fn run_sampled_on(py: &std::path::Path) {
     assert_eq!(r.counter("usdt_bad_arg"), 0);
 }
 
+/// Leaks `argv[2]` blocks of 10,000 bytes at a pace well under the sampler's ceiling, then
+/// churns 64 KiB blocks through the C extension as fast as it can for one second.
+const LEAK_THEN_FLOOD: &str = r#"
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import leakyext
+def leak(n):
+    for i in range(n):
+        leakyext.leak_malloc(10000)
+        if i % 20 == 0:
+            time.sleep(0.002)
+def flood():
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        for _ in range(1000):
+            leakyext.ok(65536)
+leak(int(sys.argv[2]))
+flood()
+"#;
+
+#[test]
+fn the_samplers_ceiling_holds_under_a_flood_and_keeps_the_estimates() {
+    let _g = serial();
+    let py = pythons().into_iter().next().unwrap().path;
+    let ext = ext_dir(&py);
+    let s = script(LEAK_THEN_FLOOD);
+    let truth = 4000u64 * 10_000;
+    // At 64 KiB the flood alone is well over 100,000 samples a second.
+    let r = run_python(
+        &["--sample", "64KiB", "--sample-limit", "2000"],
+        &py,
+        &s,
+        &[ext.to_str().unwrap(), "4000"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = r.json.as_ref().unwrap();
+    let notes = j["notes"].to_string();
+    assert!(
+        notes.contains("at most 2000 samples a second") && notes.contains("rose up to"),
+        "{notes}"
+    );
+    assert_eq!(j["sample_ceiling"]["samples_per_s"], 2000);
+    assert!(
+        u(&j["sample_ceiling"], "interval_max") > 64 << 10,
+        "{}",
+        j["sample_ceiling"]
+    );
+    let seconds = j["duration_s"].as_f64().unwrap();
+    let samples = r.counter("usdt_samples");
+    // The ceiling, plus one window's budget of slack per second for the windows a burst ends
+    // early; without it the flood alone would take over 100,000.
+    assert!(
+        (samples as f64) < 2000.0 * seconds * 1.3 + 800.0,
+        "{samples} samples in {seconds} s"
+    );
+    // Paced under the ceiling, the leak was sampled at 64 KiB: ~610 samples, 4 % deviation.
+    let site = r.site("leak_malloc", "malloc");
+    let est = u(&site, "unfreed_bytes");
+    assert!(
+        est.abs_diff(truth) as f64 / truth as f64 <= 0.15,
+        "estimate {est} vs {truth}; {samples} samples; {notes}"
+    );
+    let churned: u64 = r.sites("ok").iter().map(|s| u(s, "unfreed_bytes")).sum();
+    assert_eq!(churned, 0, "the flood's freed blocks reported unfreed");
+}
+
 /// A `multiprocessing` pool whose workers are exec'd interpreters (`spawn`): each task leaks
 /// `n` blocks of 10,000 bytes. The preload comes with the environment; each new image starts
 /// with its sampler's semaphore at 0.
@@ -287,6 +353,9 @@ fn attach_finds_a_sampler_the_program_loads_later() {
         &[
             ("LD_PRELOAD", &preloaded),
             ("LEAKTRACE_SAMPLE_BYTES", "64k"),
+            // The leak comes in a burst the default ceiling would thin out (~760 samples in a
+            // few ms): the estimate's precision below is the interval's.
+            ("LEAKTRACE_SAMPLE_LIMIT", "0"),
         ],
     );
     let pids = target.id().to_string();

@@ -298,6 +298,13 @@ pub struct CommonOpts {
     /// samples in the kernel.
     #[arg(long, value_enum, default_value_t = Sampler::Process)]
     pub sampler: Sampler,
+    /// `run --mode sampled`: the most samples a second the preloaded sampler takes (default
+    /// 4000, or none when `--sample` is given; 0 for none). Above it the mean interval rises
+    /// until the rate is under, and comes back when allocation slows; estimates stay unbiased,
+    /// and the report says how high it went. A sampler already running keeps its own
+    /// (`LEAKTRACE_SAMPLE_LIMIT`).
+    #[arg(long, value_name = "N")]
+    pub sample_limit: Option<u64>,
     /// Also trace the processes the target forks (pre-fork servers, multiprocessing pools):
     /// each is stopped at its first instruction until its probes are attached.
     #[arg(long)]
@@ -367,6 +374,18 @@ impl CommonOpts {
                     .into(),
             ));
         }
+        if self.sample_limit.is_some()
+            && (attach
+                || !matches!(mode, TraceMode::Sampled { .. })
+                || self.sampler != Sampler::Process)
+        {
+            return Err(Error::Usage(
+                "--sample-limit is for run --mode sampled, whose preloaded sampler it sets; a \
+                 sampler already running keeps the ceiling it started with (LEAKTRACE_SAMPLE_LIMIT \
+                 in its environment)"
+                    .into(),
+            ));
+        }
         // Bounded so that no value can overflow a deadline or flood the terminal.
         let secs = |v: f64, what: &str, min: f64| match Duration::try_from_secs_f64(v) {
             Ok(d) if v >= min && v <= MAX_SECONDS => Ok(d),
@@ -401,6 +420,9 @@ impl CommonOpts {
             },
             mode,
             sampler: self.sampler,
+            // An interval asked for is a density asked for: no ceiling raises it unless one is
+            // asked for too.
+            sample_limit: self.sample_limit.or(self.sample.map(|_| 0)),
             duration: duration.map(|d| secs(d, "--duration", 0.01)).transpose()?,
             interval: self
                 .interval

@@ -100,6 +100,9 @@ pub struct TraceOptions {
     pub redirect_pymalloc: bool,
     /// Who decides which allocation to sample in sampled mode.
     pub sampler: Sampler,
+    /// `run --mode sampled`: the preloaded sampler's ceiling on samples a second
+    /// (`--sample-limit`, 0 with `--sample` alone; `None` keeps the library's default).
+    pub sample_limit: Option<u64>,
 }
 
 /// Who decides which allocation to sample in sampled mode (`--sampler`).

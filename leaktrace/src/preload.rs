@@ -18,6 +18,8 @@ pub const MIN_RATE: u64 = 64 << 10;
 
 /// The environment variable the library reads its mean sampling interval from (bytes).
 pub const SAMPLE_ENV: &str = "LEAKTRACE_SAMPLE_BYTES";
+/// The environment variable the library reads its ceiling on samples a second from (0: none).
+pub const SAMPLE_LIMIT_ENV: &str = "LEAKTRACE_SAMPLE_LIMIT";
 /// Set to `1`, the library samples CPython's object and mem domains too (pymalloc's objects).
 pub const SAMPLE_PYTHON_ENV: &str = "LEAKTRACE_SAMPLE_PYTHON";
 
@@ -56,20 +58,25 @@ pub fn install(dir: Option<&Path>) -> Result<PathBuf> {
 
 /// The environment a command is started with so it samples itself: the library last in
 /// `LD_PRELOAD` (an allocator the user preloads, jemalloc or tcmalloc, keeps `malloc`, and the
-/// sampler sees none of its calls), and the interval.
-pub fn environment(path: &Path, rate: u64) -> Vec<(String, String)> {
+/// sampler sees none of its calls), the interval, and the ceiling on samples a second when one is
+/// asked for (the library's own default otherwise).
+pub fn environment(path: &Path, rate: u64, limit: Option<u64>) -> Vec<(String, String)> {
     let lib = path.display().to_string();
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(old) if !old.trim().is_empty() => format!("{old} {lib}"),
         _ => lib,
     };
-    vec![
+    let limit = limit.map(|n| (SAMPLE_LIMIT_ENV.to_string(), n.to_string()));
+    [
         ("LD_PRELOAD".into(), preload),
         (SAMPLE_ENV.into(), rate.to_string()),
         // Traced from its first instruction, the command pays for the Python domains' wrappers
         // only while it is traced; a deployed service opts in itself (docs/sampling.md).
         (SAMPLE_PYTHON_ENV.into(), "1".into()),
     ]
+    .into_iter()
+    .chain(limit)
+    .collect()
 }
 
 /// The oldest glibc the library loads under (its newest symbol version, `GLIBC_2.34`).

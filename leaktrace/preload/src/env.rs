@@ -18,6 +18,41 @@ pub fn python_domains_wanted() -> bool {
     !value.is_null() && unsafe { CStr::from_ptr(value) }.to_bytes() == b"1"
 }
 
+/// Name of the variable that sets the most samples a second the process takes (`0`: no
+/// ceiling; unset: `throttle::DEFAULT_LIMIT`).
+pub const SAMPLE_LIMIT_VAR: &CStr = c"LEAKTRACE_SAMPLE_LIMIT";
+
+/// Reads `LEAKTRACE_SAMPLE_LIMIT`: a decimal count of samples a second; `None` when it is not one.
+pub fn read_sample_limit() -> Option<u64> {
+    // SAFETY: as in `read_sample_bytes`.
+    let value = unsafe { libc::getenv(SAMPLE_LIMIT_VAR.as_ptr()) };
+    if value.is_null() {
+        return Some(crate::throttle::DEFAULT_LIMIT);
+    }
+    // SAFETY: getenv returned a non-null pointer to a NUL-terminated string.
+    parse_count(unsafe { CStr::from_ptr(value) }.to_bytes())
+}
+
+/// A plain decimal count (no sign, no suffix, no spaces).
+fn parse_count(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+            .flatten()
+    })
+}
+
+/// Tells the user that `LEAKTRACE_SAMPLE_LIMIT` was ignored (a plain write(2), as below).
+pub fn warn_invalid_sample_limit() {
+    const MSG: &[u8] = b"leaktrace-preload: ignoring LEAKTRACE_SAMPLE_LIMIT (want samples a \
+second, e.g. 4000, or 0 for no ceiling)\n";
+    // SAFETY: MSG is a valid buffer; a failed write only loses the warning.
+    let _ = unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+}
+
 /// What the variable asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SampleBytes {
@@ -98,6 +133,15 @@ mod tests {
         assert_eq!(parse(b"64K"), Bytes(65_536));
         assert_eq!(parse(b"1m"), Bytes(1 << 20));
         assert_eq!(parse(b"2M"), Bytes(2 << 20));
+    }
+
+    #[test]
+    fn sample_limits_are_plain_counts() {
+        assert_eq!(super::parse_count(b"4000"), Some(4000));
+        assert_eq!(super::parse_count(b"0"), Some(0));
+        for bad in [&b""[..], b"4k", b"-1", b" 1", b"99999999999999999999"] {
+            assert_eq!(super::parse_count(bad), None);
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use libdd_profiling_heap_sampler::{
     dd_alloc_req_t, dd_allocation_created, dd_allocation_freed, dd_allocation_realloc_commit,
-    dd_allocation_realloc_prepare, dd_allocation_requested_slow,
+    dd_allocation_realloc_prepare,
 };
 
 use crate::real::{
@@ -74,7 +74,7 @@ fn request(size: usize, alignment: usize) -> dd_alloc_req_t {
         Count::Below => plain(size, alignment),
         // SAFETY: tl is this thread's state with its guard clear; every caller passes a
         // power-of-two alignment.
-        Count::Crossed => unsafe { dd_allocation_requested_slow(tl, size, alignment) },
+        Count::Crossed => unsafe { crate::throttle::requested_slow(tl, size, alignment) },
     }
 }
 

@@ -30,6 +30,10 @@
 //! raises anything under 64 KiB to 64 KiB, silently. A value it cannot parse is reported on
 //! stderr and ignored.
 //!
+//! `LEAKTRACE_SAMPLE_LIMIT` (a decimal count, default 4000, `0` for none) is the most samples a
+//! second the process takes: above it the mean interval rises, and falls back when allocation
+//! slows, the estimates staying unbiased (`src/throttle.rs`).
+//!
 //! ## USDT probes
 //!
 //! Provider `ddheap`, both probes sharing one semaphore:
@@ -92,6 +96,7 @@ mod python_direct;
 mod python_hooks;
 mod real;
 mod tag;
+mod throttle;
 mod tls;
 
 use env::SampleBytes;
@@ -146,6 +151,11 @@ extern "C" fn init() {
     // SAFETY: a relaxed atomic load in the sampler.
     let interval = unsafe { libdd_profiling_heap_sampler::dd_sampling_interval_effective() };
     leaktrace_preload_sample_bytes.store(interval, Ordering::Relaxed);
+    let limit = env::read_sample_limit().unwrap_or_else(|| {
+        env::warn_invalid_sample_limit();
+        throttle::DEFAULT_LIMIT
+    });
+    throttle::init(limit, interval);
     real::warm_up();
     // SAFETY: the constructor, run once, before the program (and so the interpreter) starts.
     unsafe { python::install() };

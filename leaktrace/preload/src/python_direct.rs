@@ -27,7 +27,7 @@
 use core::ffi::c_void;
 use core::sync::atomic::Ordering;
 
-use libdd_profiling_heap_sampler::{dd_alloc_req_t, dd_allocation_requested_slow};
+use libdd_profiling_heap_sampler::dd_alloc_req_t;
 
 use crate::hooks;
 use crate::python_hooks::{alloc_traced, keep_sample, wrapped, Wrapped, PY_ALIGNMENT};
@@ -88,7 +88,7 @@ unsafe fn traced(
         return alloc(size);
     }
     // SAFETY: tl is this thread's state with its guard clear; PY_ALIGNMENT is a power of two.
-    let req: dd_alloc_req_t = unsafe { dd_allocation_requested_slow(tl, size, PY_ALIGNMENT) };
+    let req: dd_alloc_req_t = unsafe { crate::throttle::requested_slow(tl, size, PY_ALIGNMENT) };
     if req.weight == 0 {
         return alloc(size);
     }

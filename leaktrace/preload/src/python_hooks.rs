@@ -19,8 +19,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use libdd_profiling_heap_sampler::{
     dd_alloc_req_t, dd_allocation_created, dd_allocation_freed, dd_allocation_realloc_commit,
-    dd_allocation_realloc_prepare, dd_allocation_requested_slow, dd_sample_flag_apply,
-    dd_sample_flag_peek,
+    dd_allocation_realloc_prepare, dd_sample_flag_apply, dd_sample_flag_peek,
 };
 
 use crate::python_blocks;
@@ -268,7 +267,7 @@ pub(crate) unsafe fn alloc_traced(
         Count::Below => plain(size),
         // SAFETY: tl is this thread's state with its guard clear; PY_ALIGNMENT is a power of
         // two.
-        Count::Crossed => unsafe { dd_allocation_requested_slow(tl, size, PY_ALIGNMENT) },
+        Count::Crossed => unsafe { crate::throttle::requested_slow(tl, size, PY_ALIGNMENT) },
     };
     if req.weight == 0 {
         // SAFETY: see above; no sampled request is open, so the guard was clear.

@@ -20,6 +20,10 @@ pub struct Census {
     pub by_type: HashMap<String, (u64, u64)>,
     /// Site id → type name → objects.
     pub by_site: HashMap<u64, HashMap<String, u64>>,
+    /// Site id → blocks read, objects or not: in sampled mode, the sampled blocks a site's
+    /// estimate stands on.
+    #[serde(default)]
+    pub blocks_by_site: HashMap<u64, u64>,
     /// Blocks that hold no Python object (buffers, C structures), and blocks that could not be
     /// read (the process is gone): (blocks, bytes).
     pub not_objects: (u64, u64),
@@ -134,6 +138,9 @@ impl Census {
 
     /// Counts one block.
     fn count(&mut self, kind: BlockKind, size: u64, site: u64) {
+        if site != 0 {
+            *self.blocks_by_site.entry(site).or_default() += 1;
+        }
         match kind {
             BlockKind::Object(name) => {
                 // Keys are made once per type, not once per block.

@@ -130,6 +130,10 @@ pub struct ProducerExports {
     pub samples_python: bool,
     /// The mean interval it samples at (`leaktrace_preload_sample_bytes`).
     pub interval: Option<u64>,
+    /// Its ceiling on samples a second, 0 for none (`leaktrace_preload_sample_limit`).
+    pub limit: Option<u64>,
+    /// The highest mean interval that ceiling raised it to (`leaktrace_preload_interval_max`).
+    pub interval_max: Option<u64>,
 }
 
 /// The exports of the first of the chosen producers' files that has them, each file's ELF
@@ -150,17 +154,21 @@ pub fn producer_exports(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> 
                 let vaddr = elf.data_symbol(symbol)?;
                 remote.read(vaddr.wrapping_add(bias), len)
             };
+            let word = |symbol: &str| {
+                read(symbol, 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+            };
             let domains = read("leaktrace_preload_python_domains", 4);
-            let interval = read("leaktrace_preload_sample_bytes", 8);
+            let interval = word("leaktrace_preload_sample_bytes");
             if domains.is_none() && interval.is_none() {
                 return None;
             }
             Some(ProducerExports {
                 samples_python: domains.is_some_and(|b| b.iter().any(|x| *x != 0)),
-                interval: interval
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .filter(|n| *n > 0),
+                interval: interval.filter(|n| *n > 0),
+                limit: word("leaktrace_preload_sample_limit"),
+                interval_max: word("leaktrace_preload_interval_max").filter(|n| *n > 0),
             })
         })
         .unwrap_or_default()

@@ -51,6 +51,9 @@ pub struct Report {
     pub mode: ModeKind,
     /// Bytes per sample in sampled and growth modes.
     pub sample_rate: Option<u64>,
+    /// In-process sampling: the sampler's ceiling on samples a second and the highest mean
+    /// interval it raised sampling to, when it raised it (`sample_rate` is the interval asked for).
+    pub sample_ceiling: Option<SampleCeiling>,
     pub duration_s: f64,
     /// Seconds into the trace when the interpreter finished starting up and began running the
     /// main module (`run` of a Python program).
@@ -125,6 +128,15 @@ pub struct TargetInfo {
     pub death: Option<Death>,
 }
 
+/// The in-process sampler held its samples a second under a ceiling by raising its interval.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleCeiling {
+    /// The most samples a second the process takes.
+    pub samples_per_s: u64,
+    /// The highest mean interval (bytes) the ceiling raised sampling to.
+    pub interval_max: u64,
+}
+
 /// Everything a report says besides its sites: what was traced, how, and how it ended. A
 /// capture file stores it at the end, so a report can be rebuilt from the capture elsewhere.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -133,6 +145,8 @@ pub struct ReportMeta {
     pub processes: Vec<ProcessInfo>,
     pub mode: ModeKind,
     pub sample_rate: Option<u64>,
+    #[serde(default)]
+    pub sample_ceiling: Option<SampleCeiling>,
     pub duration_s: f64,
     pub probes: Vec<ProbeInfo>,
     pub python_coverage: PythonCoverage,
@@ -273,7 +287,8 @@ pub struct SiteReport {
     /// Leak, cache, steady or startup, from the trend of its live bytes.
     pub analysis: Verdict,
     /// The Python types its live blocks hold, most first (the top three, with counts; empty when
-    /// no census was taken).
+    /// no census was taken). In sampled mode the counts are estimates: each sampled block's
+    /// object counts for the blocks the site's estimate gives each sample.
     pub types: Vec<(String, u64)>,
     /// The kernel sites this line stands for.
     #[serde(skip)]
@@ -431,6 +446,7 @@ impl Report {
             target: meta.target,
             mode: meta.mode,
             sample_rate: meta.sample_rate,
+            sample_ceiling: meta.sample_ceiling,
             duration_s: meta.duration_s,
             main_started_s: meta.main_at,
             finalized_s: meta.finalized_at,
@@ -460,15 +476,27 @@ impl Report {
     /// Puts a census into the report: overall, and the top types of each site shown.
     fn census_into(&mut self, end: &Census, base: Option<(f64, &Census)>, since: Option<String>) {
         self.type_census = Some(TypeCensus::of(end, base, since));
+        let sampled = self.mode == ModeKind::Sampled;
         for site in self.sites.iter_mut() {
             let mut types: HashMap<&str, u64> = HashMap::new();
+            let mut read = 0;
             for id in &site.kernel_site_ids {
+                read += end.blocks_by_site.get(id).copied().unwrap_or(0);
                 for (name, n) in end.by_site.get(id).into_iter().flatten() {
                     *types.entry(name).or_default() += n;
                 }
             }
-            let mut v: Vec<(String, u64)> =
-                types.into_iter().map(|(k, n)| (k.to_string(), n)).collect();
+            // Sampled: the blocks read are the samples; each stands for its share of the
+            // site's estimated blocks (never less than itself).
+            let scale = if sampled && read > 0 {
+                (site.unfreed_count as f64 / read as f64).max(1.0)
+            } else {
+                1.0
+            };
+            let mut v: Vec<(String, u64)> = types
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), (n as f64 * scale).round() as u64))
+                .collect();
             v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             v.truncate(3);
             site.types = v;
@@ -516,6 +544,52 @@ mod tests {
         let text = table::render(&r, false, false);
         assert!(!text.contains("drops: none"), "{text}");
         assert!(text.contains("DROPS: 1 (1 sites with unfreed bytes lost their stack record: the ring buffer was full 3 times)"), "{text}");
+    }
+
+    /// In sampled mode a site's objects come from its sampled blocks: each counts for its share
+    /// of the site's estimated blocks, and the table says the counts are estimates.
+    #[test]
+    fn a_sampled_sites_objects_are_scaled_to_its_estimate() {
+        let mut heap = Heap::default();
+        let mut sym = Symbolizer::new();
+        let stats = SiteStats {
+            live_bytes: 1_000_000,
+            live_count: 1000,
+            allocs: 1000,
+            alloc_bytes: 1_000_000,
+            tgid: 4_194_400,
+            caller: 0x1234,
+            ..SiteStats::default()
+        };
+        heap.update(&mut sym, vec![(7, stats)]);
+        let mut end = Census::default();
+        end.by_site.insert(
+            7,
+            HashMap::from([("str".to_string(), 3), ("bytes".to_string(), 1)]),
+        );
+        end.blocks_by_site.insert(7, 5);
+        let options = ReportOptions {
+            top: 20,
+            min_size: 0,
+            all_native_frames: false,
+        };
+        let build = |mode| {
+            let meta = ReportMeta {
+                mode,
+                census_end: Some(end.clone()),
+                ..ReportMeta::default()
+            };
+            Report::build(&heap, &mut Symbolizer::new(), meta, options)
+        };
+        let r = build(ModeKind::Sampled);
+        assert_eq!(
+            r.sites[0].types,
+            vec![("str".to_string(), 600), ("bytes".to_string(), 200)]
+        );
+        assert!(table::render(&r, false, false).contains("holds (estimated): str ×600, bytes ×200"));
+        // Exact: the blocks are all there, counted as read.
+        let r = build(ModeKind::Exact);
+        assert_eq!(r.sites[0].types[0], ("str".to_string(), 3));
     }
 
     #[test]

@@ -54,8 +54,8 @@ fn header(o: &mut String, r: &Report, verbose: bool, growth: bool) {
     if !growth {
         let _ = writeln!(
             o,
-            "  leak suspects: {} ({} unfreed); a suspect keeps growing to the end of the trace \
-             (docs/analysis.md)",
+            "  leak suspects (stacks still growing at the end of the trace; docs/analysis.md): \
+             {} ({} unfreed)",
             r.suspects,
             human_bytes(r.suspect_bytes)
         );
@@ -276,14 +276,16 @@ fn sites_table(o: &mut String, r: &Report, verbose: bool, all_native: bool, grow
         "ALLOCATOR"
     );
     let several = r.processes.len() > 1;
+    let estimated = r.mode == ModeKind::Sampled;
     for s in &r.sites {
-        site_row(o, s, several);
+        site_row(o, s, several, estimated);
         stack_lines(o, s, verbose, all_native);
     }
 }
 
-/// A site's figures and caller, its verdict, and the types its blocks hold.
-fn site_row(o: &mut String, s: &SiteReport, several: bool) {
+/// A site's figures and caller, its verdict, and the types its blocks hold (`estimated`: counts
+/// scaled from the sampled blocks).
+fn site_row(o: &mut String, s: &SiteReport, several: bool, estimated: bool) {
     let pid = if several {
         format!(" [pid {}]", s.pid)
     } else {
@@ -318,7 +320,12 @@ fn site_row(o: &mut String, s: &SiteReport, several: bool) {
             .iter()
             .map(|(name, n)| format!("{name} ×{}", group(*n)))
             .collect();
-        let _ = writeln!(o, "{:>16}holds: {}", "", held.join(", "));
+        let what = if estimated {
+            "holds (estimated)"
+        } else {
+            "holds"
+        };
+        let _ = writeln!(o, "{:>16}{what}: {}", "", held.join(", "));
     }
 }
 

@@ -82,6 +82,7 @@ impl Session<'_> {
                 }
                 self.finalized_at = Some(t);
                 self.at_finalize = Some(self.memory_now());
+                self.read_throttle();
                 if self.opts.verbose {
                     eprintln!("leaktrace: interpreter shutdown began; accounting frozen");
                 }
@@ -125,6 +126,7 @@ impl Session<'_> {
             if self.at_finalize.is_none() {
                 self.at_finalize = Some(self.memory_now());
             }
+            self.read_throttle();
             // Stopped where shutdown begins: every object is still intact.
             self.catch_up(reader)?;
             self.census_end = self.take_census();

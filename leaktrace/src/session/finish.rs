@@ -113,6 +113,7 @@ impl Session<'_> {
             target,
             mode: opts.mode.kind(),
             sample_rate: self.sample_rate(),
+            sample_ceiling: self.throttled,
             duration_s: duration,
             probes: ReportMeta::probes_of(&self.plan),
             python_coverage: self.plan.python_coverage,
@@ -137,6 +138,7 @@ impl Session<'_> {
                 }));
         }
         meta.notes.extend(w.interrupts.note());
+        meta.notes.extend(self.throttle_note());
         if let Some(why) = &self.tracer.deaths_unavailable {
             meta.notes
                 .push(format!("how the target dies cannot be named: {why}"));

@@ -106,6 +106,9 @@ struct Session<'a> {
     /// The files the target mapped when its probes were planned, and those looked at since for
     /// heap-sampling USDTs: a library loaded later is looked at once.
     scanned: HashSet<String>,
+    /// The in-process sampler's ceiling on samples a second and the highest interval it
+    /// raised the sampling to, when it did.
+    throttled: Option<crate::report::SampleCeiling>,
 }
 
 /// Traces `spec` until it exits, the window ends, or the user interrupts; with `live`, feeds
@@ -247,6 +250,7 @@ impl Session<'_> {
     fn refresh(&mut self) -> Result<Sample> {
         self.enable_python();
         self.rescan_usdt();
+        self.read_throttle();
         // Followed children's libraries, while they live: their sites are placed from them.
         let children: Vec<u32> = self.forked.keys().copied().collect();
         for pid in children {

@@ -9,6 +9,7 @@ use crate::probes::loader::Tracer;
 use crate::probes::plan::{plan, ProbePlan};
 use crate::probes::usdt;
 use crate::process::Process;
+use crate::report::SampleCeiling;
 use crate::stacks::python::PythonProcess;
 use crate::units::human_bytes;
 
@@ -143,6 +144,41 @@ impl Session<'_> {
             }
             self.plan.notes.push(n);
         }
+    }
+
+    /// Reads how high the process's own sampler raised its interval to stay under its ceiling on
+    /// samples a second (while the process still has its maps), for the report to say.
+    pub(super) fn read_throttle(&mut self) {
+        if self.plan.usdt.is_empty() || !self.proc.alive() {
+            return;
+        }
+        let Ok(modules) = self.proc.module_map() else {
+            return;
+        };
+        let ex = usdt::producer_exports(self.proc.pid, &modules, &self.plan.usdt);
+        if let (Some(limit), Some(max), Some(base)) = (ex.limit, ex.interval_max, ex.interval) {
+            if limit > 0 && max > base {
+                let highest = self.throttled.map_or(max, |t| t.interval_max.max(max));
+                self.throttled = Some(SampleCeiling {
+                    samples_per_s: limit,
+                    interval_max: highest,
+                });
+            }
+        }
+    }
+
+    /// What the report says when the sampler's ceiling raised its interval.
+    pub(super) fn throttle_note(&self) -> Option<String> {
+        let SampleCeiling {
+            samples_per_s: limit,
+            interval_max: max,
+        } = self.throttled?;
+        Some(format!(
+            "the process's sampler takes at most {limit} samples a second: while allocation was \
+             fastest its mean interval rose up to ~{}; estimates stay unbiased, with fewer \
+             samples behind them (--sample-limit, LEAKTRACE_SAMPLE_LIMIT; 0 for no ceiling)",
+            human_bytes(max)
+        ))
     }
 
     /// The mean interval the report's estimates come from: the process's own where it samples

@@ -156,7 +156,7 @@ fn sampler_env(opts: &TraceOptions) -> Vec<(String, String)> {
         return Vec::new();
     }
     match crate::preload::install(None) {
-        Ok(path) => crate::preload::environment(&path, rate),
+        Ok(path) => crate::preload::environment(&path, rate, opts.sample_limit),
         Err(e) => {
             eprintln!("leaktrace: the in-process sampler is not used ({e}); the kernel samples");
             Vec::new()
@@ -236,6 +236,7 @@ impl<'a> Session<'a> {
             redirect: None,
             tables: None,
             scanned: HashSet::new(),
+            throttled: None,
         }
     }
 }
