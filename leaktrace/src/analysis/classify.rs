@@ -89,6 +89,28 @@ pub fn classify(trend: &Trend, stats: &SiteStats) -> Verdict {
     }
 }
 
+/// Intervals a sampled site's live bytes must have changed in before its trend says anything.
+pub const MIN_SAMPLED_CHANGES: u32 = 5;
+
+/// The verdict on a site of sampled mode, whose live bytes move only when a sample lands: with
+/// changes in fewer than `MIN_SAMPLED_CHANGES` intervals, a steady leak of a few samples reads
+/// as state held since start-up, so anything but a leak is "too few samples to tell".
+pub fn sampled(v: Verdict, trend: &Trend) -> Verdict {
+    let changed = trend.grew + trend.shrank;
+    if trend.n < 3 || v.class == Class::Leak || changed >= MIN_SAMPLED_CHANGES {
+        return v;
+    }
+    Verdict {
+        class: Class::Unknown,
+        confidence: 0.0,
+        evidence: format!(
+            "its estimate changed in {changed} of {} intervals: too few samples to tell",
+            trend.n - 1
+        ),
+        ..v
+    }
+}
+
 /// A class, its confidence and the evidence in words.
 type Finding = (Class, f64, String);
 
@@ -299,6 +321,23 @@ mod tests {
         assert_eq!(d.class, Class::Startup, "{d:?}");
         let d = classify(&trend(&[1, 2]), &stats(1, 0, 1, 0));
         assert_eq!(d.class, Class::Unknown);
+    }
+
+    /// Sampled: four samples over twenty intervals say nothing of a trend; twenty do.
+    #[test]
+    fn a_sampled_site_of_few_samples_is_not_called_startup() {
+        let mut v = vec![0u64; 20];
+        for (i, b) in v.iter_mut().enumerate() {
+            *b = 524_288 * (i as u64 / 5 + 1);
+        }
+        let few = trend(&v);
+        assert_eq!(classify(&few, &stats(4, 0, 4, 0)).class, Class::Startup);
+        let d = sampled(classify(&few, &stats(4, 0, 4, 0)), &few);
+        assert_eq!(d.class, Class::Unknown, "{d:?}");
+        assert!(d.evidence.contains("too few samples"), "{d:?}");
+        let many = trend(&(1..=20).map(|i| 524_288 * i).collect::<Vec<_>>());
+        let d = sampled(classify(&many, &stats(20, 0, 20, 0)), &many);
+        assert_eq!(d.class, Class::Leak, "{d:?}");
     }
 
     #[test]

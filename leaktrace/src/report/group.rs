@@ -72,7 +72,8 @@ pub(super) struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
-    fn of(sites: Vec<&'a Site>) -> Self {
+    /// `sampled`: the sites' figures move only when a sample lands (`classify::sampled`).
+    fn of(sites: Vec<&'a Site>, sampled: bool) -> Self {
         let best = *sites
             .iter()
             .max_by_key(|s| {
@@ -90,6 +91,9 @@ impl<'a> Group<'a> {
             .max_by_key(|s| (s.stats.live_bytes, std::cmp::Reverse(s.id)))
             .expect("groups are not empty");
         let mut analysis = classify(&main.trend, &main.stats);
+        if sampled {
+            analysis = crate::analysis::classify::sampled(analysis, &main.trend);
+        }
         analysis.growth_bytes_per_s = sites.iter().map(|s| s.trend.slope()).sum::<f64>().round();
         Group {
             unfreed_bytes: sites
@@ -174,6 +178,7 @@ pub(super) fn group<'a>(
     sym: &mut dyn FrameSource,
     interpreter: Option<&str>,
     all: bool,
+    sampled: bool,
 ) -> Vec<Group<'a>> {
     let mut groups: HashMap<StackKey, Vec<&Site>> = HashMap::new();
     for s in heap
@@ -246,7 +251,7 @@ pub(super) fn group<'a>(
         .into_values()
         .map(|mut g| {
             g.sort_unstable_by_key(|s| s.id);
-            Group::of(g)
+            Group::of(g, sampled)
         })
         .collect()
 }
@@ -294,7 +299,7 @@ mod tests {
             ));
         }
         heap.update(&mut sym, stats);
-        let mut groups = group(&heap, &mut sym, None, false);
+        let mut groups = group(&heap, &mut sym, None, false, false);
         groups.sort_by_key(|g| g.unfreed_bytes);
         let bytes: Vec<u64> = groups.iter().map(|g| g.unfreed_bytes).collect();
         assert_eq!(
@@ -385,7 +390,7 @@ mod tests {
             stats.push((id, s));
         }
         heap.update(&mut placing, stats);
-        let mut groups = group(&heap, &mut sym, None, true);
+        let mut groups = group(&heap, &mut sym, None, true, false);
         groups.sort_by_key(|g| g.unfreed_bytes);
         groups.iter().map(|g| g.unfreed_bytes).collect()
     }

@@ -362,11 +362,13 @@ fn ranked_groups<'a>(
     sym: &mut dyn FrameSource,
     interpreter: Option<&str>,
     opts: ReportOptions,
+    sampled: bool,
 ) -> Vec<Group<'a>> {
-    let mut all: Vec<Group<'_>> = group::group(heap, sym, interpreter, opts.all_native_frames)
-        .into_iter()
-        .filter(|g| g.unfreed_bytes >= opts.min_size)
-        .collect();
+    let mut all: Vec<Group<'_>> =
+        group::group(heap, sym, interpreter, opts.all_native_frames, sampled)
+            .into_iter()
+            .filter(|g| g.unfreed_bytes >= opts.min_size)
+            .collect();
     all.sort_by(|a, b| {
         (b.analysis.is_suspect(), b.unfreed_bytes)
             .cmp(&(a.analysis.is_suspect(), a.unfreed_bytes))
@@ -420,7 +422,8 @@ impl Report {
         opts: ReportOptions,
     ) -> Report {
         let interpreter = meta.interpreter.as_deref();
-        let mut all = ranked_groups(heap, sym, interpreter, opts);
+        let sampled = meta.mode == ModeKind::Sampled;
+        let mut all = ranked_groups(heap, sym, interpreter, opts, sampled);
         let suspects = all.iter().filter(|g| g.analysis.is_suspect()).count();
         let suspect_bytes = all
             .iter()
