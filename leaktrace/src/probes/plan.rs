@@ -119,6 +119,9 @@ pub struct ProbePlan {
     /// The mean interval in bytes the process's sampler was started with, where it says
     /// (leaktrace's preload); `None` for another producer, whose interval is its own.
     pub usdt_interval: Option<u64>,
+    /// The highest interval its ceiling had raised it to when the plan was made (an earlier
+    /// session's), which this session's report does not claim.
+    pub usdt_interval_max: Option<u64>,
 }
 
 const LIBC_FNS: &[AllocFn] = &[
@@ -232,6 +235,7 @@ pub fn plan(
         (plan.usdt, plan.notes) = super::usdt::choose(pid, modules);
         producer = super::usdt::producer_exports(pid, modules, &plan.usdt);
         plan.usdt_interval = producer.interval;
+        plan.usdt_interval_max = producer.interval_max;
     }
     if families.libc() && plan.usdt.is_empty() {
         plan_libc(&mut plan, pid, modules, exe)?;
@@ -515,6 +519,7 @@ impl ProbePlan {
             redirect: None,
             usdt: Vec::new(),
             usdt_interval: None,
+            usdt_interval_max: None,
         }
     }
 }

@@ -134,6 +134,8 @@ pub struct ProducerExports {
     pub limit: Option<u64>,
     /// The highest mean interval that ceiling raised it to (`leaktrace_preload_interval_max`).
     pub interval_max: Option<u64>,
+    /// The mean interval threads take at their next sample (`leaktrace_preload_interval_now`).
+    pub interval_now: Option<u64>,
 }
 
 /// The exports of the first of the chosen producers' files that has them, each file's ELF
@@ -169,6 +171,7 @@ pub fn producer_exports(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> 
                 interval: interval.filter(|n| *n > 0),
                 limit: word("leaktrace_preload_sample_limit"),
                 interval_max: word("leaktrace_preload_interval_max").filter(|n| *n > 0),
+                interval_now: word("leaktrace_preload_interval_now").filter(|n| *n > 0),
             })
         })
         .unwrap_or_default()

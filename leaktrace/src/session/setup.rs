@@ -156,14 +156,23 @@ impl Session<'_> {
             return;
         };
         let ex = usdt::producer_exports(self.proc.pid, &modules, &self.plan.usdt);
-        if let (Some(limit), Some(max), Some(base)) = (ex.limit, ex.interval_max, ex.interval) {
-            if limit > 0 && max > base {
-                let highest = self.throttled.map_or(max, |t| t.interval_max.max(max));
-                self.throttled = Some(SampleCeiling {
-                    samples_per_s: limit,
-                    interval_max: highest,
-                });
-            }
+        let (Some(limit), Some(base)) = (ex.limit, ex.interval) else {
+            return;
+        };
+        // The lifetime high counts once it passed what an earlier session had left; the
+        // interval in force counts as read.
+        let new_high = ex
+            .interval_max
+            .filter(|m| self.plan.usdt_interval_max.is_none_or(|before| *m > before));
+        let highest = new_high.max(ex.interval_now).unwrap_or(0);
+        if limit > 0 && highest > base {
+            let highest = self
+                .throttled
+                .map_or(highest, |t| t.interval_max.max(highest));
+            self.throttled = Some(SampleCeiling {
+                samples_per_s: limit,
+                interval_max: highest,
+            });
         }
     }
 
