@@ -26,11 +26,13 @@ pub const SAMPLE_LIMIT_VAR: &CStr = c"LEAKTRACE_SAMPLE_LIMIT";
 pub fn read_sample_limit() -> Option<u64> {
     // SAFETY: as in `read_sample_bytes`.
     let value = unsafe { libc::getenv(SAMPLE_LIMIT_VAR.as_ptr()) };
-    if value.is_null() {
-        return Some(crate::throttle::DEFAULT_LIMIT);
+    // SAFETY: a non-null getenv result is a NUL-terminated string owned by the environment.
+    let value = (!value.is_null()).then(|| unsafe { CStr::from_ptr(value) }.to_bytes());
+    match value {
+        // Unset or empty: the default, as for LEAKTRACE_SAMPLE_BYTES.
+        None | Some(b"") => Some(crate::throttle::DEFAULT_LIMIT),
+        Some(digits) => parse_count(digits),
     }
-    // SAFETY: getenv returned a non-null pointer to a NUL-terminated string.
-    parse_count(unsafe { CStr::from_ptr(value) }.to_bytes())
 }
 
 /// A plain decimal count (no sign, no suffix, no spaces).
@@ -45,12 +47,14 @@ fn parse_count(digits: &[u8]) -> Option<u64> {
     })
 }
 
+/// What `warn_invalid_sample_limit` writes (its default kept in step by a test).
+const INVALID_LIMIT: &[u8] = b"leaktrace-preload: ignoring LEAKTRACE_SAMPLE_LIMIT (want samples a \
+second, e.g. 4000, or 0 for no ceiling): the default, 4000, applies\n";
+
 /// Tells the user that `LEAKTRACE_SAMPLE_LIMIT` was ignored (a plain write(2), as below).
 pub fn warn_invalid_sample_limit() {
-    const MSG: &[u8] = b"leaktrace-preload: ignoring LEAKTRACE_SAMPLE_LIMIT (want samples a \
-second, e.g. 4000, or 0 for no ceiling)\n";
-    // SAFETY: MSG is a valid buffer; a failed write only loses the warning.
-    let _ = unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+    // SAFETY: a valid buffer; a failed write only loses the warning.
+    let _ = unsafe { libc::write(2, INVALID_LIMIT.as_ptr().cast(), INVALID_LIMIT.len()) };
 }
 
 /// What the variable asked for.
@@ -133,6 +137,16 @@ mod tests {
         assert_eq!(parse(b"64K"), Bytes(65_536));
         assert_eq!(parse(b"1m"), Bytes(1 << 20));
         assert_eq!(parse(b"2M"), Bytes(2 << 20));
+    }
+
+    #[test]
+    fn the_invalid_limit_warning_names_the_default() {
+        let msg = core::str::from_utf8(super::INVALID_LIMIT).unwrap();
+        let default = crate::throttle::DEFAULT_LIMIT.to_string();
+        assert!(
+            msg.contains(&format!("the default, {default}, applies")),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -31,8 +31,8 @@
 //! stderr and ignored.
 //!
 //! `LEAKTRACE_SAMPLE_LIMIT` (a decimal count, default 4000, `0` for none) is the most samples a
-//! second the process takes: above it the mean interval rises, and falls back when allocation
-//! slows, the estimates staying unbiased (`src/throttle.rs`).
+//! second the process takes: above it samples are thinned, each kept one weighing for those
+//! dropped, until allocation slows; the estimates stay unbiased (`src/throttle.rs`).
 //!
 //! ## USDT probes
 //!

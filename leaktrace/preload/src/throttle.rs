@@ -3,15 +3,20 @@
 //! that allocates gigabytes a second at the mean interval would take tens of thousands of samples.
 //!
 //! Above `LEAKTRACE_SAMPLE_LIMIT` samples a second (process-wide, over windows of up to 100 ms)
-//! the mean interval rises to the power-of-two multiple of the configured one that the bytes
-//! allocated a second need, and falls back when they fall.
-//! Each thread takes the process's interval at its next sample, and scales the countdown it has
-//! left with it: an exponential draw scaled is an exponential draw of the new mean, so every byte
-//! keeps being sampled with probability `size / interval` for the interval in force, and each
-//! sample's weight (the sampler's `nsamples * interval`) stays an unbiased estimate. Fewer
-//! samples stand behind the estimates while it is raised; the tracer reads the highest interval
-//! from `leaktrace_preload_interval_max` and says so. The same design as Java Flight Recorder's
-//! throttled allocation samples.
+//! the samples are thinned: each one the sampler draws at the configured interval is kept with
+//! probability `1/k` and then weighs `k` times as much, `k` the smallest power of two that brings
+//! the rate under the ceiling. A Poisson process thinned independently is a Poisson process of
+//! `k` times the interval, so every byte is still counted with its expected weight: estimates
+//! stay unbiased, with fewer samples behind them.
+//!
+//! Thinning rather than a longer countdown keeps the sampler's own draws at the configured
+//! interval, so the rate is measured at every interval's worth of allocation (a cheap slow path
+//! with no trap) and `k` falls back as soon as allocation slows. A countdown stretched `k` times
+//! would have to wait for `k` intervals of allocation to notice: after a burst that raised it to
+//! 512 MiB, a service allocating 40 MB/s took no sample for minutes (QA, 2026-12-01).
+//!
+//! The tracer reads `leaktrace_preload_interval_max` (the configured interval times the highest
+//! `k`) and says so. The same idea as Java Flight Recorder's throttled allocation samples.
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -22,37 +27,42 @@ use libdd_profiling_heap_sampler::{dd_alloc_req_t, dd_allocation_requested_slow,
 pub const DEFAULT_LIMIT: u64 = 4000;
 /// The window a rate is measured over.
 const WINDOW_NS: u64 = 100_000_000;
-/// The interval rises to at most 1 GiB: past it a flood goes over the ceiling rather than the
-/// first sample after it (which brings the interval back) being gigabytes away.
+/// The effective interval (configured interval times `k`) goes no higher than 1 GiB.
 const MAX_INTERVAL: u64 = 1 << 30;
+/// A gap between draws this long says the rate fell: the draws before it say nothing of the
+/// rate after it. (A relative rule, a gap many times the mean the factor allows, also fired on
+/// the microsecond pauses of a Python loop allocating 600 GB/s, and let 25 times the ceiling
+/// through.)
+const LULL_NS: u64 = WINDOW_NS / 2;
 
 /// The most samples a second this process takes (0: no ceiling), for a tracer to read.
 #[no_mangle]
 #[allow(non_upper_case_globals)]
 pub static leaktrace_preload_sample_limit: AtomicU64 = AtomicU64::new(0);
 
-/// The mean interval threads take at their next sample, for a tracer to read.
+/// The effective mean interval now (the configured one times the thinning factor).
 #[no_mangle]
 #[allow(non_upper_case_globals)]
 pub static leaktrace_preload_interval_now: AtomicU64 = AtomicU64::new(0);
 
-/// The highest mean interval the ceiling raised it to, for a tracer to read.
+/// The highest effective mean interval the ceiling has put in force.
 #[no_mangle]
 #[allow(non_upper_case_globals)]
 pub static leaktrace_preload_interval_max: AtomicU64 = AtomicU64::new(0);
 
-/// The process's window: where it started and the samples taken in it.
+/// The process's window, factor and thinning draws.
 static LIMITER: Limiter = Limiter::new();
 
-/// Sets the ceiling and the interval it returns to; called once, by the constructor.
+/// Sets the ceiling and the configured interval; called once, by the constructor.
 pub fn init(limit: u64, interval: u64) {
-    LIMITER.base.store(interval, Relaxed);
+    LIMITER.base.store(interval.max(1), Relaxed);
     leaktrace_preload_interval_now.store(interval, Relaxed);
     leaktrace_preload_interval_max.store(interval, Relaxed);
     leaktrace_preload_sample_limit.store(limit, Relaxed);
 }
 
-/// The sampler's slow path, then the ceiling's accounting when it took a sample.
+/// The sampler's slow path, then the ceiling: a sample it thins out becomes an unsampled
+/// request, one it keeps weighs `k` times as much.
 ///
 /// # Safety
 ///
@@ -66,42 +76,44 @@ pub unsafe fn requested_slow(
 ) -> dd_alloc_req_t {
     // SAFETY: by the caller's guarantee.
     let req = unsafe { dd_allocation_requested_slow(tl, size, alignment) };
-    if req.weight != 0 {
-        // SAFETY: the same state; the slow path left the guard set, so nothing the accounting
-        // does re-enters the sampler.
-        unsafe { sampled(tl) };
+    if req.weight == 0 {
+        return req;
     }
-    req
+    match thin() {
+        1 => req,
+        0 => {
+            // What the slow path returns for a request it does not sample: the caller's own,
+            // with the reentry guard it opened closed again.
+            // SAFETY: this thread's state, as above.
+            unsafe { (*tl).reentry_guard = false };
+            dd_alloc_req_t {
+                size,
+                user_size: size,
+                alignment,
+                weight: 0,
+            }
+        }
+        k => dd_alloc_req_t {
+            weight: req.weight.saturating_mul(k),
+            ..req
+        },
+    }
 }
 
-/// Counts one sample and gives this thread the process's interval.
-///
-/// # Safety
-///
-/// `tl` is this thread's initialised state.
+/// Counts a sample the sampler drew and decides it: 0 to drop it, else the weight factor.
 #[cold]
 #[inline(never)]
-unsafe fn sampled(tl: *mut dd_tl_state_t) {
+fn thin() -> u64 {
     let limit = leaktrace_preload_sample_limit.load(Relaxed);
     if limit == 0 {
-        return;
+        return 1;
     }
-    let interval = LIMITER.count(monotonic_ns(), limit);
-    // SAFETY: this thread's state; only this thread writes these fields (a tracer may write
-    // `sampling_interval`, and either value is valid).
-    unsafe {
-        let old = (*tl).sampling_interval;
-        if old != 0 && old != interval {
-            (*tl).remaining_bytes = rescale((*tl).remaining_bytes, old, interval);
-            (*tl).sampling_interval = interval;
-        }
+    let k = LIMITER.count(monotonic_ns(), limit);
+    if k <= 1 || LIMITER.draw().is_multiple_of(k) {
+        k
+    } else {
+        0
     }
-}
-
-/// The countdown left, drawn with mean `old`, as a draw with mean `new`.
-fn rescale(remaining: i64, old: u64, new: u64) -> i64 {
-    let scaled = i128::from(remaining) * i128::from(new) / i128::from(old);
-    scaled.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds (the vDSO: no system call, no allocation).
@@ -117,59 +129,88 @@ fn monotonic_ns() -> u64 {
         .wrapping_add(ts.tv_nsec as u64)
 }
 
-/// One process's rate window. Samples are rare (thousands a second at most), so plain atomics
-/// shared by every thread cost nothing that matters.
+/// One process's rate window. Draws at the configured interval are rare (an allocation rate of
+/// 18 GB/s makes 35,000 a second at 512 KiB), so plain atomics shared by every thread cost
+/// nothing that matters.
 struct Limiter {
-    /// The configured interval, the floor it returns to.
+    /// The configured interval.
     base: AtomicU64,
+    /// The thinning factor in force (a power of two; 0 reads as 1).
+    factor: AtomicU64,
     /// When the window started (ns, `CLOCK_MONOTONIC`).
     start: AtomicU64,
-    /// Samples in the window.
+    /// Draws in the window.
     count: AtomicU64,
+    /// When the last draw came (ns).
+    last: AtomicU64,
+    /// The thinning draws' sequence.
+    draws: AtomicU64,
 }
 
 impl Limiter {
     const fn new() -> Self {
         Self {
-            base: AtomicU64::new(0),
+            base: AtomicU64::new(1),
+            factor: AtomicU64::new(1),
             start: AtomicU64::new(0),
             count: AtomicU64::new(0),
+            last: AtomicU64::new(0),
+            draws: AtomicU64::new(0),
         }
     }
 
-    /// Counts a sample at `now` and returns the interval threads should sample at. A window
-    /// ends after `WINDOW_NS`, or sooner once its samples exceed `limit` a second; it then
-    /// measures the bytes allocated a second (samples times interval over the time) and picks
-    /// the smallest power-of-two multiple of the base that keeps them under `limit` samples a
-    /// second. After a burst, the next sample (one raised interval later) brings it back.
+    /// Counts a draw at `now` and returns the factor in force. A window ends after
+    /// `WINDOW_NS`, or sooner once the samples it keeps would exceed a tenth of `limit`; it
+    /// then sets the factor to the smallest power of two that keeps the draws it measured under
+    /// `limit` a second. A draw after a gap of `LULL_NS` ends a window at once, measured by
+    /// that gap alone: after a burst and a pause, the factor falls at the next draw instead of
+    /// counting the burst's draws into the slower allocation's window.
     fn count(&self, now: u64, limit: u64) -> u64 {
-        let current = leaktrace_preload_interval_now.load(Relaxed);
+        let k = self.factor.load(Relaxed).max(1);
         let count = self.count.fetch_add(1, Relaxed) + 1;
+        let gap = now.saturating_sub(self.last.swap(now, Relaxed));
         let start = self.start.load(Relaxed);
         let elapsed = now.saturating_sub(start);
         let budget = (limit.saturating_mul(WINDOW_NS) / 1_000_000_000).max(1);
-        if elapsed < WINDOW_NS && count <= budget {
-            return current;
+        let lull = k > 1 && gap >= LULL_NS;
+        if elapsed < WINDOW_NS && count <= budget.saturating_mul(k) && !lull {
+            return k;
         }
         let base = self.base.load(Relaxed).max(1);
-        let bytes_per_s =
-            u128::from(count) * u128::from(current) * 1_000_000_000 / u128::from(elapsed.max(1));
-        let mut next = base;
-        while next < MAX_INTERVAL && bytes_per_s > u128::from(next) * u128::from(limit) {
-            next = next.saturating_mul(2);
+        let draws_per_s = if lull {
+            1_000_000_000 / u128::from(gap.max(1))
+        } else {
+            u128::from(count) * 1_000_000_000 / u128::from(elapsed.max(1))
+        };
+        let mut next = 1u64;
+        while base.saturating_mul(next) < MAX_INTERVAL && draws_per_s > u128::from(next * limit) {
+            next *= 2;
         }
-        // One thread starts the next window and sets the interval; the others take it.
+        // One thread starts the next window and sets the factor; the others take it.
         if self
             .start
             .compare_exchange(start, now, Relaxed, Relaxed)
             .is_err()
         {
-            return leaktrace_preload_interval_now.load(Relaxed);
+            return self.factor.load(Relaxed).max(1);
         }
         self.count.store(0, Relaxed);
-        leaktrace_preload_interval_now.store(next, Relaxed);
-        leaktrace_preload_interval_max.fetch_max(next, Relaxed);
+        self.factor.store(next, Relaxed);
+        let interval = base.saturating_mul(next);
+        leaktrace_preload_interval_now.store(interval, Relaxed);
+        leaktrace_preload_interval_max.fetch_max(interval, Relaxed);
         next
+    }
+
+    /// A uniform 64-bit draw (SplitMix64 over a shared sequence).
+    fn draw(&self) -> u64 {
+        let mut z = self
+            .draws
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 }
 
@@ -177,49 +218,64 @@ impl Limiter {
 mod tests {
     use super::*;
 
-    /// Drives `limiter` with `rate` samples a second for `secs`, the interval's rate falling as
-    /// it rises (a fixed allocation rate of `bytes_per_s`); returns the interval at the end.
+    /// Drives `limiter` with the sampler's draws at `bytes_per_s` over an interval of `base`
+    /// for `secs`; returns the factor at the end and the samples kept.
     fn drive(limiter: &Limiter, t0: u64, bytes_per_s: f64, secs: f64, limit: u64) -> (u64, u64) {
-        let mut now = t0;
-        let end = t0 + (secs * 1e9) as u64;
-        let mut samples = 0;
+        let base = limiter.base.load(Relaxed) as f64;
+        let step = (base / bytes_per_s * 1e9).max(1.0) as u64;
+        let (mut now, end, mut kept) = (t0, t0 + (secs * 1e9) as u64, 0);
         while now < end {
-            let interval = limiter.count(now, limit);
-            samples += 1;
-            now += (interval as f64 / bytes_per_s * 1e9) as u64;
+            let k = limiter.count(now, limit);
+            if k <= 1 || limiter.draw().is_multiple_of(k) {
+                kept += 1;
+            }
+            now += step;
         }
-        (leaktrace_preload_interval_now.load(Relaxed), samples)
+        (limiter.factor.load(Relaxed), kept)
     }
 
-    // One test: the limiter's interval is the process-wide static.
     #[test]
-    fn rises_under_a_flood_and_returns_when_it_ends() {
+    fn thins_under_a_flood_and_stops_as_soon_as_it_ends() {
         let limiter = Limiter::new();
-        init(4000, 512 << 10);
         limiter.base.store(512 << 10, Relaxed);
-        // 14 GB/s at 512 KiB is ~27,000 samples a second; 4 MiB keeps it under 4000.
-        let (interval, samples) = drive(&limiter, 1, 14e9, 2.0, 4000);
-        assert_eq!(interval, 4 << 20);
-        assert!(samples <= 2 * 4000 + 400, "{samples} samples in 2 s");
-        assert_eq!(leaktrace_preload_interval_max.load(Relaxed), interval);
-        // Then 100 MB/s: ~200 samples a second at 512 KiB, so it comes back down to the base.
-        let (interval, _) = drive(&limiter, 3_000_000_000, 100e6, 1.0, 4000);
-        assert_eq!(interval, 512 << 10);
-        // 3 GB/s needs twice the base; a rate just under the ceiling leaves the base alone.
-        let (interval, _) = drive(&limiter, 5_000_000_000, 3e9, 1.0, 4000);
-        assert_eq!(interval, 1 << 20);
-        let (interval, _) = drive(&limiter, 7_000_000_000, 1.8e9, 2.0, 4000);
-        assert_eq!(interval, 512 << 10);
-        // No rate raises it past MAX_INTERVAL.
-        let (interval, _) = drive(&limiter, 10_000_000_000, 1e15, 0.5, 4000);
-        assert_eq!(interval, MAX_INTERVAL);
-        assert_eq!(leaktrace_preload_interval_max.load(Relaxed), interval);
+        // 14 GB/s at 512 KiB is ~27,000 draws a second; keeping one in 8 is under 4000.
+        let (k, kept) = drive(&limiter, 1, 14e9, 2.0, 4000);
+        assert_eq!(k, 8);
+        assert!(kept <= 2 * 4000 + 400, "{kept} samples kept in 2 s");
+        assert!(kept >= 2 * 2600, "{kept} samples kept in 2 s");
+        // Then 100 MB/s, after 5 s of nothing: the first draw gives the factor back.
+        let (k, _) = drive(&limiter, 7_000_000_000, 100e6, 0.006, 4000);
+        assert_eq!(k, 1);
+        // From the flood to 10 MB/s (19 draws a second, a gap of 52 ms): the first gap is enough.
+        drive(&limiter, 7_500_000_000, 14e9, 0.5, 4000);
+        assert_eq!(limiter.factor.load(Relaxed), 8);
+        let (k, _) = drive(&limiter, 8_000_000_000, 10e6, 0.06, 4000);
+        assert_eq!(k, 1);
+        // A drop to 1.5 GB/s (2,900 draws a second) waits for its window to end.
+        drive(&limiter, 8_100_000_000, 14e9, 0.5, 4000);
+        let (k, _) = drive(&limiter, 8_600_000_000, 1.5e9, 0.01, 4000);
+        assert_eq!(k, 8);
+        let (k, _) = drive(&limiter, 8_610_000_000, 1.5e9, 0.2, 4000);
+        assert_eq!(k, 1);
+        // 3 GB/s needs one in two; just under the ceiling needs none.
+        let (k, _) = drive(&limiter, 9_000_000_000, 3e9, 1.0, 4000);
+        assert_eq!(k, 2);
+        let (k, _) = drive(&limiter, 10_000_000_000, 1.8e9, 2.0, 4000);
+        assert_eq!(k, 1);
+        // No rate takes the effective interval past MAX_INTERVAL.
+        let (k, _) = drive(&limiter, 13_000_000_000, 1e15, 0.01, 4000);
+        assert_eq!(k, MAX_INTERVAL / (512 << 10));
     }
 
     #[test]
-    fn a_countdown_keeps_its_sign_and_scales() {
-        assert_eq!(rescale(-1000, 512, 1024), -2000);
-        assert_eq!(rescale(-1000, 1024, 512), -500);
-        assert_eq!(rescale(i64::MIN, 1, 1 << 30), i64::MIN);
+    fn a_factor_keeps_one_draw_in_k() {
+        let limiter = Limiter::new();
+        let kept = (0..80_000)
+            .filter(|_| limiter.draw().is_multiple_of(8))
+            .count();
+        assert!(
+            (9_500..=10_500).contains(&kept),
+            "{kept} of 80,000 kept at 1 in 8"
+        );
     }
 }

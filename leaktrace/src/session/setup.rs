@@ -183,9 +183,11 @@ impl Session<'_> {
             interval_max: max,
         } = self.throttled?;
         Some(format!(
-            "the process's sampler takes at most {limit} samples a second: while allocation was \
-             fastest its mean interval rose up to ~{}; estimates stay unbiased, with fewer \
-             samples behind them (--sample-limit, LEAKTRACE_SAMPLE_LIMIT; 0 for no ceiling)",
+            "the process's sampler takes at most {limit} sample{} a second: while allocation \
+             was fastest it kept a share of its samples, as if its mean interval were up to ~{}; \
+             estimates stay unbiased, with fewer samples behind them (--sample-limit, \
+             LEAKTRACE_SAMPLE_LIMIT; 0 for no ceiling)",
+            if limit == 1 { "" } else { "s" },
             human_bytes(max)
         ))
     }
