@@ -299,9 +299,9 @@ pub struct CommonOpts {
     #[arg(long, value_enum, default_value_t = Sampler::Process)]
     pub sampler: Sampler,
     /// `run --mode sampled`: the most samples a second the preloaded sampler takes (default
-    /// 4000, or none when `--sample` is given; 0 for none). Above it the mean interval rises
-    /// until the rate is under, and comes back when allocation slows; estimates stay unbiased,
-    /// and the report says how high it went. A sampler already running keeps its own
+    /// 4000, or none when `--sample` is given; 0 for none). Above it the sampler keeps one
+    /// sample in k, each counting for k, until allocation slows; estimates stay unbiased, and
+    /// the report says how far it went. A sampler already running keeps its own
     /// (`LEAKTRACE_SAMPLE_LIMIT`).
     #[arg(long, value_name = "N")]
     pub sample_limit: Option<u64>,

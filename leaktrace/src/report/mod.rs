@@ -52,7 +52,7 @@ pub struct Report {
     /// Bytes per sample in sampled and growth modes.
     pub sample_rate: Option<u64>,
     /// In-process sampling: the sampler's ceiling on samples a second and the highest mean
-    /// interval it raised sampling to, when it raised it (`sample_rate` is the interval asked for).
+    /// interval its thinning amounted to, when it thinned (`sample_rate` is the interval drawn at).
     pub sample_ceiling: Option<SampleCeiling>,
     pub duration_s: f64,
     /// Seconds into the trace when the interpreter finished starting up and began running the
@@ -128,12 +128,13 @@ pub struct TargetInfo {
     pub death: Option<Death>,
 }
 
-/// The in-process sampler held its samples a second under a ceiling by raising its interval.
+/// The in-process sampler held its samples a second under a ceiling by thinning them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SampleCeiling {
     /// The most samples a second the process takes.
     pub samples_per_s: u64,
-    /// The highest mean interval (bytes) the ceiling raised sampling to.
+    /// The highest mean interval (bytes) its thinning amounted to: the interval times the
+    /// largest one-in-k.
     pub interval_max: u64,
 }
 

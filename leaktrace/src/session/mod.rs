@@ -106,8 +106,8 @@ struct Session<'a> {
     /// The files the target mapped when its probes were planned, and those looked at since for
     /// heap-sampling USDTs: a library loaded later is looked at once.
     scanned: HashSet<String>,
-    /// The in-process sampler's ceiling on samples a second and the highest interval it
-    /// raised the sampling to, when it did.
+    /// The in-process sampler's ceiling on samples a second and the highest mean interval its
+    /// thinning amounted to, when it thinned.
     throttled: Option<crate::report::SampleCeiling>,
 }
 

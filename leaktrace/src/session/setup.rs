@@ -146,7 +146,7 @@ impl Session<'_> {
         }
     }
 
-    /// Reads how high the process's own sampler raised its interval to stay under its ceiling on
+    /// Reads how far the process's own sampler thinned its samples to stay under its ceiling on
     /// samples a second (while the process still has its maps), for the report to say.
     pub(super) fn read_throttle(&mut self) {
         if self.plan.usdt.is_empty() || !self.proc.alive() {
@@ -176,7 +176,7 @@ impl Session<'_> {
         }
     }
 
-    /// What the report says when the sampler's ceiling raised its interval.
+    /// What the report says when the sampler's ceiling thinned its samples.
     pub(super) fn throttle_note(&self) -> Option<String> {
         let SampleCeiling {
             samples_per_s: limit,
