@@ -125,7 +125,17 @@ impl Heap {
     pub fn has_full_native(&self, id: u64) -> bool {
         self.sites
             .get(&id)
-            .is_some_and(|s| s.native_end != UnwindEnd::NoStackCopy)
+            .is_some_and(|s| !s.native_end.is_partial())
+    }
+
+    /// Marks a site whose kernel walk ended inside the in-process sampler's frames, where its
+    /// stack copy is not applied (`UnwindEnd::SamplerFramesOnly`).
+    pub fn mark_sampler_frames_only(&mut self, id: u64) {
+        if let Some(site) = self.sites.get_mut(&id) {
+            if site.native_end.is_partial() {
+                site.native_end = UnwindEnd::SamplerFramesOnly;
+            }
+        }
     }
 
     /// Gives a site its native stack (unwound from a stack copy, or walked by the kernel) and

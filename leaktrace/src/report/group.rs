@@ -160,10 +160,7 @@ type PythonPath<'a> = (u32, u8, &'a [PyFrame]);
 /// blocks were all freed still shares the early samples of a sampler-only site.
 fn whole_paths(heap: &Heap) -> HashMap<PythonPath<'_>, usize> {
     let mut distinct: HashMap<PythonPath<'_>, HashSet<&[u64]>> = HashMap::new();
-    for s in heap
-        .sites()
-        .filter(|s| s.native_end != UnwindEnd::NoStackCopy)
-    {
+    for s in heap.sites().filter(|s| !s.native_end.is_partial()) {
         distinct
             .entry((s.pid, s.func as u8, s.python.as_slice()))
             .or_default()
@@ -209,7 +206,7 @@ pub(super) fn group<'a>(
     let paths = whole_paths(heap);
     let mut moves: Vec<(StackKey, StackKey)> = Vec::new();
     for (k, g) in &groups {
-        if !g.iter().all(|s| s.native_end == UnwindEnd::NoStackCopy) {
+        if !g.iter().all(|s| s.native_end.is_partial()) {
             continue;
         }
         let Some(p) = g.first() else { continue };

@@ -521,20 +521,27 @@ mod tests {
 
     /// A site whose record the full ring buffer swallowed keeps its bytes but has no stack:
     /// that is a loss, counted in `dropped` and shown, never "drops: none".
-    #[test]
-    fn a_site_that_lost_its_stack_record_is_a_drop() {
+    /// A heap of one site, id 7, that the kernel announced only through its counters: `blocks`
+    /// live blocks of 1,000 bytes each, none freed.
+    fn one_site(blocks: u64) -> Heap {
         let mut heap = Heap::default();
-        let mut sym = Symbolizer::new();
         let stats = SiteStats {
-            live_bytes: 4096,
-            live_count: 1,
-            allocs: 1,
-            alloc_bytes: 4096,
+            live_bytes: blocks * 1000,
+            live_count: blocks,
+            allocs: blocks,
+            alloc_bytes: blocks * 1000,
             tgid: 4_194_400,
             caller: 0x1234,
             ..SiteStats::default()
         };
-        heap.update(&mut sym, vec![(7, stats)]);
+        heap.update(&mut Symbolizer::new(), vec![(7, stats)]);
+        heap
+    }
+
+    #[test]
+    fn a_site_that_lost_its_stack_record_is_a_drop() {
+        let heap = one_site(4);
+        let mut sym = Symbolizer::new();
         let mut meta = ReportMeta::default();
         meta.counters.insert("ringbuf_full".into(), 3);
         let options = ReportOptions {
@@ -554,18 +561,7 @@ mod tests {
     /// of the site's estimated blocks, and the table says the counts are estimates.
     #[test]
     fn a_sampled_sites_objects_are_scaled_to_its_estimate() {
-        let mut heap = Heap::default();
-        let mut sym = Symbolizer::new();
-        let stats = SiteStats {
-            live_bytes: 1_000_000,
-            live_count: 1000,
-            allocs: 1000,
-            alloc_bytes: 1_000_000,
-            tgid: 4_194_400,
-            caller: 0x1234,
-            ..SiteStats::default()
-        };
-        heap.update(&mut sym, vec![(7, stats)]);
+        let heap = one_site(1000);
         let mut end = Census::default();
         end.by_site.insert(
             7,

@@ -357,7 +357,7 @@ fn stack_lines(o: &mut String, s: &SiteReport, verbose: bool, all_native: bool) 
             o,
             "{:>58}  (native stack incomplete: {})",
             "",
-            s.native_unwind.name()
+            s.native_unwind.describe()
         );
     }
     if s.python_status == PythonStatus::Overflow {

@@ -231,7 +231,9 @@ impl Session<'_> {
                         .iter()
                         .all(|pc| self.sym.return_address(pid, *pc).in_sampler())
             });
-        if !sampler_only {
+        if sampler_only {
+            self.heap.mark_sampler_frames_only(copy.site_id);
+        } else {
             self.heap.set_native(&mut self.sym, copy.site_id, &stack);
         }
     }

@@ -48,6 +48,10 @@ pub enum UnwindEnd {
     FrameLimit,
     /// The site's stack copy was never received: only the kernel's frames are known.
     NoStackCopy,
+    /// A sample taken before leaktrace had learned to unwind past the in-process sampler's own
+    /// frames: the kernel's walk ended inside them, so the site may stand for several call
+    /// paths under its Python stack, and its copy (one of them) is not applied.
+    SamplerFramesOnly,
 }
 
 impl UnwindEnd {
@@ -73,6 +77,24 @@ impl UnwindEnd {
             UnwindEnd::BadFrame => "bad_frame",
             UnwindEnd::FrameLimit => "frame_limit",
             UnwindEnd::NoStackCopy => "no_stack_copy",
+            UnwindEnd::SamplerFramesOnly => "sampler_frames_only",
+        }
+    }
+
+    /// Whether only what the kernel walked is known (no copy applied): such a site may fold
+    /// into a fuller one (`report/group.rs`).
+    pub fn is_partial(self) -> bool {
+        matches!(self, UnwindEnd::NoStackCopy | UnwindEnd::SamplerFramesOnly)
+    }
+
+    /// Why the stack ends, in words, for the table.
+    pub fn describe(self) -> &'static str {
+        match self {
+            UnwindEnd::SamplerFramesOnly => {
+                "sampler_frames_only: sampled before leaktrace had learned to unwind past the \
+                 sampler here; its call paths under this Python stack are not told apart"
+            }
+            other => other.name(),
         }
     }
 }
@@ -278,6 +300,20 @@ impl Unwinder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site walked only through the sampler's frames is partial, like one whose copy never
+    /// came, and the table says what that means.
+    #[test]
+    fn a_sampler_only_stack_is_partial_and_says_why() {
+        assert!(UnwindEnd::SamplerFramesOnly.is_partial() && UnwindEnd::NoStackCopy.is_partial());
+        assert!(!UnwindEnd::Complete.is_partial() && !UnwindEnd::StackCopyTooShort.is_partial());
+        assert!(UnwindEnd::SamplerFramesOnly
+            .describe()
+            .starts_with("sampler_frames_only: sampled before"));
+        assert_eq!(UnwindEnd::NoStackCopy.describe(), "no_stack_copy");
+        let json = serde_json::to_string(&UnwindEnd::SamplerFramesOnly).unwrap();
+        assert_eq!(json, "\"sampler_frames_only\"");
+    }
 
     /// Copies this thread's stack and unwinds it from a known frame: the unwind must pass
     /// through the test's callers (its own stack is real, built without frame pointers).
