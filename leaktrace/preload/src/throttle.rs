@@ -183,7 +183,9 @@ impl Limiter {
             u128::from(count) * 1_000_000_000 / u128::from(elapsed.max(1))
         };
         let mut next = 1u64;
-        while base.saturating_mul(next) < MAX_INTERVAL && draws_per_s > u128::from(next * limit) {
+        while base.saturating_mul(next) < MAX_INTERVAL
+            && draws_per_s > u128::from(next) * u128::from(limit)
+        {
             next *= 2;
         }
         // One thread starts the next window and sets the factor; the others take it.
