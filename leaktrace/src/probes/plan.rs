@@ -122,6 +122,8 @@ pub struct ProbePlan {
     /// The highest interval its ceiling had raised it to when the plan was made (an earlier
     /// session's), which this session's report does not claim.
     pub usdt_interval_max: Option<u64>,
+    /// Where leaktrace's preload keeps its exports in the process, when it is the producer.
+    pub usdt_exports: Option<super::usdt::ProducerSymbols>,
 }
 
 const LIBC_FNS: &[AllocFn] = &[
@@ -233,7 +235,8 @@ pub fn plan(
     let mut producer = super::usdt::ProducerExports::default();
     if usdt && families.libc() {
         (plan.usdt, plan.notes) = super::usdt::choose(pid, modules);
-        producer = super::usdt::producer_exports(pid, modules, &plan.usdt);
+        plan.usdt_exports = super::usdt::producer_symbols(pid, modules, &plan.usdt);
+        producer = plan.usdt_exports.map(|s| s.read()).unwrap_or_default();
         plan.usdt_interval = producer.interval;
         plan.usdt_interval_max = producer.interval_max;
     }
@@ -520,6 +523,7 @@ impl ProbePlan {
             usdt: Vec::new(),
             usdt_interval: None,
             usdt_interval_max: None,
+            usdt_exports: None,
         }
     }
 }

@@ -138,43 +138,65 @@ pub struct ProducerExports {
     pub interval_now: Option<u64>,
 }
 
+/// Where leaktrace's preload keeps its exports in one process: resolved once from its ELF, read
+/// whenever the tracer wants them (the interval in force changes as the process runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProducerSymbols {
+    pid: u32,
+    python_domains: Option<u64>,
+    sample_bytes: Option<u64>,
+    sample_limit: Option<u64>,
+    interval_max: Option<u64>,
+    interval_now: Option<u64>,
+}
+
+impl ProducerSymbols {
+    /// The exports' values now (what cannot be read is `None`).
+    pub fn read(&self) -> ProducerExports {
+        let remote = crate::process::remote::Remote { pid: self.pid };
+        let word = |at: Option<u64>| {
+            remote
+                .read(at?, 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        let domains = self.python_domains.and_then(|at| remote.read(at, 4));
+        ProducerExports {
+            samples_python: domains.is_some_and(|b| b.iter().any(|x| *x != 0)),
+            interval: word(self.sample_bytes).filter(|n| *n > 0),
+            limit: word(self.sample_limit),
+            interval_max: word(self.interval_max).filter(|n| *n > 0),
+            interval_now: word(self.interval_now).filter(|n| *n > 0),
+        }
+    }
+}
+
 /// The exports of the first of the chosen producers' files that has them, each file's ELF
 /// read once.
-pub fn producer_exports(pid: u32, modules: &ModuleMap, points: &[UsdtPoint]) -> ProducerExports {
+pub fn producer_symbols(
+    pid: u32,
+    modules: &ModuleMap,
+    points: &[UsdtPoint],
+) -> Option<ProducerSymbols> {
     let mut files: Vec<(&str, &std::path::Path)> = points
         .iter()
         .map(|p| (p.module.as_str(), p.host_path.as_path()))
         .collect();
     files.dedup();
-    let remote = crate::process::remote::Remote { pid };
-    files
-        .into_iter()
-        .find_map(|(module, host)| {
-            let elf = ElfFile::open(host).ok()?;
-            let bias = modules.load_bias(module, elf.first_load_vaddr())?;
-            let read = |symbol: &str, len: usize| {
-                let vaddr = elf.data_symbol(symbol)?;
-                remote.read(vaddr.wrapping_add(bias), len)
-            };
-            let word = |symbol: &str| {
-                read(symbol, 8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-            };
-            let domains = read("leaktrace_preload_python_domains", 4);
-            let interval = word("leaktrace_preload_sample_bytes");
-            if domains.is_none() && interval.is_none() {
-                return None;
-            }
-            Some(ProducerExports {
-                samples_python: domains.is_some_and(|b| b.iter().any(|x| *x != 0)),
-                interval: interval.filter(|n| *n > 0),
-                limit: word("leaktrace_preload_sample_limit"),
-                interval_max: word("leaktrace_preload_interval_max").filter(|n| *n > 0),
-                interval_now: word("leaktrace_preload_interval_now").filter(|n| *n > 0),
-            })
-        })
-        .unwrap_or_default()
+    files.into_iter().find_map(|(module, host)| {
+        let elf = ElfFile::open(host).ok()?;
+        let bias = modules.load_bias(module, elf.first_load_vaddr())?;
+        let at = |symbol: &str| Some(elf.data_symbol(symbol)?.wrapping_add(bias));
+        let symbols = ProducerSymbols {
+            pid,
+            python_domains: at("leaktrace_preload_python_domains"),
+            sample_bytes: at("leaktrace_preload_sample_bytes"),
+            sample_limit: at("leaktrace_preload_sample_limit"),
+            interval_max: at("leaktrace_preload_interval_max"),
+            interval_now: at("leaktrace_preload_interval_now"),
+        };
+        (symbols.python_domains.is_some() || symbols.sample_bytes.is_some()).then_some(symbols)
+    })
 }
 
 fn is_heap_probe(n: &SdtNote) -> bool {

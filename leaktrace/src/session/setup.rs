@@ -129,6 +129,10 @@ impl Session<'_> {
                              too: its USDTs are attached"
                         ));
                         self.plan.usdt.extend(points);
+                        if self.plan.usdt_exports.is_none() {
+                            self.plan.usdt_exports =
+                                usdt::producer_symbols(pid, &modules, &self.plan.usdt);
+                        }
                     }
                     Err(e) => notes.push(format!(
                         "{who}, loaded {t:.1} s into the session: its USDTs could not be attached \
@@ -149,13 +153,10 @@ impl Session<'_> {
     /// Reads how far the process's own sampler thinned its samples to stay under its ceiling on
     /// samples a second (while the process still has its maps), for the report to say.
     pub(super) fn read_throttle(&mut self) {
-        if self.plan.usdt.is_empty() || !self.proc.alive() {
-            return;
-        }
-        let Ok(modules) = self.proc.module_map() else {
+        let Some(symbols) = self.plan.usdt_exports.filter(|_| self.proc.alive()) else {
             return;
         };
-        let ex = usdt::producer_exports(self.proc.pid, &modules, &self.plan.usdt);
+        let ex = symbols.read();
         let (Some(limit), Some(base)) = (ex.limit, ex.interval) else {
             return;
         };
