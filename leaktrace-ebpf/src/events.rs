@@ -65,7 +65,11 @@ pub struct NewSiteEvent {
     pub native_depth: u32,
     /// How the walk ended (`native_end`).
     pub native_end: u8,
-    pub _pad3: [u8; 3],
+    /// 1 when the walk stopped at an untaught return address before the site id was complete:
+    /// the id then stands for every call path through the frames walked (until their rows are
+    /// learned), and a stack copy shows only one of them.
+    pub id_cut: u8,
+    pub _pad3: [u8; 2],
     /// Number of valid entries in `py_frames`, innermost first.
     pub py_depth: u32,
     /// Bit i set: `py_frames[i]` is the outermost frame of one run of the eval loop (an entry
@@ -89,7 +93,8 @@ impl Default for NewSiteEvent {
             native: [0; MAX_NATIVE_WALK],
             native_depth: 0,
             native_end: 0,
-            _pad3: [0; 3],
+            id_cut: 0,
+            _pad3: [0; 2],
             py_depth: 0,
             py_entry: [0; MAX_PY_FRAMES / 64],
             py_frames: [PyFrameRec::default(); MAX_PY_FRAMES],

@@ -5,7 +5,7 @@ use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use leaktrace_ebpf::{
     native_end, py_status, site_id_add_pc, site_id_finish, site_id_start, AllocFn, Counter,
     FrameRegs, LiveAlloc, LiveKey, NewSiteEvent, PyFrameRec, SiteStats, UnwindKey,
-    CONTROL_NO_NEW_BLOCKS, EVENT_NEW_SITE, MAX_NATIVE_WALK, MAX_PY_FRAMES,
+    CONTROL_NO_NEW_BLOCKS, EVENT_NEW_SITE, MAX_NATIVE_WALK, MAX_PY_FRAMES, SITE_COPY_MISSED,
 };
 
 use crate::bump;
@@ -50,14 +50,42 @@ pub(crate) fn record_alloc(
         return;
     };
     let site = SharedSite::new(stats);
+    let cut = id_cut(scratch);
     if site.announced() & ANNOUNCED_STACK == 0 {
-        announce(site, scratch, tgid, tid, id, func, caller);
+        announce(site, scratch, (tgid, tid, id), func, caller, cut);
+    } else if cut && site.allocs().wrapping_add(1).is_power_of_two() {
+        // A cut id may stand for several call paths: copies of its 2nd, 4th, 8th, ...
+        // allocation let userspace see whether they all took the one path its first copy shows.
+        if EVENTS.query(BPF_RB_AVAIL_DATA) > (RING_BYTES / 4) as u64
+            || !send_stack(tgid, id, caller)
+        {
+            bump(Counter::StackDeferred);
+            site.mark(SITE_COPY_MISSED);
+        }
     }
     if !track_block(tgid, ptr, size, id, (weight, blocks), func) {
         return;
     }
     bump(Counter::Allocs);
     site.allocated(blocks, weight);
+}
+
+/// Whether the walk just made stopped at an untaught return address while still folding frames
+/// into the site id, before the last frame the id takes: the id then lacks frames a whole walk
+/// would have folded, and stands for every call path through those walked. (When that address is
+/// the eval loop's, the id was whole after all: userspace tells.)
+#[inline(always)]
+fn id_cut(scratch: &Scratch) -> bool {
+    // SAFETY: fields of this CPU's scratch slot, which the walk's callback wrote before.
+    let (paused, end, n, hash_max) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const scratch.native.paused),
+            core::ptr::read_volatile(&raw const scratch.native.end),
+            core::ptr::read_volatile(&raw const scratch.native.n),
+            core::ptr::read_volatile(&raw const scratch.native.hash_max),
+        )
+    };
+    paused == 0 && end == native_end::UNKNOWN && n < hash_max
 }
 
 /// The site id to account under: `id`, or, once `SITES` is past its soft limit and `id` is a
@@ -166,12 +194,12 @@ fn insert_over_stale(key: &LiveKey, rec: &LiveAlloc) -> bool {
 fn announce(
     site: SharedSite,
     scratch: &mut Scratch,
-    tgid: u32,
-    tid: u32,
-    id: u64,
+    (tgid, tid, id): (u32, u32, u64),
     func: AllocFn,
     caller: FrameRegs,
+    cut: bool,
 ) {
+    scratch.ev.id_cut = u8::from(cut);
     let needs_copy = native_stack_rest();
     let stop_pc = {
         let n = scratch.ev.native_depth as usize;

@@ -91,7 +91,8 @@ pub struct SiteStats {
     pub tgid: u32,
     pub func: u8,
     /// Bit 0: the site's record (with its Python stack) reached the ring buffer; bit 1: its
-    /// stack copy did. Until both have, every allocation from the site tries again.
+    /// stack copy did. Until both have, every allocation from the site tries again. Bit 2
+    /// (`SITE_COPY_MISSED`): a copy due for a cut site's later allocation could not be sent.
     pub announced: u8,
     pub _pad: [u8; 2],
     /// The allocation's return address.
@@ -100,6 +101,12 @@ pub struct SiteStats {
     /// blocks are never freed, however old.
     pub frees_old: u64,
 }
+
+/// `SiteStats::announced` bit: a site whose id the kernel cut short (`NewSiteEvent::id_cut`)
+/// allocated again while its rows were still unknown, and the stack copy that would have shown
+/// that allocation's path could not be sent (the ring buffer was behind): userspace cannot tell
+/// that the site holds one path only.
+pub const SITE_COPY_MISSED: u8 = 4;
 
 /// Age past which a freed block counts in `SiteStats::frees_old`.
 pub const OLD_BLOCK_NS: u64 = 5_000_000_000;

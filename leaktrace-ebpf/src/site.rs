@@ -31,6 +31,13 @@ impl SharedSite {
         unsafe { core::ptr::read_volatile(&raw const (*self.0).announced) }
     }
 
+    /// Allocations counted so far.
+    #[inline(always)]
+    pub fn allocs(self) -> u64 {
+        // SAFETY: as in `announced`.
+        unsafe { core::ptr::read_volatile(&raw const (*self.0).allocs) }
+    }
+
     /// Sets `bits` in `announced`. A plain read-modify-write: two CPUs announcing the same new
     /// site at once may lose a bit, and the site is then announced again, which userspace
     /// takes as a duplicate.

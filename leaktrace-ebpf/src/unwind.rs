@@ -96,9 +96,9 @@ pub struct NativeWalk {
     regs: FrameRegs,
     h: u64,
     tgid: u32,
-    n: u32,
+    pub(crate) n: u32,
     /// Frames folded into the site id at most.
-    hash_max: u32,
+    pub(crate) hash_max: u32,
     /// Still folding frames into the site id.
     hashing: u8,
     /// The id is complete and the walk can go on (for a new site's record).

@@ -128,11 +128,11 @@ impl Heap {
             .is_some_and(|s| !s.native_end.is_partial())
     }
 
-    /// Marks a site whose kernel walk ended inside the in-process sampler's frames, where its
-    /// stack copy is not applied (`UnwindEnd::SamplerFramesOnly`).
+    /// Marks a site whose kernel walk ended inside the in-process sampler's frames
+    /// (`UnwindEnd::SamplerFramesOnly`, which says so in words).
     pub fn mark_sampler_frames_only(&mut self, id: u64) {
         if let Some(site) = self.sites.get_mut(&id) {
-            if site.native_end.is_partial() {
+            if site.native_end.shares_paths() {
                 site.native_end = UnwindEnd::SamplerFramesOnly;
             }
         }

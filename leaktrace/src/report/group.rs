@@ -156,17 +156,35 @@ impl SiteReport {
 /// fuller one it folds into.
 type PythonPath<'a> = (u32, u8, &'a [PyFrame]);
 
-/// How many whole native paths each Python stack has, freed ones included: a path whose
-/// blocks were all freed still shares the early samples of a sampler-only site.
-fn whole_paths(heap: &Heap) -> HashMap<PythonPath<'_>, usize> {
-    let mut distinct: HashMap<PythonPath<'_>, HashSet<&[u64]>> = HashMap::new();
+/// The distinct whole native paths of each Python stack, by their first frame, freed ones
+/// included: a path whose blocks were all freed still shares the early blocks of a site whose
+/// id was cut short.
+fn whole_paths(heap: &Heap) -> HashMap<(PythonPath<'_>, u64), HashSet<&[u64]>> {
+    let mut distinct: HashMap<(PythonPath<'_>, u64), HashSet<&[u64]>> = HashMap::new();
     for s in heap.sites().filter(|s| !s.native_end.is_partial()) {
+        let Some(first) = s.native.first() else {
+            continue;
+        };
         distinct
-            .entry((s.pid, s.func as u8, s.python.as_slice()))
+            .entry(((s.pid, s.func as u8, s.python.as_slice()), *first))
             .or_default()
             .insert(s.native.as_slice());
     }
-    distinct.into_iter().map(|(k, v)| (k, v.len())).collect()
+    distinct
+}
+
+/// How many of `paths` begin with `native`.
+fn paths_beginning(
+    paths: &HashMap<(PythonPath<'_>, u64), HashSet<&[u64]>>,
+    python: PythonPath<'_>,
+    native: &[u64],
+) -> usize {
+    let Some(first) = native.first() else {
+        return 0;
+    };
+    paths
+        .get(&(python, *first))
+        .map_or(0, |p| p.iter().filter(|n| n.starts_with(native)).count())
 }
 
 /// The live sites of `heap` grouped into report lines (`all`: every native frame counts).
@@ -210,21 +228,27 @@ pub(super) fn group<'a>(
             continue;
         }
         let Some(p) = g.first() else { continue };
-        // Frames of an in-process sampler alone say nothing of the program's path: every
-        // sampled call under that Python stack begins with them (samples taken before the
-        // sampler's rows were learned). Such a site folds only into the one path its Python
-        // stack has; among several it cannot tell which, and stays apart.
-        let sampler_only = p
-            .native
-            .iter()
-            .all(|pc| sym.return_address(p.pid, *pc).in_sampler());
-        let candidates = by_python.get(&(p.pid, p.func as u8, p.python.as_slice()));
+        // A site whose id the kernel cut at an untaught frame and whose stack copies took
+        // several paths (`unlearned`, `sampler_frames_only`) holds blocks of more than one
+        // path: it stays apart.
+        if g.iter().any(|s| s.native_end.shares_paths()) {
+            continue;
+        }
+        let python = (p.pid, p.func as u8, p.python.as_slice());
+        let candidates = by_python.get(&python);
         let fuller = || {
             candidates.into_iter().flatten().filter(|(o, q)| {
                 *o != k && q.native.len() > p.native.len() && q.native.starts_with(&p.native)
             })
         };
-        if sampler_only && paths.get(&(p.pid, p.func as u8, p.python.as_slice())) != Some(&1) {
+        // Frames of an in-process sampler alone (captures written before the kernel said
+        // which ids it cut) may stand for every sampled path under the Python stack: such a
+        // site folds only into the one path through them.
+        let sampler_only = p
+            .native
+            .iter()
+            .all(|pc| sym.return_address(p.pid, *pc).in_sampler());
+        if sampler_only && paths_beginning(&paths, python, &p.native) != 1 {
             continue;
         }
         // The fullest path it begins, the lowest site id among equals.
@@ -355,6 +379,39 @@ mod tests {
             sampled_groups(one_freed),
             vec![1000, 2000],
             "a path whose blocks were all freed is a path too"
+        );
+    }
+
+    /// A site whose id the kernel cut and whose copies took several paths (`unlearned`, or
+    /// `sampler_frames_only`) never folds, not even into the one whole path known to begin
+    /// with its frames: its blocks came by other paths too.
+    #[test]
+    fn a_site_known_to_mix_paths_never_folds() {
+        let sites: &[(u64, &[u64], UnwindEnd)] = &[
+            (1, &[0x110], UnwindEnd::Unlearned),
+            (2, &[0x110, 0x120, 0x300, 0x400], UnwindEnd::Complete),
+            (3, &[0x110, 0x120, 0x500, 0x600], UnwindEnd::Complete),
+            (4, &[0x210], UnwindEnd::Unlearned),
+            (5, &[0x210, 0x220], UnwindEnd::Complete),
+            (6, &[0x10], UnwindEnd::SamplerFramesOnly),
+            (7, &[0x10, 0x230], UnwindEnd::Complete),
+        ];
+        assert_eq!(
+            sampled_groups(sites),
+            vec![1000, 2000, 3000, 4000, 5000, 6000, 7000],
+            "nothing folds"
+        );
+        let as_no_copy: Vec<(u64, &[u64], UnwindEnd)> = sites[..3]
+            .iter()
+            .map(|&(id, pcs, end)| match end {
+                UnwindEnd::Unlearned => (id, pcs, UnwindEnd::NoStackCopy),
+                other => (id, pcs, other),
+            })
+            .collect();
+        assert_eq!(
+            sampled_groups(&as_no_copy),
+            vec![3000, 3000],
+            "a site whose copy never came folds into the longest path it begins (lowest id)"
         );
     }
 

@@ -3,6 +3,7 @@
 
 mod census;
 mod control;
+mod cut;
 mod finish;
 mod forks;
 pub mod live;
@@ -15,6 +16,8 @@ mod watch;
 
 use watch::Watch;
 
+use cut::CopyVerdict;
+
 use forks::Forked;
 use live::Exporter;
 pub use live::LiveView;
@@ -25,7 +28,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use leaktrace_ebpf::{native_end, py_status, AllocFn, NewSiteEvent};
+use leaktrace_ebpf::{native_end, py_status, AllocFn, NewSiteEvent, SITE_COPY_MISSED};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::capture::writer::CaptureWriter;
@@ -66,6 +69,8 @@ struct Session<'a> {
     heap: Heap,
     sym: Symbolizer,
     unwinder: Unwinder,
+    /// Sites whose id the kernel cut short, and what their copies showed.
+    cut: cut::CutSites,
     start: Instant,
     /// Seconds into the trace when the interpreter began shutting down.
     finalized_at: Option<f64>,
@@ -183,12 +188,23 @@ impl Session<'_> {
             self.unwinder.stats.kernel_walks += 1;
         }
         if !self.heap.has_full_native(ev.site_id) {
-            // What the kernel followed; a stack copy, when one comes, replaces it.
+            // What the kernel followed; a stack copy, when one comes, replaces it, unless the
+            // kernel cut the site's id short. A walk that stopped at the eval loop's return
+            // address had folded all the id takes: the eval loop's row ends the id.
+            let eval = self.unwinder.eval_frames(&mut self.sym, ev.tgid, pcs);
+            let cut = ev.id_cut != 0 && eval.last() == Some(&false);
             let stack = NativeStack {
                 pcs: pcs.to_vec(),
-                eval: self.unwinder.eval_frames(&mut self.sym, ev.tgid, pcs),
-                end: UnwindEnd::from_kernel(ev.native_end),
+                eval,
+                end: if cut {
+                    UnwindEnd::Unlearned
+                } else {
+                    UnwindEnd::from_kernel(ev.native_end)
+                },
             };
+            if cut {
+                self.cut.note(ev.site_id, stack.clone());
+            }
             self.heap.set_native(&mut self.sym, ev.site_id, &stack);
         }
         // A thread the kernel could not place, or an interpreter that just came up:
@@ -220,21 +236,56 @@ impl Session<'_> {
         if let Err(e) = self.tracer.learn_rows(copy.tgid, &rows) {
             log::debug!("{e}");
         }
-        // A sample the kernel followed only through the sampler's own frames (their rows were
-        // not learned yet) has an id every call path under its Python stack shares until they
-        // are: the copy shows one of those paths, which the others' bytes must not be put on.
-        // It keeps what the kernel walked (the report shows its Python stack alone).
-        let sampler_only = at_probe
-            && self.heap.native_of(copy.site_id).is_some_and(|(pid, pcs)| {
-                !pcs.is_empty()
-                    && pcs
-                        .iter()
-                        .all(|pc| self.sym.return_address(pid, *pc).in_sampler())
-            });
+        // A site whose id the kernel cut at an untaught frame stands for every call path
+        // through the frames it walked until their rows are learned: it shows its first copy's
+        // path only while later copies agree (session/cut.rs). One cut inside the sampler's
+        // own frames says so (the report shows its Python stack alone).
+        let interpreter = self.plan.python.as_ref().map(|p| p.module.as_str());
+        let sym = &mut self.sym;
+        let key = cut::path_key(&stack, |pc| {
+            let module = sym.return_address(copy.tgid, pc).module;
+            interpreter.is_some() && module.as_deref() == interpreter
+        });
+        log::trace!("site {:#x}: path {key:x?}", copy.site_id);
+        match self.cut.copy(copy.site_id, key) {
+            CopyVerdict::Show => self.heap.set_native(&mut self.sym, copy.site_id, &stack),
+            CopyVerdict::Agrees | CopyVerdict::StillMixed => {}
+            CopyVerdict::Mixed(kernel) => {
+                log::debug!("site {:#x}: its copies took different paths", copy.site_id);
+                self.show_kernel_frames(copy.tgid, copy.site_id, &kernel);
+            }
+        }
+    }
+
+    /// Shows the frames the kernel walked for a cut site that holds several paths, saying so
+    /// in words when they are the in-process sampler's alone.
+    fn show_kernel_frames(&mut self, pid: u32, id: u64, kernel: &NativeStack) {
+        let sampler_only = self.heap.func(id) == Some(AllocFn::UsdtAlloc)
+            && !kernel.pcs.is_empty()
+            && kernel
+                .pcs
+                .iter()
+                .all(|pc| self.sym.return_address(pid, *pc).in_sampler());
+        self.heap.set_native(&mut self.sym, id, kernel);
         if sampler_only {
-            self.heap.mark_sampler_frames_only(copy.site_id);
-        } else {
-            self.heap.set_native(&mut self.sym, copy.site_id, &stack);
+            self.heap.mark_sampler_frames_only(id);
+        }
+    }
+
+    /// Cut sites whose later allocation's copy could not be sent (`SITE_COPY_MISSED`, read
+    /// with the counters) cannot be shown as one path.
+    fn judge_missed_copies(&mut self) {
+        let missed: Vec<(u32, u64)> = self
+            .heap
+            .sites()
+            .filter(|s| s.stats.announced & SITE_COPY_MISSED != 0)
+            .map(|s| (s.pid, s.id))
+            .collect();
+        for (pid, id) in missed {
+            if let Some(kernel) = self.cut.missed(id) {
+                log::debug!("site {id:#x}: a copy of a later allocation was not sent");
+                self.show_kernel_frames(pid, id, &kernel);
+            }
         }
     }
 
@@ -244,6 +295,7 @@ impl Session<'_> {
         reader.drain(|ev| self.absorb(ev));
         self.sym.refresh(self.proc.pid);
         self.heap.update(&mut self.sym, self.tracer.sites()?);
+        self.judge_missed_copies();
         self.heap.place_pending(&mut self.sym);
         Ok(())
     }
@@ -261,6 +313,7 @@ impl Session<'_> {
         }
         self.heap.place_pending(&mut self.sym);
         self.heap.update(&mut self.sym, self.tracer.sites()?);
+        self.judge_missed_copies();
         self.counters = self.tracer.counters()?;
         let t = self.start.elapsed().as_secs_f64();
         let arenas = self.py.as_ref().and_then(|py| py.arena_bytes());

@@ -9,7 +9,7 @@ use tokio::sync::mpsc::unbounded_channel;
 
 use super::live::{Exporter, LiveView};
 use super::waiting::{open_pidfd, python_malloc_env};
-use super::{census, signals, Child, Phases, Session, Watch};
+use super::{census, cut, signals, Child, Phases, Session, Watch};
 use crate::capture::{writer::CaptureWriter, Header};
 use crate::error::{Error, Result};
 use crate::events::EventReader;
@@ -215,6 +215,7 @@ impl<'a> Session<'a> {
             heap: Heap::default(),
             sym: Symbolizer::new(),
             unwinder: Unwinder::default(),
+            cut: cut::CutSites::default(),
             start: Instant::now(),
             finalized_at: None,
             at_finalize: None,

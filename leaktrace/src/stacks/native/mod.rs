@@ -52,6 +52,11 @@ pub enum UnwindEnd {
     /// frames: the kernel's walk ended inside them, so the site may stand for several call
     /// paths under its Python stack, and its copy (one of them) is not applied.
     SamplerFramesOnly,
+    /// Allocated before leaktrace had learned to unwind past the last frame the kernel walked:
+    /// the site's id covers only those frames, so it stands for every call path through them
+    /// (under its Python stack) until their rows were learned, and its stack copies showed
+    /// different paths (or one could not be sent): none of them is shown.
+    Unlearned,
 }
 
 impl UnwindEnd {
@@ -78,13 +83,24 @@ impl UnwindEnd {
             UnwindEnd::FrameLimit => "frame_limit",
             UnwindEnd::NoStackCopy => "no_stack_copy",
             UnwindEnd::SamplerFramesOnly => "sampler_frames_only",
+            UnwindEnd::Unlearned => "unlearned",
         }
     }
 
     /// Whether only what the kernel walked is known (no copy applied): such a site may fold
     /// into a fuller one (`report/group.rs`).
     pub fn is_partial(self) -> bool {
-        matches!(self, UnwindEnd::NoStackCopy | UnwindEnd::SamplerFramesOnly)
+        matches!(
+            self,
+            UnwindEnd::NoStackCopy | UnwindEnd::SamplerFramesOnly | UnwindEnd::Unlearned
+        )
+    }
+
+    /// Whether the site holds blocks of several call paths that begin with its frames (its
+    /// kernel walk stopped before the id was complete, and its copies disagreed): it never
+    /// folds into a fuller site.
+    pub fn shares_paths(self) -> bool {
+        matches!(self, UnwindEnd::SamplerFramesOnly | UnwindEnd::Unlearned)
     }
 
     /// Why the stack ends, in words, for the table.
@@ -93,6 +109,10 @@ impl UnwindEnd {
             UnwindEnd::SamplerFramesOnly => {
                 "sampler_frames_only: sampled before leaktrace had learned to unwind past the \
                  sampler here; its call paths under this Python stack are not told apart"
+            }
+            UnwindEnd::Unlearned => {
+                "unlearned: allocated before leaktrace had learned to unwind past the last frame \
+                 shown; the call paths through it under this Python stack are not told apart"
             }
             other => other.name(),
         }
@@ -313,6 +333,24 @@ mod tests {
         assert_eq!(UnwindEnd::NoStackCopy.describe(), "no_stack_copy");
         let json = serde_json::to_string(&UnwindEnd::SamplerFramesOnly).unwrap();
         assert_eq!(json, "\"sampler_frames_only\"");
+    }
+
+    /// A site whose id the kernel cut at an untaught frame shares its paths, says so, and
+    /// keeps its name through JSON (captures store it).
+    #[test]
+    fn an_unlearned_stack_shares_its_paths_and_round_trips() {
+        assert!(UnwindEnd::Unlearned.is_partial() && UnwindEnd::Unlearned.shares_paths());
+        assert!(UnwindEnd::SamplerFramesOnly.shares_paths());
+        assert!(!UnwindEnd::NoStackCopy.shares_paths() && !UnwindEnd::Complete.shares_paths());
+        assert!(UnwindEnd::Unlearned
+            .describe()
+            .starts_with("unlearned: allocated before"));
+        let json = serde_json::to_string(&UnwindEnd::Unlearned).unwrap();
+        assert_eq!(json, "\"unlearned\"");
+        assert_eq!(
+            serde_json::from_str::<UnwindEnd>(&json).unwrap(),
+            UnwindEnd::Unlearned
+        );
     }
 
     /// Copies this thread's stack and unwinds it from a known frame: the unwind must pass

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use super::dict_keys::{self, MA_KEYS, MA_VALUES};
 use super::type_object::{
-    TPFLAGS_HAVE_GC, TPFLAGS_HEAPTYPE, TPFLAGS_MANAGED_DICT, TPFLAGS_MANAGED_WEAKREF, TP_BASICSIZE,
-    TP_DICT, TP_FLAGS, TP_ITEMSIZE, TP_NAME,
+    TPFLAGS_HAVE_GC, TPFLAGS_HEAPTYPE, TPFLAGS_MANAGED_DICT, TPFLAGS_MANAGED_WEAKREF,
+    TPFLAGS_READY, TPFLAGS_TYPE_SUBCLASS, TP_BASICSIZE, TP_DICT, TP_FLAGS, TP_ITEMSIZE, TP_NAME,
 };
 use crate::process::remote::{word, PageCache, Remote, USER_TOP};
 
@@ -53,6 +53,17 @@ fn past_debug_pad(head: &[u8], size: u64) -> (&[u8], u64) {
     // Each pad also has 8 forbidden bytes after the object.
     let n = pads * DEBUG_PAD;
     (&head[n..], size.saturating_sub((n + 8 * pads) as u64))
+}
+
+/// Reference counts past this are not counts: a live object's is at least 1, an immortal one's
+/// `UINT32_MAX` (3.12, 3.13) or 3 << 30 with flag bits from bit 48 (3.14).
+const MAX_REFCNT: u64 = 1 << 52;
+
+/// Whether the word at `off` of `head` can be a live object's `ob_refcnt`. A dict keys table
+/// keyed by `id(cls)` has a pointer to a class where an object's type would be, after index
+/// bytes whose empty slots (-1) no count has.
+fn plausible_refcnt(head: &[u8], off: u64) -> bool {
+    word(head, off).is_some_and(|n| (1..MAX_REFCNT).contains(&n))
 }
 
 /// A checked type.
@@ -229,6 +240,9 @@ impl TypeReader {
         // objects, and reading each such pointer as a candidate type would cost a system call.
         for off in [0u64, 16, 32] {
             let Some(t) = word(head, off + 8) else { break };
+            if !plausible_refcnt(head, off) {
+                continue;
+            }
             if let Some(Some(info)) = self.types.get(&t) {
                 if info.presize == off && off + info.basicsize <= size.max(info.basicsize) {
                     return Some((info.clone(), off));
@@ -237,7 +251,7 @@ impl TypeReader {
         }
         for off in [0u64, 16, 32] {
             let Some(t) = word(head, off + 8) else { break };
-            if t == 0 || t % 8 != 0 {
+            if t == 0 || t % 8 != 0 || !plausible_refcnt(head, off) {
                 continue;
             }
             if let Some(info) = self.type_info(t) {
@@ -290,15 +304,24 @@ impl TypeReader {
     fn read_type(&mut self, t: u64) -> Option<TypeInfo> {
         let raw = self.pages.read(t, (TP_FLAGS + 8) as usize)?;
         let meta = word(&raw, 8)?;
+        // Any object's type has `type` as its type too: the metatype must be a metaclass (its
+        // instances are types), or a str a dict keys table points at passes for a type.
         let is_type = meta == self.type_type
             || (meta != 0
-                && meta.checked_add(8).and_then(|m| self.pages.u64(m)) == Some(self.type_type));
+                && meta.checked_add(8).and_then(|m| self.pages.u64(m)) == Some(self.type_type)
+                && meta
+                    .checked_add(TP_FLAGS)
+                    .and_then(|f| self.pages.u64(f))
+                    .is_some_and(|f| f & TPFLAGS_TYPE_SUBCLASS != 0));
         if !is_type {
             return None;
         }
         let basicsize = word(&raw, TP_BASICSIZE)?;
         let itemsize = word(&raw, TP_ITEMSIZE)?;
         let flags = word(&raw, TP_FLAGS)?;
+        if flags & TPFLAGS_READY == 0 {
+            return None;
+        }
         if !(16..=1 << 20).contains(&basicsize) || itemsize > 1 << 16 {
             return None;
         }
@@ -373,6 +396,52 @@ fn ascii_str(pages: &mut PageCache, s: u64, version: (u8, u8)) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake type object in this process: `ob_type`, `tp_name`, sizes and flags at CPython's
+    /// offsets.
+    fn fake_type(meta: u64, name: &'static [u8], flags: u64) -> Box<[u64; 32]> {
+        let mut t = Box::new([0u64; 32]);
+        t[0] = 1;
+        t[1] = meta;
+        t[(TP_NAME / 8) as usize] = name.as_ptr() as u64;
+        t[(TP_BASICSIZE / 8) as usize] = 48;
+        t[(TP_FLAGS / 8) as usize] = flags;
+        t
+    }
+
+    /// A type is one whose type is `type` or a metaclass: an instance of a type whose own type
+    /// is `type` (a str a dict keys table points at) is not, however its words read.
+    #[test]
+    fn only_instances_of_metaclasses_pass_for_types() {
+        let ready = TPFLAGS_READY;
+        let mut type_type = fake_type(0, b"type\0", ready | TPFLAGS_TYPE_SUBCLASS);
+        let tt = type_type.as_ptr() as u64;
+        type_type[1] = tt;
+        let meta = fake_type(tt, b"ABCMeta\0", ready | TPFLAGS_TYPE_SUBCLASS);
+        let str_type = fake_type(tt, b"str\0", ready);
+        let class = fake_type(meta.as_ptr() as u64, b"Model\0", ready);
+        let plain = fake_type(tt, b"Plain\0", ready);
+        let not_ready = fake_type(tt, b"Unready\0", 0);
+        // A str whose hash and data happen to read as a name, sizes and flags.
+        let a_str = fake_type(str_type.as_ptr() as u64, b"Bogus\0", ready);
+        let mut r = TypeReader::new(std::process::id(), tt, (3, 12));
+        let name = |r: &mut TypeReader, t: &[u64; 32]| {
+            r.type_info(t.as_ptr() as u64).map(|i| i.name.to_string())
+        };
+        assert_eq!(name(&mut r, &plain).as_deref(), Some("Plain"));
+        assert_eq!(name(&mut r, &class).as_deref(), Some("Model"));
+        assert_eq!(name(&mut r, &str_type).as_deref(), Some("str"));
+        assert_eq!(
+            name(&mut r, &a_str),
+            None,
+            "an object of a type that is not a metaclass"
+        );
+        assert_eq!(
+            name(&mut r, &not_ready),
+            None,
+            "a type PyType_Ready never saw"
+        );
+    }
 
     #[test]
     fn the_debug_hooks_pad_is_skipped_only_when_it_is_one() {

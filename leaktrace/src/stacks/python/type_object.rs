@@ -19,3 +19,7 @@ pub const TPFLAGS_MANAGED_WEAKREF: u64 = 1 << 3;
 pub const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
 pub const TPFLAGS_HEAPTYPE: u64 = 1 << 9;
 pub const TPFLAGS_HAVE_GC: u64 = 1 << 14;
+/// `Py_TPFLAGS_READY`: `PyType_Ready` has run, as on every type an object can have.
+pub const TPFLAGS_READY: u64 = 1 << 12;
+/// `Py_TPFLAGS_TYPE_SUBCLASS`: instances are types (set on `type` and every metaclass).
+pub const TPFLAGS_TYPE_SUBCLASS: u64 = 1 << 31;
