@@ -58,6 +58,13 @@ impl Session<'_> {
             eprint!("\r\x1b[K");
         }
         log::debug!("tracing ended: {}", ending.why);
+        let not_python = crate::probes::plan::NOT_PYTHON;
+        if self.plan.notes.iter().any(|n| n == not_python)
+            && self.notes_shown.insert(not_python.into())
+        {
+            // `run`'s command, never Python, not even after an exec (session/setup.rs).
+            eprintln!("leaktrace: {not_python}");
+        }
         self.catch_up(&mut w.reader)?;
         self.refresh()?;
         self.heap.place_pending(&mut self.sym);

@@ -75,7 +75,10 @@ impl Session<'_> {
             self.print_plan(&plan);
         }
         for n in &plan.notes {
-            if self.notes_shown.insert(n.clone()) {
+            // `run`'s command may be a launcher that execs the interpreter (pyenv's shims, `env
+            // python3`): whether it was Python is for the report to say, at the end.
+            let launcher = self.paused.is_some() && n == crate::probes::plan::NOT_PYTHON;
+            if !launcher && self.notes_shown.insert(n.clone()) {
                 eprintln!("leaktrace: {n}");
             }
         }
