@@ -55,17 +55,6 @@ fn past_debug_pad(head: &[u8], size: u64) -> (&[u8], u64) {
     (&head[n..], size.saturating_sub((n + 8 * pads) as u64))
 }
 
-/// Reference counts past this are not counts: a live object's is at least 1, an immortal one's
-/// `UINT32_MAX` (3.12, 3.13) or 3 << 30 with flag bits from bit 48 (3.14).
-const MAX_REFCNT: u64 = 1 << 52;
-
-/// Whether the word at `off` of `head` can be a live object's `ob_refcnt`. A dict keys table
-/// keyed by `id(cls)` has a pointer to a class where an object's type would be, after index
-/// bytes whose empty slots (-1) no count has.
-fn plausible_refcnt(head: &[u8], off: u64) -> bool {
-    word(head, off).is_some_and(|n| (1..MAX_REFCNT).contains(&n))
-}
-
 /// A checked type.
 #[derive(Clone, Debug)]
 struct TypeInfo {
@@ -240,9 +229,6 @@ impl TypeReader {
         // objects, and reading each such pointer as a candidate type would cost a system call.
         for off in [0u64, 16, 32] {
             let Some(t) = word(head, off + 8) else { break };
-            if !plausible_refcnt(head, off) {
-                continue;
-            }
             if let Some(Some(info)) = self.types.get(&t) {
                 if info.presize == off && off + info.basicsize <= size.max(info.basicsize) {
                     return Some((info.clone(), off));
@@ -251,7 +237,7 @@ impl TypeReader {
         }
         for off in [0u64, 16, 32] {
             let Some(t) = word(head, off + 8) else { break };
-            if t == 0 || t % 8 != 0 || !plausible_refcnt(head, off) {
+            if t == 0 || t % 8 != 0 {
                 continue;
             }
             if let Some(info) = self.type_info(t) {
