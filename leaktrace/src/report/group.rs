@@ -244,10 +244,7 @@ pub(super) fn group<'a>(
         // Frames of an in-process sampler alone (captures written before the kernel said
         // which ids it cut) may stand for every sampled path under the Python stack: such a
         // site folds only into the one path through them.
-        let sampler_only = p
-            .native
-            .iter()
-            .all(|pc| sym.return_address(p.pid, *pc).in_sampler());
+        let sampler_only = sym.all_in_sampler(p.pid, &p.native);
         if sampler_only && paths_beginning(&paths, python, &p.native) != 1 {
             continue;
         }

@@ -15,6 +15,8 @@ use crate::stacks::native::NativeStack;
 
 /// What a cut site's copies showed so far.
 struct CutSite {
+    /// Its process.
+    pid: u32,
     /// The frames the kernel walked: what the site shows once its copies disagree.
     kernel: NativeStack,
     /// The first copy's `path_key`.
@@ -40,23 +42,27 @@ pub(super) enum CopyVerdict {
 pub(super) struct CutSites(HashMap<u64, CutSite>);
 
 impl CutSites {
-    /// Notes a cut site from its record: `kernel` holds the frames the kernel walked.
-    pub(super) fn note(&mut self, id: u64, kernel: NativeStack) {
+    /// Notes a cut site of process `pid` from its record: `kernel` holds the frames the kernel
+    /// walked.
+    pub(super) fn note(&mut self, id: u64, pid: u32, kernel: NativeStack) {
         self.0.entry(id).or_insert(CutSite {
+            pid,
             kernel,
             shown: None,
             mixed: false,
         });
     }
 
-    /// Judges a stack copy of site `id` whose path is `key` (`path_key`).
-    pub(super) fn copy(&mut self, id: u64, key: Vec<u64>) -> CopyVerdict {
+    /// Judges a stack copy of site `id`; `key` gives its path (`path_key`), asked for only
+    /// where there is something to compare.
+    pub(super) fn copy(&mut self, id: u64, key: impl FnOnce() -> Vec<u64>) -> CopyVerdict {
         let Some(cut) = self.0.get_mut(&id) else {
             return CopyVerdict::Show;
         };
         if cut.mixed {
             return CopyVerdict::StillMixed;
         }
+        let key = key();
         let Some(shown) = &cut.shown else {
             cut.shown = Some(key);
             return CopyVerdict::Show;
@@ -72,13 +78,21 @@ impl CutSites {
 }
 
 impl CutSites {
-    /// Site `id` allocated while its id was cut and the copy of that allocation was never sent
-    /// (`SITE_COPY_MISSED`): its paths cannot be told to be one. The kernel's frames to show
-    /// instead, the first time.
-    pub(super) fn missed(&mut self, id: u64) -> Option<NativeStack> {
-        let cut = self.0.get_mut(&id).filter(|c| !c.mixed)?;
-        cut.mixed = true;
-        Some(cut.kernel.clone())
+    /// The cut sites not yet known to mix paths that `missed` says could not send a copy of a
+    /// later allocation (`SITE_COPY_MISSED`): their paths cannot be told to be one. Each is
+    /// marked mixed, and given back with its process and the kernel's frames to show instead.
+    pub(super) fn take_missed(
+        &mut self,
+        missed: impl Fn(u64) -> bool,
+    ) -> Vec<(u64, u32, NativeStack)> {
+        self.0
+            .iter_mut()
+            .filter(|(id, c)| !c.mixed && missed(**id))
+            .map(|(id, c)| {
+                c.mixed = true;
+                (*id, c.pid, c.kernel.clone())
+            })
+            .collect()
     }
 }
 
@@ -124,21 +138,30 @@ mod tests {
     fn a_cut_site_shows_its_path_until_a_copy_shows_another() {
         let mut cut = CutSites::default();
         let kernel = stack(&[0x10], UnwindEnd::Unlearned);
-        cut.note(7, kernel.clone());
+        cut.note(7, 42, kernel.clone());
         let a = vec![0x10, 0x20, 0x30, 0x40];
-        assert_eq!(cut.copy(7, a.clone()), CopyVerdict::Show);
-        assert_eq!(cut.copy(7, a.clone()), CopyVerdict::Agrees);
-        assert_eq!(cut.copy(7, vec![0x10, 0x20]), CopyVerdict::Agrees);
+        assert_eq!(cut.copy(7, || a.clone()), CopyVerdict::Show);
+        assert_eq!(cut.copy(7, || a.clone()), CopyVerdict::Agrees);
+        assert_eq!(cut.copy(7, || vec![0x10, 0x20]), CopyVerdict::Agrees);
         let b = vec![0x10, 0x50, 0x30, 0x40];
-        assert_eq!(cut.copy(7, b.clone()), CopyVerdict::Mixed(kernel.clone()));
-        assert_eq!(cut.copy(7, a.clone()), CopyVerdict::StillMixed);
-        assert_eq!(cut.missed(7), None, "mixed already");
-        cut.note(9, kernel.clone());
-        assert_eq!(cut.missed(9), Some(kernel));
-        assert_eq!(cut.copy(9, vec![0x10]), CopyVerdict::StillMixed);
-        // A site whose id was whole: every copy is shown.
-        assert_eq!(cut.copy(8, b), CopyVerdict::Show);
-        assert_eq!(cut.copy(8, a), CopyVerdict::Show);
+        assert_eq!(
+            cut.copy(7, || b.clone()),
+            CopyVerdict::Mixed(kernel.clone())
+        );
+        assert_eq!(
+            cut.copy(7, || unreachable!("no path to compare")),
+            CopyVerdict::StillMixed
+        );
+        assert!(cut.take_missed(|_| true).is_empty(), "mixed already");
+        cut.note(9, 42, kernel.clone());
+        cut.note(10, 43, kernel.clone());
+        assert_eq!(cut.take_missed(|id| id == 9), vec![(9, 42, kernel.clone())]);
+        assert_eq!(cut.copy(9, || vec![0x10]), CopyVerdict::StillMixed);
+        assert_eq!(cut.copy(10, || vec![0x10]), CopyVerdict::Show);
+        // A site whose id was whole: every copy is shown, and no path is asked for.
+        let none = || unreachable!("not a cut site");
+        assert_eq!(cut.copy(8, none), CopyVerdict::Show);
+        assert_eq!(cut.copy(8, none), CopyVerdict::Show);
     }
 
     /// Interpreter frames between an extension and the eval loop (vectorcall plumbing, which

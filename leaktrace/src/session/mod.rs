@@ -44,7 +44,7 @@ use crate::process::Process;
 use crate::report::Report;
 use crate::stacks::native::{NativeStack, UnwindEnd, Unwinder};
 use crate::stacks::python::PythonProcess;
-use crate::stacks::symbolize::Symbolizer;
+use crate::stacks::symbolize::{FrameSource, Symbolizer};
 
 /// The result of a session.
 pub struct Outcome {
@@ -203,7 +203,7 @@ impl Session<'_> {
                 },
             };
             if cut {
-                self.cut.note(ev.site_id, stack.clone());
+                self.cut.note(ev.site_id, ev.tgid, stack.clone());
             }
             self.heap.set_native(&mut self.sym, ev.site_id, &stack);
         }
@@ -242,11 +242,14 @@ impl Session<'_> {
         // own frames says so (the report shows its Python stack alone).
         let interpreter = self.plan.python.as_ref().map(|p| p.module.as_str());
         let sym = &mut self.sym;
-        let key = cut::path_key(&stack, |pc| {
-            let module = sym.return_address(copy.tgid, pc).module;
-            interpreter.is_some() && module.as_deref() == interpreter
-        });
-        log::trace!("site {:#x}: path {key:x?}", copy.site_id);
+        let key = || {
+            let key = cut::path_key(&stack, |pc| {
+                let module = sym.return_address(copy.tgid, pc).module;
+                interpreter.is_some() && module.as_deref() == interpreter
+            });
+            log::trace!("site {:#x}: path {key:x?}", copy.site_id);
+            key
+        };
         match self.cut.copy(copy.site_id, key) {
             CopyVerdict::Show => self.heap.set_native(&mut self.sym, copy.site_id, &stack),
             CopyVerdict::Agrees | CopyVerdict::StillMixed => {}
@@ -262,10 +265,7 @@ impl Session<'_> {
     fn show_kernel_frames(&mut self, pid: u32, id: u64, kernel: &NativeStack) {
         let sampler_only = self.heap.func(id) == Some(AllocFn::UsdtAlloc)
             && !kernel.pcs.is_empty()
-            && kernel
-                .pcs
-                .iter()
-                .all(|pc| self.sym.return_address(pid, *pc).in_sampler());
+            && FrameSource::all_in_sampler(&mut self.sym, pid, &kernel.pcs);
         self.heap.set_native(&mut self.sym, id, kernel);
         if sampler_only {
             self.heap.mark_sampler_frames_only(id);
@@ -275,17 +275,13 @@ impl Session<'_> {
     /// Cut sites whose later allocation's copy could not be sent (`SITE_COPY_MISSED`, read
     /// with the counters) cannot be shown as one path.
     fn judge_missed_copies(&mut self) {
-        let missed: Vec<(u32, u64)> = self
-            .heap
-            .sites()
-            .filter(|s| s.stats.announced & SITE_COPY_MISSED != 0)
-            .map(|s| (s.pid, s.id))
-            .collect();
-        for (pid, id) in missed {
-            if let Some(kernel) = self.cut.missed(id) {
-                log::debug!("site {id:#x}: a copy of a later allocation was not sent");
-                self.show_kernel_frames(pid, id, &kernel);
-            }
+        let heap = &self.heap;
+        let missed = self
+            .cut
+            .take_missed(|id| heap.stats(id).announced & SITE_COPY_MISSED != 0);
+        for (id, pid, kernel) in missed {
+            log::debug!("site {id:#x}: a copy of a later allocation was not sent");
+            self.show_kernel_frames(pid, id, &kernel);
         }
     }
 

@@ -131,6 +131,13 @@ pub trait FrameSource {
     fn return_address(&mut self, pid: u32, addr: u64) -> Frame;
     /// Names a frame `return_address` gave: function, file and line.
     fn resolve(&mut self, pid: u32, frame: &mut Frame);
+
+    /// Whether every one of `pcs` (return addresses of process `pid`) is in an in-process
+    /// sampler's own code: a walk that saw only those frames says nothing of the program's path.
+    fn all_in_sampler(&mut self, pid: u32, pcs: &[u64]) -> bool {
+        pcs.iter()
+            .all(|pc| self.return_address(pid, *pc).in_sampler())
+    }
 }
 
 impl FrameSource for Symbolizer {

@@ -54,8 +54,9 @@ pub enum UnwindEnd {
     SamplerFramesOnly,
     /// Allocated before leaktrace had learned to unwind past the last frame the kernel walked:
     /// the site's id covers only those frames, so it stands for every call path through them
-    /// (under its Python stack) until their rows were learned, and its stack copies showed
-    /// different paths (or one could not be sent): none of them is shown.
+    /// (under its Python stack) until their rows were learned. Its first stack copy has not
+    /// come, or its copies showed different paths (or one could not be sent): no copy's path
+    /// is shown.
     Unlearned,
 }
 
@@ -96,9 +97,9 @@ impl UnwindEnd {
         )
     }
 
-    /// Whether the site holds blocks of several call paths that begin with its frames (its
-    /// kernel walk stopped before the id was complete, and its copies disagreed): it never
-    /// folds into a fuller site.
+    /// Whether the site may hold blocks of several call paths that begin with its frames (its
+    /// kernel walk stopped before the id was complete, and no copy showed it to be one path):
+    /// it never folds into a fuller site.
     pub fn shares_paths(self) -> bool {
         matches!(self, UnwindEnd::SamplerFramesOnly | UnwindEnd::Unlearned)
     }
