@@ -21,3 +21,15 @@ pub fn compile_c(source: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
     );
     (dir, exe)
 }
+
+/// Debian's python3.14 as `cargo xtask setup` unpacks it: stripped, LTO and PGO built, its debug
+/// file installed in its own tree. Missing, the test fails: setup was not run.
+pub fn debian_python314() -> PathBuf {
+    let p = PathBuf::from("/opt/leaktrace/python3.14/usr/bin/python3.14");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        p.display()
+    );
+    p
+}

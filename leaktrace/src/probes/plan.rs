@@ -9,7 +9,7 @@ pub use super::coverage::PythonCoverage;
 use super::placement::{choose, Placement};
 use super::redirect::{self, Redirect};
 use crate::error::{Error, Result};
-use crate::process::elf::{ElfFile, SymbolTable};
+use crate::process::elf::{ElfFile, FnSymbol, SymbolTable};
 use crate::process::maps::ModuleMap;
 use crate::process::python::{self, PythonInfo};
 
@@ -198,7 +198,7 @@ pub fn needs_raw_malloc(exe: &std::path::Path) -> bool {
     let impl_names: Vec<&str> = PY_IMPL_FNS.iter().map(|f| f.symbol()).collect();
     let has_impls = |e: &ElfFile| {
         e.functions(&impl_names)
-            .map(|f| f.len() == impl_names.len())
+            .map(|f| all_in_own_symtab(&f, impl_names.len()))
             .unwrap_or(false)
     };
     if elf.has_any_symbol(&["_PyRuntime", "Py_Initialize"])
@@ -210,6 +210,14 @@ pub fn needs_raw_malloc(exe: &std::path::Path) -> bool {
         Some(lib) => ElfFile::open(&lib).map(|l| !has_impls(&l)).unwrap_or(false),
         None => false,
     }
+}
+
+/// Whether all `n` of pymalloc's functions were found, in the binary's own `.symtab`. A stripped
+/// build's debug file names them too, but distributions build stripped interpreters with LTO,
+/// which copies pymalloc's fast path into its callers: probes on the functions would miss most
+/// calls while the coverage said complete.
+fn all_in_own_symtab(found: &HashMap<String, FnSymbol>, n: usize) -> bool {
+    found.len() == n && found.values().all(|f| f.table == SymbolTable::Symtab)
 }
 
 /// Builds the probe plan for process `pid` from its current mappings.
@@ -343,7 +351,7 @@ fn plan_python_calls(
 ) -> Result<()> {
     let elf = ElfFile::open(&py.host_path)?;
     let impls = elf.functions(&PY_IMPL_FNS.iter().map(|f| f.symbol()).collect::<Vec<_>>())?;
-    if impls.len() == PY_IMPL_FNS.len() {
+    if all_in_own_symtab(&impls, PY_IMPL_FNS.len()) {
         add_points(plan, &elf, &py.module, PY_IMPL_FNS)?;
         if redirect.is_some() {
             plan.notes.push(

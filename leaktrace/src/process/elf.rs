@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
+use super::debug_file::DebugFile;
 use crate::error::{Error, Result};
 
 /// Which table a symbol came from.
@@ -13,6 +14,10 @@ use crate::error::{Error, Result};
 pub enum SymbolTable {
     /// `.symtab`: the full table, local (static) functions included; stripped builds lack it.
     Symtab,
+    /// The `.symtab` of the binary's separate debug file (a stripped build whose debug package
+    /// is installed).
+    #[serde(rename = "debug_file")]
+    DebugFile,
     /// `.dynsym`: exported symbols only.
     Dynsym,
     /// Neither: a stripped interpreter's pymalloc function, named by its allocator table
@@ -26,6 +31,7 @@ impl SymbolTable {
     pub fn name(self) -> &'static str {
         match self {
             SymbolTable::Symtab => "symtab",
+            SymbolTable::DebugFile => "debug_file",
             SymbolTable::Dynsym => "dynsym",
             SymbolTable::AllocatorTable => "allocator_table",
         }
@@ -41,10 +47,12 @@ pub struct FnSymbol {
     pub table: SymbolTable,
 }
 
-/// An ELF file mapped into memory.
+/// An ELF file mapped into memory, with its separate debug file when it is stripped and one is
+/// installed.
 pub struct ElfFile {
     path: PathBuf,
     data: memmap2::Mmap,
+    debug: Option<DebugFile>,
 }
 
 impl ElfFile {
@@ -59,12 +67,41 @@ impl ElfFile {
         // mapped (SIGBUS on a read past its new end): package managers and linkers replace a
         // library by renaming a new file over it, which leaves this mapping on the old one.
         let data = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
-        let f = Self {
+        let mut f = Self {
             path: path.to_path_buf(),
             data,
+            debug: None,
         };
-        f.parse()?;
+        f.debug = DebugFile::find(path, &f.parse()?);
         Ok(f)
+    }
+
+    /// The separate debug file whose symbols this file's lookups include.
+    pub fn debug_file(&self) -> Option<&Path> {
+        self.debug.as_ref().map(|d| d.path.as_path())
+    }
+
+    /// Calls `f` on every symbol: `.symtab`, the debug file's `.symtab`, then `.dynsym`, until
+    /// it returns true.
+    fn each_symbol(&self, mut f: impl FnMut(SymbolTable, &object::Symbol<'_, '_>) -> bool) {
+        let Ok(obj) = self.parse() else { return };
+        for s in obj.symbols() {
+            if f(SymbolTable::Symtab, &s) {
+                return;
+            }
+        }
+        if let Some(dbg) = self.debug.as_ref().and_then(DebugFile::object) {
+            for s in dbg.symbols() {
+                if f(SymbolTable::DebugFile, &s) {
+                    return;
+                }
+            }
+        }
+        for s in obj.dynamic_symbols() {
+            if f(SymbolTable::Dynsym, &s) {
+                return;
+            }
+        }
     }
 
     /// The path it was read from.
@@ -79,24 +116,19 @@ impl ElfFile {
         })
     }
 
-    /// Looks up defined function symbols by name, preferring `.symtab` over `.dynsym`
-    /// (versioned dynamic names such as `malloc@@GLIBC_2.2.5` match `malloc`).
+    /// Looks up defined function symbols by name, preferring `.symtab` (the file's own, then its
+    /// debug file's) over `.dynsym` (versioned dynamic names such as `malloc@@GLIBC_2.2.5`
+    /// match `malloc`).
     pub fn functions(&self, names: &[&str]) -> Result<HashMap<String, FnSymbol>> {
-        let obj = self.parse()?;
+        self.parse()?;
         let mut found: HashMap<String, FnSymbol> = HashMap::new();
-        for (table, syms) in [
-            (SymbolTable::Symtab, obj.symbols()),
-            (SymbolTable::Dynsym, obj.dynamic_symbols()),
-        ] {
-            for sym in syms {
-                if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
-                    continue;
-                }
-                let Ok(raw) = sym.name() else { continue };
-                let name = raw.split('@').next().unwrap_or(raw);
-                if !names.contains(&name) || found.contains_key(name) {
-                    continue;
-                }
+        self.each_symbol(|table, sym| {
+            if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
+                return false;
+            }
+            let Ok(raw) = sym.name() else { return false };
+            let name = raw.split('@').next().unwrap_or(raw);
+            if names.contains(&name) && !found.contains_key(name) {
                 found.insert(
                     name.to_string(),
                     FnSymbol {
@@ -107,36 +139,32 @@ impl ElfFile {
                     },
                 );
             }
-        }
+            false
+        });
         Ok(found)
     }
 
-    /// Whether any symbol (of any kind, either table) has one of these names.
+    /// Whether any symbol (of any kind, any table) has one of these names.
     pub fn has_any_symbol(&self, names: &[&str]) -> bool {
-        let Ok(obj) = self.parse() else { return false };
-        obj.symbols()
-            .chain(obj.dynamic_symbols())
-            .any(|s| s.name().map(|n| names.contains(&n)).unwrap_or(false))
+        let mut any = false;
+        self.each_symbol(|_, s| {
+            any = s.name().map(|n| names.contains(&n)).unwrap_or(false);
+            any
+        });
+        any
     }
 
-    /// The link-time address of a data symbol (e.g. `_PyRuntime`), from either table.
+    /// The link-time address of a data symbol (e.g. `_PyRuntime`), from any table.
     pub fn data_symbol(&self, name: &str) -> Option<u64> {
-        let obj = self.parse().ok()?;
-        obj.symbols()
-            .chain(obj.dynamic_symbols())
-            .find(|s| s.name() == Ok(name) && !s.is_undefined() && s.address() != 0)
-            .map(|s| s.address())
+        self.data_symbols(&[name])[0]
     }
 
     /// The addresses of several data symbols, in one pass over the symbol tables.
     pub fn data_symbols(&self, names: &[&str]) -> Vec<Option<u64>> {
         let mut out = vec![None; names.len()];
-        let Ok(obj) = self.parse() else {
-            return out;
-        };
-        for s in obj.symbols().chain(obj.dynamic_symbols()) {
+        self.each_symbol(|_, s| {
             if s.is_undefined() || s.address() == 0 {
-                continue;
+                return false;
             }
             if let Some(i) = s
                 .name()
@@ -145,7 +173,8 @@ impl ElfFile {
             {
                 out[i].get_or_insert(s.address());
             }
-        }
+            false
+        });
         out
     }
 
@@ -157,12 +186,14 @@ impl ElfFile {
 
     /// The bytes of a data object named `name` (e.g. `_Py_Version`), from the file image.
     pub fn object_bytes(&self, name: &str, len: u64) -> Option<Vec<u8>> {
-        let obj = self.parse().ok()?;
-        let sym = obj
-            .symbols()
-            .chain(obj.dynamic_symbols())
-            .find(|s| s.name() == Ok(name) && !s.is_undefined())?;
-        self.bytes_at(sym.address(), len)
+        let mut at = None;
+        self.each_symbol(|_, s| {
+            if s.name() == Ok(name) && !s.is_undefined() {
+                at = Some(s.address());
+            }
+            at.is_some()
+        });
+        self.bytes_at(at?, len)
     }
 
     /// `len` bytes at virtual address `vaddr`, if a section with file data holds them.

@@ -1,6 +1,7 @@
 //! The traced process: its existence, its mappings, and which of its files hold the allocators.
 
 pub mod death;
+pub mod debug_file;
 pub mod elf;
 pub mod freeze;
 pub mod malloc_heap;

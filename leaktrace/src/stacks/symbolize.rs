@@ -5,12 +5,14 @@
 //! functions: the files outlive the process.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
 use serde::{Deserialize, Serialize};
 
+use crate::process::debug_file::debug_dirs;
 use crate::process::maps::{host_path, Mapping, ModuleMap};
 use crate::process::Process;
 
@@ -24,7 +26,7 @@ pub struct Frame {
     pub module: Option<Arc<str>>,
     pub file_offset: Option<u64>,
     pub function: Option<Arc<str>>,
-    /// Offset of `address` from the start of `function`.
+    /// Offset of `address` from the start of `function`; 0 when not known.
     pub function_offset: u64,
     pub file: Option<Arc<str>>,
     pub line: Option<u32>,
@@ -104,6 +106,7 @@ impl Frame {
     /// `leak_malloc+0x1f (leaky.c:12) in leaky.so`, or `0x7f…` when nothing is known.
     pub fn display(&self) -> String {
         let mut s = match &self.function {
+            Some(f) if self.function_offset == 0 => f.to_string(),
             Some(f) => format!("{f}+{:#x}", self.function_offset),
             None => match self.file_offset {
                 Some(off) => format!("{:#x}", off),
@@ -149,6 +152,9 @@ impl FrameSource for Symbolizer {
     }
 }
 
+/// blazesym's own default debug directories, kept when more are added.
+const DEFAULT_DEBUG_DIRS: &[&str] = &["/usr/lib/debug", "/lib/debug"];
+
 /// Symbolizes addresses of traced processes, caching mappings and results.
 pub struct Symbolizer {
     blazesym: Blazesym,
@@ -158,7 +164,10 @@ pub struct Symbolizer {
     /// (module, file offset) → symbolized frame.
     resolved: HashMap<(Arc<str>, u64), Frame>,
     /// (pid, module) → the path it opens as (`host_path` reads the process's maps).
-    hosts: HashMap<(u32, String), std::path::PathBuf>,
+    hosts: HashMap<(u32, String), PathBuf>,
+    /// Where blazesym looks for stripped files' debug files: the host's, and each install tree's
+    /// met so far (`debug_file::debug_dirs`).
+    debug_dirs: Vec<PathBuf>,
 }
 
 impl Default for Symbolizer {
@@ -176,6 +185,23 @@ impl Symbolizer {
             cache: HashMap::new(),
             resolved: HashMap::new(),
             hosts: HashMap::new(),
+            debug_dirs: DEFAULT_DEBUG_DIRS.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    /// Adds the debug directories of the install tree `host` belongs to; blazesym is built anew
+    /// when one is new (its debug directories are fixed when it is built).
+    fn learn_debug_dirs(&mut self, host: &Path) {
+        let before = self.debug_dirs.len();
+        for d in debug_dirs(host) {
+            if !self.debug_dirs.contains(&d) {
+                self.debug_dirs.insert(0, d);
+            }
+        }
+        if self.debug_dirs.len() != before {
+            self.blazesym = Blazesym::builder()
+                .set_debug_dirs(Some(&self.debug_dirs))
+                .build();
         }
     }
 
@@ -252,14 +278,19 @@ impl Symbolizer {
     }
 
     fn symbolize_into(&mut self, frame: &mut Frame, pid: u32, path: &str, lookup: u64) {
-        let host = self
-            .hosts
-            .entry((pid, path.to_string()))
-            .or_insert_with(|| match self.modules.get(&pid) {
-                Some(mm) => mm.host_path(pid, path),
-                None => host_path(pid, path),
-            })
-            .clone();
+        let key = (pid, path.to_string());
+        let host = match self.hosts.get(&key) {
+            Some(h) => h.clone(),
+            None => {
+                let h = match self.modules.get(&pid) {
+                    Some(mm) => mm.host_path(pid, path),
+                    None => host_path(pid, path),
+                };
+                self.learn_debug_dirs(&h);
+                self.hosts.insert(key, h.clone());
+                h
+            }
+        };
         let src = Source::Elf(Elf::new(host));
         let Ok(syms) = self.blazesym.symbolize(&src, Input::FileOffset(&[lookup])) else {
             return;
@@ -268,7 +299,14 @@ impl Symbolizer {
             return;
         };
         frame.function = Some(Arc::from(&*sym.name));
-        frame.function_offset = sym.offset as u64 + 1;
+        // blazesym gives a function whose code lies in several ranges (split into hot and
+        // `.cold` parts, as distributions' LTO builds do) start address 0, and so an offset that
+        // is the address itself: that offset is not known.
+        frame.function_offset = if sym.addr == 0 {
+            0
+        } else {
+            sym.offset as u64 + 1
+        };
         // The line is where the code is: in the innermost inlined function when there is one
         // (blazesym gives `sym.code_info` as the outer function's call into the inlined chain,
         // and each inlined function's own location in its entry), so it goes with the name the
