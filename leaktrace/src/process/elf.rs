@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
@@ -52,7 +53,8 @@ pub struct FnSymbol {
 pub struct ElfFile {
     path: PathBuf,
     data: memmap2::Mmap,
-    debug: Option<DebugFile>,
+    /// Looked for at the first symbol lookup: most opens only read sections or notes.
+    debug: OnceLock<Option<DebugFile>>,
 }
 
 impl ElfFile {
@@ -67,18 +69,13 @@ impl ElfFile {
         // mapped (SIGBUS on a read past its new end): package managers and linkers replace a
         // library by renaming a new file over it, which leaves this mapping on the old one.
         let data = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
-        let mut f = Self {
+        let f = Self {
             path: path.to_path_buf(),
             data,
-            debug: None,
+            debug: OnceLock::new(),
         };
-        f.debug = DebugFile::find(path, &f.parse()?);
+        f.parse()?;
         Ok(f)
-    }
-
-    /// The separate debug file whose symbols this file's lookups include.
-    pub fn debug_file(&self) -> Option<&Path> {
-        self.debug.as_ref().map(|d| d.path.as_path())
     }
 
     /// Calls `f` on every symbol: `.symtab`, the debug file's `.symtab`, then `.dynsym`, until
@@ -90,7 +87,8 @@ impl ElfFile {
                 return;
             }
         }
-        if let Some(dbg) = self.debug.as_ref().and_then(DebugFile::object) {
+        let debug = self.debug.get_or_init(|| DebugFile::find(&self.path, &obj));
+        if let Some(dbg) = debug.as_ref().and_then(DebugFile::object) {
             for s in dbg.symbols() {
                 if f(SymbolTable::DebugFile, &s) {
                     return;

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use gimli::{
-    BaseAddresses, CfaRule, DebugFrame, EhFrame, EhFrameHdr, LittleEndian, RegisterRule,
-    UnwindContext, UnwindSection, UnwindTableRow, X86_64,
+    BaseAddresses, CfaRule, DebugFrame, EhFrame, EhFrameHdr, EndianSlice, LittleEndian,
+    ParsedEhFrameHdr, RegisterRule, UnwindContext, UnwindSection, UnwindTableRow, X86_64,
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
 use leaktrace_ebpf::{UnwindRow, CFA_BP, CFA_SP};
@@ -98,7 +98,6 @@ impl ModuleCfi {
         }
         // Without a full symbol table, a split-off part of the loop has no name to be found by.
         let unnamed = obj.section_by_name(".symtab").is_none() && debug.is_none();
-        drop(debug_obj);
         let mut cfi = Self {
             eh_frame,
             eh_frame_hdr,
@@ -168,15 +167,10 @@ impl ModuleCfi {
 
     /// The address range of the `.eh_frame` FDE that covers `svma`.
     fn fde_range(&self, svma: u64) -> Option<(u64, u64)> {
-        let eh = self.eh_frame.as_ref()?;
-        let hdr = self.eh_frame_hdr.as_ref()?;
         let bases = self.bases();
-        let mut frame = EhFrame::new(&eh.bytes, LittleEndian);
-        frame.set_address_size(8);
-        let parsed = EhFrameHdr::new(&hdr.bytes, LittleEndian)
-            .parse(&bases, 8)
-            .ok()?;
-        let fde = parsed
+        let frame = self.eh_frame()?;
+        let fde = self
+            .eh_frame_hdr(&bases)?
             .table()?
             .fde_for_address(&frame, &bases, svma, EhFrame::cie_from_offset)
             .ok()?;
@@ -206,6 +200,25 @@ impl ModuleCfi {
         l
     }
 
+    /// `.eh_frame`, ready to read (64-bit addresses).
+    fn eh_frame(&self) -> Option<EhFrame<EndianSlice<'_, LittleEndian>>> {
+        let eh = self.eh_frame.as_ref()?;
+        let mut frame = EhFrame::new(&eh.bytes, LittleEndian);
+        frame.set_address_size(8);
+        Some(frame)
+    }
+
+    /// `.eh_frame_hdr`, parsed: its binary-search table of FDEs.
+    fn eh_frame_hdr(
+        &self,
+        bases: &BaseAddresses,
+    ) -> Option<ParsedEhFrameHdr<EndianSlice<'_, LittleEndian>>> {
+        let hdr = self.eh_frame_hdr.as_ref()?;
+        EhFrameHdr::new(&hdr.bytes, LittleEndian)
+            .parse(bases, 8)
+            .ok()
+    }
+
     fn bases(&self) -> BaseAddresses {
         let mut b = BaseAddresses::default()
             .set_text(self.text_svma)
@@ -222,13 +235,8 @@ impl ModuleCfi {
     fn find(&self, svma: u64) -> Lookup {
         let bases = self.bases();
         let mut ctx = Box::new(UnwindContext::new());
-        if let Some(eh) = &self.eh_frame {
-            let mut frame = EhFrame::new(&eh.bytes, LittleEndian);
-            frame.set_address_size(8);
-            let via_table = self.eh_frame_hdr.as_ref().and_then(|hdr| {
-                let parsed = EhFrameHdr::new(&hdr.bytes, LittleEndian)
-                    .parse(&bases, 8)
-                    .ok()?;
+        if let Some(frame) = self.eh_frame() {
+            let via_table = self.eh_frame_hdr(&bases).and_then(|parsed| {
                 let table = parsed.table()?;
                 Some(
                     table
