@@ -75,7 +75,8 @@ fn run_passes_sigterm_on_and_traces_the_child_to_its_end() {
     let (mut lt, json, _s) = run_signal_script(dir.path(), "1");
     kill(lt.id(), libc::SIGTERM);
     let status = lt.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
+    // leaktrace ends with the program's own status.
+    assert_eq!(status.code(), Some(3));
     // The child's own handler and atexit ran: it ended the way it chose to.
     assert_eq!(log_of(dir.path()), "handler SIGTERM\natexit\n");
     let r = report_of(&json);
@@ -86,6 +87,25 @@ fn run_passes_sigterm_on_and_traces_the_child_to_its_end() {
         "{}",
         r["notes"]
     );
+}
+
+/// `run` ends with its program's status once the report is out — a code as it is, a fatal
+/// signal as 128 + its number, as a shell gives it — so that `leaktrace run -- pytest` fails a
+/// CI job when the tests fail.
+#[test]
+fn run_ends_with_the_programs_status() {
+    let _g = serial();
+    let py = pyenv_python();
+    let py = py.to_str().unwrap();
+    let r = leaktrace(&["run", "--", py, "-c", "import sys; sys.exit(7)"]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    assert!(r.stdout.contains("leaktrace report"), "{}", r.stdout);
+    let end = &r.json.as_ref().unwrap()["target"]["end"];
+    assert!(end.as_str().unwrap().contains("exited with code 7"), "{end}");
+    let r = leaktrace(&["run", "--", py, "-c", "import os; os.abort()"]);
+    assert_eq!(r.code, 128 + libc::SIGABRT, "{}", r.stderr);
+    let end = &r.json.as_ref().unwrap()["target"]["end"];
+    assert!(end.as_str().unwrap().contains("SIGABRT"), "{end}");
 }
 
 #[test]

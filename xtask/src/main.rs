@@ -52,8 +52,10 @@ enum Cmd {
         quick: bool,
         /// Run only the parts whose name contains TEXT: a workload's script name
         /// (`numpy_leak`), `tracemalloc`, `scale`, `real-leaks`, `pytest-plugin`, `sampling-cost`
-        /// (sampled mode's paired ratios), `preload-cycles`, `snapshot` or `fixed-cost`
-        /// (`snapshot`, `fixed-cost` and `sampling-cost` take `LEAKTRACE_COMPARE=BIN`: another
+        /// (sampled mode's paired ratios), `preload-cycles`, `snapshot`, `fixed-cost` or
+        /// `interpreters` (the default `run` on each interpreter the tests use)
+        /// (`snapshot`, `fixed-cost`, `interpreters` and `sampling-cost` take
+        /// `LEAKTRACE_COMPARE=BIN`: another
         /// build's rows beside this one's); `soak` (30 minutes
         /// of `attach --mode sampled`; `LEAKTRACE_SOAK_MINUTES` sets the length) runs only when
         /// named.

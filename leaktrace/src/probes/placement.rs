@@ -1,16 +1,19 @@
 //! Where inside an allocator function to put its probe.
 //!
 //! A uprobe replaces one instruction with `int3`. After the handler runs, the kernel must execute
-//! the displaced instruction: a few it *emulates* (x86 `push reg`, `nop`, relative jumps and
-//! calls — `arch/x86/kernel/uprobes.c`), everything else it *single-steps* out of line, which
-//! costs a second trap. Measured here: libc `free`+0 (`test`, single-stepped) ≈17 µs per hit,
-//! `free`+9 (`push`, emulated) ≈0.5 µs. So the probe goes on the first emulated instruction that
-//! every call still passes through with the argument registers and the return address intact:
+//! the displaced instruction: a few it *emulates* (x86 `push reg`, `nop`, and relative jumps,
+//! conditional jumps and calls — `arch/x86/kernel/uprobes.c`, `branch_setup_xol_ops`), everything
+//! else it *single-steps* out of line, which costs a second trap. Measured here: libc `free`+0
+//! (`test`, single-stepped) ≈17 µs per hit, `free`+9 (`push`, emulated) ≈0.5 µs. So the probe
+//! goes on the first emulated instruction that every call still passes through with the argument
+//! registers and the return address intact:
 //! - the instructions skipped may not write an argument register the probe reads, nor `rsp`, nor
 //!   memory through `rsp` (the return probe hijacks the return address at `[rsp]`, and the
 //!   entry probe reads the caller from there);
 //! - no branch may be skipped — except a free's own `test ptr,ptr; je`, since free(NULL) frees
-//!   nothing;
+//!   nothing. A branch may be the probe point itself: the handler runs before it is taken, and
+//!   glibc 2.42's `malloc` and `free` begin with `test rdi,rdi` and a conditional jump, with no
+//!   `push` before their first branch;
 //! - no branch in the function may land inside the skipped range or on the probe, or the probe
 //!   would fire twice (or never) for one call.
 //!
@@ -54,12 +57,16 @@ fn arg_count(shape: Shape) -> usize {
 }
 
 /// Whether the kernel emulates the instruction starting at `code` instead of single-stepping it.
+/// Branches count only without prefixes: the kernel refuses the operand-size override (`0x66`),
+/// and a byte match cannot tell the others apart from the start of another instruction.
 pub fn is_emulated(code: &[u8]) -> bool {
     match code {
         // push r64, and push r8–r15 with a bare REX.B prefix.
         [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..] => true,
         // nop
         [0x90, ..] => true,
+        // jcc rel8, call rel32, jmp rel32, jmp rel8, and jcc rel32.
+        [0x70..=0x7f, ..] | [0xe8 | 0xe9 | 0xeb, ..] | [0x0f, 0x80..=0x8f, ..] => true,
         _ => false,
     }
 }
@@ -88,7 +95,8 @@ pub fn choose(code: &[u8], ip: u64, func: AllocFn) -> Placement {
 }
 
 /// Walks the first instructions; returns the offset of the first emulated one reachable under
-/// the rules in the module docs.
+/// the rules in the module docs. A free's NULL check is passed over when a later point qualifies,
+/// so that free(NULL) does not trap; otherwise its (emulated) jump is the point.
 fn scan(code: &[u8], ip: u64, func: AllocFn) -> Option<u64> {
     let first = func.first_arg();
     let needed = &ARG_REGS[first..first + arg_count(func.shape())];
@@ -97,50 +105,57 @@ fn scan(code: &[u8], ip: u64, func: AllocFn) -> Option<u64> {
     let mut decoder = Decoder::with_ip(64, window, ip, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
     let mut prev: Option<Instruction> = None;
+    let mut null_check: Option<u64> = None;
     let mut instr = Instruction::default();
     while decoder.can_decode() {
         decoder.decode_out(&mut instr);
         if instr.is_invalid() {
-            return None;
+            return null_check;
         }
         let offset = instr.ip() - ip;
-        if is_emulated(&code[offset as usize..]) {
+        let skips_null = func.null_is_noop()
+            && instr.flow_control() == FlowControl::ConditionalBranch
+            && matches!(instr.mnemonic(), Mnemonic::Je)
+            && prev.is_some_and(|p| tests_register(&p, ptr_reg));
+        if skips_null {
+            if is_emulated(&code[offset as usize..]) {
+                null_check.get_or_insert(offset);
+            }
+        } else if is_emulated(&code[offset as usize..]) {
             return Some(offset);
+        } else if instr.flow_control() != FlowControl::Next {
+            return null_check;
         }
-        match instr.flow_control() {
-            FlowControl::Next => {}
-            FlowControl::ConditionalBranch
-                if func.null_is_noop()
-                    && matches!(instr.mnemonic(), Mnemonic::Je)
-                    && prev.is_some_and(|p| tests_register(&p, ptr_reg)) => {}
-            _ => return None,
-        }
-        let used = info.info(&instr);
-        for r in used.used_registers() {
-            let writes = !matches!(
-                r.access(),
-                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None
-            );
-            let full = r.register().full_register();
-            if writes && (full == Register::RSP || needed.contains(&full)) {
-                return None;
-            }
-        }
-        for m in used.used_memory() {
-            let writes = matches!(
-                m.access(),
-                OpAccess::Write
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadWrite
-                    | OpAccess::ReadCondWrite
-            );
-            if writes && m.base().full_register() == Register::RSP {
-                return None;
-            }
+        if writes_guarded_state(&mut info, &instr, needed) {
+            return null_check;
         }
         prev = Some(instr);
     }
-    None
+    null_check
+}
+
+/// Whether `instr` writes an argument register in `needed`, `rsp`, or memory through `rsp`.
+fn writes_guarded_state(
+    info: &mut InstructionInfoFactory,
+    instr: &Instruction,
+    needed: &[Register],
+) -> bool {
+    let used = info.info(instr);
+    let reg_write = used.used_registers().iter().any(|r| {
+        let writes = !matches!(
+            r.access(),
+            OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None
+        );
+        let full = r.register().full_register();
+        writes && (full == Register::RSP || needed.contains(&full))
+    });
+    let stack_write = used.used_memory().iter().any(|m| {
+        matches!(
+            m.access(),
+            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+        ) && m.base().full_register() == Register::RSP
+    });
+    reg_write || stack_write
 }
 
 fn tests_register(i: &Instruction, reg: Register) -> bool {
@@ -234,10 +249,37 @@ mod tests {
         // test %rdi,%rdi; je +0x10; push %rbp
         let code = [0x48, 0x85, 0xff, 0x74, 0x10, 0x55];
         assert_eq!(choose(&code, 0x1000, AllocFn::Free).offset, 5);
-        assert_eq!(choose(&code, 0x1000, AllocFn::Malloc).offset, 0);
-        // A je after a test of another register is a real branch.
+        // For malloc the je is a real branch: the probe goes on it (emulated), not past it.
+        let malloc = choose(&code, 0x1000, AllocFn::Malloc);
+        assert_eq!((malloc.offset, malloc.emulated), (3, true));
+        // A je after a test of another register is a real branch, for free too.
         let other = [0x48, 0x85, 0xf6, 0x74, 0x10, 0x55];
-        assert_eq!(choose(&other, 0x1000, AllocFn::Free).offset, 0);
+        assert_eq!(choose(&other, 0x1000, AllocFn::Free).offset, 3);
+    }
+
+    #[test]
+    fn a_null_check_with_nothing_cheaper_after_it_is_the_point() {
+        // test %rdi,%rdi; je +0x10; mov %rdi,%rax; ret
+        let code = [0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x89, 0xf8, 0xc3];
+        let p = choose(&code, 0x1000, AllocFn::Free);
+        assert_eq!((p.offset, p.emulated), (3, true));
+    }
+
+    #[test]
+    fn glibc_2_42_entries_are_probed_on_their_first_jump() {
+        // malloc: test %rdi,%rdi; js +0x50; lea 0x17(%rdi),%rax
+        let malloc = [0x48, 0x85, 0xff, 0x78, 0x50, 0x48, 0x8d, 0x47, 0x17];
+        let p = choose(&malloc, 0x1000, AllocFn::Malloc);
+        assert_eq!((p.offset, p.emulated), (3, true));
+        // free: test %rdi,%rdi; je rel32; test $0xf,%dil; jne rel32 — past the NULL check.
+        let free = [
+            0x48, 0x85, 0xff, 0x0f, 0x84, 0xe7, 0, 0, 0, 0x40, 0xf6, 0xc7, 0x0f, 0x0f, 0x85, 0xcd,
+            0, 0, 0,
+        ];
+        let p = choose(&free, 0x1000, AllocFn::Free);
+        assert_eq!((p.offset, p.emulated), (13, true));
+        // A prefixed branch is single-stepped by the kernel: not a point.
+        assert!(!is_emulated(&[0x66, 0xe9, 0, 0]));
     }
 
     #[test]
@@ -279,6 +321,26 @@ mod tests {
         assert!(free.offset > 0);
         let malloc = place(&elf, AllocFn::Malloc).unwrap();
         assert!(malloc.emulated, "{malloc:?}");
+    }
+
+    /// Debian sid's glibc 2.42 (the libc `cargo xtask setup` unpacks beside its python3.14):
+    /// `malloc` and `free` open with a test and a conditional jump and no `push` before it, which
+    /// left every probe single-stepped at +0 before jumps counted as points.
+    #[test]
+    fn glibc_2_42_placements() {
+        let py = crate::test_support::debian_python314();
+        let libc = py.ancestors().nth(3).unwrap().join("usr/lib/x86_64-linux-gnu/libc.so.6");
+        let elf = ElfFile::open(&libc).unwrap();
+        for f in [
+            AllocFn::Malloc,
+            AllocFn::Calloc,
+            AllocFn::Realloc,
+            AllocFn::Free,
+        ] {
+            let p = place(&elf, f).expect("libc exports it");
+            assert!(p.emulated, "{f:?}: {p:?}");
+        }
+        assert!(place(&elf, AllocFn::Free).unwrap().offset > 3, "past free's NULL check");
     }
 
     /// pyenv's 3.11 libpython keeps `.symtab`: `_PyObject_Malloc` starts with `lea` and

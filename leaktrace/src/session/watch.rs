@@ -75,10 +75,12 @@ impl Ending {
     fn target_exited(waited: Option<ExitKind>) -> Self {
         Ending {
             why: waited.map_or("exited during tracing".into(), |k| k.to_string()),
-            exit_code: if waited.is_some() {
-                0
-            } else {
-                EXIT_TARGET_EXITED_DURING_TRACE
+            // `run` ends with its program's status, as `strace`, `valgrind` and `timeout` do:
+            // `leaktrace run -- pytest` in CI must fail when the tests fail.
+            exit_code: match waited {
+                Some(ExitKind::Code(c)) => c,
+                Some(ExitKind::Signal(s)) => 128 + s,
+                None => EXIT_TARGET_EXITED_DURING_TRACE,
             },
             died: Some(waited),
         }

@@ -10,6 +10,7 @@
 mod accuracy;
 mod cycles;
 mod fixed;
+mod interpreters;
 mod plugin;
 mod real;
 mod sampling;
@@ -208,6 +209,9 @@ pub fn bench(leaktrace: &Path, quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("fixed-cost") {
         fixed::fixed_cost(leaktrace, &python, reps, &scratch)?;
+    }
+    if wanted("interpreters") {
+        interpreters::run(leaktrace, &ext, reps, quick, &scratch)?;
     }
     if wanted("pytest-plugin") {
         plugin::run_plugin(leaktrace, &python, &ext, reps, &scratch)?;
