@@ -101,7 +101,10 @@ fn run_ends_with_the_programs_status() {
     assert_eq!(r.code, 7, "{}", r.stderr);
     assert!(r.stdout.contains("leaktrace report"), "{}", r.stdout);
     let end = &r.json.as_ref().unwrap()["target"]["end"];
-    assert!(end.as_str().unwrap().contains("exited with code 7"), "{end}");
+    assert!(
+        end.as_str().unwrap().contains("exited with code 7"),
+        "{end}"
+    );
     let r = leaktrace(&["run", "--", py, "-c", "import os; os.abort()"]);
     assert_eq!(r.code, 128 + libc::SIGABRT, "{}", r.stderr);
     let end = &r.json.as_ref().unwrap()["target"]["end"];

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use common::*;
 use serde_json::Value;
 
-/// Every interpreter of tests/fixtures/pythons.txt: 3.11 to 3.14, with symbols, stripped and
+/// Every interpreter of tests/fixtures/pythons.txt: 3.11 to 3.15, with symbols, stripped and
 /// debug builds.
 fn interpreters() -> Vec<PathBuf> {
     pythons().into_iter().map(|p| p.path).collect()
@@ -233,7 +233,7 @@ fn tracemalloc_truth(python: &std::path::Path) -> HashMap<String, u64> {
 
 /// The per-line bytes tracemalloc (inside the target) reports still allocated at the end,
 /// against leaktrace's Python-allocator bytes for the same innermost lines, in the same run.
-/// On every interpreter with a symbol table (3.11–3.13, and 3.14's debug build).
+/// On every interpreter with a symbol table (3.11–3.13, and the debug builds of 3.14 and 3.15).
 #[test]
 fn python_allocator_bytes_per_line_match_tracemalloc() {
     let out = tempfile::NamedTempFile::new().unwrap().into_temp_path();

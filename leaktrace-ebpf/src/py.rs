@@ -5,7 +5,7 @@
 pub const MAX_PY_FRAMES: usize = 128;
 
 /// Bytes of a `_PyInterpreterFrame` read in one go: every field the walk needs lies within them
-/// on 3.11–3.14 (x86_64).
+/// on 3.11–3.15 (x86_64).
 pub const PY_FRAME_READ: usize = 80;
 
 /// How a site's Python stack was obtained (`NewSiteEvent::py_status`).

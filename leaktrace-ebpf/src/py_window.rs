@@ -19,7 +19,8 @@ use crate::read_user_u64;
 pub(crate) const PY_WINDOW: usize = 2048;
 
 /// Bytes of a `PyThreadState` read at once: `native_thread_id`, `cframe` and `current_frame`
-/// all lie below 0xb0 in 3.11 to 3.14, and the struct is larger than this in every version.
+/// all lie below 0xc0 in 3.11 to 3.15 (3.15 moved `native_thread_id` to 0xb8), and the struct is
+/// larger than this in every version.
 pub(crate) const TS_READ: usize = 256;
 
 const PAGE: u64 = 4096;

@@ -25,7 +25,14 @@ pub fn compile_c(source: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
 /// Debian's python3.14 as `cargo xtask setup` unpacks it: stripped, LTO and PGO built, its debug
 /// file installed in its own tree. Missing, the test fails: setup was not run.
 pub fn debian_python314() -> PathBuf {
-    let p = PathBuf::from("/opt/leaktrace/python3.14/usr/bin/python3.14");
+    debian_python("3.14")
+}
+
+/// Debian sid's release build of `version` (3.14 or 3.15) as `cargo xtask setup` unpacks it.
+pub fn debian_python(version: &str) -> PathBuf {
+    let p = PathBuf::from(format!(
+        "/opt/leaktrace/python{version}/usr/bin/python{version}"
+    ));
     assert!(
         p.exists(),
         "{} is missing: run `cargo xtask setup`",

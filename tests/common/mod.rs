@@ -112,7 +112,7 @@ pub fn pythons() -> Vec<Python> {
     v
 }
 
-/// The interpreters with a symbol table: pyenv's 3.11–3.13 and Debian's debug 3.14.
+/// The interpreters with a symbol table: pyenv's 3.11–3.13 and Debian's debug 3.14 and 3.15.
 pub fn pythons_with_symbols() -> Vec<PathBuf> {
     pythons()
         .into_iter()

@@ -1,14 +1,14 @@
 //! The CPython interpreters the tests run on (`tests/fixtures/pythons.txt`, shared with the
 //! tests), and the installation of those the machine image lacks.
 //!
-//! CPython 3.14 comes from Debian sid's binary packages: this machine reaches Debian's archive
-//! but not python.org, and sid's source packages are not served here (tried: `apt-get source`
-//! and the pool's `.orig.tar.xz` both answer 404). sid's interpreter needs glibc 2.38 and bookworm
-//! has 2.36, so sid's libc6 and the libraries the interpreter and its extension modules load are
-//! unpacked beside it, and every ELF file there is pointed at them (`patchelf`: the program
-//! interpreter and the run path). The process is then a real Debian 3.14 build, with sid's libc:
-//! leaktrace probes whichever libc the target maps. No free-threaded (3.14t) build is packaged
-//! by Debian, and none can be built without CPython's source.
+//! CPython 3.14 and 3.15 come from Debian sid's binary packages: this machine reaches Debian's
+//! archive but not python.org, and sid's source packages are not served here (tried: `apt-get
+//! source` and the pool's `.orig.tar.xz` both answer 404). sid's interpreters need glibc 2.38 and
+//! bookworm has 2.36, so sid's libc6 and the libraries the interpreter and its extension modules
+//! load are unpacked beside each, and every ELF file there is pointed at them (`patchelf`: the
+//! program interpreter and the run path). The process is then a real Debian build, with sid's
+//! libc: leaktrace probes whichever libc the target maps. No free-threaded (3.14t) build is
+//! packaged by Debian, and none can be built without CPython's source.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,21 +20,25 @@ use crate::run;
 /// The shared list: `VERSION  BUILD  PATH` lines.
 const LIST: &str = include_str!("../../tests/fixtures/pythons.txt");
 
-/// Where sid's 3.14 and its libraries are unpacked.
-const SID_ROOT: &str = "/opt/leaktrace/python3.14";
+/// Where sid's interpreters and their libraries are unpacked: one root per version.
+const SID_ROOTS: &str = "/opt/leaktrace/python";
 
-/// sid's packages unpacked there: the interpreter (release and debug builds), its headers, and
-/// the libraries it and its extension modules need at a version bookworm lacks.
+/// The versions taken from sid.
+const SID_VERSIONS: &[&str] = &["3.14", "3.15"];
+
+/// sid's packages unpacked with each version (`{v}` is the version): the interpreter (release
+/// and debug builds), its headers, and the libraries it and its extension modules need at a
+/// version bookworm lacks.
 const SID_PACKAGES: &[&str] = &[
-    "python3.14-minimal",
-    "libpython3.14-minimal",
-    "libpython3.14-stdlib",
-    "python3.14",
-    "libpython3.14",
-    "python3.14-dev",
-    "libpython3.14-dev",
-    "python3.14-dbg",
-    "libpython3.14-dbg",
+    "python{v}-minimal",
+    "libpython{v}-minimal",
+    "libpython{v}-stdlib",
+    "python{v}",
+    "libpython{v}",
+    "python{v}-dev",
+    "libpython{v}-dev",
+    "python{v}-dbg",
+    "libpython{v}-dbg",
     "libc6",
     "libgcc-s1",
     "libssl3t64",
@@ -54,6 +58,11 @@ const SID_PACKAGES: &[&str] = &[
     "libb2-1",
     "libgomp1",
 ];
+
+/// The root sid's `version` is unpacked under.
+fn sid_root(version: &str) -> PathBuf {
+    PathBuf::from(format!("{SID_ROOTS}{version}"))
+}
 
 /// One interpreter of the list.
 pub struct Python {
@@ -141,15 +150,18 @@ pub fn print() -> Result<()> {
 }
 
 /// Provides every listed interpreter: pyenv's and Debian's come with the machine image (a clear
-/// error if not), 3.14 is unpacked from sid once and kept outside the work tree.
+/// error if not), 3.14 and 3.15 are unpacked from sid once and kept outside the work tree.
 pub fn ensure() -> Result<()> {
     let skip = skipped();
     for p in listed() {
         if skip.contains(&p.version) || exact_version(&p.path).is_ok() {
             continue;
         }
-        if p.path.starts_with(SID_ROOT) {
-            install_sid_314()?;
+        if let Some(v) = SID_VERSIONS
+            .iter()
+            .find(|v| p.path.starts_with(sid_root(v)))
+        {
+            install_sid(v)?;
             exact_version(&p.path)?;
         } else {
             bail!(
@@ -165,10 +177,14 @@ pub fn ensure() -> Result<()> {
 }
 
 /// Downloads sid's packages with apt (signatures and hashes checked against Debian's keyring),
-/// unpacks them into a fresh `SID_ROOT` and points every ELF file there at sid's loader and
+/// unpacks them into a fresh root for `version` and points every ELF file there at sid's loader and
 /// libraries.
-fn install_sid_314() -> Result<()> {
-    eprintln!("xtask setup: unpacking CPython 3.14 from Debian sid into {SID_ROOT}");
+fn install_sid(version: &str) -> Result<()> {
+    let root = sid_root(version);
+    eprintln!(
+        "xtask setup: unpacking CPython {version} from Debian sid into {}",
+        root.display()
+    );
     let work = Path::new("/opt/leaktrace/sid-apt");
     let debs = work.join("debs");
     for d in [work.join("lists/partial"), debs.clone()] {
@@ -202,18 +218,17 @@ fn install_sid_314() -> Result<()> {
         std::fs::remove_file(old?.path())?;
     }
     let mut download = apt(&["download"]);
-    download.args(SID_PACKAGES);
-    run(&mut download).context("apt-get download (sid's CPython 3.14)")?;
-    let root = Path::new(SID_ROOT);
+    download.args(SID_PACKAGES.iter().map(|p| p.replace("{v}", version)));
+    run(&mut download).with_context(|| format!("apt-get download (sid's CPython {version})"))?;
     if root.exists() {
-        std::fs::remove_dir_all(root)?;
+        std::fs::remove_dir_all(&root)?;
     }
-    std::fs::create_dir_all(root)?;
+    std::fs::create_dir_all(&root)?;
     for deb in std::fs::read_dir(&debs)? {
         let deb = deb?.path();
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
     }
-    relink(root)
+    relink(&root)
 }
 
 /// Points the interpreters, their extension modules and the unpacked libraries at sid's

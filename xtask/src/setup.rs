@@ -30,7 +30,7 @@ const APT: &[(&str, &str)] = &[
     ("golang-go", "/usr/bin/go"),
     ("prometheus", "/usr/bin/promtool"),
     ("tmux", "/usr/bin/tmux"),
-    // Setup: points Debian sid's CPython 3.14, unpacked beside sid's libc, at that libc.
+    // Setup: points Debian sid's CPython 3.14 and 3.15, unpacked beside sid's libc, at that libc.
     ("patchelf", "/usr/bin/patchelf"),
     // Tests: a real container runtime (OCI bundles run with runc) for targets in containers.
     ("runc", "/usr/sbin/runc"),

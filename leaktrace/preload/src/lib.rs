@@ -53,7 +53,7 @@
 //! pymalloc carves Python's small objects out of its own arenas, so they never reach malloc.
 //! With `LEAKTRACE_SAMPLE_PYTHON=1` (which `leaktrace run --mode sampled` sets; off by default,
 //! because on LTO builds any wrapper defeats `PyObject_Malloc`'s devirtualised fast path, 4-8 ns
-//! per allocation even untraced), in a CPython process (3.8 to 3.14 with a GIL, found through the
+//! per allocation even untraced), in a CPython process (3.8 to 3.15 with a GIL, found through the
 //! exported
 //! `PyMem_SetAllocator`, whether libpython is shared or linked into the executable), the
 //! constructor also wraps the `PYMEM_DOMAIN_MEM` and `PYMEM_DOMAIN_OBJ` allocators before the

@@ -27,7 +27,7 @@
 //! once `-X dev` has installed its debug hooks.)
 //!
 //! An embedder that sets its own allocator replaces ours; one that wraps it keeps it. Only
-//! CPython 3.8 to 3.14 with a GIL is wrapped: the free-threaded build's garbage collector walks
+//! CPython 3.8 to 3.15 with a GIL is wrapped: the free-threaded build's garbage collector walks
 //! mimalloc's heaps and would misread a block that starts with a sampler header, and a later
 //! version is wrapped once it has been checked. `LEAKTRACE_PRELOAD_STATS=1` prints what
 //! happened, and what each domain sampled, on stderr at exit.
@@ -48,7 +48,7 @@ const DOMAINS: [c_int; 2] = [1, 2];
 
 /// The oldest and newest CPython versions (minor, for major 3) checked with these wrappers.
 const OLDEST_MINOR: u32 = 8;
-const NEWEST_MINOR: u32 = 14;
+const NEWEST_MINOR: u32 = 15;
 
 /// Bit `1 << domain` is set for each CPython domain (1 = MEM, 2 = OBJ) that this library last
 /// wrapped, for a tracer (read from the process's memory) or a test (ctypes) to check.
@@ -527,7 +527,10 @@ mod tests {
         assert!(supported_version(b"3.8.18 (default)"));
         assert!(supported_version(b"3.14.0 (main) [GCC 15]"));
         assert!(!supported_version(b"3.7.16 (default)"));
-        assert!(!supported_version(b"3.15.0a1 (main)"));
+        assert!(supported_version(
+            b"3.15.2 (main, Oct 26 2026) [GCC 16.2.0]"
+        ));
+        assert!(!supported_version(b"3.16.0a1 (main)"));
         assert!(!supported_version(b"2.7.18 (default)"));
         assert!(!supported_version(
             b"3.13.0 experimental free-threading build (main)"

@@ -34,7 +34,7 @@ use crate::python_hooks::{alloc_traced, keep_sample, wrapped, Wrapped, PY_ALIGNM
 use crate::tag::tracer_attached;
 use crate::tls::{self, Count};
 
-/// pymalloc's `SMALL_REQUEST_THRESHOLD` in CPython 3.8 to 3.14: larger requests go to malloc.
+/// pymalloc's `SMALL_REQUEST_THRESHOLD` in CPython 3.8 to 3.15: larger requests go to malloc.
 pub const POOL_LIMIT: usize = 512;
 
 /// How a wrapper handles a request while the semaphore is up.

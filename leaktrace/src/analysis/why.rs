@@ -248,7 +248,7 @@ const OPTIONAL: [(&str, Shape); 14] = [
 fn reader_for(py: &PythonProcess) -> Result<ObjectReader> {
     let layout = ObjectLayout::of(&py.layout).ok_or_else(|| {
         Error::PythonLayout(format!(
-            "--why knows the object layouts of Python 3.11 to 3.14, not {}.{}",
+            "--why knows the object layouts of Python 3.11 to 3.15, not {}.{}",
             py.layout.version.0, py.layout.version.1
         ))
     })?;

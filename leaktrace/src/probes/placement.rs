@@ -329,7 +329,11 @@ mod tests {
     #[test]
     fn glibc_2_42_placements() {
         let py = crate::test_support::debian_python314();
-        let libc = py.ancestors().nth(3).unwrap().join("usr/lib/x86_64-linux-gnu/libc.so.6");
+        let libc = py
+            .ancestors()
+            .nth(3)
+            .unwrap()
+            .join("usr/lib/x86_64-linux-gnu/libc.so.6");
         let elf = ElfFile::open(&libc).unwrap();
         for f in [
             AllocFn::Malloc,
@@ -340,7 +344,10 @@ mod tests {
             let p = place(&elf, f).expect("libc exports it");
             assert!(p.emulated, "{f:?}: {p:?}");
         }
-        assert!(place(&elf, AllocFn::Free).unwrap().offset > 3, "past free's NULL check");
+        assert!(
+            place(&elf, AllocFn::Free).unwrap().offset > 3,
+            "past free's NULL check"
+        );
     }
 
     /// pyenv's 3.11 libpython keeps `.symtab`: `_PyObject_Malloc` starts with `lea` and

@@ -1,4 +1,4 @@
-//! A dict's keys table (`PyDictKeysObject`, 3.11–3.14) read from outside: one reader for the
+//! A dict's keys table (`PyDictKeysObject`, 3.11–3.15) read from outside: one reader for the
 //! census (a class's `__module__`) and the reference reader (every dict).
 //!
 //! `dk_log2_size` at 8, `dk_log2_index_bytes` at 9, `dk_kind` at 10, `dk_nentries` at 24, then

@@ -271,6 +271,38 @@ const FIELDS_314: DebugFieldMap = DebugFieldMap {
     co_localsplusnames: 46,
 };
 
+/// Field positions in 3.15 (`Include/internal/pycore_debug_offsets.h` as Debian's 3.15.2 ships
+/// it): 3.15 adds `base_frame`, `last_profiled_frame` and `last_profiled_frame_seq` after
+/// `current_frame`, and `holds_gil`, `gil_requested`, `current_exception`, `exc_state` at the end
+/// of thread_state, then an err_stackitem section; everything after moves.
+const FIELDS_315: DebugFieldMap = DebugFieldMap {
+    interpreters_head: 5,
+    is_next: 8,
+    is_threads_head: 9,
+    is_gil_holder: 19,
+    ts_next: 24,
+    ts_current_frame: 26,
+    ts_native_thread_id: 31,
+    fr_previous: 40,
+    fr_executable: 41,
+    fr_instr_ptr: 42,
+    fr_owner: 44,
+    co_filename: 48,
+    co_name: 49,
+    co_qualname: 50,
+    co_linetable: 51,
+    co_firstlineno: 52,
+    co_code_adaptive: 56,
+    bytes_ob_size: 87,
+    bytes_ob_sval: 88,
+    unicode_state: 90,
+    unicode_length: 91,
+    unicode_asciiobject_size: 92,
+    is_imports_modules: 12,
+    fr_localsplus: 43,
+    co_localsplusnames: 54,
+};
+
 /// 3.14's frames hold `f_executable` as a `_PyStackRef`: the low bits are tags
 /// (`Py_TAG_BITS` = 3 on default builds).
 const STACKREF_TAG_BITS: u64 = 3;
@@ -296,9 +328,10 @@ pub fn from_debug_offsets(raw: &[u8]) -> Result<PyLayout> {
     let (f, code_mask) = match (major, minor) {
         (3, 13) => (FIELDS_313, !0),
         (3, 14) => (FIELDS_314, !STACKREF_TAG_BITS),
+        (3, 15) => (FIELDS_315, !STACKREF_TAG_BITS),
         _ => {
             return Err(bad(format!(
-                "Python {major}.{minor}: leaktrace knows _Py_DebugOffsets of 3.13 and 3.14"
+                "Python {major}.{minor}: leaktrace knows _Py_DebugOffsets of 3.13 to 3.15"
             )))
         }
     };
@@ -564,6 +597,49 @@ mod tests {
             (32, 16, 40)
         );
         // FRAME_OWNED_BY_INTERPRETER (3) and FRAME_OWNED_BY_CSTACK (4) are both skipped.
+        assert_eq!(l.owner_skip_min, 3);
+    }
+
+    /// 3.15's table as compiled into Debian sid's 3.15.2 (stripped; `_PyRuntime` is exported),
+    /// against the offsets gdb gives from the build's debug file.
+    #[test]
+    fn parses_the_real_315_table() {
+        let py = crate::test_support::debian_python("3.15");
+        let elf = crate::process::elf::ElfFile::open(&py).unwrap();
+        let raw = elf
+            .object_bytes("_PyRuntime", DEBUG_OFFSETS_READ as u64)
+            .unwrap();
+        let l = from_debug_offsets(&raw).unwrap();
+        assert_eq!(l.version, (3, 15));
+        assert_eq!(l.rt_interpreters_head, 0x3a8);
+        assert_eq!(
+            (l.is_threads_head, l.is_next, l.is_modules),
+            (0x1ca8, 0x1c60, 0x1da8)
+        );
+        assert_eq!(
+            (l.ts_next, l.frame_ptr, l.ts_native_thread_id),
+            (8, 72, 184)
+        );
+        assert_eq!(
+            (
+                l.fr_code,
+                l.fr_previous,
+                l.fr_instr,
+                l.fr_owner,
+                l.fr_localsplus
+            ),
+            (0, 8, 56, 74, 80)
+        );
+        assert_eq!(l.code_mask, !3, "f_executable is a tagged _PyStackRef");
+        assert_eq!(
+            (l.co_filename, l.co_qualname, l.co_linetable),
+            (112, 128, 136)
+        );
+        assert_eq!(
+            (l.co_firstlineno, l.co_code_adaptive, l.co_localsplusnames),
+            (68, 208, 96)
+        );
+        assert_eq!((l.bytes_size, l.bytes_sval), (16, 32));
         assert_eq!(l.owner_skip_min, 3);
     }
 

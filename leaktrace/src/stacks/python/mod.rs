@@ -196,7 +196,7 @@ impl PythonProcess {
     /// The main interpreter's `sys.modules` dict.
     pub fn modules_dict(&self) -> Option<u64> {
         // `interpreters.main` follows `interpreters.head` (the newest interpreter) in every
-        // version from 3.11 to 3.14.
+        // version from 3.11 to 3.15.
         let main = self.runtime + self.layout.rt_interpreters_head + 8;
         let interp = self.mem.u64(main).filter(|i| *i != 0)?;
         self.mem

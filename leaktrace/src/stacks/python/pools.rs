@@ -3,7 +3,7 @@
 //! The default coverage sees small Python objects only as the arenas pymalloc takes from the
 //! system (`_PyObject_ArenaMmap`, 1 MiB), and `attach` not even those made before it began. To
 //! count those objects by type, the type census finds pymalloc's pools in the process's
-//! anonymous memory and walks them (Objects/obmalloc.c, 64-bit, 3.10–3.14: 16 KiB pools in 1 MiB
+//! anonymous memory and walks them (Objects/obmalloc.c, 64-bit, 3.10–3.15: 16 KiB pools in 1 MiB
 //! arenas):
 //! - the first pool starts at the arena's first pool-aligned address;
 //! - a pool starts with `struct pool_header` (48 bytes: `ref.count` at 0, `freeblock` at 8,

@@ -1,5 +1,5 @@
 //! `PyTypeObject` as leaktrace reads it from outside: the same offsets and flag bits from
-//! CPython 3.11 to 3.14 (x86-64, default builds; `Include/cpython/object.h`,
+//! CPython 3.11 to 3.15 (x86-64, default builds; `Include/cpython/object.h`,
 //! `Include/object.h`), one table for the block census and the reference reader.
 
 /// `tp_name`, `tp_basicsize`, `tp_itemsize`, `tp_flags`.

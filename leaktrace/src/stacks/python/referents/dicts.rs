@@ -2,7 +2,7 @@
 //! version keeps it (managed before the object, inline after it on 3.13+, or at
 //! `tp_dictoffset`), and their keys shown as a user would write them.
 //!
-//! `PyDictObject` (3.11–3.14): `ma_used` at 16, `ma_keys` at 32, `ma_values` at 40; the keys
+//! `PyDictObject` (3.11–3.15): `ma_used` at 16, `ma_keys` at 32, `ma_values` at 40; the keys
 //! table is read by stacks/python/dict_keys.rs.
 //! A split table's values are an array of pointers: at `ma_values` on 3.11 and 3.12, after a
 //! 4-byte header padded to 8 (`capacity`, `size`, `embedded`, `valid`) on 3.13+.

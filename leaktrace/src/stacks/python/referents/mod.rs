@@ -190,6 +190,7 @@ impl ObjectLayout {
             (3, 11) => (HT_CACHED_KEYS_311, LRU_CACHE),
             (3, 12) | (3, 13) => (HT_CACHED_KEYS_312, LRU_CACHE),
             (3, 14) => (HT_CACHED_KEYS_312, LRU_CACHE),
+            (3, 15) => (HT_CACHED_KEYS_315, LRU_CACHE),
             _ => return None,
         };
         Some(ObjectLayout {
@@ -207,21 +208,36 @@ impl ObjectLayout {
             gen_iframe: if layout.version >= (3, 12) { 72 } else { 80 },
             task_coro: match layout.version {
                 (3, 13) => (144, 120),
-                (3, 14) => (168, 128),
+                (3, 14) | (3, 15) => (168, 128),
                 _ => (176, 136),
             },
         })
     }
 }
 
-/// `PyHeapTypeObject.ht_cached_keys`: `sizeof(PyTypeObject)` (408 on 3.11, 416 on 3.12+)
-/// plus the method suites and three names before it (464).
+impl ObjectLayout {
+    /// Whether a generator whose `gi_frame_state` is `state` still holds its frame's locals:
+    /// created, suspended or running, not finished. 3.11–3.14 number those states below 0 (created,
+    /// suspended) and 0 (running); 3.15 renumbers them from 0 (created) to 4 (running), 5 cleared.
+    fn generator_frame_live(&self, state: i8) -> bool {
+        if self.version >= (3, 15) {
+            (0..=4).contains(&state)
+        } else {
+            state <= 0
+        }
+    }
+}
+
+/// `PyHeapTypeObject.ht_cached_keys`: `sizeof(PyTypeObject)` (408 on 3.11, 416 on 3.12 to 3.14,
+/// 424 on 3.15, which adds `_tp_iteritem` at its end) plus the method suites and three names
+/// before it (464). 3.15's checked with gdb on Debian's 3.15.2 debug file.
 const HT_CACHED_KEYS_311: u64 = 872;
 const HT_CACHED_KEYS_312: u64 = 880;
+const HT_CACHED_KEYS_315: u64 = 888;
 /// `lru_cache_object.cache` in `Modules/_functoolsmodule.c`: after the root list element (56
 /// bytes), the wrapper function and `typed`.
 const LRU_CACHE: u64 = 72;
-/// `PyFunctionObject.func_qualname` (3.11–3.14).
+/// `PyFunctionObject.func_qualname` (3.11–3.15).
 const FUNC_QUALNAME: u64 = 40;
 
 /// Addresses of the types of known shape in one process.
@@ -381,11 +397,10 @@ impl ObjectReader {
             }
             Shape::AsyncTask => self.field(obj + self.layout.task_coro.1, "coro", out),
             Shape::Generator => {
-                // `gi_frame_state`, 5 bytes before the frame: created or suspended (below 0
-                // on 3.11–3.14) or running (0); a finished one's locals are stale.
+                // `gi_frame_state`, 5 bytes before the frame.
                 let frame = obj + self.layout.gen_iframe;
-                let state = self.mem.read(frame - 5, 1).map_or(1, |b| b[0] as i8);
-                if state <= 0 {
+                let state = self.mem.read(frame - 5, 1).map(|b| b[0] as i8);
+                if state.is_some_and(|s| self.layout.generator_frame_live(s)) {
                     self.frame_locals(frame, out);
                 }
             }
