@@ -213,12 +213,11 @@ impl ObjectLayout {
             },
         })
     }
-}
 
-impl ObjectLayout {
     /// Whether a generator whose `gi_frame_state` is `state` still holds its frame's locals:
-    /// created, suspended or running, not finished. 3.11–3.14 number those states below 0 (created,
-    /// suspended) and 0 (running); 3.15 renumbers them from 0 (created) to 4 (running), 5 cleared.
+    /// created, suspended or running, not finished. 3.11–3.14 number those states below 0
+    /// (created, suspended) and 0 (running); 3.15 renumbers them from 0 (created) to 4
+    /// (running), 5 (cleared).
     fn generator_frame_live(&self, state: i8) -> bool {
         if self.version >= (3, 15) {
             (0..=4).contains(&state)
@@ -536,5 +535,24 @@ impl ObjectReader {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stacks::python::layout::builtin;
+
+    /// 3.15 renumbered generator frame states: 0 is created there, running before it.
+    #[test]
+    fn generator_frame_states_follow_the_version() {
+        let mut l = ObjectLayout::of(&builtin(3, 12).unwrap()).unwrap();
+        // 3.12: created -3, suspended -2, running 0, completed 1, cleared 4.
+        assert!([-3, -2, 0].iter().all(|s| l.generator_frame_live(*s)));
+        assert!([1, 4].iter().all(|s| !l.generator_frame_live(*s)));
+        l.version = (3, 15);
+        // 3.15: created 0, suspended 1 to 3, running 4, cleared 5.
+        assert!((0..=4).all(|s| l.generator_frame_live(s)));
+        assert!(!l.generator_frame_live(5));
     }
 }
