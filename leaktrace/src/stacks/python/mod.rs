@@ -2,6 +2,7 @@
 //! which thread state belongs to which thread, and decoding the frames it records.
 
 pub mod code;
+pub mod debug_offsets;
 pub mod dict_keys;
 pub mod gc_lists;
 pub mod layout;
@@ -21,7 +22,8 @@ use crate::process::maps::ModuleMap;
 use crate::process::python::PythonInfo;
 use crate::process::remote::Remote;
 use code::CodeCache;
-use layout::{PyLayout, DEBUG_OFFSETS_READ};
+use debug_offsets::DEBUG_OFFSETS_READ;
+use layout::PyLayout;
 
 /// One decoded Python frame. Names are shared with the code object they came from: thousands
 /// of sites repeat the same few hundred frames.
@@ -110,7 +112,7 @@ impl PythonProcess {
                 let raw = mem
                     .read(runtime, DEBUG_OFFSETS_READ)
                     .ok_or_else(|| unsupported("cannot read _PyRuntime".into()))?;
-                layout::from_debug_offsets(&raw)?
+                debug_offsets::from_debug_offsets(&raw)?
             }
             None => {
                 return Err(unsupported(format!(
