@@ -117,11 +117,12 @@ fn scan(code: &[u8], ip: u64, func: AllocFn) -> Option<u64> {
             && instr.flow_control() == FlowControl::ConditionalBranch
             && matches!(instr.mnemonic(), Mnemonic::Je)
             && prev.is_some_and(|p| tests_register(&p, ptr_reg));
+        let emulated = is_emulated(&code[offset as usize..]);
         if skips_null {
-            if is_emulated(&code[offset as usize..]) {
+            if emulated {
                 null_check.get_or_insert(offset);
             }
-        } else if is_emulated(&code[offset as usize..]) {
+        } else if emulated {
             return Some(offset);
         } else if instr.flow_control() != FlowControl::Next {
             return null_check;

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 
 use super::fixed::settled;
 use super::tools::{self, Measure, Tool};
-use super::{compare_build, median};
+use super::{compare_build, summarize};
 use crate::{pythons, root};
 
 /// Runs the table; `ext` is the bench extension's folder (the handler does not load it).
@@ -63,11 +63,22 @@ pub fn run(leaktrace: &Path, ext: &Path, reps: usize, quick: bool, scratch: &Pat
                 )?);
             }
         }
-        let (uw, ul) = medians(&untraced);
-        print!("| {} {} | {uw:.2} s · {ul:.3} s |", py.version, py.build);
-        for runs in &traced {
-            let (w, l) = medians(runs);
-            print!(" {w:.2} s ({:.1}×) · {l:.3} s ({:.1}×) |", w / uw, l / ul);
+        // Every configuration ran `reps` ≥ 1 times: each has a summary.
+        let Some(u) = summarize(n, &untraced) else {
+            bail!("no untraced run of {}", py.path.display());
+        };
+        print!(
+            "| {} {} | {:.2} s · {:.3} s |",
+            py.version, py.build, u.wall_s, u.loop_s
+        );
+        for t in traced.iter().filter_map(|runs| summarize(n, runs)) {
+            print!(
+                " {:.2} s ({:.1}×) · {:.3} s ({:.1}×) |",
+                t.wall_s,
+                t.wall_s / u.wall_s,
+                t.loop_s,
+                t.loop_s / u.loop_s
+            );
         }
         println!();
     }
@@ -80,11 +91,4 @@ fn env<'a>(leaktrace: &'a Path, python: &'a Path, ext: &'a Path) -> tools::Env<'
         python,
         ext,
     }
-}
-
-/// Median whole-command and loop seconds.
-fn medians(runs: &[Measure]) -> (f64, f64) {
-    let mut wall: Vec<f64> = runs.iter().map(|m| m.wall_s).collect();
-    let mut lp: Vec<f64> = runs.iter().map(|m| m.loop_s).collect();
-    (median(&mut wall), median(&mut lp))
 }
