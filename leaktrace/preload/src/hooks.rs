@@ -19,7 +19,7 @@ use crate::real::{
     __libc_calloc, __libc_free, __libc_malloc, __libc_memalign, __libc_pvalloc, __libc_realloc,
     __libc_valloc, page_size, real_usable_size_fn, restore_errno,
 };
-use crate::tag::{classify, tracer_attached, Tag};
+use crate::tag::{classify, may_carry_header, tracer_attached, Tag};
 use crate::tls::{self, Count};
 
 /// glibc's MALLOC_ALIGNMENT on x86-64, and what the sampler assumes for realloc(NULL, n); a
@@ -37,13 +37,48 @@ unsafe fn sampled(
     alignment: usize,
     alloc: impl FnOnce(&dd_alloc_req_t) -> *mut c_void,
 ) -> *mut c_void {
-    if !tracer_attached() {
-        // What requested() answers when the semaphore is down, without the two out-of-line calls
-        // (requested and created are inline only for C callers; Rust reaches them through
-        // bindgen's wrappers), which are most of an idle hook's cost.
-        return alloc(&plain(size, alignment));
+    match route(size) {
+        None => alloc(&plain(size, alignment)),
+        // SAFETY: as the caller guarantees.
+        Some(counted) => unsafe { sampled_counted(size, alignment, counted, alloc) },
     }
-    let req = request(size, alignment);
+}
+
+/// The inline half of dd_allocation_requested (allocation_requested.h): `None` when the request
+/// goes to glibc as it is, which is what `requested` answers when the semaphore is down (without
+/// its two out-of-line calls: requested and created are inline only for C callers, and Rust
+/// reaches them through bindgen's wrappers) or when the countdown did not cross zero. Otherwise
+/// what the countdown said, for `sampled_counted`.
+#[inline(always)]
+fn route(size: usize) -> Option<Count> {
+    if !tracer_attached() {
+        return None;
+    }
+    match tls::count(size) {
+        Count::Below => None,
+        counted => Some(counted),
+    }
+}
+
+/// `sampled` once `route` has sent the request on: the slow path on a crossing, or, when the
+/// thread could not count (state not initialised, or its reentry guard set), `request`.
+///
+/// # Safety
+///
+/// As for `sampled`; `counted` must be what `route` answered for this request on this thread.
+#[inline(always)]
+unsafe fn sampled_counted(
+    size: usize,
+    alignment: usize,
+    counted: Count,
+    alloc: impl FnOnce(&dd_alloc_req_t) -> *mut c_void,
+) -> *mut c_void {
+    let req = match counted {
+        // SAFETY: the state that counted the crossing is initialised and its guard was clear;
+        // every caller passes a power-of-two alignment.
+        Count::Crossed => unsafe { crate::throttle::requested_slow(tls::state(), size, alignment) },
+        Count::Below | Count::NotCounted => request(size, alignment),
+    };
     let raw = alloc(&req);
     if !is_sampled(&req) {
         if req.weight == GUARDED {
@@ -115,10 +150,33 @@ fn is_sampled(req: &dd_alloc_req_t) -> bool {
 }
 
 /// Interposed `malloc(3)`.
+///
+/// Its slow path is a C function of its own, so that both ways out are tail jumps and the
+/// common one (semaphore down, or the countdown not crossed) keeps no stack frame. `calloc`
+/// does the same.
 #[no_mangle]
 pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+    match route(size) {
+        // SAFETY: __libc_malloc accepts any size.
+        None => unsafe { __libc_malloc(size) },
+        // SAFETY: what route answered for this request.
+        Some(counted) => unsafe { malloc_slow(size, counted) },
+    }
+}
+
+/// `malloc` that `route` sent on.
+///
+/// # Safety
+///
+/// `counted` must be what `route` answered for this request on this thread.
+#[inline(never)]
+unsafe extern "C" fn malloc_slow(size: usize, counted: Count) -> *mut c_void {
     // SAFETY: MALLOC_ALIGNMENT is a power of two; __libc_malloc accepts any size.
-    unsafe { sampled(size, MALLOC_ALIGNMENT, |req| __libc_malloc(req.size)) }
+    unsafe {
+        sampled_counted(size, MALLOC_ALIGNMENT, counted, |req| {
+            __libc_malloc(req.size)
+        })
+    }
 }
 
 /// Interposed `calloc(3)`.
@@ -128,11 +186,27 @@ pub unsafe extern "C" fn calloc(nmemb: usize, size: usize) -> *mut c_void {
         restore_errno(libc::ENOMEM);
         return null_mut();
     };
+    match route(total) {
+        // SAFETY: the caller's request, whose product does not overflow.
+        None => unsafe { __libc_calloc(nmemb, size) },
+        // SAFETY: what route answered for this request.
+        Some(counted) => unsafe { calloc_slow(nmemb, size, counted) },
+    }
+}
+
+/// `calloc` that `route` sent on.
+///
+/// # Safety
+///
+/// `nmemb * size` must not overflow; `counted` must be what `route` answered for this request
+/// on this thread.
+#[inline(never)]
+unsafe extern "C" fn calloc_slow(nmemb: usize, size: usize, counted: Count) -> *mut c_void {
     // A sampled request has grown by the header, so it can no longer be expressed as the
     // caller's nmemb * size; calloc(1, bumped) still zeroes every byte the caller will see.
     // SAFETY: as for malloc; both __libc_calloc calls take sizes whose product cannot overflow.
     unsafe {
-        sampled(total, MALLOC_ALIGNMENT, |req| {
+        sampled_counted(nmemb * size, MALLOC_ALIGNMENT, counted, |req| {
             if is_sampled(req) {
                 __libc_calloc(1, req.size)
             } else {
@@ -143,9 +217,31 @@ pub unsafe extern "C" fn calloc(nmemb: usize, size: usize) -> *mut c_void {
 }
 
 /// Interposed `free(3)`.
+///
+/// The header test is inline, so that freeing a block without the sampler's magic in front of
+/// it (nearly every block) is a tail call into glibc with no stack frame and no call into the
+/// sampler.
 #[no_mangle]
 pub unsafe extern "C" fn free(ptr: *mut c_void) {
     // SAFETY: the C contract makes `ptr` null or a live block from this allocator.
+    if unsafe { may_carry_header(ptr) } {
+        // SAFETY: as above.
+        return unsafe { free_tagged(ptr) };
+    }
+    // SAFETY: no sampler header: glibc's own pointer (or null), as given.
+    unsafe { __libc_free(ptr) }
+}
+
+/// `free` of a block with the sampler's magic in front of it (or of any block before the
+/// magic is learnt). C convention, so that `free`'s call is a tail jump.
+///
+/// # Safety
+///
+/// `ptr` must be a live block from this allocator.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn free_tagged(ptr: *mut c_void) {
+    // SAFETY: the caller's guarantee.
     match unsafe { classify(ptr) } {
         Tag::Sampled { .. } => {
             // SAFETY: classify just confirmed a sampler header on this live block; freed reports
@@ -167,7 +263,10 @@ pub unsafe extern "C" fn realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
     // look-alikes that prepare() would mistake for sampled blocks go straight to glibc.
     if !ptr.is_null() {
         // SAFETY: the C contract makes a non-null `ptr` a live block from this allocator.
-        if let Tag::Untagged | Tag::Forged = unsafe { classify(ptr) } {
+        let untagged = unsafe {
+            !may_carry_header(ptr) || matches!(classify(ptr), Tag::Untagged | Tag::Forged)
+        };
+        if untagged {
             // SAFETY: `ptr` is glibc's own pointer.
             return unsafe { __libc_realloc(ptr, size) };
         }

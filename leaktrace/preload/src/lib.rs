@@ -156,6 +156,7 @@ extern "C" fn init() {
         throttle::DEFAULT_LIMIT
     });
     throttle::init(limit, interval);
+    tag::learn_header_magic();
     real::warm_up();
     // SAFETY: the constructor, run once, before the program (and so the interpreter) starts.
     unsafe { python::install() };

@@ -250,7 +250,6 @@ pub unsafe fn install() {
     }
     // SAFETY: the single write CtorOnly allows.
     unsafe { *API.0.get() = Some(api) };
-    crate::python_hooks::learn_header_magic();
     real_setlocale();
     // SAFETY: pthread_self has no preconditions.
     LOADER_THREAD.store(unsafe { libc::pthread_self() } as usize, Ordering::Relaxed);

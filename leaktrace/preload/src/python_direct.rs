@@ -107,47 +107,118 @@ unsafe fn traced(
 pub unsafe extern "C" fn malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: CPython passes back the ctx we installed.
     let d = unsafe { wrapped(ctx) };
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped.
-    let malloc = unsafe { inner.malloc.unwrap_unchecked() };
+    // The closures below capture `d` alone, a pointer that travels in a register: capturing the
+    // wrapped function and its context gave the untraced path a stack frame of its own.
     match route(d, size) {
         // SAFETY: the caller's request, forwarded unchanged.
-        Route::Through => unsafe { malloc(inner.ctx, size) },
+        Route::Through => unsafe { inner_malloc(d, size) },
         // SAFETY: the closure asks pymalloc for the size it is given.
-        Route::Decide(counted) => unsafe { traced(d, size, counted, |n| malloc(inner.ctx, n)) },
-        // SAFETY: the closure calls the wrapped malloc with the request's size.
-        Route::General => unsafe { alloc_traced(d, size, |req| malloc(inner.ctx, req.size)) },
+        Route::Decide(counted) => unsafe { traced(d, size, counted, move |n| inner_malloc(d, n)) },
+        // SAFETY: an installed Wrapped.
+        Route::General => unsafe { general_malloc(d, size) },
     }
+}
+
+/// `malloc` over 512 bytes in a domain found not to be pymalloc, out of line so that `malloc`
+/// itself keeps no stack frame. (With the C convention on both sides LLVM makes the call a tail
+/// jump; across the Rust one it kept a frame for it.)
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped`.
+#[inline(never)]
+unsafe extern "C" fn general_malloc(d: &Wrapped, size: usize) -> *mut c_void {
+    // SAFETY: the closure calls the wrapped malloc with the request's size.
+    unsafe { alloc_traced(d, size, move |req| inner_malloc(d, req.size)) }
+}
+
+/// The wrapped allocator's malloc.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped` (only complete allocators are).
+#[inline(always)]
+unsafe fn inner_malloc(d: &Wrapped, size: usize) -> *mut c_void {
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    unsafe { inner.malloc.unwrap_unchecked()(inner.ctx, size) }
 }
 
 /// `calloc` of a domain that pymalloc serves.
 pub unsafe extern "C" fn calloc(ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
     // SAFETY: CPython passes back the ctx we installed.
     let d = unsafe { wrapped(ctx) };
+    // An overflow goes through unchanged, for pymalloc to refuse.
+    let Some(total) = nelem.checked_mul(elsize) else {
+        // SAFETY: the caller's request, forwarded unchanged.
+        return unsafe { inner_calloc(d, nelem, elsize, nelem.wrapping_mul(elsize)) };
+    };
+    // The slow paths are C functions of their own so that these calls are tail jumps and the
+    // common path builds no closure (it stored nine words on the stack on every call).
+    match route(d, total) {
+        // SAFETY: the caller's request, forwarded unchanged.
+        Route::Through => unsafe { inner_calloc(d, nelem, elsize, total) },
+        // SAFETY: an installed Wrapped, and total = nelem * elsize.
+        Route::Decide(counted) => unsafe { calloc_decide(d, nelem, elsize, counted) },
+        // SAFETY: as above.
+        Route::General => unsafe { calloc_general(d, nelem, elsize) },
+    }
+}
+
+/// The wrapped allocator's calloc for `n` bytes: the caller's `nelem` × `elsize` when `n` is
+/// their product, else one zeroed block of `n` (a sampled request grown by its header, which
+/// no longer factors as nelem × elsize; calloc(1, n) zeroes every byte the caller will see).
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped` (only complete allocators are).
+#[inline(always)]
+unsafe fn inner_calloc(d: &Wrapped, nelem: usize, elsize: usize, n: usize) -> *mut c_void {
     let inner = d.inner();
     // SAFETY: only complete allocators are wrapped.
     let calloc = unsafe { inner.calloc.unwrap_unchecked() };
-    let Some(total) = nelem.checked_mul(elsize) else {
-        // An overflow, for pymalloc to refuse.
-        // SAFETY: the caller's request, forwarded unchanged.
-        return unsafe { calloc(inner.ctx, nelem, elsize) };
-    };
-    // A sampled request has grown by the header and no longer factors as nelem * elsize;
-    // calloc(1, n) zeroes every byte the caller will see.
-    let sized = |n: usize| {
-        if n == total {
-            // SAFETY: the caller's request, unchanged.
-            unsafe { calloc(inner.ctx, nelem, elsize) }
-        } else {
-            // SAFETY: a sampled block's size, zeroed whole.
-            unsafe { calloc(inner.ctx, 1, n) }
-        }
-    };
-    match route(d, total) {
-        Route::Through => sized(total),
-        // SAFETY: `sized` asks pymalloc for the size it is given.
-        Route::Decide(counted) => unsafe { traced(d, total, counted, sized) },
-        // SAFETY: as above, for the request's size.
-        Route::General => unsafe { alloc_traced(d, total, |req| sized(req.size)) },
+    if n == nelem.wrapping_mul(elsize) {
+        // SAFETY: the caller's request, unchanged.
+        unsafe { calloc(inner.ctx, nelem, elsize) }
+    } else {
+        // SAFETY: a sampled block's size, zeroed whole.
+        unsafe { calloc(inner.ctx, 1, n) }
+    }
+}
+
+/// `calloc` whose countdown crossed zero or could not be counted inline.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped`; `nelem * elsize` must not overflow.
+#[inline(never)]
+unsafe extern "C" fn calloc_decide(
+    d: &Wrapped,
+    nelem: usize,
+    elsize: usize,
+    counted: Count,
+) -> *mut c_void {
+    let total = nelem * elsize;
+    // SAFETY: the closure asks pymalloc for the size it is given.
+    unsafe {
+        traced(d, total, counted, move |n| {
+            inner_calloc(d, nelem, elsize, n)
+        })
+    }
+}
+
+/// `calloc` over 512 bytes in a domain found not to be pymalloc.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped`; `nelem * elsize` must not overflow.
+#[inline(never)]
+unsafe extern "C" fn calloc_general(d: &Wrapped, nelem: usize, elsize: usize) -> *mut c_void {
+    let total = nelem * elsize;
+    // SAFETY: the closure calls the wrapped calloc for the request's size.
+    unsafe {
+        alloc_traced(d, total, move |req| {
+            inner_calloc(d, nelem, elsize, req.size)
+        })
     }
 }

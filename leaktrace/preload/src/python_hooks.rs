@@ -19,12 +19,12 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use libdd_profiling_heap_sampler::{
     dd_alloc_req_t, dd_allocation_created, dd_allocation_freed, dd_allocation_realloc_commit,
-    dd_allocation_realloc_prepare, dd_sample_flag_apply, dd_sample_flag_peek,
+    dd_allocation_realloc_prepare,
 };
 
 use crate::python_blocks;
 use crate::python_direct;
-use crate::tag::{classify, tracer_attached, Tag};
+use crate::tag::{classify, may_carry_header, tracer_attached, Tag};
 use crate::tls::{self, Count};
 
 /// `void *malloc(void *ctx, size_t size)`.
@@ -314,67 +314,6 @@ pub(crate) unsafe fn keep_sample(
     unsafe { dd_allocation_freed(user, 0, 0) }.ptr
 }
 
-/// The sampler's header magic, learnt from the sampler itself at load (`learn_header_magic`),
-/// so that a free can rule out almost every block with one compare instead of a call. 0 until
-/// learnt, which sends every check to the sampler.
-static MAGIC: AtomicU64 = AtomicU64::new(0);
-
-/// Has the sampler stamp a header on a scratch buffer and keeps its magic word, checking that
-/// the sampler recognises the header it stamped.
-pub fn learn_header_magic() {
-    #[repr(C, align(64))]
-    struct Scratch([u8; 128]);
-    let mut scratch = Scratch([0; 128]);
-    let raw: *mut c_void = scratch.0.as_mut_ptr().cast();
-    // SAFETY: apply writes a 16-byte header before raw + 16 (or raw + 32 if that would sit at
-    // the start of a page), inside the 128-byte buffer, and returns that user pointer.
-    let user = unsafe { dd_sample_flag_apply(raw, PY_ALIGNMENT) };
-    // SAFETY: the header lies within the buffer, 16 bytes before `user`.
-    let magic = unsafe { user.cast::<u64>().sub(2).read_unaligned() };
-    let (mut found, mut offset) = (null_mut(), 0usize);
-    // SAFETY: `user` is in the live buffer; peek reads the header and fills the out-params.
-    let recognised = unsafe { dd_sample_flag_peek(user, &mut found, &mut offset) };
-    if recognised && found == raw && magic != 0 {
-        MAGIC.store(magic, Ordering::Relaxed);
-    }
-}
-
-/// False if the 16 bytes before `ptr` cannot be a sampler header: `ptr` in the first 16 bytes
-/// of a page (the sampler never puts a header there, and the bytes before it may be unmapped),
-/// or no magic word.
-///
-/// # Safety
-///
-/// `ptr` must be null or a live block.
-#[inline(always)]
-unsafe fn may_carry_header(ptr: *mut c_void) -> bool {
-    let magic = MAGIC.load(Ordering::Relaxed);
-    let addr = ptr as usize;
-    if magic == 0 {
-        return true;
-    }
-    if addr & 4095 < 16 {
-        return false;
-    }
-    // SAFETY: 16 bytes before a live block that is not in the first 16 bytes of its page lie
-    // in the same (mapped) page.
-    unsafe { ptr.cast::<u64>().sub(2).read_unaligned() == magic }
-}
-
-/// Whether `ptr` is a block these wrappers sampled and still own.
-///
-/// # Safety
-///
-/// `ptr` must be null or a live block of the wrapped domain.
-#[inline(always)]
-unsafe fn is_sampled_here(ptr: *mut c_void) -> bool {
-    // SAFETY: both read the 16 bytes before `ptr` only when they are in `ptr`'s own page,
-    // which is mapped because `ptr` is a live block of at least one byte (every domain
-    // allocator hands out at least that, even for 0).
-    let header = unsafe { may_carry_header(ptr) && matches!(classify(ptr), Tag::Sampled { .. }) };
-    header && python_blocks::contains(ptr as usize)
-}
-
 // The four entry points keep their untraced paths free of stack frames: a test, the loads of
 // the wrapped function and its context, and a tail call. Everything else is out of line.
 
@@ -439,53 +378,70 @@ unsafe fn calloc_traced(d: &Wrapped, nelem: usize, elsize: usize) -> *mut c_void
 unsafe extern "C" fn py_realloc(ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: CPython passes back the ctx we installed.
     let d = unsafe { wrapped(ctx) };
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped.
-    let realloc = unsafe { inner.realloc.unwrap_unchecked() };
-    // realloc(NULL, n) is a malloc, sampled like one; a block is sampled only if some are live.
-    let untraced = if ptr.is_null() {
-        !tracer_attached()
+    if ptr.is_null() {
+        // realloc(NULL, n) is a malloc, sampled like one.
+        if tracer_attached() {
+            // SAFETY: an installed Wrapped.
+            return unsafe { realloc_new(d, size) };
+        }
     } else {
-        !python_blocks::any()
-    };
-    if untraced {
-        // SAFETY: the caller's request, forwarded unchanged.
-        return unsafe { realloc(inner.ctx, ptr, size) };
+        // A block is sampled only if some are live.
+        // SAFETY: the C contract makes `ptr` a live block of this domain; may_carry_header
+        // reads only the 16 bytes in the block's own page.
+        let tagged = python_blocks::any() && unsafe { may_carry_header(ptr) };
+        if tagged {
+            // SAFETY: as above.
+            return unsafe { realloc_tagged(d, ptr, size) };
+        }
     }
-    // SAFETY: the caller's guarantees about `ptr`, passed on.
-    unsafe { realloc_traced(d, ptr, size) }
+    // Like the libc hook, an unsampled block stays unsampled and is not counted.
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped; the caller's request, forwarded unchanged.
+    unsafe { inner.realloc.unwrap_unchecked()(inner.ctx, ptr, size) }
 }
 
-/// realloc of a null pointer while a tracer is attached, or of a block while sampled blocks
-/// are live.
+/// realloc of a null pointer while a tracer is attached: a malloc, sampled like one. (The slow
+/// paths of `py_realloc` use the C convention so that its calls to them are tail jumps.)
 ///
 /// # Safety
 ///
-/// `d` must be an installed `Wrapped`; `ptr` null or a live block of its domain.
+/// `d` must be an installed `Wrapped`.
 #[inline(never)]
-unsafe fn realloc_traced(d: &Wrapped, ptr: *mut c_void, size: usize) -> *mut c_void {
+unsafe extern "C" fn realloc_new(d: &Wrapped, size: usize) -> *mut c_void {
     let inner = d.inner();
     // SAFETY: only complete allocators are wrapped.
     let realloc = unsafe { inner.realloc.unwrap_unchecked() };
-    if ptr.is_null() {
-        // SAFETY: the closure calls the wrapped realloc with the request's size.
-        return unsafe { alloc_traced(d, size, |req| realloc(inner.ctx, null_mut(), req.size)) };
-    }
-    // SAFETY: the caller guarantees a live block.
-    if unsafe { is_sampled_here(ptr) } {
-        // SAFETY: as above, and it is one of our sampled blocks.
+    // SAFETY: the closure calls the wrapped realloc with the request's size.
+    unsafe { alloc_traced(d, size, |req| realloc(inner.ctx, null_mut(), req.size)) }
+}
+
+/// realloc of a block that carries the sampler's magic while sampled blocks are live.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped`; `ptr` a live block of its domain.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn realloc_tagged(d: &Wrapped, ptr: *mut c_void, size: usize) -> *mut c_void {
+    // The magic alone is not proof: a pymalloc block's neighbour can end in the same bytes
+    // (src/python_blocks.rs), so the block must also be recorded.
+    // SAFETY: reads only the 16 bytes in the block's own page (see may_carry_header).
+    if matches!(unsafe { classify(ptr) }, Tag::Sampled { .. })
+        && python_blocks::contains(ptr as usize)
+    {
+        // SAFETY: a live block these wrappers sampled.
         return unsafe { realloc_sampled(d, ptr, size) };
     }
-    // Like the libc hook, an unsampled block stays unsampled and is not counted.
-    // SAFETY: the caller's request, forwarded unchanged.
-    unsafe { realloc(inner.ctx, ptr, size) }
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped; the caller's request, forwarded unchanged.
+    unsafe { inner.realloc.unwrap_unchecked()(inner.ctx, ptr, size) }
 }
 
 /// Resizes a sampled block, which ends its sample (docs/realloc.md in the sampler).
 ///
 /// # Safety
 ///
-/// `ptr` must be a live block these wrappers sampled (`is_sampled_here`).
+/// `ptr` must be a live block these wrappers sampled and recorded.
 #[cold]
 #[inline(never)]
 unsafe fn realloc_sampled(d: &Wrapped, ptr: *mut c_void, size: usize) -> *mut c_void {
@@ -516,28 +472,35 @@ unsafe fn realloc_sampled(d: &Wrapped, ptr: *mut c_void, size: usize) -> *mut c_
 }
 
 /// `free` of the wrapped domains.
+///
+/// The header test is inline, so that the common free (no sampler magic in front of the block)
+/// is a tail call into the wrapped allocator with no stack frame; only a block that carries the
+/// magic pays the out-of-line check.
 unsafe extern "C" fn py_free(ctx: *mut c_void, ptr: *mut c_void) {
     // SAFETY: CPython passes back the ctx we installed.
     let d = unsafe { wrapped(ctx) };
-    if python_blocks::any() {
-        // SAFETY: the C contract makes `ptr` null or a live block of this domain.
-        return unsafe { free_traced(d, ptr) };
+    // SAFETY: the C contract makes `ptr` null or a live block of this domain; may_carry_header
+    // reads only the 16 bytes in the block's own page.
+    if python_blocks::any() && unsafe { may_carry_header(ptr) } {
+        // SAFETY: as above.
+        return unsafe { free_tagged(d, ptr) };
     }
     let inner = d.inner();
     // SAFETY: only complete allocators are wrapped; the caller's block, unchanged.
     unsafe { inner.free.unwrap_unchecked()(inner.ctx, ptr) }
 }
 
-/// free while sampled blocks are live: ends the block's sample if it has one, and frees the
-/// pointer the wrapped allocator handed out.
+/// free of a block that carries the sampler's magic while sampled blocks are live: ends the
+/// block's sample if it is one of ours, and frees the pointer the wrapped allocator handed out.
 ///
 /// # Safety
 ///
-/// `d` must be an installed `Wrapped`; `ptr` null or a live block of its domain.
+/// `d` must be an installed `Wrapped`; `ptr` a live block of its domain.
+#[cold]
 #[inline(never)]
-unsafe fn free_traced(d: &Wrapped, mut ptr: *mut c_void) {
-    // SAFETY: see is_sampled_here; reads only the 16 bytes in the block's own page.
-    if unsafe { may_carry_header(ptr) && matches!(classify(ptr), Tag::Sampled { .. }) }
+unsafe fn free_tagged(d: &Wrapped, mut ptr: *mut c_void) {
+    // SAFETY: see may_carry_header; reads only the 16 bytes in the block's own page.
+    if matches!(unsafe { classify(ptr) }, Tag::Sampled { .. })
         && python_blocks::remove(ptr as usize)
     {
         d.stats.released.fetch_add(1, Ordering::Relaxed);
@@ -549,33 +512,4 @@ unsafe fn free_traced(d: &Wrapped, mut ptr: *mut c_void) {
     // SAFETY: only complete allocators are wrapped; `ptr` is the caller's block, or the raw
     // block under our header.
     unsafe { inner.free.unwrap_unchecked()(inner.ctx, ptr) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn learns_the_samplers_magic() {
-        learn_header_magic();
-        let magic = MAGIC.load(Ordering::Relaxed);
-        assert_eq!(
-            magic, 0xfab1_edde_c0de_dca7,
-            "the x86-64 magic of sample_flag.h"
-        );
-        #[repr(C, align(4096))]
-        struct Page([u64; 512]);
-        let mut page = Page([0; 512]);
-        page.0[8] = magic;
-        let base: *mut c_void = page.0.as_mut_ptr().cast();
-        // SAFETY: pointers into `page`, which is live.
-        unsafe {
-            assert!(may_carry_header(base.byte_add(80)), "magic 16 bytes before");
-            assert!(!may_carry_header(base.byte_add(96)), "no magic");
-            assert!(
-                !may_carry_header(base.byte_add(8)),
-                "first 16 bytes of a page"
-            );
-        }
-    }
 }

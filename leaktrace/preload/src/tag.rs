@@ -1,8 +1,10 @@
 //! What the sampler knows: whether a tracer is attached, and which blocks it tagged.
 
 use core::ffi::c_void;
+use core::ptr::null_mut;
+use core::sync::atomic::{AtomicU64, Ordering};
 
-use libdd_profiling_heap_sampler::dd_sample_flag_peek;
+use libdd_profiling_heap_sampler::{dd_sample_flag_apply, dd_sample_flag_peek};
 
 /// Layout of a USDT semaphore (libbpf's `struct usdt_sema`), which the kernel counts up for each
 /// attached tracer.
@@ -68,4 +70,80 @@ pub unsafe fn classify(user: *mut c_void) -> Tag {
         return Tag::Forged;
     }
     Tag::Sampled { raw, offset }
+}
+
+/// The sampler's header magic, learnt from the sampler itself at load (`learn_header_magic`),
+/// so that a free (libc's or a Python domain's) can rule out almost every block with one compare
+/// instead of a call. 0 until learnt, which sends every check to the sampler.
+static MAGIC: AtomicU64 = AtomicU64::new(0);
+
+/// Has the sampler stamp a header on a scratch buffer and keeps its magic word, checking that
+/// the sampler recognises the header it stamped. Called by the constructor.
+pub fn learn_header_magic() {
+    #[repr(C, align(64))]
+    struct Scratch([u8; 128]);
+    let mut scratch = Scratch([0; 128]);
+    let raw: *mut c_void = scratch.0.as_mut_ptr().cast();
+    // SAFETY: apply writes a 16-byte header before raw + 16 (or raw + 32 if that would sit at
+    // the start of a page), inside the 128-byte buffer, and returns that user pointer.
+    let user = unsafe { dd_sample_flag_apply(raw, 16) };
+    // SAFETY: the header lies within the buffer, 16 bytes before `user`.
+    let magic = unsafe { user.cast::<u64>().sub(2).read_unaligned() };
+    let (mut found, mut offset) = (null_mut(), 0usize);
+    // SAFETY: `user` is in the live buffer; peek reads the header and fills the out-params.
+    let recognised = unsafe { dd_sample_flag_peek(user, &mut found, &mut offset) };
+    if recognised && found == raw && magic != 0 {
+        MAGIC.store(magic, Ordering::Relaxed);
+    }
+}
+
+/// False if the 16 bytes before `ptr` cannot be a sampler header: `ptr` in the first 16 bytes
+/// of a page (the sampler never puts a header there, and the bytes before it may be unmapped),
+/// or no magic word.
+///
+/// # Safety
+///
+/// `ptr` must be null or a live block.
+#[inline(always)]
+pub unsafe fn may_carry_header(ptr: *mut c_void) -> bool {
+    let magic = MAGIC.load(Ordering::Relaxed);
+    let addr = ptr as usize;
+    if magic == 0 {
+        return true;
+    }
+    if addr & 4095 < 16 {
+        return false;
+    }
+    // SAFETY: 16 bytes before a live block that is not in the first 16 bytes of its page lie
+    // in the same (mapped) page.
+    unsafe { ptr.cast::<u64>().sub(2).read_unaligned() == magic }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_the_samplers_magic() {
+        learn_header_magic();
+        let magic = MAGIC.load(Ordering::Relaxed);
+        assert_eq!(
+            magic, 0xfab1_edde_c0de_dca7,
+            "the x86-64 magic of sample_flag.h"
+        );
+        #[repr(C, align(4096))]
+        struct Page([u64; 512]);
+        let mut page = Page([0; 512]);
+        page.0[8] = magic;
+        let base: *mut c_void = page.0.as_mut_ptr().cast();
+        // SAFETY: pointers into `page`, which is live.
+        unsafe {
+            assert!(may_carry_header(base.byte_add(80)), "magic 16 bytes before");
+            assert!(!may_carry_header(base.byte_add(96)), "no magic");
+            assert!(
+                !may_carry_header(base.byte_add(8)),
+                "first 16 bytes of a page"
+            );
+        }
+    }
 }

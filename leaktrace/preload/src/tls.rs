@@ -96,8 +96,9 @@ pub unsafe fn count_on(tl: *mut dd_tl_state_t, size: usize) -> Count {
     }
 }
 
-/// What `count` did.
+/// What `count` did. (A byte, so that it can pass to a C-convention slow path.)
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Count {
     /// Counted; no sample is due.
     Below,

@@ -334,11 +334,8 @@ impl SiteReport {
                 .native_stack
                 .get(site + 1)
                 .and_then(|f| f.function.as_deref());
-            if let Some(hook) = hook.filter(|h| AllocFn::ALL.iter().any(|f| f.symbol() == *h)) {
-                self.allocator = hook.to_string();
-            } else if hook.is_some_and(|h| h.contains("python_hooks")) {
-                // The preload's wrapper of CPython's object and mem domains.
-                self.allocator = "PyObject_Malloc".to_string();
+            if let Some(allocator) = hook.and_then(sampler_hook_allocator) {
+                self.allocator = allocator.to_string();
             }
         }
         self.caller = self.native_stack.get(site).unwrap_or(innermost).clone();
@@ -354,6 +351,22 @@ impl SiteReport {
             }
         }
     }
+}
+
+/// The allocator a sampled allocation's first sampler frame stands in for: the libc function
+/// an interposed hook is named after (`malloc`, or its out-of-line `malloc_slow`, which the hook
+/// reaches by a tail jump and so leaves alone on the stack), or `PyObject_Malloc` for the
+/// preload's wrappers of CPython's domains (`python_hooks`, `python_direct`).
+fn sampler_hook_allocator(hook: &str) -> Option<&str> {
+    let (module, name) = hook.rsplit_once("::").unwrap_or(("", hook));
+    if module.ends_with("python_hooks") || module.ends_with("python_direct") {
+        return Some("PyObject_Malloc");
+    }
+    let name = name.strip_suffix("_slow").unwrap_or(name);
+    AllocFn::ALL
+        .iter()
+        .map(|f| f.symbol())
+        .find(|symbol| *symbol == name)
 }
 
 /// The groups of kernel sites holding at least `--min-size`, leak suspects first, then by

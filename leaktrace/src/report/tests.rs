@@ -84,3 +84,29 @@ fn human_units() {
     assert_eq!(human_bytes(4_096_000), "4.1 MB");
     assert_eq!(human_bytes(1_500_000_000), "1.5 GB");
 }
+
+#[test]
+fn a_sampler_frame_names_the_allocator_it_stands_in_for() {
+    let of = sampler_hook_allocator;
+    assert_eq!(of("malloc"), Some("malloc"));
+    assert_eq!(of("leaktrace_preload::hooks::malloc_slow"), Some("malloc"));
+    assert_eq!(of("leaktrace_preload::hooks::calloc_slow"), Some("calloc"));
+    assert_eq!(
+        of("leaktrace_preload::hooks::posix_memalign"),
+        Some("posix_memalign")
+    );
+    assert_eq!(
+        of("leaktrace_preload::python_direct::traced"),
+        Some("PyObject_Malloc")
+    );
+    assert_eq!(
+        of("leaktrace_preload::python_direct::calloc_decide"),
+        Some("PyObject_Malloc")
+    );
+    assert_eq!(
+        of("leaktrace_preload::python_hooks::alloc_traced"),
+        Some("PyObject_Malloc")
+    );
+    assert_eq!(of("leaktrace_preload::hooks::aligned_sampled"), None);
+    assert_eq!(of("dd_allocation_created_slow"), None);
+}
