@@ -30,7 +30,10 @@ use core::sync::atomic::Ordering;
 use libdd_profiling_heap_sampler::dd_alloc_req_t;
 
 use crate::hooks;
-use crate::python_hooks::{alloc_traced, keep_sample, wrapped, Wrapped, PY_ALIGNMENT};
+use crate::python_hooks::{
+    calloc_traced, inner_calloc, inner_malloc, keep_sample, malloc_traced, wrapped, Wrapped,
+    PY_ALIGNMENT,
+};
 use crate::tag::tracer_attached;
 use crate::tls::{self, Count};
 
@@ -107,7 +110,7 @@ unsafe fn traced(
 pub unsafe extern "C" fn malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: CPython passes back the ctx we installed.
     let d = unsafe { wrapped(ctx) };
-    // The closures below capture `d` alone, a pointer that travels in a register: capturing the
+    // The closure below captures `d` alone, a pointer that travels in a register: capturing the
     // wrapped function and its context gave the untraced path a stack frame of its own.
     match route(d, size) {
         // SAFETY: the caller's request, forwarded unchanged.
@@ -115,33 +118,8 @@ pub unsafe extern "C" fn malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
         // SAFETY: the closure asks pymalloc for the size it is given.
         Route::Decide(counted) => unsafe { traced(d, size, counted, move |n| inner_malloc(d, n)) },
         // SAFETY: an installed Wrapped.
-        Route::General => unsafe { general_malloc(d, size) },
+        Route::General => unsafe { malloc_traced(d, size) },
     }
-}
-
-/// `malloc` over 512 bytes in a domain found not to be pymalloc, out of line so that `malloc`
-/// itself keeps no stack frame. (With the C convention on both sides LLVM makes the call a tail
-/// jump; across the Rust one it kept a frame for it.)
-///
-/// # Safety
-///
-/// `d` must be an installed `Wrapped`.
-#[inline(never)]
-unsafe extern "C" fn general_malloc(d: &Wrapped, size: usize) -> *mut c_void {
-    // SAFETY: the closure calls the wrapped malloc with the request's size.
-    unsafe { alloc_traced(d, size, move |req| inner_malloc(d, req.size)) }
-}
-
-/// The wrapped allocator's malloc.
-///
-/// # Safety
-///
-/// `d` must be an installed `Wrapped` (only complete allocators are).
-#[inline(always)]
-unsafe fn inner_malloc(d: &Wrapped, size: usize) -> *mut c_void {
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped.
-    unsafe { inner.malloc.unwrap_unchecked()(inner.ctx, size) }
 }
 
 /// `calloc` of a domain that pymalloc serves.
@@ -161,28 +139,7 @@ pub unsafe extern "C" fn calloc(ctx: *mut c_void, nelem: usize, elsize: usize) -
         // SAFETY: an installed Wrapped, and total = nelem * elsize.
         Route::Decide(counted) => unsafe { calloc_decide(d, nelem, elsize, counted) },
         // SAFETY: as above.
-        Route::General => unsafe { calloc_general(d, nelem, elsize) },
-    }
-}
-
-/// The wrapped allocator's calloc for `n` bytes: the caller's `nelem` × `elsize` when `n` is
-/// their product, else one zeroed block of `n` (a sampled request grown by its header, which
-/// no longer factors as nelem × elsize; calloc(1, n) zeroes every byte the caller will see).
-///
-/// # Safety
-///
-/// `d` must be an installed `Wrapped` (only complete allocators are).
-#[inline(always)]
-unsafe fn inner_calloc(d: &Wrapped, nelem: usize, elsize: usize, n: usize) -> *mut c_void {
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped.
-    let calloc = unsafe { inner.calloc.unwrap_unchecked() };
-    if n == nelem.wrapping_mul(elsize) {
-        // SAFETY: the caller's request, unchanged.
-        unsafe { calloc(inner.ctx, nelem, elsize) }
-    } else {
-        // SAFETY: a sampled block's size, zeroed whole.
-        unsafe { calloc(inner.ctx, 1, n) }
+        Route::General => unsafe { calloc_traced(d, nelem, elsize) },
     }
 }
 
@@ -203,22 +160,6 @@ unsafe extern "C" fn calloc_decide(
     unsafe {
         traced(d, total, counted, move |n| {
             inner_calloc(d, nelem, elsize, n)
-        })
-    }
-}
-
-/// `calloc` over 512 bytes in a domain found not to be pymalloc.
-///
-/// # Safety
-///
-/// `d` must be an installed `Wrapped`; `nelem * elsize` must not overflow.
-#[inline(never)]
-unsafe extern "C" fn calloc_general(d: &Wrapped, nelem: usize, elsize: usize) -> *mut c_void {
-    let total = nelem * elsize;
-    // SAFETY: the closure calls the wrapped calloc for the request's size.
-    unsafe {
-        alloc_traced(d, total, move |req| {
-            inner_calloc(d, nelem, elsize, req.size)
         })
     }
 }

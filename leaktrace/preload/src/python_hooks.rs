@@ -321,56 +321,100 @@ pub(crate) unsafe fn keep_sample(
 unsafe extern "C" fn py_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: CPython passes back the ctx we installed.
     let d = unsafe { wrapped(ctx) };
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped.
-    let malloc = unsafe { inner.malloc.unwrap_unchecked() };
     if !tracer_attached() {
         // SAFETY: the caller's request, forwarded unchanged.
-        return unsafe { malloc(inner.ctx, size) };
+        return unsafe { inner_malloc(d, size) };
     }
+    // SAFETY: an installed Wrapped.
+    unsafe { malloc_traced(d, size) }
+}
+
+/// malloc while a tracer is attached; also `src/python_direct.rs`'s path for a domain found not
+/// to be pymalloc. (The slow paths here use the C convention so that the calls to them are tail
+/// jumps: across Rust's convention LLVM kept a frame for them.)
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn malloc_traced(d: &Wrapped, size: usize) -> *mut c_void {
     // SAFETY: the closure calls the wrapped malloc with the request's size.
-    unsafe { alloc_traced(d, size, |req| malloc(inner.ctx, req.size)) }
+    unsafe { alloc_traced(d, size, move |req| inner_malloc(d, req.size)) }
 }
 
 /// `calloc` of the wrapped domains.
 unsafe extern "C" fn py_calloc(ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
     // SAFETY: CPython passes back the ctx we installed.
     let d = unsafe { wrapped(ctx) };
-    let inner = d.inner();
     if !tracer_attached() {
-        // SAFETY: only complete allocators are wrapped; the caller's request, unchanged.
-        return unsafe { inner.calloc.unwrap_unchecked()(inner.ctx, nelem, elsize) };
+        // SAFETY: the caller's request, unchanged.
+        return unsafe { inner_calloc(d, nelem, elsize, nelem.wrapping_mul(elsize)) };
     }
     // SAFETY: as above.
     unsafe { calloc_traced(d, nelem, elsize) }
 }
 
-/// calloc while a tracer is attached.
+/// calloc while a tracer is attached; also `src/python_direct.rs`'s path for a domain found not
+/// to be pymalloc.
 ///
 /// # Safety
 ///
 /// `d` must be an installed `Wrapped`.
 #[inline(never)]
-unsafe fn calloc_traced(d: &Wrapped, nelem: usize, elsize: usize) -> *mut c_void {
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped.
-    let calloc = unsafe { inner.calloc.unwrap_unchecked() };
+pub(crate) unsafe extern "C" fn calloc_traced(
+    d: &Wrapped,
+    nelem: usize,
+    elsize: usize,
+) -> *mut c_void {
     let Some(total) = nelem.checked_mul(elsize) else {
         // An overflow, for the wrapped allocator to refuse.
         // SAFETY: the caller's request, forwarded unchanged.
-        return unsafe { calloc(inner.ctx, nelem, elsize) };
+        return unsafe { inner_calloc(d, nelem, elsize, nelem.wrapping_mul(elsize)) };
     };
-    // A sampled request has grown by the header and no longer factors as nelem * elsize;
-    // calloc(1, bumped) zeroes every byte the caller will see.
     // SAFETY: the closure calls the wrapped calloc for the request.
     unsafe {
-        alloc_traced(d, total, |req| {
-            if req.weight != 0 {
-                calloc(inner.ctx, 1, req.size)
-            } else {
-                calloc(inner.ctx, nelem, elsize)
-            }
+        alloc_traced(d, total, move |req| {
+            inner_calloc(d, nelem, elsize, req.size)
         })
+    }
+}
+
+/// The wrapped allocator's malloc.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped` (only complete allocators are).
+#[inline(always)]
+pub(crate) unsafe fn inner_malloc(d: &Wrapped, size: usize) -> *mut c_void {
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    unsafe { inner.malloc.unwrap_unchecked()(inner.ctx, size) }
+}
+
+/// The wrapped allocator's calloc for `n` bytes: the caller's `nelem` × `elsize` when `n` is
+/// their (wrapping) product, else one zeroed block of `n` (a sampled request grown by its
+/// header, which no longer factors as nelem × elsize; calloc(1, n) zeroes every byte the caller
+/// will see).
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped` (only complete allocators are).
+#[inline(always)]
+pub(crate) unsafe fn inner_calloc(
+    d: &Wrapped,
+    nelem: usize,
+    elsize: usize,
+    n: usize,
+) -> *mut c_void {
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    let calloc = unsafe { inner.calloc.unwrap_unchecked() };
+    if n == nelem.wrapping_mul(elsize) {
+        // SAFETY: the caller's request, unchanged.
+        unsafe { calloc(inner.ctx, nelem, elsize) }
+    } else {
+        // SAFETY: a sampled block's size, zeroed whole.
+        unsafe { calloc(inner.ctx, 1, n) }
     }
 }
 
@@ -400,8 +444,7 @@ unsafe extern "C" fn py_realloc(ctx: *mut c_void, ptr: *mut c_void, size: usize)
     unsafe { inner.realloc.unwrap_unchecked()(inner.ctx, ptr, size) }
 }
 
-/// realloc of a null pointer while a tracer is attached: a malloc, sampled like one. (The slow
-/// paths of `py_realloc` use the C convention so that its calls to them are tail jumps.)
+/// realloc of a null pointer while a tracer is attached: a malloc, sampled like one.
 ///
 /// # Safety
 ///
