@@ -262,13 +262,16 @@ pub struct CommonOpts {
     /// Show probe placements and more detail.
     #[arg(short, long)]
     pub verbose: bool,
-    /// Capacity of the kernel's live-allocation table; allocations beyond it are counted as dropped.
-    #[arg(long, default_value_t = leaktrace_ebpf::DEFAULT_TABLE_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_live: u32,
+    /// Capacity of the kernel's live-allocation table; allocations beyond it are counted as
+    /// dropped. Default 1,048,576; in sampled mode, enough samples for 64 GiB of live heap at
+    /// the interval (131,072 at 512 KiB), 65,536 at least.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_live: Option<u32>,
     /// Capacity of the kernel's site table (distinct allocator × caller × Python stack); when it
     /// is full, new stacks are counted under their native caller alone, and that is shown.
-    #[arg(long, default_value_t = leaktrace_ebpf::DEFAULT_TABLE_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_sites: u32,
+    /// Default as `--max-live`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sites: Option<u32>,
     /// Python frames to record per site (1–128); deeper stacks are cut and marked.
     #[arg(long, default_value_t = leaktrace_ebpf::DEFAULT_PY_DEPTH, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=leaktrace_ebpf::MAX_PY_FRAMES as i64))]
     pub python_depth: u32,
@@ -406,8 +409,8 @@ impl CommonOpts {
             load: LoadOptions {
                 min_size: self.min_size,
                 floor: self.probe_floor,
-                max_live: self.max_live,
-                max_sites: self.max_sites,
+                max_live: self.max_live.unwrap_or(mode.default_table_entries()),
+                max_sites: self.max_sites.unwrap_or(mode.default_table_entries()),
                 python_depth: self.python_depth,
                 stack_copy: self.stack_copy,
                 native_depth: self.native_depth,

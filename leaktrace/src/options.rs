@@ -5,9 +5,16 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use leaktrace_ebpf::DEFAULT_TABLE_ENTRIES;
+
 use crate::probes::loader::LoadOptions;
 use crate::probes::plan::Families;
 use crate::report::ReportOptions;
+
+/// Live heap a sampled session's default tables hold samples for.
+const SAMPLED_HEAP_CAPACITY: u64 = 64 << 30;
+/// The least default capacity of a sampled session's tables.
+const SAMPLED_TABLE_MIN: u64 = 1 << 16;
 
 /// What to trace.
 #[derive(Clone, Debug)]
@@ -64,6 +71,20 @@ impl TraceMode {
     /// Bytes per sample, `None` for exact.
     pub fn sample_rate(self) -> Option<u64> {
         (self.rate() > 0).then_some(self.rate())
+    }
+
+    /// Default capacity of the kernel's `LIVE` and `SITES` tables (`--max-live`,
+    /// `--max-sites`). A sampled session holds one entry per live sample, so its tables are
+    /// sized for `SAMPLED_HEAP_CAPACITY` of live heap at its interval: creating, walking and
+    /// freeing a hash map costs in proportion to its capacity, and a million-entry pair made a
+    /// tenth of a sampled session's start-up (docs/lifecycle.md, "BPF maps and their sizes").
+    pub fn default_table_entries(self) -> u32 {
+        match self {
+            TraceMode::Sampled { rate } if rate > 0 => (SAMPLED_HEAP_CAPACITY / rate)
+                .clamp(SAMPLED_TABLE_MIN, u64::from(DEFAULT_TABLE_ENTRIES))
+                .next_power_of_two() as u32,
+            _ => DEFAULT_TABLE_ENTRIES,
+        }
     }
 
     /// The tier, as reports name it.
@@ -130,4 +151,26 @@ pub enum PyMallocMode {
     Auto,
     Keep,
     Malloc,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampled_tables_hold_64_gib_of_samples_within_bounds() {
+        let sampled = |rate| TraceMode::Sampled { rate }.default_table_entries();
+        assert_eq!(sampled(512 << 10), 1 << 17);
+        // Past the ceiling (a small interval) and under the floor (a huge one).
+        assert_eq!(sampled(4096), DEFAULT_TABLE_ENTRIES);
+        assert_eq!(sampled(64 << 20), 1 << 16);
+        // Not a power of two: rounded up, never down.
+        assert_eq!(sampled(300 << 10), 1 << 18);
+        assert_eq!(
+            TraceMode::Exact.default_table_entries(),
+            DEFAULT_TABLE_ENTRIES
+        );
+        let growth = TraceMode::Growth { rate: 512 << 10 };
+        assert_eq!(growth.default_table_entries(), DEFAULT_TABLE_ENTRIES);
+    }
 }

@@ -247,7 +247,10 @@ fn drops_line(o: &mut String, r: &Report) {
         .counters
         .iter()
         .filter(|(k, v)| **v > 0 && is_drop_name(k))
-        .map(|(k, v)| format!("{k} {v}"))
+        .map(|(k, v)| match remedy(k) {
+            Some(flag) => format!("{k} {v}: raise {flag}"),
+            None => format!("{k} {v}"),
+        })
         .collect();
     if r.sites_without_stack > 0 {
         let full = r
@@ -262,6 +265,17 @@ fn drops_line(o: &mut String, r: &Report) {
         ));
     }
     let _ = writeln!(o, "  DROPS: {} ({})", r.dropped, list.join(", "));
+}
+
+/// The option that makes room for what a full table dropped.
+fn remedy(counter: &str) -> Option<&'static str> {
+    use leaktrace_ebpf::Counter;
+    [
+        (Counter::LiveFull, "--max-live"),
+        (Counter::SitesFull, "--max-sites"),
+    ]
+    .into_iter()
+    .find_map(|(c, flag)| (c.name() == counter).then_some(flag))
 }
 
 /// The column headings, then each site with its verdict and stack.

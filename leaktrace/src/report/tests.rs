@@ -42,6 +42,28 @@ fn a_site_that_lost_its_stack_record_is_a_drop() {
     assert!(text.contains("DROPS: 1 (1 sites with unfreed bytes lost their stack record: the ring buffer was full 3 times)"), "{text}");
 }
 
+/// A full table names the option that makes it larger: a sampled session's tables are sized
+/// for its interval, and a heap past that must be told how to fit.
+#[test]
+fn a_full_table_names_its_option() {
+    let heap = one_site(1);
+    let mut meta = ReportMeta::default();
+    meta.counters.insert("live_map_full".into(), 5);
+    meta.counters.insert("sites_map_full".into(), 2);
+    let options = ReportOptions {
+        top: 20,
+        min_size: 0,
+        all_native_frames: false,
+    };
+    let r = Report::build(&heap, &mut Symbolizer::new(), meta, options);
+    let text = table::render(&r, false, false);
+    assert!(text.contains("live_map_full 5: raise --max-live"), "{text}");
+    assert!(
+        text.contains("sites_map_full 2: raise --max-sites"),
+        "{text}"
+    );
+}
+
 /// In sampled mode a site's objects come from its sampled blocks: each counts for its share
 /// of the site's estimated blocks, and the table says the counts are estimates.
 #[test]
