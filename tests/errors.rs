@@ -170,20 +170,30 @@ fn snapshot_refuses_an_unwritable_output_and_a_non_python_process_up_front() {
     assert!(!r.stderr.contains("--python-only"), "{}", r.stderr);
 }
 
-/// A statically linked, stripped program has neither a libc to probe nor symbols.
+/// A statically linked, stripped program has neither a libc to probe nor symbols. Its session
+/// cannot start, so the program never runs: it is killed at its entry point and reaped before
+/// leaktrace exits (were leaktrace first, the kernel would detach it and let it run).
 #[test]
 fn stripped_static_program_has_no_allocator_symbols() {
-    let (_dir, bin) = compile_c(
-        "#include <stdlib.h>\nint main(void){ return malloc(10) == 0; }\n",
+    let (dir, bin) = compile_c(
+        "#include <stdio.h>\n#include <stdlib.h>\n\
+         int main(int argc, char **argv){ FILE *f = fopen(argv[1], \"w\"); \
+         if (f) fclose(f); return malloc(10) == 0; }\n",
         &["-static", "-s", "-O2"],
     );
-    let r = leaktrace(&["run", "--", bin.to_str().unwrap()]);
+    let marker = dir.path().join("ran");
+    let r = leaktrace(&["run", "--", bin.to_str().unwrap(), marker.to_str().unwrap()]);
     no_panic(&r);
     assert_eq!(r.code, 7, "{}", r.stderr);
     assert!(
         r.stderr.contains("found no allocator to probe"),
         "{}",
         r.stderr
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !marker.exists(),
+        "the program ran although its session never started"
     );
 }
 

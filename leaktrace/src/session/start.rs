@@ -49,12 +49,21 @@ pub(super) async fn start<'a>(
         let (_, rx) = unbounded_channel();
         std::mem::replace(&mut l.quit, rx)
     });
-    let mut tracer = Tracer::load(opts.load)?;
+    // `run`'s command starts before the BPF object loads and waits at its entry point: its exec
+    // and dynamic loading run beside the loader's work in the kernel instead of after it.
+    let starting = begin_target(&spec, opts)?;
+    let loaded =
+        Tracer::load(opts.load).and_then(|mut t| Ok((EventReader::new(t.take_events()?)?, t)));
     phase.done("load the BPF object");
-    log::debug!("BPF object loaded");
-    let reader = EventReader::new(tracer.take_events()?)?;
-    let (pid, child) = start_target(&spec, opts).await?;
-    log::debug!("target {pid} ready");
+    let (pid, child) = starting.ready().await?;
+    let (reader, tracer) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            abort(child).await;
+            return Err(e);
+        }
+    };
+    log::debug!("BPF object loaded, target {pid} ready");
     let mut s = Session::new(
         opts,
         tracer,
@@ -73,7 +82,7 @@ pub(super) async fn start<'a>(
         .setup_probes()
         .and_then(|_| s.tracer.add_target(pid, pause));
     if let Err(e) = setup {
-        abort(&child);
+        abort(child).await;
         return Err(e);
     }
     log::debug!("probes attached");
@@ -93,7 +102,7 @@ pub(super) async fn start<'a>(
     s.start = Instant::now();
     s.exporter = exporter;
     if let Err(e) = s.start_capture(&command) {
-        abort(&child);
+        abort(child).await;
         return Err(e);
     }
     let watch = Watch {
@@ -108,11 +117,34 @@ pub(super) async fn start<'a>(
     Ok((s, watch))
 }
 
-/// The target: the process `attach` names, or `run`'s command started and stopped at its
-/// entry point.
-async fn start_target(spec: &TargetSpec, opts: &TraceOptions) -> Result<(u32, Child)> {
+/// The target on its way: the process `attach` names, or `run`'s command starting.
+enum Starting {
+    Pid(u32),
+    Command {
+        argv: Vec<String>,
+        ctl: std::sync::mpsc::Sender<Control>,
+        rx: tokio::sync::mpsc::UnboundedReceiver<SpawnEvent>,
+    },
+}
+
+impl Starting {
+    /// The target's pid once `run`'s command has stopped at its entry point.
+    async fn ready(self) -> Result<(u32, Child)> {
+        match self {
+            Starting::Pid(pid) => Ok((pid, None)),
+            Starting::Command { argv, ctl, mut rx } => match rx.recv().await {
+                Some(SpawnEvent::Ready(pid)) => Ok((pid, Some((ctl, rx)))),
+                Some(SpawnEvent::Failed(e)) => Err(e),
+                other => Err(Error::Internal(format!("starting {argv:?}: {other:?}"))),
+            },
+        }
+    }
+}
+
+/// Starts `run`'s command, which stops at its entry point (`Starting::ready`).
+fn begin_target(spec: &TargetSpec, opts: &TraceOptions) -> Result<Starting> {
     match spec {
-        TargetSpec::Pid(pid) => Ok((*pid, None)),
+        TargetSpec::Pid(pid) => Ok(Starting::Pid(*pid)),
         TargetSpec::Command { argv, pymalloc } => {
             let pymalloc_env = python_malloc_env(argv, *pymalloc, opts.families.python_calls());
             if let Some((k, v)) = &pymalloc_env {
@@ -124,13 +156,13 @@ async fn start_target(spec: &TargetSpec, opts: &TraceOptions) -> Result<(u32, Ch
             }
             let mut env: Vec<(String, String)> = pymalloc_env.into_iter().collect();
             env.extend(sampler_env(opts));
-            let (tx, mut rx) = unbounded_channel();
+            let (tx, rx) = unbounded_channel();
             let ctl = spawn(argv.clone(), env, tx);
-            match rx.recv().await {
-                Some(SpawnEvent::Ready(pid)) => Ok((pid, Some((ctl, rx)))),
-                Some(SpawnEvent::Failed(e)) => Err(e),
-                other => Err(Error::Internal(format!("starting {argv:?}: {other:?}"))),
-            }
+            Ok(Starting::Command {
+                argv: argv.clone(),
+                ctl,
+                rx,
+            })
         }
     }
 }
@@ -164,10 +196,13 @@ fn sampler_env(opts: &TraceOptions) -> Vec<(String, String)> {
     }
 }
 
-/// `run`: the child never reaches its program when the session cannot start.
-fn abort(child: &Child) {
-    if let Some((ctl, _)) = child {
+/// `run`: the child never reaches its program when the session cannot start. Returns once
+/// the spawning thread has killed and reaped it (it drops its end of `rx` then): were leaktrace
+/// to exit first, the kernel would detach the stopped child and let it run untraced.
+async fn abort(child: Child) {
+    if let Some((ctl, mut rx)) = child {
         let _ = ctl.send(Control::Abort);
+        while rx.recv().await.is_some() {}
     }
 }
 
