@@ -418,6 +418,32 @@ pub(crate) unsafe fn inner_calloc(
     }
 }
 
+/// The wrapped allocator's realloc.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped` (only complete allocators are); `ptr` null or a block of
+/// the wrapped allocator.
+#[inline(always)]
+unsafe fn inner_realloc(d: &Wrapped, ptr: *mut c_void, size: usize) -> *mut c_void {
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    unsafe { inner.realloc.unwrap_unchecked()(inner.ctx, ptr, size) }
+}
+
+/// The wrapped allocator's free.
+///
+/// # Safety
+///
+/// `d` must be an installed `Wrapped` (only complete allocators are); `ptr` null or a block of
+/// the wrapped allocator.
+#[inline(always)]
+unsafe fn inner_free(d: &Wrapped, ptr: *mut c_void) {
+    let inner = d.inner();
+    // SAFETY: only complete allocators are wrapped.
+    unsafe { inner.free.unwrap_unchecked()(inner.ctx, ptr) }
+}
+
 /// `realloc` of the wrapped domains.
 unsafe extern "C" fn py_realloc(ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: CPython passes back the ctx we installed.
@@ -439,9 +465,8 @@ unsafe extern "C" fn py_realloc(ctx: *mut c_void, ptr: *mut c_void, size: usize)
         }
     }
     // Like the libc hook, an unsampled block stays unsampled and is not counted.
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped; the caller's request, forwarded unchanged.
-    unsafe { inner.realloc.unwrap_unchecked()(inner.ctx, ptr, size) }
+    // SAFETY: the caller's request, forwarded unchanged.
+    unsafe { inner_realloc(d, ptr, size) }
 }
 
 /// realloc of a null pointer while a tracer is attached: a malloc, sampled like one.
@@ -451,11 +476,8 @@ unsafe extern "C" fn py_realloc(ctx: *mut c_void, ptr: *mut c_void, size: usize)
 /// `d` must be an installed `Wrapped`.
 #[inline(never)]
 unsafe extern "C" fn realloc_new(d: &Wrapped, size: usize) -> *mut c_void {
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped.
-    let realloc = unsafe { inner.realloc.unwrap_unchecked() };
     // SAFETY: the closure calls the wrapped realloc with the request's size.
-    unsafe { alloc_traced(d, size, |req| realloc(inner.ctx, null_mut(), req.size)) }
+    unsafe { alloc_traced(d, size, move |req| inner_realloc(d, null_mut(), req.size)) }
 }
 
 /// realloc of a block that carries the sampler's magic while sampled blocks are live.
@@ -475,9 +497,8 @@ unsafe extern "C" fn realloc_tagged(d: &Wrapped, ptr: *mut c_void, size: usize) 
         // SAFETY: a live block these wrappers sampled.
         return unsafe { realloc_sampled(d, ptr, size) };
     }
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped; the caller's request, forwarded unchanged.
-    unsafe { inner.realloc.unwrap_unchecked()(inner.ctx, ptr, size) }
+    // SAFETY: the caller's request, forwarded unchanged.
+    unsafe { inner_realloc(d, ptr, size) }
 }
 
 /// Resizes a sampled block, which ends its sample (docs/realloc.md in the sampler).
@@ -495,15 +516,12 @@ unsafe fn realloc_sampled(d: &Wrapped, ptr: *mut c_void, size: usize) -> *mut c_
         return null_mut();
     }
     let size = size.max(1);
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped.
-    let realloc = unsafe { inner.realloc.unwrap_unchecked() };
     // SAFETY: `ptr` is a live sampled block and size is non-zero, so prepare returns the raw
     // block and its size plus the header offset, without touching the guard; the wrapped
     // realloc gets exactly those, and commit gets its result with the same prep.
     let out = unsafe {
         let prep = dd_allocation_realloc_prepare(ptr, size);
-        let new_raw = realloc(inner.ctx, prep.raw_ptr, prep.raw_size);
+        let new_raw = inner_realloc(d, prep.raw_ptr, prep.raw_size);
         dd_allocation_realloc_commit(ptr, new_raw, prep)
     };
     // On failure the old block is still live, still sampled (commit put its header back) and
@@ -528,9 +546,8 @@ unsafe extern "C" fn py_free(ctx: *mut c_void, ptr: *mut c_void) {
         // SAFETY: as above.
         return unsafe { free_tagged(d, ptr) };
     }
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped; the caller's block, unchanged.
-    unsafe { inner.free.unwrap_unchecked()(inner.ctx, ptr) }
+    // SAFETY: the caller's block, unchanged.
+    unsafe { inner_free(d, ptr) }
 }
 
 /// free of a block that carries the sampler's magic while sampled blocks are live: ends the
@@ -551,8 +568,6 @@ unsafe fn free_tagged(d: &Wrapped, mut ptr: *mut c_void) {
         // and returns the raw pointer.
         ptr = unsafe { dd_allocation_freed(ptr, 0, 0) }.ptr;
     }
-    let inner = d.inner();
-    // SAFETY: only complete allocators are wrapped; `ptr` is the caller's block, or the raw
-    // block under our header.
-    unsafe { inner.free.unwrap_unchecked()(inner.ctx, ptr) }
+    // SAFETY: `ptr` is the caller's block, or the raw block under our header.
+    unsafe { inner_free(d, ptr) }
 }
