@@ -47,6 +47,9 @@ pub mod program {
     pub const LIFECYCLE_ENTER: &str = "lifecycle_enter";
     /// A heap-sampling USDT (`alloc` or `free`; the cookie keys `USDT_SPECS`).
     pub const USDT_ENTER: &str = "usdt_enter";
+    /// The programs that draw from the kernel's byte sampler: its `SAMPLING` table is filled
+    /// before one is first attached.
+    pub const KERNEL_SAMPLER: [&str; 1] = [ALLOC_EXIT];
     /// The uprobe programs, each loaded when a session first attaches it.
     pub const UPROBES: [&str; 5] = [
         ALLOC_ENTER,

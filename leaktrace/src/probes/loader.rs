@@ -102,6 +102,10 @@ pub struct Tracer {
     pub(super) holds_ended: bool,
     /// The heap-sampling USDT sites attached and the semaphores raised for them.
     pub(super) usdt: super::usdt_attach::UsdtState,
+    /// The kernel sampler's table is still to be filled before the first allocator probe: a
+    /// session sampled inside the process may never attach one, and filling it is 4,354 map
+    /// updates.
+    pub(super) sampling_table_due: bool,
 }
 
 pub(super) fn bpf_err(what: &str, e: impl std::error::Error) -> Error {
@@ -228,7 +232,10 @@ impl Tracer {
         for name in program::UPROBES {
             let _: &mut UProbe = program(&mut ebpf, name)?;
         }
-        if opts.sample_rate > 0 {
+        // Growth mode samples pages in its tracepoints from the start; sampled mode only
+        // through allocator uprobes, which a process with the heap-sampling USDTs never gets.
+        let sampling_table_due = opts.sample_rate > 0 && opts.in_process_sampling && !opts.growth;
+        if opts.sample_rate > 0 && !sampling_table_due {
             fill_sampling_table(&mut ebpf)?;
         }
         let mut tracer = Self {
@@ -243,6 +250,7 @@ impl Tracer {
             guardian: None,
             holds_ended: false,
             usdt: Default::default(),
+            sampling_table_due,
         };
         if let Some(wake) = wake {
             // Followed children are held with a real SIGSTOP. `run`'s own child is paused
@@ -340,6 +348,10 @@ impl Tracer {
             .insert((pid, meta.dev(), meta.ino(), file_offset))
         {
             return Ok(());
+        }
+        if self.sampling_table_due && progs.iter().any(|p| program::KERNEL_SAMPLER.contains(p)) {
+            fill_sampling_table(&mut self.ebpf)?;
+            self.sampling_table_due = false;
         }
         for name in progs {
             let prog: &mut UProbe = self

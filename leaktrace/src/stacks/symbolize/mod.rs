@@ -8,13 +8,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use blazesym::symbolize::source::{Elf, Source};
-use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
 use serde::{Deserialize, Serialize};
 
 use crate::process::debug_file::debug_dirs;
 use crate::process::maps::{host_path, Mapping, ModuleMap};
 use crate::process::Process;
+
+mod namer;
+
+use namer::{Job, Key, Named, Namer};
 
 /// A symbolized native frame. Names are shared: a report repeats the same frames thousands of
 /// times.
@@ -155,19 +157,20 @@ impl FrameSource for Symbolizer {
 /// blazesym's own default debug directories, kept when more are added.
 const DEFAULT_DEBUG_DIRS: &[&str] = &["/usr/lib/debug", "/lib/debug"];
 
-/// Symbolizes addresses of traced processes, caching mappings and results.
+/// Symbolizes addresses of traced processes, caching mappings and results. Frames are named on
+/// a thread of its own (`namer`), queued as soon as they are placed.
 pub struct Symbolizer {
-    blazesym: Blazesym,
+    namer: Namer,
     modules: HashMap<u32, ModuleMap>,
     /// (pid, address) → placed frame.
     cache: HashMap<(u32, u64), Frame>,
-    /// (module, file offset) → symbolized frame.
-    resolved: HashMap<(Arc<str>, u64), Frame>,
+    /// (module, file offset) → names.
+    resolved: HashMap<Key, Named>,
     /// (pid, module) → the path it opens as (`host_path` reads the process's maps).
     hosts: HashMap<(u32, String), PathBuf>,
     /// Where blazesym looks for stripped files' debug files: the host's, and each install tree's
     /// met so far (`debug_file::debug_dirs`).
-    debug_dirs: Vec<PathBuf>,
+    debug_dirs: Arc<[PathBuf]>,
 }
 
 impl Default for Symbolizer {
@@ -177,10 +180,10 @@ impl Default for Symbolizer {
 }
 
 impl Symbolizer {
-    /// A symbolizer with empty caches.
+    /// A symbolizer with empty caches (and its naming thread started).
     pub fn new() -> Self {
         Self {
-            blazesym: Blazesym::new(),
+            namer: Namer::start(),
             modules: HashMap::new(),
             cache: HashMap::new(),
             resolved: HashMap::new(),
@@ -189,19 +192,16 @@ impl Symbolizer {
         }
     }
 
-    /// Adds the debug directories of the install tree `host` belongs to; blazesym is built anew
-    /// when one is new (its debug directories are fixed when it is built).
+    /// Adds the debug directories of the install tree `host` belongs to.
     fn learn_debug_dirs(&mut self, host: &Path) {
-        let before = self.debug_dirs.len();
+        let mut dirs = self.debug_dirs.to_vec();
         for d in debug_dirs(host) {
-            if !self.debug_dirs.contains(&d) {
-                self.debug_dirs.insert(0, d);
+            if !dirs.contains(&d) {
+                dirs.insert(0, d);
             }
         }
-        if self.debug_dirs.len() != before {
-            self.blazesym = Blazesym::builder()
-                .set_debug_dirs(Some(&self.debug_dirs))
-                .build();
+        if dirs.len() != self.debug_dirs.len() {
+            self.debug_dirs = dirs.into();
         }
     }
 
@@ -238,8 +238,8 @@ impl Symbolizer {
         self.cache.contains_key(&(pid, addr)) || self.return_address(pid, addr).module.is_some()
     }
 
-    /// Places a return address of process `pid` in its mapped file (cheap: no symbolization).
-    /// Call while the process lives; `resolve` names it later, from the file alone.
+    /// Places a return address of process `pid` in its mapped file, and queues it to be named.
+    /// Call while the process lives; `resolve` gives its names later, from the file alone.
     pub fn return_address(&mut self, pid: u32, addr: u64) -> Frame {
         if let Some(f) = self.cache.get(&(pid, addr)) {
             return f.clone();
@@ -250,80 +250,69 @@ impl Symbolizer {
             ..Frame::default()
         };
         if let Some(m) = mapping {
-            frame.module = Some(Arc::from(m.path.as_str()));
-            frame.file_offset = Some(m.file_offset(addr));
+            let module: Arc<str> = Arc::from(m.path.as_str());
+            let off = m.file_offset(addr);
+            frame.module = Some(module.clone());
+            frame.file_offset = Some(off);
             // Only cache what is final: an address whose module was not mapped yet may be later.
             self.cache.insert((pid, addr), frame.clone());
+            self.queue(pid, (module, off), false);
         }
         frame
     }
 
-    /// Fills in function, file and line of a frame placed by `return_address` (the call
-    /// instruction before the return address is looked up, so the line is the call's).
+    /// Queues the frame at `key` of process `pid` to be named (the call instruction before the
+    /// return address is looked up, so the line is the call's); `urgent` when a report waits.
+    fn queue(&mut self, pid: u32, key: Key, urgent: bool) {
+        if self.resolved.contains_key(&key) || (!urgent && self.namer.is_queued(&key)) {
+            return;
+        }
+        let host = self.host(pid, &key.0);
+        self.namer.queue(Job {
+            lookup: key.1.saturating_sub(1),
+            key,
+            host,
+            debug_dirs: self.debug_dirs.clone(),
+            urgent,
+        });
+    }
+
+    /// The path that opens module `path` of process `pid` from here.
+    fn host(&mut self, pid: u32, path: &str) -> PathBuf {
+        let key = (pid, path.to_string());
+        if let Some(h) = self.hosts.get(&key) {
+            return h.clone();
+        }
+        let h = match self.modules.get(&pid) {
+            Some(mm) => mm.host_path(pid, path),
+            None => host_path(pid, path),
+        };
+        self.learn_debug_dirs(&h);
+        self.hosts.insert(key, h.clone());
+        h
+    }
+
+    /// Fills in function, file and line of a frame placed by `return_address`, waiting for the
+    /// naming thread if it has not got to it yet.
     pub fn resolve(&mut self, pid: u32, frame: &mut Frame) {
         let (Some(module), Some(off)) = (frame.module.clone(), frame.file_offset) else {
             return;
         };
-        let key = (module.clone(), off);
-        if let Some(done) = self.resolved.get(&key) {
-            frame.function.clone_from(&done.function);
-            frame.function_offset = done.function_offset;
-            frame.file.clone_from(&done.file);
-            frame.line = done.line;
-            frame.inlined.clone_from(&done.inlined);
-            return;
+        let key = (module, off);
+        if !self.resolved.contains_key(&key) {
+            self.namer.collect(&mut self.resolved);
         }
-        self.symbolize_into(frame, pid, &module, off.saturating_sub(1));
-        self.resolved.insert(key, frame.clone());
-    }
-
-    fn symbolize_into(&mut self, frame: &mut Frame, pid: u32, path: &str, lookup: u64) {
-        let key = (pid, path.to_string());
-        let host = match self.hosts.get(&key) {
-            Some(h) => h.clone(),
-            None => {
-                let h = match self.modules.get(&pid) {
-                    Some(mm) => mm.host_path(pid, path),
-                    None => host_path(pid, path),
-                };
-                self.learn_debug_dirs(&h);
-                self.hosts.insert(key, h.clone());
-                h
-            }
-        };
-        let src = Source::Elf(Elf::new(host));
-        let Ok(syms) = self.blazesym.symbolize(&src, Input::FileOffset(&[lookup])) else {
-            return;
-        };
-        let Some(Symbolized::Sym(sym)) = syms.first() else {
-            return;
-        };
-        frame.function = Some(Arc::from(&*sym.name));
-        // blazesym gives a function whose code lies in several ranges (split into hot and
-        // `.cold` parts, as distributions' LTO builds do) start address 0, and so an offset that
-        // is the address itself: that offset is not known.
-        frame.function_offset = if sym.addr == 0 {
-            0
-        } else {
-            sym.offset as u64 + 1
-        };
-        // The line is where the code is: in the innermost inlined function when there is one
-        // (blazesym gives `sym.code_info` as the outer function's call into the inlined chain,
-        // and each inlined function's own location in its entry), so it goes with the name the
-        // report shows first.
-        let code_info = match sym.inlined.last() {
-            Some(inner) => inner.code_info.as_ref(),
-            None => sym.code_info.as_deref(),
-        };
-        if let Some(ci) = code_info {
-            let file = match &ci.dir {
-                Some(d) => d.join(&*ci.file).to_string_lossy().into_owned(),
-                None => ci.file.to_string_lossy().into_owned(),
-            };
-            frame.file = Some(file.into());
-            frame.line = ci.line;
+        if !self.resolved.contains_key(&key) {
+            self.queue(pid, key.clone(), true);
+            let named = self
+                .namer
+                .wait_for(&key, &mut self.resolved)
+                .unwrap_or_default();
+            self.resolved.insert(key.clone(), named);
         }
-        frame.inlined = sym.inlined.iter().map(|i| Arc::from(&*i.name)).collect();
+        if let Some(named) = self.resolved.get(&key) {
+            named.apply(frame);
+        }
     }
 }
 
