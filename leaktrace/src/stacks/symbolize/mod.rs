@@ -304,11 +304,10 @@ impl Symbolizer {
         }
         if !self.resolved.contains_key(&key) {
             self.queue(pid, key.clone(), true);
-            let named = self
-                .namer
-                .wait_for(&key, &mut self.resolved)
-                .unwrap_or_default();
-            self.resolved.insert(key.clone(), named);
+            // The thread is gone: the frame stays unnamed, and is not waited for again.
+            if self.namer.wait_for(&key, &mut self.resolved).is_none() {
+                self.resolved.insert(key.clone(), Named::default());
+            }
         }
         if let Some(named) = self.resolved.get(&key) {
             named.apply(frame);

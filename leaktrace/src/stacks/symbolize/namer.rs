@@ -101,19 +101,19 @@ impl Namer {
         }
     }
 
-    /// Waits until the queued frame at `key` is named (names that come before it are kept
-    /// too); `None` if the thread is gone.
-    pub(super) fn wait_for(&mut self, key: &Key, into: &mut HashMap<Key, Named>) -> Option<Named> {
-        if let Some(n) = into.get(key) {
-            return Some(n.clone());
+    /// Waits until the queued frame at `key` is named, keeping its names and those that come
+    /// before them in `into`; `None` if the thread is gone.
+    pub(super) fn wait_for(&mut self, key: &Key, into: &mut HashMap<Key, Named>) -> Option<()> {
+        if into.contains_key(key) {
+            return Some(());
         }
         while !self.gone {
             match self.named.recv() {
                 Ok((k, n)) => {
                     let found = k == *key;
-                    into.insert(k, n.clone());
+                    into.insert(k, n);
                     if found {
-                        return Some(n);
+                        return Some(());
                     }
                 }
                 Err(_) => self.thread_gone(),
