@@ -5,6 +5,9 @@
 //! functions: the files outlive the process.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -168,6 +171,9 @@ pub struct Symbolizer {
     resolved: HashMap<Key, Named>,
     /// (pid, module) → the path it opens as (`host_path` reads the process's maps).
     hosts: HashMap<(u32, String), PathBuf>,
+    /// Files only reachable through `/proc/PID/…` (a container's, a deleted one), held open by
+    /// (device, inode) so the naming thread can open them after the process is gone.
+    held: HashMap<(u64, u64), File>,
     /// Where blazesym looks for stripped files' debug files: the host's, and each install tree's
     /// met so far (`debug_file::debug_dirs`).
     debug_dirs: Arc<[PathBuf]>,
@@ -188,6 +194,7 @@ impl Symbolizer {
             cache: HashMap::new(),
             resolved: HashMap::new(),
             hosts: HashMap::new(),
+            held: HashMap::new(),
             debug_dirs: DEFAULT_DEBUG_DIRS.iter().map(PathBuf::from).collect(),
         }
     }
@@ -288,8 +295,38 @@ impl Symbolizer {
             None => host_path(pid, path),
         };
         self.learn_debug_dirs(&h);
+        let h = self.durable(h, path);
         self.hosts.insert(key, h.clone());
         h
+    }
+
+    /// A path to `host` that still opens once the process has exited: the naming thread often
+    /// gets to a frame after that, when `/proc/PID/root/…` no longer resolves. The name as it
+    /// stands where it is the same file (device and inode), else a descriptor held open here.
+    fn durable(&mut self, host: PathBuf, path: &str) -> PathBuf {
+        if !host.starts_with("/proc") {
+            return host;
+        }
+        let Ok(md) = std::fs::metadata(&host) else {
+            return host;
+        };
+        let same = |p: &Path| {
+            std::fs::metadata(p).is_ok_and(|o| (o.dev(), o.ino()) == (md.dev(), md.ino()))
+        };
+        if same(Path::new(path)) {
+            return PathBuf::from(path);
+        }
+        let id = (md.dev(), md.ino());
+        if !self.held.contains_key(&id) {
+            match File::open(&host) {
+                Ok(f) => {
+                    self.held.insert(id, f);
+                }
+                Err(_) => return host,
+            }
+        }
+        let fd = self.held[&id].as_raw_fd();
+        PathBuf::from(format!("/proc/self/fd/{fd}"))
     }
 
     /// Fills in function, file and line of a frame placed by `return_address`, waiting for the
@@ -345,6 +382,69 @@ mod tests {
         s.resolve(pid, &mut unknown);
         assert!(unknown.module.is_none());
         assert!(unknown.display().contains("unknown module"));
+    }
+
+    /// Frames are named on another thread, often after the target exited: the path it is given
+    /// must still open then, not be `/proc/PID/root/…` of a process that is gone.
+    #[test]
+    fn a_placed_module_still_opens_after_its_process_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let maps = crate::process::maps::parse_maps(
+            &std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(),
+        );
+        let exe = maps.iter().find(|m| m.path.contains("sleep")).unwrap();
+        let mut s = Symbolizer::new();
+        let host = s.host(pid, &exe.path);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            std::fs::File::open(&host).is_ok(),
+            "{} does not open after the process exited",
+            host.display()
+        );
+    }
+
+    /// A file only reachable through `/proc` (here a deleted one, as a container's is once the
+    /// container is gone) is held open, and named through the descriptor.
+    #[test]
+    fn a_file_reachable_only_through_proc_is_held_open() {
+        use std::os::fd::AsRawFd;
+        let me = std::process::id();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), b"still here").unwrap();
+        let f = std::fs::File::open(file.path()).unwrap();
+        // SAFETY: a fresh private read-only mapping of a file we opened, unmapped below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        let path = file.path().to_string_lossy().into_owned();
+        drop(f);
+        drop(file);
+        let mut s = Symbolizer::new();
+        s.refresh(me);
+        let module = s.mapping(me, at as u64).unwrap().path;
+        let host = s.host(me, &module);
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(at, 4096) };
+        assert!(
+            host.starts_with("/proc/self/fd"),
+            "{}: {}",
+            path,
+            host.display()
+        );
+        assert_eq!(std::fs::read(&host).unwrap(), b"still here");
     }
 
     /// A program whose `outer` has `inner` inlined, and `inner` calls `grab`, which prints its
