@@ -4,6 +4,7 @@
 //! mappings, taken while it lives, so a report written after the target died still names
 //! functions: the files outlive the process.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -316,16 +317,13 @@ impl Symbolizer {
         if same(Path::new(path)) {
             return PathBuf::from(path);
         }
-        let id = (md.dev(), md.ino());
-        if !self.held.contains_key(&id) {
-            match File::open(&host) {
-                Ok(f) => {
-                    self.held.insert(id, f);
-                }
+        let fd = match self.held.entry((md.dev(), md.ino())) {
+            Entry::Occupied(held) => held.get().as_raw_fd(),
+            Entry::Vacant(slot) => match File::open(&host) {
+                Ok(f) => slot.insert(f).as_raw_fd(),
                 Err(_) => return host,
-            }
-        }
-        let fd = self.held[&id].as_raw_fd();
+            },
+        };
         PathBuf::from(format!("/proc/self/fd/{fd}"))
     }
 
