@@ -386,15 +386,25 @@ mod tests {
     /// must still open then, not be `/proc/PID/root/…` of a process that is gone.
     #[test]
     fn a_placed_module_still_opens_after_its_process_exits() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .spawn()
+            .unwrap();
+        // cat echoing a line has exec'd: its maps are cat's, not the forked test's.
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"up\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
             .unwrap();
         let pid = child.id();
         let maps = crate::process::maps::parse_maps(
             &std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(),
         );
-        let exe = maps.iter().find(|m| m.path.contains("sleep")).unwrap();
+        let exe = maps.iter().find(|m| m.path.ends_with("/cat")).unwrap();
         let mut s = Symbolizer::new();
         let host = s.host(pid, &exe.path);
         let _ = child.kill();
