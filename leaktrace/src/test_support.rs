@@ -40,3 +40,47 @@ pub fn debian_python(version: &str) -> PathBuf {
     );
     p
 }
+
+/// A page of a file mapped into this process and then deleted, as a container's file is once
+/// only its mapping reaches it; unmapped when dropped.
+pub struct DeletedMapping {
+    /// Where the page is mapped.
+    pub at: u64,
+    /// The file's name before it was deleted.
+    pub name: String,
+}
+
+impl DeletedMapping {
+    /// Maps a new file holding `contents`, then deletes it.
+    pub fn new(contents: &[u8]) -> Self {
+        use std::os::fd::AsRawFd;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), contents).unwrap();
+        let f = std::fs::File::open(file.path()).unwrap();
+        // SAFETY: a fresh private read-only mapping of a file we opened, unmapped on drop.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        let name = file.path().to_str().unwrap().to_string();
+        file.close().unwrap();
+        Self {
+            at: at as u64,
+            name,
+        }
+    }
+}
+
+impl Drop for DeletedMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, used by nothing else once this is dropped.
+        unsafe { libc::munmap(self.at as *mut libc::c_void, 4096) };
+    }
+}

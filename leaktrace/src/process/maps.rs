@@ -243,29 +243,11 @@ mod tests {
 
     #[test]
     fn a_deleted_mapped_file_opens_through_its_mapping() {
-        use std::os::fd::AsRawFd;
         let me = std::process::id();
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), b"still here").unwrap();
-        let f = std::fs::File::open(file.path()).unwrap();
-        // SAFETY: a fresh private read-only mapping of a file we opened, unmapped below.
-        let at = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(at, libc::MAP_FAILED);
-        let name = file.path().to_str().unwrap().to_string();
-        file.close().unwrap();
-        let p = host_path(me, &format!("{name} (deleted)"));
+        let mapped = crate::test_support::DeletedMapping::new(b"still here");
+        let p = host_path(me, &format!("{} (deleted)", mapped.name));
         let read = std::fs::read(&p);
-        // SAFETY: the mapping made above, used by nothing else.
-        unsafe { libc::munmap(at, 4096) };
+        drop(mapped);
         assert!(p.to_str().unwrap().contains("/map_files/"), "{p:?}");
         assert_eq!(read.unwrap(), b"still here");
     }

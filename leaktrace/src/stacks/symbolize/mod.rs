@@ -420,38 +420,14 @@ mod tests {
     /// container is gone) is held open, and named through the descriptor.
     #[test]
     fn a_file_reachable_only_through_proc_is_held_open() {
-        use std::os::fd::AsRawFd;
         let me = std::process::id();
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), b"still here").unwrap();
-        let f = std::fs::File::open(file.path()).unwrap();
-        // SAFETY: a fresh private read-only mapping of a file we opened, unmapped below.
-        let at = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(at, libc::MAP_FAILED);
-        let path = file.path().to_string_lossy().into_owned();
-        drop(f);
-        drop(file);
+        let mapped = crate::test_support::DeletedMapping::new(b"still here");
         let mut s = Symbolizer::new();
         s.refresh(me);
-        let module = s.mapping(me, at as u64).unwrap().path;
+        let module = s.mapping(me, mapped.at).unwrap().path;
         let host = s.host(me, &module);
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(at, 4096) };
-        assert!(
-            host.starts_with("/proc/self/fd"),
-            "{}: {}",
-            path,
-            host.display()
-        );
+        drop(mapped);
+        assert!(host.starts_with("/proc/self/fd"), "{}", host.display());
         assert_eq!(std::fs::read(&host).unwrap(), b"still here");
     }
 
