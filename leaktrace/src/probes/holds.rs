@@ -177,29 +177,73 @@ impl Tracer {
                 let _ = targets.remove(&pid);
             }
         }
-        // SAFETY: the child of a multi-threaded process calls only async-signal-safe functions
-        // (close, getppid, nanosleep, _exit). It owns a copy of every descriptor and exits only
-        // once leaktrace is gone (it is reparented only after leaktrace's exit released every
-        // file): its exit is then the last close of each link and takes the grace periods, and
-        // leaktrace's own exit closes nothing slow. It lets go of standard input, output and
-        // error first, so whoever reads leaktrace's output sees it end with leaktrace.
+        // The detacher waits for leaktrace's whole thread group, not for its own reparenting:
+        // a child is reparented when the thread that forked it exits, and if another thread
+        // (the naming thread) is still closing its descriptors then, that thread's close became
+        // the last of every link and leaktrace's exit took the grace periods (≈3 s in 4 runs of
+        // 10). A pidfd reads ready only once every thread has exited, descriptors closed.
         let parent = std::process::id() as libc::pid_t;
-        match unsafe { libc::fork() } {
-            0 => unsafe {
+        // SAFETY: pidfd_open on our own pid, no pointers; -1 (an old kernel) falls back below.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, parent, 0) } as libc::c_int;
+        // SAFETY: the child of a multi-threaded process calls only async-signal-safe functions
+        // (close, poll, getppid, nanosleep, _exit). It owns a copy of every descriptor and exits
+        // only once leaktrace is gone (`wait_for_exit`): its exit is then the last close of each
+        // link and takes the grace periods, and leaktrace's own exit closes nothing slow. It lets
+        // go of standard input, output and error first, so whoever reads leaktrace's output sees
+        // it end with leaktrace.
+        let forked = unsafe { libc::fork() };
+        if forked == 0 {
+            // SAFETY: see above; this is the child, which never returns.
+            unsafe {
                 libc::close(0);
                 libc::close(1);
                 libc::close(2);
-                let pause = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 10_000_000,
-                };
-                while libc::getppid() == parent {
-                    libc::nanosleep(&pause, std::ptr::null_mut());
-                }
+                wait_for_exit(parent, pidfd);
                 libc::_exit(0)
-            },
+            }
+        }
+        if pidfd >= 0 {
+            // SAFETY: the descriptor opened above, used by nothing else in this process.
+            unsafe { libc::close(pidfd) };
+        }
+        match forked {
             -1 => drop(self),
             _ => std::mem::forget(self),
         }
+    }
+}
+
+/// In the detacher: returns once leaktrace (`parent`) has exited, every thread of it: through
+/// its pidfd when there is one, else when the detacher has been reparented (which can come
+/// before leaktrace's last thread has closed its descriptors).
+///
+/// # Safety
+/// Called in a forked child of a multi-threaded process: only async-signal-safe calls.
+unsafe fn wait_for_exit(parent: libc::pid_t, pidfd: libc::c_int) {
+    if pidfd >= 0 {
+        let mut ready = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one pollfd on the stack, valid for the call.
+            let n = unsafe { libc::poll(&mut ready, 1, -1) };
+            if n > 0 {
+                return;
+            }
+            // SAFETY: errno is thread-local, readable in a signal-safe context.
+            if n < 0 && unsafe { *libc::__errno_location() } != libc::EINTR {
+                break;
+            }
+        }
+    }
+    let pause = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 10_000_000,
+    };
+    // SAFETY: getppid and nanosleep are async-signal-safe; `pause` lives on the stack.
+    while unsafe { libc::getppid() } == parent {
+        unsafe { libc::nanosleep(&pause, std::ptr::null_mut()) };
     }
 }
