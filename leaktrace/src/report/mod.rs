@@ -412,6 +412,15 @@ fn named_sites(
         .into_iter()
         .map(|g| SiteReport::of(g, sym, interpreter))
         .collect();
+    for s in &sites {
+        let in_stack = s.stack.iter().filter_map(|e| match e {
+            StackEntry::Native { frame, .. } => Some(frame),
+            _ => None,
+        });
+        for f in in_stack.chain(&s.native_stack) {
+            sym.expect(s.pid, f);
+        }
+    }
     for s in sites.iter_mut() {
         for e in s.stack.iter_mut() {
             if let StackEntry::Native { frame, .. } = e {

@@ -140,6 +140,9 @@ pub trait FrameSource {
     fn return_address(&mut self, pid: u32, addr: u64) -> Frame;
     /// Names a frame `return_address` gave: function, file and line.
     fn resolve(&mut self, pid: u32, frame: &mut Frame);
+    /// Says that `frame` will be resolved soon, so its naming can start before (a report's
+    /// frames are then named back to back instead of one wait each).
+    fn expect(&mut self, _pid: u32, _frame: &Frame) {}
 
     /// Whether every one of `pcs` (return addresses of process `pid`) is in an in-process
     /// sampler's own code: a walk that saw only those frames says nothing of the program's path.
@@ -156,13 +159,18 @@ impl FrameSource for Symbolizer {
     fn resolve(&mut self, pid: u32, frame: &mut Frame) {
         Symbolizer::resolve(self, pid, frame)
     }
+    fn expect(&mut self, pid: u32, frame: &Frame) {
+        if let (Some(module), Some(off)) = (frame.module.clone(), frame.file_offset) {
+            self.queue(pid, (module, off));
+        }
+    }
 }
 
 /// blazesym's own default debug directories, kept when more are added.
 const DEFAULT_DEBUG_DIRS: &[&str] = &["/usr/lib/debug", "/lib/debug"];
 
 /// Symbolizes addresses of traced processes, caching mappings and results. Frames are named on
-/// a thread of its own (`namer`), queued as soon as they are placed.
+/// a thread of its own (`namer`), queued by `expect` or when resolved.
 pub struct Symbolizer {
     namer: Namer,
     modules: HashMap<u32, ModuleMap>,
@@ -246,8 +254,8 @@ impl Symbolizer {
         self.cache.contains_key(&(pid, addr)) || self.return_address(pid, addr).module.is_some()
     }
 
-    /// Places a return address of process `pid` in its mapped file, and queues it to be named.
-    /// Call while the process lives; `resolve` gives its names later, from the file alone.
+    /// Places a return address of process `pid` in its mapped file. Call while the process
+    /// lives; `resolve` gives its names later, from the file alone.
     pub fn return_address(&mut self, pid: u32, addr: u64) -> Frame {
         if let Some(f) = self.cache.get(&(pid, addr)) {
             return f.clone();
@@ -264,15 +272,14 @@ impl Symbolizer {
             frame.file_offset = Some(off);
             // Only cache what is final: an address whose module was not mapped yet may be later.
             self.cache.insert((pid, addr), frame.clone());
-            self.queue(pid, (module, off), false);
         }
         frame
     }
 
     /// Queues the frame at `key` of process `pid` to be named (the call instruction before the
-    /// return address is looked up, so the line is the call's); `urgent` when a report waits.
-    fn queue(&mut self, pid: u32, key: Key, urgent: bool) {
-        if self.resolved.contains_key(&key) || (!urgent && self.namer.is_queued(&key)) {
+    /// return address is looked up, so the line is the call's).
+    fn queue(&mut self, pid: u32, key: Key) {
+        if self.resolved.contains_key(&key) {
             return;
         }
         let host = self.host(pid, &key.0);
@@ -281,7 +288,6 @@ impl Symbolizer {
             key,
             host,
             debug_dirs: self.debug_dirs.clone(),
-            urgent,
         });
     }
 
@@ -301,8 +307,9 @@ impl Symbolizer {
         h
     }
 
-    /// A path to `host` that still opens once the process has exited: the naming thread often
-    /// gets to a frame after that, when `/proc/PID/root/…` no longer resolves. The name as it
+    /// A path to `host` that still opens once the process has exited: a module's path is kept
+    /// for every later report (an `attach` interval's, then the last after the target exited),
+    /// when `/proc/PID/root/…` no longer resolves. The name as it
     /// stands where it is the same file (device and inode), else a descriptor held open here.
     fn durable(&mut self, host: PathBuf, path: &str) -> PathBuf {
         if !host.starts_with("/proc") {
@@ -338,7 +345,7 @@ impl Symbolizer {
             self.namer.collect(&mut self.resolved);
         }
         if !self.resolved.contains_key(&key) {
-            self.queue(pid, key.clone(), true);
+            self.queue(pid, key.clone());
             // The thread is gone: the frame stays unnamed, and is not waited for again.
             if self.namer.wait_for(&key, &mut self.resolved).is_none() {
                 self.resolved.insert(key.clone(), Named::default());
@@ -382,8 +389,9 @@ mod tests {
         assert!(unknown.display().contains("unknown module"));
     }
 
-    /// Frames are named on another thread, often after the target exited: the path it is given
-    /// must still open then, not be `/proc/PID/root/…` of a process that is gone.
+    /// A module's path is worked out once, while the target may still live, and used later by
+    /// the naming thread: it must still open then, not be `/proc/PID/root/…` of a process that
+    /// is gone.
     #[test]
     fn a_placed_module_still_opens_after_its_process_exits() {
         use std::io::{BufRead, BufReader, Write};

@@ -1,9 +1,14 @@
-//! Naming frames on a thread of its own. A frame is queued the moment it is placed, while the
-//! target runs, so the debug information it needs (libc's compressed debug file, libpython's
-//! DWARF) is read and inflated on the core the target leaves idle, and the report at the end
-//! finds its frames named instead of paying for that work after the target has exited.
+//! Naming frames on a thread of its own. A report queues every frame it will show before it
+//! resolves the first, so the thread reads and inflates debug information (libc's compressed
+//! debug file, libpython's DWARF) while the report is being built.
+//!
+//! Frames are not named as soon as they are placed, while the target runs: that was measured
+//! (BENCHMARKS.md, 2026-12-03) to shorten a sampled `run`'s report by 40–50 ms, at 35–40 MB
+//! more peak memory (every sampled stack's modules read, not the reported ones'), and a
+//! production tracer that reads all of a large library's DWARF (PyTorch's) because one sample
+//! went through it is worse off.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -44,8 +49,6 @@ pub(super) struct Job {
     pub debug_dirs: Arc<[PathBuf]>,
     /// The file offset looked up: the call instruction's, just before the return address.
     pub lookup: u64,
-    /// A report waits for it: it goes before every frame queued only in case.
-    pub urgent: bool,
 }
 
 /// The naming thread and what it sent back. blazesym's symbolizer is not `Send`, so it lives on
@@ -53,6 +56,7 @@ pub(super) struct Job {
 pub(super) struct Namer {
     jobs: Option<Sender<Job>>,
     named: Receiver<(Key, Named)>,
+    /// Frames sent to the thread.
     queued: HashSet<Key>,
     /// The thread is gone (it could not start, or blazesym panicked): frames stay unnamed.
     gone: bool,
@@ -77,15 +81,9 @@ impl Namer {
         }
     }
 
-    /// Whether the frame at `key` was queued already.
-    pub(super) fn is_queued(&self, key: &Key) -> bool {
-        self.queued.contains(key)
-    }
-
-    /// Queues a frame to be named (once, unless it is urgent: then it is sent again to go
-    /// first).
+    /// Queues a frame to be named, once.
     pub(super) fn queue(&mut self, job: Job) {
-        if self.gone || (!self.queued.insert(job.key.clone()) && !job.urgent) {
+        if self.gone || !self.queued.insert(job.key.clone()) {
             return;
         }
         let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
@@ -131,28 +129,11 @@ impl Namer {
     }
 }
 
-/// The naming thread: names each job in turn, urgent ones first, until the symbolizer is
-/// dropped.
+/// The naming thread: names each job in turn until the symbolizer is dropped.
 fn serve(jobs: Receiver<Job>, named: Sender<(Key, Named)>) {
     let mut dirs: Option<Arc<[PathBuf]>> = None;
     let mut blazesym = Blazesym::new();
-    let mut waiting: VecDeque<Job> = VecDeque::new();
-    let mut done: HashSet<Key> = HashSet::new();
-    loop {
-        if waiting.is_empty() {
-            match jobs.recv() {
-                Ok(job) => waiting.push_back(job),
-                Err(_) => return,
-            }
-        }
-        waiting.extend(jobs.try_iter());
-        let next = waiting.iter().position(|j| j.urgent).unwrap_or(0);
-        let Some(job) = waiting.remove(next) else {
-            continue;
-        };
-        if !done.insert(job.key.clone()) {
-            continue;
-        }
+    for job in jobs {
         // blazesym's debug directories are fixed when it is built.
         if dirs.as_ref() != Some(&job.debug_dirs) {
             blazesym = Blazesym::builder()
