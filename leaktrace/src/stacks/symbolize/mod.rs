@@ -309,8 +309,8 @@ impl Symbolizer {
 
     /// A path to `host` that still opens once the process has exited: a module's path is kept
     /// for every later report (an `attach` interval's, then the last after the target exited),
-    /// when `/proc/PID/root/…` no longer resolves. The name as it
-    /// stands where it is the same file (device and inode), else a descriptor held open here.
+    /// when `/proc/PID/root/…` no longer resolves. The name as it stands where it is the same
+    /// file (device and inode), else a descriptor held open here.
     fn durable(&mut self, host: PathBuf, path: &str) -> PathBuf {
         if !host.starts_with("/proc") {
             return host;
